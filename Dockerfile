@@ -1,0 +1,87 @@
+# jupybox images. Build the sandbox (what the docker backend runs) with:
+#   docker build --target sandbox -t jupybox-sandbox:latest .
+# or from Python: sandbox.image.build_image(), which also caches by content and finds a base image
+# on hosts that cannot pull one.
+#
+# BASE_IMAGE needs a Debian bookworm userland with python3 (3.11) and apt: the official
+# python:3.11-slim-bookworm, or a debootstrap-made base whose python3 lives in /usr/bin.
+
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# ---------------------------------------------------------------------------------------------
+# sandbox-venv: the kernel's virtualenv, built apart so that pip, its caches and any extra CA
+# certificate given to the build stay out of the sandbox image.
+FROM ${BASE_IMAGE} AS sandbox-venv
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# build-ca.pem is optional (the wildcard matches nothing in a plain checkout): build_image() adds
+# it when the host trusts an extra CA for HTTPS (PIP_CERT, REQUESTS_CA_BUNDLE, SSL_CERT_FILE).
+COPY sandbox/image/requirements.txt build-ca.pe[m] /tmp/build/
+# Debian's own python3 needs python3-venv for ensurepip; python:3.11-slim has it built in.
+RUN set -eu; \
+    if ! python3 -m venv /opt/jupybox/venv; then \
+        rm -rf /opt/jupybox/venv; \
+        apt-get update; \
+        apt-get install -y --no-install-recommends python3-venv; \
+        python3 -m venv /opt/jupybox/venv; \
+    fi; \
+    if [ -f /tmp/build/build-ca.pem ]; then export PIP_CERT=/tmp/build/build-ca.pem; fi; \
+    /opt/jupybox/venv/bin/pip install --only-binary=:all: -r /tmp/build/requirements.txt; \
+    # The packages' own test suites are a fifth of the stack (pandas' alone is 45 MB) and no
+    # runtime code imports them.
+    find /opt/jupybox/venv/lib -type d -name tests -prune -exec rm -rf {} +
+
+# ---------------------------------------------------------------------------------------------
+# sandbox: one container per session runs this, read-only, as uid 1000, with a tmpfs at /tmp.
+FROM ${BASE_IMAGE} AS sandbox
+LABEL org.opencontainers.image.title="jupybox-sandbox" \
+      org.opencontainers.image.description="Jupyter kernel with a data-analysis stack, run by jupybox in an isolated container" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      jupybox.image="sandbox"
+
+# A CJK font (fonts-wqy-microhei, 4 MB) so plots can carry Chinese text. The user gets the
+# uid/gid the backend runs as; useradd is absent from a minbase root, hence the fallback.
+RUN set -eu; \
+    export DEBIAN_FRONTEND=noninteractive; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends fonts-wqy-microhei; \
+    apt-get clean; \
+    rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log; \
+    if command -v useradd >/dev/null; then \
+        groupadd --gid 1000 sandbox; \
+        useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin sandbox; \
+    else \
+        echo 'sandbox:x:1000:' >> /etc/group; \
+        echo 'sandbox:x:1000:1000:jupybox sandbox:/tmp:/usr/sbin/nologin' >> /etc/passwd; \
+    fi; \
+    mkdir -p /mnt/data; \
+    chown 1000:1000 /mnt/data
+
+COPY --from=sandbox-venv /opt/jupybox/venv /opt/jupybox/venv
+
+ENV PATH=/opt/jupybox/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    LANG=C.UTF-8 \
+    HOME=/tmp \
+    IPYTHONDIR=/tmp/.ipython \
+    PYTHONDONTWRITEBYTECODE=1 \
+    MATPLOTLIBRC=/opt/jupybox/matplotlibrc \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    JUPYBOX_MPL_SEED=/opt/jupybox/matplotlib
+
+# The root filesystem is read-only at run time and /tmp starts empty: build matplotlib's font
+# cache now; kernel_boot.py copies it to MPLCONFIGDIR before the kernel starts.
+COPY sandbox/image/matplotlibrc /opt/jupybox/matplotlibrc
+RUN set -eu; \
+    MPLCONFIGDIR=/opt/jupybox/matplotlib python -c "import matplotlib.font_manager as fm; \
+names = {f.name for f in fm.fontManager.ttflist}; \
+assert 'WenQuanYi Micro Hei' in names, sorted(names)"; \
+    chmod -R u=rwX,go=rX /opt/jupybox/matplotlib
+
+COPY sandbox/image/kernel_boot.py /opt/jupybox/kernel_boot.py
+
+USER 1000:1000
+WORKDIR /mnt/data
+# The docker backend passes its own command (kernel_boot.py with a connection file).
+CMD ["python"]

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Sets up everything jupybox needs on a Debian machine (idempotent: seconds on the second run),
+# then runs it.
+#   ./jupybox.sh            set up, then run jupybox (a demo analysis in the sandbox)
+#   ./jupybox.sh test       set up, then run the whole test suite
+#   ./jupybox.sh ARGS...    set up, then run `jupybox ARGS...`
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")"
+
+APT_PACKAGES=(docker.io bubblewrap debootstrap python3-venv ca-certificates util-linux)
+VENV=.venv
+say() { printf '\033[1m[jupybox setup]\033[0m %s\n' "$*" >&2; }
+
+need_root() {
+  if [ "$(id -u)" != 0 ]; then
+    say "this step needs root: run as root (or with sudo): $*"
+    exit 1
+  fi
+}
+
+install_packages() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    need_root "apt-get install ${missing[*]}"
+    say "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+start_docker() {
+  if docker info >/dev/null 2>&1; then return; fi
+  need_root "dockerd"
+  say "no Docker daemon answers: starting dockerd (log: /var/log/jupybox-dockerd.log)"
+  (setsid nohup dockerd >/var/log/jupybox-dockerd.log 2>&1 &)
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && return
+    sleep 0.5
+  done
+  say "dockerd did not come up; see /var/log/jupybox-dockerd.log"
+  exit 1
+}
+
+make_venv() {
+  local stamp="$VENV/.jupybox-installed"
+  local want
+  want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
+  say "creating the Python environment in $VENV"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[dev]'
+  echo "$want" >"$stamp"
+}
+
+install_packages
+start_docker
+make_venv
+"$VENV/bin/jupybox" sandbox build-image >/dev/null
+
+case "${1:-}" in
+  "") exec "$VENV/bin/jupybox" demo ;;
+  test) shift; exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) exec "$VENV/bin/jupybox" "$@" ;;
+esac

@@ -1,0 +1,83 @@
+"""The seam between a session and *where* its kernel runs.
+
+A backend starts an isolated kernel process and stops it; it does not speak the Jupyter protocol
+(``sandbox.kernel`` does). Each backend is one file in this package and registers itself in
+``sandbox.backends.BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..config import SandboxSettings
+
+
+@dataclass
+class KernelSpec:
+    """What a session asks for: one kernel, its folders, its labels."""
+
+    session_id: str
+    owner: str  # identifies the jupybox process, for orphan cleanup
+    runtime_dir: Path  # host folder: connection file and the kernel's ipc sockets
+    workspace_dir: Path  # host folder: the session's files
+    boot_args: list[str] = field(default_factory=list)  # arguments for kernel_boot.py (kernel paths)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class KernelHandle:
+    """A started kernel. ``ref`` is the backend's own reference (container, process)."""
+
+    spec: KernelSpec
+    ref: Any = None
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+    #: Where the kernel sees its runtime folder and its workspace. ``None`` means the host paths.
+    runtime_mount: ClassVar[str | None] = "/run/jupybox"
+    workspace_mount: ClassVar[str | None] = "/mnt/data"
+
+    def __init__(self, settings: SandboxSettings) -> None:
+        self.settings = settings
+
+    def kernel_paths(self, spec: KernelSpec) -> tuple[str, str]:
+        """(runtime folder, workspace folder) as the kernel sees them."""
+        return (
+            self.runtime_mount or str(spec.runtime_dir),
+            self.workspace_mount or str(spec.workspace_dir),
+        )
+
+    async def check(self) -> None:
+        """Called once by the manager before the first session; raises ``BackendUnavailable`` with
+        what to do when this host cannot run the backend. Default: nothing to check."""
+
+    @abc.abstractmethod
+    async def start(self, spec: KernelSpec) -> KernelHandle:
+        """Called by a session to start ``kernel_boot.py`` with ``spec.boot_args`` on the kernel's
+        Python. Returns once the process is started; the session then waits for the kernel's
+        sockets and its first reply. Raises ``SandboxError`` on failure."""
+
+    @abc.abstractmethod
+    async def is_alive(self, handle: KernelHandle) -> bool:
+        """Called while an execution waits, about once a second: is the kernel process still there?"""
+
+    async def exit_reason(self, handle: KernelHandle) -> str:
+        """Called after ``is_alive`` said no: why the kernel died, in words a user understands."""
+        return "the kernel process exited"
+
+    @abc.abstractmethod
+    async def stop(self, handle: KernelHandle) -> None:
+        """Called on close and before a restart: kill the kernel and release everything it held
+        (container, processes). Must be idempotent and never raise for an already-gone kernel."""
+
+    async def cleanup_orphans(self, is_orphan_owner: Any) -> int:
+        """Called once at manager start-up: remove what dead jupybox processes left behind.
+        ``is_orphan_owner(owner) -> bool``. Returns how many things were removed."""
+        return 0
+
+    async def close(self) -> None:
+        """Called at manager shutdown after every session is stopped."""

@@ -1,0 +1,157 @@
+"""The default backend: one container per session, locked down.
+
+No network, read-only root, tmpfs /tmp, every capability dropped, no-new-privileges, memory (no
+extra swap), CPU and pids limits, a non-root user; the kernel's channels are ZMQ Unix sockets in a
+bind-mounted per-session folder, so no port is opened anywhere. ``docker_runtime="runsc"`` runs the
+same container under gVisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any, Callable
+
+from ..config import SandboxSettings
+from ..errors import BackendUnavailable, ImageNotFound, SandboxError
+from .base import Backend, KernelHandle, KernelSpec
+
+log = logging.getLogger(__name__)
+
+LABEL = "jupybox"  # every container jupybox starts carries this label
+BOOT = "/opt/jupybox/kernel_boot.py"
+
+
+class DockerBackend(Backend):
+    name = "docker"
+
+    def __init__(self, settings: SandboxSettings) -> None:
+        super().__init__(settings)
+        self._client: Any = None
+
+    def _docker(self) -> Any:
+        if self._client is None:
+            import docker
+            from docker.errors import DockerException
+
+            try:
+                self._client = docker.from_env(timeout=60)
+                self._client.ping()
+            except DockerException as exc:
+                self._client = None
+                host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+                raise BackendUnavailable(
+                    f"Docker daemon not reachable at {host}: start it (`dockerd &`) or choose another "
+                    f"backend (--backend bwrap). ({exc.__class__.__name__})"
+                ) from None
+        return self._client
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Docker SDK calls block; run them off the event loop and translate their errors."""
+        from docker.errors import DockerException, ImageNotFound as DockerImageNotFound
+
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except DockerImageNotFound:
+            raise ImageNotFound(
+                f"the sandbox image {self.settings.image!r} is missing: build it with `jupybox sandbox build-image`"
+            ) from None
+        except DockerException as exc:
+            raise SandboxError(f"Docker refused: {exc}") from None
+
+    async def check(self) -> None:
+        client = await asyncio.to_thread(self._docker)
+        await self._call(client.images.get, self.settings.image)
+        if self.settings.docker_runtime:
+            info = await self._call(client.info)
+            if self.settings.docker_runtime not in info.get("Runtimes", {}):
+                raise BackendUnavailable(
+                    f"the Docker runtime {self.settings.docker_runtime!r} is not registered with the daemon "
+                    f"(known: {', '.join(info.get('Runtimes', {}))}); see the README's gVisor section"
+                )
+
+    async def start(self, spec: KernelSpec) -> KernelHandle:
+        lim = self.settings.limits
+        client = self._docker()
+        user = (f"{self.settings.sandbox_uid}:{self.settings.sandbox_gid}" if os.geteuid() == 0
+                else f"{os.geteuid()}:{os.getegid()}")
+        container = await self._call(
+            client.containers.run,
+            self.settings.image,
+            ["python", BOOT, *spec.boot_args],
+            name=f"jupybox-{spec.session_id}",
+            detach=True,
+            init=True,
+            user=user,
+            network_mode="none",
+            read_only=True,
+            tmpfs={"/tmp": f"rw,nosuid,nodev,size={lim.tmp_mb}m,mode=1777"},
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            mem_limit=f"{lim.memory_mb}m",
+            memswap_limit=f"{lim.memory_mb}m",
+            nano_cpus=int(lim.cpus * 1e9),
+            pids_limit=lim.pids,
+            ipc_mode="private",
+            hostname="sandbox",
+            working_dir="/mnt/data",
+            environment=spec.env,
+            volumes={
+                str(spec.runtime_dir): {"bind": self.runtime_mount, "mode": "rw"},
+                str(spec.workspace_dir): {"bind": self.workspace_mount, "mode": "rw"},
+            },
+            labels={LABEL: "1", f"{LABEL}.session": spec.session_id, f"{LABEL}.owner": spec.owner},
+            runtime=self.settings.docker_runtime,
+        )
+        return KernelHandle(spec=spec, ref=container)
+
+    async def is_alive(self, handle: KernelHandle) -> bool:
+        try:
+            await asyncio.to_thread(handle.ref.reload)
+        except Exception:  # gone or daemon hiccup: treat as dead, the session restarts it
+            return False
+        return handle.ref.status in ("running", "created")
+
+    async def exit_reason(self, handle: KernelHandle) -> str:
+        try:
+            await asyncio.to_thread(handle.ref.reload)
+        except Exception:
+            return "its container disappeared"
+        state = handle.ref.attrs.get("State", {})
+        if state.get("OOMKilled"):
+            return f"out of memory (the session's limit is {self.settings.limits.memory_mb} MiB)"
+        code = state.get("ExitCode")
+        if code == 137:
+            return "killed (SIGKILL), most likely for using too much memory"
+        logs = ""
+        try:
+            logs = (await asyncio.to_thread(handle.ref.logs, tail=5)).decode(errors="replace").strip()
+        except Exception:
+            pass
+        return f"the kernel process exited with code {code}" + (f": {logs}" if logs else "")
+
+    async def stop(self, handle: KernelHandle) -> None:
+        try:
+            await asyncio.to_thread(handle.ref.remove, force=True)
+        except Exception as exc:  # already removed
+            log.debug("removing %s: %s", handle.spec.session_id, exc)
+
+    async def cleanup_orphans(self, is_orphan_owner: Callable[[str], bool]) -> int:
+        client = self._docker()
+        containers = await self._call(client.containers.list, all=True, filters={"label": LABEL})
+        removed = 0
+        for c in containers:
+            if is_orphan_owner(c.labels.get(f"{LABEL}.owner", "")):
+                log.info("removing orphaned sandbox container %s", c.name)
+                try:
+                    await asyncio.to_thread(c.remove, force=True)
+                    removed += 1
+                except Exception as exc:
+                    log.warning("could not remove orphan %s: %s", c.name, exc)
+        return removed
+
+    async def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None

@@ -1,0 +1,56 @@
+"""Errors the sandbox raises, each with a message a user can act on.
+
+User-code failures are *data* (``Execution.status == "error"``); these exceptions are for the
+infrastructure around the code::
+
+    JupyboxError
+    ├── SandboxError                 a kernel could not be started, reached or kept alive
+    │   ├── BackendUnavailable       the isolation backend cannot run on this host (no daemon, no bwrap)
+    │   ├── ImageNotFound            the sandbox image is missing: build it
+    │   ├── SessionClosed            the session was closed (or reaped) and cannot execute any more
+    │   └── CapacityError            the manager is at its session limit
+    └── WorkspaceError               a file operation on a session workspace was refused
+        ├── WorkspacePathError       the name escapes the workspace (``..``, absolute, NUL, symlink)
+        └── QuotaExceeded            a file or the workspace total is over its size limit
+
+Lower-layer exceptions (``docker.errors``, ``zmq``, ``OSError``) are translated into these at the
+boundary, so callers never need to import a backend's library.
+"""
+
+from __future__ import annotations
+
+
+class JupyboxError(Exception):
+    """Base of every error jupybox raises on purpose."""
+
+
+class SandboxError(JupyboxError):
+    """A kernel could not be started, reached or kept alive."""
+
+
+class BackendUnavailable(SandboxError):
+    """The chosen isolation backend cannot run on this host."""
+
+
+class ImageNotFound(SandboxError):
+    """The sandbox image is not present in the Docker daemon."""
+
+
+class SessionClosed(SandboxError):
+    """The session was closed and cannot be used any more."""
+
+
+class CapacityError(SandboxError):
+    """The manager already holds its maximum number of sessions."""
+
+
+class WorkspaceError(JupyboxError):
+    """A workspace file operation was refused."""
+
+
+class WorkspacePathError(WorkspaceError):
+    """A file name would reach outside the session workspace."""
+
+
+class QuotaExceeded(WorkspaceError):
+    """A file, or the workspace as a whole, is larger than allowed."""

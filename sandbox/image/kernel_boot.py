@@ -1,0 +1,143 @@
+"""Start an ipykernel with jupybox's guards; runs *inside* the sandbox, on the kernel's Python.
+
+It depends on ipykernel only (no jupybox import), so it can be copied into an image or bound into
+a bubblewrap root as a single file. Guards:
+
+* an output budget per execution: past ``JUPYBOX_OUTPUT_LIMIT`` bytes, stdout/stderr keep only a
+  tail, and the kernel says how many bytes it dropped (``[jupybox: N bytes of output truncated]``).
+  Dropping here, before anything is sent, keeps an endless ``print`` loop from flooding the kernel's
+  memory and the host's.
+* ``input()`` already fails fast because jupybox sends ``allow_stdin=False``.
+
+Usage: ``python kernel_boot.py -f CONNECTION_FILE``
+"""
+
+import os
+import shutil
+import sys
+
+TRUNCATION_MARK = "[jupybox: {} bytes of output truncated]"
+
+
+class OutputBudget:
+    """Head passes through; once the budget is spent, only the last ``tail`` bytes are kept."""
+
+    def __init__(self, limit):
+        self.head_limit = limit // 2
+        self.tail_limit = limit - self.head_limit
+        self.reset()
+
+    def reset(self):
+        self.passed = 0
+        self.tail = []  # (stream, text) chunks, newest last
+        self.tail_size = 0
+        self.dropped = 0
+
+    def wrap(self, stream, real_write):
+        def write(text):
+            if not isinstance(text, str):
+                return real_write(text)
+            n = len(text)
+            room = self.head_limit - self.passed
+            if room > 0:
+                head = text[:room]
+                self.passed += len(head)
+                real_write(head)
+                text = text[room:]
+                if not text:
+                    return n
+            self.tail.append((stream, real_write, text))
+            self.tail_size += len(text)
+            while self.tail_size > self.tail_limit and self.tail:
+                s, w, t = self.tail[0]
+                excess = self.tail_size - self.tail_limit
+                if len(t) <= excess:
+                    self.tail.pop(0)
+                    self.tail_size -= len(t)
+                    self.dropped += len(t)
+                else:
+                    self.tail[0] = (s, w, t[excess:])
+                    self.tail_size -= excess
+                    self.dropped += excess
+            return n
+
+        return write
+
+    def finish(self):
+        """Called after each cell: emit the kept tail after a notice of what was dropped."""
+        if self.dropped:
+            first_write = self.tail[0][1] if self.tail else None
+            if first_write is not None:
+                first_write("\n" + TRUNCATION_MARK.format(self.dropped) + "\n")
+        for _, write, text in self.tail:
+            write(text)
+        self.reset()
+
+
+def seed_matplotlib_config():
+    """Copy the image's prebuilt matplotlib font cache to ``MPLCONFIGDIR`` before anything imports it.
+
+    The sandbox's root filesystem is read-only and ``/tmp`` starts empty, so without this each new
+    kernel spends seconds rebuilding the font cache on its first plot. No-op unless
+    ``JUPYBOX_MPL_SEED`` names a folder and ``MPLCONFIGDIR`` does not exist yet.
+    """
+    seed = os.environ.get("JUPYBOX_MPL_SEED")
+    target = os.environ.get("MPLCONFIGDIR")
+    if not seed or not target or not os.path.isdir(seed) or os.path.exists(target):
+        return
+    try:
+        shutil.copytree(seed, target)
+    except OSError:
+        pass  # matplotlib then builds its own cache: slower, not wrong
+
+
+def pipe_forked_output_over_ipc():
+    """ipykernel relays the output of forked children (multiprocessing) through a ZMQ pipe bound
+    on TCP 127.0.0.1. Bind it to a Unix socket in /tmp instead, so the kernel opens no TCP port
+    at all; the relay itself keeps working."""
+    import tempfile
+
+    import zmq
+    from ipykernel import iostream
+
+    path = os.path.join(tempfile.gettempdir(), "jupybox-iopub-pipe-%d" % os.getpid())
+
+    def setup_pipe_in(self):
+        self._pipe_uuid = os.urandom(16)
+        pipe_in = self.socket.context.socket(zmq.PULL)
+        pipe_in.linger = 0
+        pipe_in.bind("ipc://" + path)
+        self._pipe_in = iostream.ZMQStream(pipe_in, self.io_loop)
+        self._pipe_in.on_recv(self._handle_pipe_msg)
+
+    def setup_pipe_out(self):
+        ctx = zmq.Context()
+        pipe_out = ctx.socket(zmq.PUSH)
+        pipe_out.linger = 3000
+        pipe_out.connect("ipc://" + path)
+        return ctx, pipe_out
+
+    if hasattr(iostream.IOPubThread, "_setup_pipe_in") and hasattr(iostream.IOPubThread, "_setup_pipe_out"):
+        iostream.IOPubThread._setup_pipe_in = setup_pipe_in
+        iostream.IOPubThread._setup_pipe_out = setup_pipe_out
+
+
+def main(argv):
+    seed_matplotlib_config()
+    pipe_forked_output_over_ipc()
+    from ipykernel.kernelapp import IPKernelApp
+
+    app = IPKernelApp.instance()
+    app.initialize(argv)
+    limit = int(os.environ.get("JUPYBOX_OUTPUT_LIMIT", "100000"))
+    budget = OutputBudget(limit)
+    for stream in (sys.stdout, sys.stderr):
+        stream.write = budget.wrap(stream.name, stream.write)
+    shell = app.shell
+    shell.events.register("pre_execute", budget.reset)
+    shell.events.register("post_execute", budget.finish)
+    app.start()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

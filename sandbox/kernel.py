@@ -1,0 +1,230 @@
+"""Speak the Jupyter messaging protocol to one kernel over ZMQ ipc sockets.
+
+This module owns no process: a backend starts the kernel, a session decides what to do on timeouts
+and deaths. Here we connect, send ``execute_request`` / ``interrupt_request`` and turn iopub
+messages into ``Output`` items, draining continuously and dropping past the output budget so a
+flood of output cannot grow this process's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.asynchronous import AsyncKernelClient
+
+from .errors import SandboxError
+from .models import Output
+
+log = logging.getLogger(__name__)
+
+ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+TRUNCATION_RE = re.compile(r"\[jupybox: (\d+) bytes of output truncated\]")
+PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
+SOCKET_NAME = "kernel"
+
+OutputCallback = Callable[[Output], Any]
+
+
+def write_connection_file(runtime_dir: Path, kernel_runtime_path: str) -> dict[str, Any]:
+    """Write ``kernel.json`` for the kernel (ipc sockets under ``kernel_runtime_path``) and return
+    the host-side connection info (the same sockets under ``runtime_dir``)."""
+    info: dict[str, Any] = {
+        "transport": "ipc",
+        "ip": f"{kernel_runtime_path}/{SOCKET_NAME}",
+        "key": secrets.token_hex(16),
+        "signature_scheme": "hmac-sha256",
+        "kernel_name": "python3",
+        **PORTS,
+    }
+    path = runtime_dir / "kernel.json"
+    path.write_text(json.dumps(info))
+    return {**info, "ip": str(runtime_dir / SOCKET_NAME)}
+
+
+def sockets_ready(runtime_dir: Path) -> bool:
+    return all((runtime_dir / f"{SOCKET_NAME}-{port}").is_socket() for port in PORTS.values())
+
+
+def strip_ansi(text: str) -> str:
+    return ANSI_RE.sub("", text)
+
+
+@dataclass
+class RawResult:
+    """What the protocol layer saw; the session turns it into an ``Execution``."""
+
+    outputs: list[Output] = field(default_factory=list)
+    execution_count: int | None = None
+    done: bool = False  # the kernel went idle for our request
+    died: bool = False  # the kernel process disappeared while we waited
+    dropped: int = 0  # output bytes dropped (kernel side and here)
+    ask_exit: bool = False  # the code called exit()
+    images_dropped: int = 0
+
+
+class OutputCollector:
+    """Turns iopub messages into ordered outputs within the budget."""
+
+    def __init__(self, result: RawResult, budget: int, max_images: int, max_image_bytes: int,
+                 on_output: OutputCallback | None) -> None:
+        self.result = result
+        self.budget = budget
+        self.max_images = max_images
+        self.max_image_bytes = max_image_bytes
+        self.on_output = on_output
+        self.text_bytes = 0
+        self.images = 0
+
+    def _emit(self, out: Output) -> None:
+        outs = self.result.outputs
+        if out.kind == "stream" and outs and outs[-1].kind == "stream" and outs[-1].name == out.name:
+            outs[-1].text = (outs[-1].text or "") + (out.text or "")
+        else:
+            outs.append(Output(**out.to_dict()))
+        if self.on_output is not None:
+            try:
+                self.on_output(out)
+            except Exception:  # a consumer's bug must not break the execution
+                log.exception("output callback failed")
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        kind = msg["header"]["msg_type"]
+        content = msg["content"]
+        if kind == "stream":
+            text = content.get("text", "")
+            for m in TRUNCATION_RE.finditer(text):
+                self.result.dropped += int(m.group(1))
+            room = self.budget - self.text_bytes
+            if room <= 0:
+                self.result.dropped += len(text)
+                return
+            if len(text) > room:
+                self.result.dropped += len(text) - room
+                text = text[:room]
+            self.text_bytes += len(text)
+            self._emit(Output(kind="stream", name=content.get("name", "stdout"), text=text))
+        elif kind in ("execute_result", "display_data"):
+            data = dict(content.get("data", {}))
+            for mime in [m for m in data if m.startswith("image/")]:
+                size = len(data[mime])
+                if self.images >= self.max_images or size > self.max_image_bytes:
+                    del data[mime]
+                    self.result.images_dropped += 1
+                    self.result.dropped += size
+            if any(m.startswith("image/") for m in data):
+                self.images += 1
+            if not data:
+                return
+            plain = data.get("text/plain")
+            if isinstance(plain, str) and len(plain) > self.budget:
+                self.result.dropped += len(plain) - self.budget
+                data["text/plain"] = plain[: self.budget]
+            self._emit(Output(kind="result" if kind == "execute_result" else "display", data=data,
+                              metadata=content.get("metadata") or None))
+        elif kind == "error":
+            self._emit(Output(kind="error", ename=content.get("ename"), evalue=content.get("evalue"),
+                              traceback=[strip_ansi(t) for t in content.get("traceback", [])]))
+        elif kind == "execute_input":
+            self.result.execution_count = content.get("execution_count")
+
+
+class KernelClient:
+    """A connection to one kernel. Not thread-safe; one execution at a time (the session locks)."""
+
+    def __init__(self, connection_info: dict[str, Any]) -> None:
+        self._client = AsyncKernelClient()
+        self._client.load_connection_info(connection_info)
+        self._client.session.key = connection_info["key"].encode()
+
+    async def connect(self, timeout: float) -> None:
+        """Start the channels and wait until the kernel answers and iopub delivers."""
+        self._client.start_channels(hb=False)
+        deadline = time.monotonic() + timeout
+        while True:
+            msg_id = self._client.kernel_info()
+            try:
+                await self._wait_reply(msg_id, min(2.0, max(deadline - time.monotonic(), 0.1)))
+                # The reply proves the shell is up; an iopub message proves our subscription is.
+                await self._client.get_iopub_msg(timeout=1.0)
+                return
+            except (asyncio.TimeoutError, TimeoutError, queue.Empty):
+                if time.monotonic() > deadline:
+                    raise SandboxError(f"the kernel did not answer within {timeout:.0f} s") from None
+
+    async def _wait_reply(self, msg_id: str, timeout: float) -> dict[str, Any]:
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            msg = await self._client.get_shell_msg(timeout=left)
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return msg
+
+    def send_execute(self, code: str) -> str:
+        """Send ``code``; returns the request's id for ``collect``. ``allow_stdin=False`` makes
+        ``input()`` fail at once with a clear error instead of waiting for a reply."""
+        return self._client.execute(code, allow_stdin=False, store_history=True)
+
+    async def collect(self, msg_id: str, collector: OutputCollector, deadline: float,
+                      is_alive: Callable[[], Awaitable[bool]]) -> RawResult:
+        """Collect outputs of ``msg_id`` until the kernel is idle again (``done``), the deadline
+        passes (``done`` false) or the kernel died (``died``). Never raises for what the code does."""
+        result = collector.result
+        next_check = time.monotonic() + 1.0
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return result
+            if now >= next_check:
+                if not await is_alive():
+                    result.died = True
+                    return result
+                next_check = time.monotonic() + 1.0
+            try:
+                msg = await self._client.get_iopub_msg(timeout=min(deadline - now, next_check - now, 0.5))
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["header"]["msg_type"] == "status":
+                if msg["content"].get("execution_state") == "idle":
+                    result.done = True
+                    await self._read_reply(msg_id, result)
+                    return result
+                continue
+            collector.handle(msg)
+
+    async def _read_reply(self, msg_id: str, result: RawResult) -> None:
+        """The execute_reply is sent just before iopub's idle; it tells whether the code called
+        ``exit()`` (an ``ask_exit`` payload)."""
+        try:
+            reply = await self._wait_reply(msg_id, 1.0)
+        except (TimeoutError, queue.Empty):
+            return
+        content = reply["content"]
+        if result.execution_count is None:
+            result.execution_count = content.get("execution_count")
+        result.ask_exit = any(p.get("source") == "ask_exit" for p in content.get("payload", []))
+
+    def interrupt(self) -> None:
+        """Ask the kernel to SIGINT itself (``interrupt_request`` on the control channel): works the
+        same whatever isolates the kernel."""
+        msg = self._client.session.msg("interrupt_request", content={})
+        self._client.control_channel.send(msg)
+
+    def close(self) -> None:
+        try:
+            self._client.stop_channels()
+        except Exception:  # closing a half-dead connection is best effort
+            log.debug("stop_channels failed", exc_info=True)

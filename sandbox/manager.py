@@ -1,0 +1,189 @@
+"""Sessions on one backend: creation, a warm pool, the registry, idle reaping, orphan cleanup.
+
+``SessionManager`` is the entry point of the sandbox::
+
+    async with SessionManager(SandboxSettings()) as manager:
+        session = await manager.create()
+        execution = await session.execute("1 + 1")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from .backends import Backend, create_backend
+from .config import SandboxSettings
+from .errors import CapacityError, SandboxError, SessionClosed
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start tick of a process: with the pid, it names one process uniquely."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def make_owner(instance: str) -> str:
+    pid = os.getpid()
+    return f"{instance}.{pid}.{_process_start(pid) or 0}"
+
+
+def owner_is_dead(owner: str, instance: str) -> bool:
+    """An owner of *this* instance whose process no longer exists (or is another process now)."""
+    m = re.fullmatch(r"(.+)\.(\d+)\.(\d+)", owner)
+    if not m or m.group(1) != instance:
+        return False
+    pid, start = int(m.group(2)), m.group(3)
+    return _process_start(pid) != start
+
+
+class SessionManager:
+    def __init__(self, settings: SandboxSettings | None = None, backend: Backend | None = None) -> None:
+        self.settings = settings or SandboxSettings()
+        self.backend = backend or create_backend(self.settings)
+        self.instance = re.sub(r"[^A-Za-z0-9_-]", "-", self.settings.instance or socket.gethostname())
+        self.owner = make_owner(self.instance)
+        self.sessions_dir = self.settings.home / "sessions"
+        self._sessions: dict[str, Session] = {}
+        self._pool: list[Session] = []
+        self._refill: asyncio.Task | None = None
+        self._reaper: asyncio.Task | None = None
+        self._started = False
+        self._closing = False
+
+    async def __aenter__(self) -> SessionManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    async def start(self) -> None:
+        """Check the backend, remove what dead jupybox processes left, fill the warm pool."""
+        if self._started:
+            return
+        await self.backend.check()
+        self.sessions_dir.mkdir(parents=True, exist_ok=True)
+        removed = await self.cleanup_orphans()
+        if removed:
+            log.info("removed %d orphaned sandbox(es)", removed)
+        self._started = True
+        self._reaper = asyncio.create_task(self._reap_idle())
+        if self.settings.pool_size:
+            await self._fill_pool()
+
+    async def cleanup_orphans(self) -> int:
+        dead = lambda owner: owner_is_dead(owner, self.instance)  # noqa: E731
+        removed = await self.backend.cleanup_orphans(dead)
+        for folder in self.sessions_dir.glob("*"):
+            try:
+                owner = (folder / "owner").read_text()
+            except OSError:
+                continue
+            if dead(owner):
+                shutil.rmtree(folder, ignore_errors=True)
+        return removed
+
+    # -- sessions ---------------------------------------------------------------------------
+    async def create(self) -> Session:
+        """A ready session: from the warm pool when one is there, else started now."""
+        if not self._started:
+            await self.start()
+        if self._closing:
+            raise SessionClosed("the session manager is shutting down")
+        if len(self._sessions) >= self.settings.max_sessions:
+            raise CapacityError(
+                f"{len(self._sessions)} sessions are open, the limit is {self.settings.max_sessions}: "
+                "close idle sessions or raise max_sessions"
+            )
+        session = self._pool.pop(0) if self._pool else None
+        if session is None:
+            session = await self._new_session()
+        self._sessions[session.id] = session
+        session.last_used = time.monotonic()
+        self._schedule_refill()
+        return session
+
+    async def _new_session(self) -> Session:
+        sid = uuid.uuid4().hex[:12]
+        folder = self.sessions_dir / sid
+        folder.mkdir(parents=True)
+        (folder / "owner").write_text(self.owner)  # read by a later process's orphan cleanup
+        session = Session(self.backend, self.settings, self.owner, folder, sid)
+        await session.start()
+        return session
+
+    def get(self, session_id: str) -> Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise SessionClosed(f"no open session {session_id!r}: it was closed or never existed") from None
+
+    def list(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    async def close(self, session_id: str) -> None:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise SessionClosed(f"no open session {session_id!r}")
+        await session.close()
+
+    # -- warm pool and reaper ---------------------------------------------------------------
+    def _schedule_refill(self) -> None:
+        if self.settings.pool_size and (self._refill is None or self._refill.done()) and not self._closing:
+            self._refill = asyncio.create_task(self._fill_pool())
+
+    async def _fill_pool(self) -> None:
+        while len(self._pool) < self.settings.pool_size and not self._closing:
+            if len(self._sessions) + len(self._pool) >= self.settings.max_sessions:
+                return
+            try:
+                session = await self._new_session()
+            except SandboxError as exc:
+                log.warning("warm pool: could not start a session: %s", exc)
+                return
+            if self._closing:
+                await session.close()
+                return
+            self._pool.append(session)
+
+    async def _reap_idle(self) -> None:
+        ttl = self.settings.idle_ttl_s
+        while True:
+            await asyncio.sleep(min(max(ttl / 4, 0.5), 30))
+            now = time.monotonic()
+            for sid, session in list(self._sessions.items()):
+                if now - session.last_used > ttl and not session._lock.locked():
+                    log.info("closing session %s after %.0f s idle", sid, now - session.last_used)
+                    self._sessions.pop(sid, None)
+                    await session.close()
+
+    async def shutdown(self) -> None:
+        """Close every session and the pool; nothing is left running. Idempotent."""
+        self._closing = True
+        for task in (self._reaper, self._refill):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        sessions = list(self._sessions.values()) + self._pool
+        self._sessions.clear()
+        self._pool.clear()
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        await self.backend.close()
+        self._started = False

@@ -1,0 +1,128 @@
+"""The result model: what one execution produced, as plain JSON-serialisable dataclasses.
+
+An ``Execution`` holds the kernel's outputs in order, each an ``Output`` carrying the MIME bundle the
+kernel sent. Rendering for a model, a browser or a notebook is a function of this one object.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+OutputKind = Literal["stream", "result", "display", "error"]
+
+
+class ExecutionStatus(str, enum.Enum):
+    OK = "ok"
+    ERROR = "error"  # the user's code raised
+    TIMEOUT = "timeout"  # the time limit ran out; see ``Execution.state_lost``
+    CRASHED = "crashed"  # the kernel died (out of memory, exit(), signal); see ``Execution.reason``
+
+
+@dataclass
+class Output:
+    """One item a kernel produced.
+
+    ``stream``: ``name`` is stdout or stderr, ``text`` the text. ``result`` / ``display``: ``data`` is
+    the MIME bundle (text/plain, text/html, image/png as base64 ...). ``error``: ``ename``, ``evalue``
+    and an ANSI-free ``traceback``.
+    """
+
+    kind: OutputKind
+    name: str | None = None
+    text: str | None = None
+    data: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    ename: str | None = None
+    evalue: str | None = None
+    traceback: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Output:
+        return cls(**d)
+
+
+@dataclass
+class ImageFile:
+    """An image output saved into the workspace; ``path`` is relative to the workspace root."""
+
+    path: str
+    mime: str
+    size: int
+
+
+@dataclass
+class Execution:
+    status: ExecutionStatus
+    outputs: list[Output] = field(default_factory=list)
+    images: list[ImageFile] = field(default_factory=list)
+    execution_count: int | None = None
+    duration_s: float = 0.0
+    truncated: int = 0  # output bytes dropped to stay within the budget
+    state_lost: bool = False  # the kernel was restarted: variables from earlier executions are gone
+    reason: str | None = None  # why the status is timeout or crashed, in words
+
+    @property
+    def ok(self) -> bool:
+        return self.status is ExecutionStatus.OK
+
+    @property
+    def stdout(self) -> str:
+        return "".join(o.text or "" for o in self.outputs if o.kind == "stream" and o.name == "stdout")
+
+    @property
+    def stderr(self) -> str:
+        return "".join(o.text or "" for o in self.outputs if o.kind == "stream" and o.name == "stderr")
+
+    @property
+    def error(self) -> Output | None:
+        return next((o for o in self.outputs if o.kind == "error"), None)
+
+    @property
+    def results(self) -> list[Output]:
+        return [o for o in self.outputs if o.kind in ("result", "display")]
+
+    def text(self, budget: int = 4000) -> str:
+        """Render for a language model: streams, plain-text results, image paths and the error,
+        cut to ``budget`` characters keeping the head and the tail."""
+        parts: list[str] = []
+        for out in self.outputs:
+            if out.kind == "stream":
+                parts.append(out.text or "")
+            elif out.kind in ("result", "display") and out.data:
+                if "text/plain" in out.data and not any(m.startswith("image/") for m in out.data):
+                    parts.append(str(out.data["text/plain"]).rstrip("\n") + "\n")
+            elif out.kind == "error":
+                parts.append("\n".join(out.traceback or [f"{out.ename}: {out.evalue}"]) + "\n")
+        for img in self.images:
+            parts.append(f"![{img.path.rsplit('/', 1)[-1].split('.')[0]}]({img.path})\n")
+        if self.status in (ExecutionStatus.TIMEOUT, ExecutionStatus.CRASHED) and self.reason:
+            parts.append(self.reason + "\n")
+        return clip(("".join(parts)).strip("\n"), budget)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["status"] = self.status.value
+        d["outputs"] = [o.to_dict() for o in self.outputs]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Execution:
+        d = dict(d)
+        d["status"] = ExecutionStatus(d["status"])
+        d["outputs"] = [Output.from_dict(o) for o in d.get("outputs", [])]
+        d["images"] = [ImageFile(**i) for i in d.get("images", [])]
+        return cls(**d)
+
+
+def clip(text: str, budget: int) -> str:
+    """Keep the head and tail of ``text`` within ``budget`` characters, saying how much was cut."""
+    if len(text) <= budget:
+        return text
+    half = max(budget // 2, 1)
+    cut = len(text) - 2 * half
+    return f"{text[:half]}\n[... {cut} characters truncated ...]\n{text[-half:]}"

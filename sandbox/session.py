@@ -1,0 +1,217 @@
+"""A session: one isolated kernel, its workspace, and what happens on timeouts and deaths.
+
+The escalation on a timeout is fixed and recorded in the ``Execution``: interrupt → wait
+``interrupt_grace_s`` → restart the kernel (state lost). A kernel that died (out of memory,
+``os._exit``) is reported as ``crashed`` and replaced before the next execution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from .backends.base import Backend, KernelHandle, KernelSpec
+from .config import SandboxSettings
+from .errors import SandboxError, SessionClosed, WorkspaceError
+from .kernel import KernelClient, OutputCollector, OutputCallback, RawResult, sockets_ready, write_connection_file
+from .models import Execution, ExecutionStatus, ImageFile, Output
+from .workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/svg+xml": "svg", "image/gif": "gif"}
+MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes
+
+
+class Session:
+    """Stateful: a variable set in one execution is there in the next, until a restart."""
+
+    def __init__(self, backend: Backend, settings: SandboxSettings, owner: str, folder: Path,
+                 session_id: str | None = None) -> None:
+        self.id = session_id or uuid.uuid4().hex[:12]
+        self.backend = backend
+        self.settings = settings
+        self.owner = owner
+        self.folder = folder
+        self.runtime_dir = folder / "run"
+        owner_ids = (settings.sandbox_uid, settings.sandbox_gid) if os.geteuid() == 0 else None
+        self.workspace = Workspace(folder / "data", settings.limits, owner_ids)
+        self.created = time.time()
+        self.last_used = time.monotonic()
+        self.executions = 0
+        self._owner_ids = owner_ids
+        self._handle: KernelHandle | None = None
+        self._client: KernelClient | None = None
+        self._lock = asyncio.Lock()
+        self._needs_restart = False
+        self._closed = False
+        self._figures = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- life cycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the kernel and wait until it answers; on failure nothing is left running."""
+        try:
+            await self._start_kernel()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start_kernel(self) -> None:
+        rt = self.runtime_dir
+        if len(str(rt)) + 12 > MAX_SOCKET_PATH:
+            raise SandboxError(f"the runtime folder {rt} is too long for Unix sockets: set JUPYBOX_HOME to a shorter path")
+        rt.mkdir(parents=True, exist_ok=True)
+        for leftover in rt.iterdir():
+            leftover.unlink()
+        kernel_rt, _ = self.backend.kernel_paths(self._spec_base())
+        info = write_connection_file(rt, kernel_rt)
+        if self._owner_ids:
+            os.chown(rt, *self._owner_ids)
+            os.chown(rt / "kernel.json", *self._owner_ids)
+        os.chmod(rt, 0o700)
+        spec = self._spec_base()
+        spec.boot_args = ["-f", f"{kernel_rt}/kernel.json", "--HistoryManager.enabled=False"]
+        self._handle = await self.backend.start(spec)
+        deadline = time.monotonic() + self.settings.start_timeout_s
+        while not sockets_ready(rt):
+            if time.monotonic() > deadline:
+                raise SandboxError(f"the kernel did not start within {self.settings.start_timeout_s:.0f} s")
+            if not await self.backend.is_alive(self._handle):
+                reason = await self.backend.exit_reason(self._handle)
+                raise SandboxError(f"the kernel failed to start: {reason}")
+            await asyncio.sleep(0.01)
+        self._client = KernelClient(info)
+        await self._client.connect(max(deadline - time.monotonic(), 5.0))
+        self._needs_restart = False
+
+    def _spec_base(self) -> KernelSpec:
+        lim = self.settings.limits
+        return KernelSpec(
+            session_id=self.id, owner=self.owner, runtime_dir=self.runtime_dir,
+            workspace_dir=self.workspace.root,
+            env={"JUPYBOX_OUTPUT_LIMIT": str(lim.output_bytes), "JUPYBOX_SESSION": self.id},
+        )
+
+    async def _stop_kernel(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            await self.backend.stop(handle)
+
+    async def restart(self) -> None:
+        """A fresh kernel; the workspace stays."""
+        async with self._lock:
+            self._check_open()
+            await self._restart()
+
+    async def _restart(self) -> None:
+        await self._stop_kernel()
+        await self._start_kernel()
+
+    async def close(self, keep_workspace: bool = False) -> None:
+        """Stop the kernel and remove the session's folders. Idempotent."""
+        self._closed = True
+        await self._stop_kernel()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        if not keep_workspace:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionClosed(f"session {self.id} is closed: create a new session")
+
+    # -- execution --------------------------------------------------------------------------
+    async def execute(self, code: str, timeout: float | None = None,
+                      on_output: OutputCallback | None = None) -> Execution:
+        """Run ``code`` and return its ``Execution``; ``on_output`` sees each output as it arrives.
+        What the code does is data (status error / timeout / crashed); only infrastructure
+        failures raise ``SandboxError``."""
+        timeout = self.settings.default_timeout_s if timeout is None else timeout
+        async with self._lock:
+            self._check_open()
+            self.last_used = time.monotonic()
+            self.executions += 1
+            try:
+                return await self._execute(code, timeout, on_output)
+            finally:
+                self.last_used = time.monotonic()
+
+    async def _execute(self, code: str, timeout: float, on_output: OutputCallback | None) -> Execution:
+        if self._needs_restart or self._client is None:
+            await self._restart()
+        assert self._client is not None and self._handle is not None
+        lim = self.settings.limits
+        raw = RawResult()
+        collector = OutputCollector(raw, lim.output_bytes + 1024, lim.max_images, lim.max_image_bytes, on_output)
+        handle = self._handle
+        is_alive = lambda: self.backend.is_alive(handle)  # noqa: E731
+        t0 = time.monotonic()
+        msg_id = self._client.send_execute(code)
+        await self._client.collect(msg_id, collector, t0 + timeout, is_alive)
+        status, reason, state_lost = ExecutionStatus.OK, None, False
+        if not raw.done and not raw.died:
+            self._client.interrupt()
+            await self._client.collect(msg_id, collector, time.monotonic() + self.settings.interrupt_grace_s, is_alive)
+            status = ExecutionStatus.TIMEOUT
+            if raw.done:
+                reason = f"Execution timed out after {timeout:g} s and was interrupted; variables are kept. Pass a larger timeout= for longer work."
+            elif not raw.died:
+                state_lost = True
+                reason = (f"Execution timed out after {timeout:g} s and did not stop when interrupted; "
+                          "the kernel was restarted, so earlier variables are lost.")
+                await self._restart()
+        if raw.died:
+            status, state_lost = ExecutionStatus.CRASHED, True
+            reason = f"The kernel died: {await self.backend.exit_reason(handle)}. A fresh kernel will run the next execution; earlier variables are lost."
+            self._needs_restart = True
+        elif raw.ask_exit:
+            status, state_lost = ExecutionStatus.CRASHED, True
+            reason = "The code exited the kernel; a fresh kernel will run the next execution, earlier variables are lost."
+            self._needs_restart = True
+        elif status is ExecutionStatus.OK and any(o.kind == "error" for o in raw.outputs):
+            status = ExecutionStatus.ERROR
+        execution = Execution(
+            status=status, outputs=raw.outputs, execution_count=raw.execution_count,
+            duration_s=round(time.monotonic() - t0, 4), truncated=raw.dropped,
+            state_lost=state_lost, reason=reason,
+        )
+        execution.images = self._save_images(raw.outputs)
+        return execution
+
+    def _save_images(self, outputs: list[Output]) -> list[ImageFile]:
+        saved: list[ImageFile] = []
+        for out in outputs:
+            if out.kind not in ("result", "display") or not out.data:
+                continue
+            mime = next((m for m in IMAGE_EXT if m in out.data), None)
+            if mime is None:
+                continue
+            raw = out.data[mime]
+            data = raw.encode() if mime == "image/svg+xml" else base64.b64decode(raw)
+            name = self._next_figure_name(IMAGE_EXT[mime])
+            try:
+                f = self.workspace.write(name, data)
+            except WorkspaceError as exc:
+                log.warning("image not saved in session %s: %s", self.id, exc)
+                continue
+            saved.append(ImageFile(path=f.path, mime=mime, size=f.size))
+        return saved
+
+    def _next_figure_name(self, ext: str) -> str:
+        while True:
+            self._figures += 1
+            name = f"figures/fig-{self._figures:03d}.{ext}"
+            if not self.workspace.exists(name):
+                return name

@@ -1,0 +1,211 @@
+"""A session's files: uploads in, generated files out, every path checked.
+
+The sandboxed code can write anything into its workspace, symlinks included, so every host-side
+operation walks the path one component at a time with ``O_NOFOLLOW`` relative to the workspace's
+directory descriptor. A name is refused when it is empty, absolute, contains NUL or ``..``, or
+crosses a symlink.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from .config import Limits
+from .errors import QuotaExceeded, WorkspaceError, WorkspacePathError
+
+CHUNK = 1 << 20
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass
+class WorkspaceFile:
+    path: str  # relative to the workspace root, with forward slashes
+    size: int
+    modified: float
+
+
+def split_name(name: str) -> list[str]:
+    """Validate a workspace-relative name and return its components."""
+    if not isinstance(name, str) or not name.strip():
+        raise WorkspacePathError("a file name is required")
+    if "\x00" in name:
+        raise WorkspacePathError(f"{name!r}: file names cannot contain NUL bytes")
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise WorkspacePathError(f"{name!r}: use a path relative to the workspace, not an absolute one")
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise WorkspacePathError(f"{name!r}: '..' is not allowed in workspace paths")
+    if not parts:
+        raise WorkspacePathError(f"{name!r}: not a file name")
+    if any(len(p.encode()) > 255 for p in parts):
+        raise WorkspacePathError(f"{name!r}: a path component is longer than 255 bytes")
+    return parts
+
+
+class Workspace:
+    """Path-safe file operations on one folder, within the size quotas of ``limits``."""
+
+    def __init__(self, root: Path, limits: Limits, owner: tuple[int, int] | None = None) -> None:
+        self.root = root
+        self.limits = limits
+        self.owner = owner  # (uid, gid) files should belong to, so the kernel's user can edit them
+        root.mkdir(parents=True, exist_ok=True)
+        if owner:
+            os.chown(root, *owner)
+
+    @contextmanager
+    def _parent_fd(self, parts: list[str], create: bool) -> Iterator[int]:
+        fd = os.open(self.root, DIR_FLAGS)
+        try:
+            for i, part in enumerate(parts[:-1]):
+                try:
+                    nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+                    if self.owner:
+                        os.fchown(nfd, *self.owner)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise WorkspacePathError(
+                            f"{'/'.join(parts[: i + 1])!r} is a symlink or not a folder; refusing to follow it"
+                        ) from None
+                    raise
+                os.close(fd)
+                fd = nfd
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open(self, name: str, flags: int, create_dirs: bool = False) -> int:
+        parts = split_name(name)
+        try:
+            with self._parent_fd(parts, create_dirs) as dfd:
+                return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+        except FileNotFoundError:
+            raise WorkspaceError(f"{name!r}: no such file in the workspace") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise WorkspacePathError(f"{name!r} is a symlink; refusing to follow it") from None
+            if exc.errno == errno.EISDIR:
+                raise WorkspaceError(f"{name!r} is a folder, not a file") from None
+            raise WorkspaceError(f"{name!r}: {exc.strerror}") from None
+
+    def write(self, name: str, data: bytes | BinaryIO) -> WorkspaceFile:
+        """Create or replace a file. Quotas are checked before and while writing; a refused
+        write leaves no partial file behind."""
+        size_hint = len(data) if isinstance(data, (bytes, bytearray)) else None
+        others = self.usage() - (self._size_of(name) or 0)  # what the rest of the workspace holds
+        if size_hint is not None:
+            self._check_quota(name, size_hint, others)
+        fd = self._open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, create_dirs=True)
+        written = 0
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise WorkspaceError(f"{name!r} is not a regular file")
+            if self.owner:
+                os.fchown(fd, *self.owner)
+            chunks = [bytes(data)] if size_hint is not None else iter(lambda: data.read(CHUNK), b"")
+            for chunk in chunks:
+                written += len(chunk)
+                if size_hint is None:
+                    self._check_quota(name, written, others)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            self.delete(name, missing_ok=True)
+            raise
+        st = os.fstat(fd)
+        os.close(fd)
+        return WorkspaceFile("/".join(split_name(name)), written, st.st_mtime)
+
+    def upload(self, source: Path | str, name: str | None = None) -> WorkspaceFile:
+        """Copy a host file into the workspace (under its own name unless ``name`` is given)."""
+        source = Path(source)
+        with source.open("rb") as fh:
+            return self.write(name or source.name, fh)
+
+    def read(self, name: str) -> bytes:
+        fd = self._open(name, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise WorkspaceError(f"{name!r} is not a regular file")
+            if st.st_size > self.limits.workspace_bytes:
+                raise QuotaExceeded(f"{name!r} is larger than the workspace quota")
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                return fh.read()
+        finally:
+            os.close(fd)
+
+    def open(self, name: str) -> BinaryIO:
+        """A file object for streaming a download; the caller closes it."""
+        fd = self._open(name, os.O_RDONLY)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise WorkspaceError(f"{name!r} is not a regular file")
+        return os.fdopen(fd, "rb")
+
+    def delete(self, name: str, missing_ok: bool = False) -> None:
+        parts = split_name(name)
+        try:
+            with self._parent_fd(parts, create=False) as dfd:
+                os.unlink(parts[-1], dir_fd=dfd)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise WorkspaceError(f"{name!r}: no such file in the workspace") from None
+        except IsADirectoryError:
+            raise WorkspaceError(f"{name!r} is a folder; only files can be deleted") from None
+
+    def exists(self, name: str) -> bool:
+        return self._size_of(name) is not None
+
+    def list(self) -> list[WorkspaceFile]:
+        """Regular files, recursively, without following symlinks."""
+        files: list[WorkspaceFile] = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                full = os.path.join(dirpath, fn)
+                st = os.lstat(full)
+                if stat.S_ISREG(st.st_mode):
+                    rel = os.path.relpath(full, self.root).replace(os.sep, "/")
+                    files.append(WorkspaceFile(rel, st.st_size, st.st_mtime))
+        return files
+
+    def usage(self) -> int:
+        return sum(f.size for f in self.list())
+
+    def _size_of(self, name: str) -> int | None:
+        try:
+            fd = self._open(name, os.O_RDONLY)
+        except WorkspacePathError:
+            raise
+        except WorkspaceError:
+            return None
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    def _check_quota(self, name: str, size: int, others: int) -> None:
+        if size > self.limits.file_bytes:
+            raise QuotaExceeded(
+                f"{name!r} is {size:,} bytes; a workspace file may be at most {self.limits.file_bytes:,} bytes"
+            )
+        if others + size > self.limits.workspace_bytes:
+            raise QuotaExceeded(
+                f"writing {name!r} would bring the workspace to {others + size:,} bytes; "
+                f"the quota is {self.limits.workspace_bytes:,} bytes: delete files first"
+            )

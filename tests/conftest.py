@@ -1,0 +1,64 @@
+"""Fixtures start what the tests need: a Docker daemon that answers, the sandbox image (built or
+taken from the cache), session managers on real backends. Nothing here is mocked."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sandbox import SandboxSettings, SessionManager
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _docker_answers() -> bool:
+    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def docker_daemon() -> None:
+    """A Docker daemon that answers; started here when none does (as the README's setup does)."""
+    if _docker_answers():
+        return
+    if shutil.which("dockerd") is None:
+        pytest.fail("dockerd is not installed: run ./jupybox.sh test, which installs docker.io")
+    subprocess.Popen(["dockerd"], stdout=open("/var/log/jupybox-dockerd.log", "ab"), stderr=subprocess.STDOUT,
+                     start_new_session=True)
+    for _ in range(60):
+        if _docker_answers():
+            return
+        time.sleep(0.5)
+    pytest.fail("dockerd did not start; see /var/log/jupybox-dockerd.log")
+
+
+@pytest.fixture(scope="session")
+def sandbox_image(docker_daemon: None) -> str:
+    from sandbox.image import build_image
+
+    return build_image()
+
+
+@pytest.fixture(scope="session")
+def jb_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Short on purpose: Unix socket paths are limited to 107 bytes.
+    return tmp_path_factory.mktemp("jb")
+
+
+def docker_settings(home: Path, **kw: object) -> SandboxSettings:
+    return SandboxSettings(backend="docker", home=home, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+async def docker_manager(sandbox_image: str, jb_home: Path) -> AsyncIterator[SessionManager]:
+    async with SessionManager(docker_settings(jb_home, instance="tests")) as manager:
+        yield manager
+
+
+def jupybox_containers() -> list[str]:
+    out = subprocess.run(["docker", "ps", "-aq", "--filter", "label=jupybox"], capture_output=True, text=True)
+    return out.stdout.split()

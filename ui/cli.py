@@ -1,0 +1,178 @@
+"""The ``jupybox`` command line.
+
+Subcommands: ``exec`` (run code in a fresh sandbox session), ``demo``, ``sandbox build-image`` /
+``sandbox cleanup``, ``bench sandbox``. Errors are printed as one sentence with a next step; no
+traceback reaches the user (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from sandbox import Execution, JupyboxError, SandboxSettings, SessionManager
+from sandbox.models import Output
+
+log = logging.getLogger("jupybox")
+
+DEMO_CODE = """\
+import numpy as np, pandas as pd, matplotlib.pyplot as plt
+df = pd.DataFrame({"month": range(1, 13), "sales": np.round(100 + 15 * np.sin(np.arange(12) / 2), 1)})
+print(df.describe().loc[["mean", "max"]])
+df.plot(x="month", y="sales", title="Monthly sales / 月度销售额")
+plt.show()
+df["sales"].sum()
+"""
+
+
+def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["docker", "bwrap", "local"], help="how the kernel is isolated (default: docker)")
+    p.add_argument("--runtime", dest="docker_runtime", help="Docker runtime, e.g. runsc for gVisor")
+    p.add_argument("--image", help="sandbox image (default: jupybox-sandbox:latest)")
+    p.add_argument("--unsafe-local", action="store_true", help="allow the local backend, which has NO isolation")
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> SandboxSettings:
+    return SandboxSettings.from_env(
+        backend=args.backend, docker_runtime=args.docker_runtime, image=args.image,
+        allow_unsafe_local=args.unsafe_local or None, **extra,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jupybox", description="A sandboxed code interpreter.")
+    parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("exec", help="run Python code in a fresh sandbox session")
+    p.add_argument("code", nargs="?", default="-", help="the code, or - to read it from stdin (default)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds before the execution is interrupted")
+    p.add_argument("--json", action="store_true", help="print the whole Execution as one JSON object")
+    p.add_argument("--out", type=Path, default=Path("jupybox-output"), help="folder for images the code produced")
+    _add_sandbox_flags(p)
+
+    p = sub.add_parser("demo", help="run a small data analysis in the sandbox")
+    p.add_argument("--out", type=Path, default=Path("jupybox-output"))
+    _add_sandbox_flags(p)
+
+    p = sub.add_parser("sandbox", help="manage the sandbox")
+    ssub = p.add_subparsers(dest="action", required=True)
+    b = ssub.add_parser("build-image", help="build the sandbox image (from Debian packages if no base image can be pulled)")
+    b.add_argument("--base-image", help="base image (default python:3.11-slim-bookworm)")
+    b.add_argument("--force", action="store_true", help="rebuild even if the image is up to date")
+    c = ssub.add_parser("cleanup", help="remove sandbox containers and folders left by dead jupybox processes")
+    _add_sandbox_flags(c)
+
+    p = sub.add_parser("bench", help="benchmarks (figures, never pass/fail)")
+    bsub = p.add_subparsers(dest="target", required=True)
+    b = bsub.add_parser("sandbox", help="cold start, warm acquire, round-trip vs a bare kernel, memory, capacity")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--runs", type=int, default=10, help="samples per figure")
+    b.add_argument("--max-sessions", type=int, default=40, help="stop the capacity probe here")
+    _add_sandbox_flags(b)
+    return parser
+
+
+def print_output(out: Output) -> None:
+    """Readable streaming output for a terminal."""
+    if out.kind == "stream":
+        (sys.stderr if out.name == "stderr" else sys.stdout).write(out.text or "")
+    elif out.kind in ("result", "display") and out.data:
+        if "text/plain" in out.data and not any(m.startswith("image/") for m in out.data):
+            print(out.data["text/plain"])
+    elif out.kind == "error":
+        print("\n".join(out.traceback or [f"{out.ename}: {out.evalue}"]), file=sys.stderr)
+    sys.stdout.flush()
+
+
+async def run_code(args: argparse.Namespace, code: str, as_json: bool, timeout: float) -> int:
+    async with SessionManager(_settings(args)) as manager:
+        session = await manager.create()
+        execution: Execution = await session.execute(code, timeout=timeout, on_output=None if as_json else print_output)
+        saved = _copy_images(session.workspace.root, execution, args.out / session.id)
+        if as_json:
+            d = execution.to_dict()
+            d["saved_images"] = saved
+            print(json.dumps(d))
+        else:
+            for path in saved:
+                print(f"[image saved: {path}]")
+            if execution.reason:
+                print(execution.reason, file=sys.stderr)
+            if execution.truncated:
+                print(f"[{execution.truncated:,} bytes of output were truncated]", file=sys.stderr)
+        return 0 if execution.ok else 1
+
+
+def _copy_images(root: Path, execution: Execution, dest: Path) -> list[str]:
+    saved = []
+    for img in execution.images:
+        dest.mkdir(parents=True, exist_ok=True)
+        target = dest / Path(img.path).name
+        shutil.copyfile(root / img.path, target, follow_symlinks=False)
+        saved.append(str(target))
+    return saved
+
+
+async def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "exec":
+        code = sys.stdin.read() if args.code == "-" else args.code
+        return await run_code(args, code, args.json, args.timeout)
+    if args.command == "demo":
+        print(DEMO_CODE)
+        return await run_code(args, DEMO_CODE, False, 60.0)
+    if args.command == "sandbox" and args.action == "build-image":
+        from sandbox.image import build_image
+
+        tag = await asyncio.to_thread(build_image, base_image=args.base_image, force=args.force,
+                                      on_log=lambda line: print(line, file=sys.stderr))
+        print(tag)
+        return 0
+    if args.command == "sandbox" and args.action == "cleanup":
+        manager = SessionManager(_settings(args))
+        await manager.backend.check()
+        print(f"removed {await manager.cleanup_orphans()} orphaned container(s)")
+        await manager.backend.close()
+        return 0
+    if args.command == "bench" and args.target == "sandbox":
+        from bench.sandbox import run_sandbox_bench
+
+        return await run_sandbox_bench(_settings(args), runs=args.runs, max_sessions=args.max_sessions, as_json=args.json)
+    raise AssertionError(args)
+
+
+async def _main_async(args: argparse.Namespace) -> int:
+    """Run the command; SIGTERM and SIGINT cancel it, so managers close their sessions on the way out."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    return await _dispatch(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(_main_async(args))
+    except JupyboxError as exc:
+        if args.debug:
+            raise
+        print(f"jupybox: {exc}", file=sys.stderr)
+        return 2
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        print("jupybox: stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
