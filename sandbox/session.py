@@ -120,6 +120,12 @@ class Session:
         await self._stop_kernel()
         await self._start_kernel()
 
+    def interrupt(self) -> None:
+        """Interrupt what the kernel is running now (from another task than the one executing);
+        the running ``execute`` then returns with the KeyboardInterrupt as its error."""
+        if self._client is not None:
+            self._client.interrupt()
+
     async def close(self, keep_workspace: bool = False) -> None:
         """Stop the kernel and remove the session's folders. Idempotent."""
         self._closed = True

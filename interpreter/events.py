@@ -1,0 +1,37 @@
+"""What the interpreter streams. The browser UI, the HTTP API (as server-sent events) and the CLI
+all consume these same events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sandbox.models import Execution, Output
+
+EventType = Literal["text_delta", "code", "output", "execution", "answer", "error", "usage"]
+
+
+@dataclass
+class Event:
+    """``text_delta``: model text as it streams (``text``). ``code``: a cell about to run (``code``).
+    ``output``: one kernel output as it arrives. ``execution``: the finished ``Execution``.
+    ``answer``: the final answer (``text``). ``error``: why the turn stopped early (``text``).
+    ``usage``: tokens used this turn (``data``)."""
+
+    type: EventType
+    text: str | None = None
+    code: str | None = None
+    output: Output | None = None
+    execution: Execution | None = None
+    data: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": self.type}
+        for key in ("text", "code", "data"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        if self.output is not None:
+            d["output"] = self.output.to_dict()
+        if self.execution is not None:
+            d["execution"] = self.execution.to_dict()
+        return d

@@ -1,0 +1,126 @@
+"""The one protocol every model backend implements: stream text for a prompt or a message list.
+
+A backend says what it can do with class attributes (``supports_prompt`` for raw-text completion,
+``supports_chat``, ``supports_tools``, ``supports_images``); formats pick what they need and refuse
+clearly otherwise. Backends register in ``interpreter.llm.BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # as the model wrote it: JSON text, maybe malformed
+
+
+@dataclass
+class Message:
+    """A chat message. ``content`` is text, or OpenAI content parts (text and ``image_url``)."""
+
+    role: str  # system | user | assistant | tool
+    content: str | list[dict[str, Any]] = ""
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+
+
+@dataclass
+class GenerationRequest:
+    """Either ``prompt`` (raw text, continued as is) or ``messages`` (chat)."""
+
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    stop: list[str] = field(default_factory=list)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    seed: int | None = None
+    tools: list[dict[str, Any]] | None = None  # OpenAI function-tool schemas
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Chunk:
+    """One streamed piece: a text delta, tool-call fragments, and at the end the finish reason
+    and usage when the backend knows them."""
+
+    text: str = ""
+    tool_calls: list[ToolCall] | None = None  # complete calls, delivered once assembled
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+
+class LLM(abc.ABC):
+    name: ClassVar[str]
+    supports_prompt: ClassVar[bool] = False
+    supports_chat: ClassVar[bool] = True
+    supports_tools: ClassVar[bool] = False
+    supports_images: bool = False  # per model, so an instance attribute
+    model_family: str = ""  # e.g. "qwen" — formats pick a default from it
+
+    @abc.abstractmethod
+    def stream(self, request: GenerationRequest, cancel: asyncio.Event | None = None) -> AsyncIterator[Chunk]:
+        """Yield chunks as the model produces them. Generation stops at any of ``request.stop``
+        (the stop word is not included), at ``max_tokens``, or when ``cancel`` is set (then
+        ``ModelCancelled`` is raised). Raises ``ModelError`` subclasses for backend failures."""
+
+    @abc.abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` in this model's tokenizer (an estimate only where none is known)."""
+
+    async def complete(self, request: GenerationRequest, cancel: asyncio.Event | None = None) -> Completion:
+        """The whole completion, for callers that do not stream."""
+        out = Completion()
+        async for chunk in self.stream(request, cancel):
+            out.text += chunk.text
+            out.tool_calls.extend(chunk.tool_calls or [])
+            out.finish_reason = chunk.finish_reason or out.finish_reason
+            if chunk.usage:
+                out.usage = chunk.usage
+        return out
+
+    async def close(self) -> None:
+        """Release connections or GPU memory."""
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """``text`` up to the first stop word, and whether one was found."""
+    idx = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[: min(idx)], True) if idx else (text, False)
+
+
+def held_back(text: str, stop: list[str]) -> int:
+    """How many trailing characters of ``text`` could be the start of a stop word: a streamer must
+    hold them back until the next delta decides."""
+    keep = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                keep = max(keep, n)
+                break
+    return keep
