@@ -40,6 +40,16 @@ class InterpreterSettings:
     seed: int | None = None
 
 
+def _data_urls(execution: Execution) -> list[str]:
+    urls = []
+    for out in execution.results:
+        for mime in ("image/png", "image/jpeg"):
+            if out.data and mime in out.data:
+                urls.append(f"data:{mime};base64,{out.data[mime]}")
+                break
+    return urls
+
+
 def clip_tokens(text: str, budget: int, count) -> str:
     """Keep the head and tail of ``text`` within ``budget`` tokens."""
     n = count(text)
@@ -142,6 +152,7 @@ class Interpreter:
                                 "(max_executions); ask again to continue.")
                     return
                 observations: list[str] = []
+                images: list[str] = []
                 failed = False
                 problems = problems + 1 if all(a.code is None for a in step.actions) else 0
                 for action in step.actions:
@@ -165,7 +176,11 @@ class Interpreter:
                                        self.llm.count_tokens)
                     observations.append(self.format.observation(execution, text))
                     failed = failed or execution.status is not ExecutionStatus.OK
+                    if self.llm.supports_images:
+                        images += _data_urls(execution)
                 self.format.add_step(conv.messages, step, observations)
+                if images:
+                    self.format.add_images(conv.messages, images)
                 if cancel.is_set():
                     yield Event("error", text="Stopped.")
                     return

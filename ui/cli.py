@@ -19,6 +19,7 @@ from typing import Any
 
 from sandbox import Execution, JupyboxError, SandboxSettings, SessionManager
 from sandbox.models import Output
+from ui.terminal import add_model_flags
 
 log = logging.getLogger("jupybox")
 
@@ -57,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole Execution as one JSON object")
     p.add_argument("--out", type=Path, default=Path("jupybox-output"), help="folder for images the code produced")
     _add_sandbox_flags(p)
+
+    for name, helptext in (("ask", "answer one question with the model and the sandbox"),
+                           ("chat", "an interactive, multi-turn conversation in the terminal")):
+        p = sub.add_parser(name, help=helptext)
+        if name == "ask":
+            p.add_argument("question")
+        p.add_argument("--file", action="append", default=[], help="upload a file into the workspace (repeatable)")
+        p.add_argument("--json", action="store_true", help="one JSON event per line")
+        p.add_argument("--notebook", type=Path, help="also save the conversation as a Jupyter notebook")
+        p.add_argument("--out", type=Path, default=Path("jupybox-output"), help="folder for generated files")
+        add_model_flags(p)
+        _add_sandbox_flags(p)
 
     p = sub.add_parser("demo", help="run a small data analysis in the sandbox")
     p.add_argument("--out", type=Path, default=Path("jupybox-output"))
@@ -125,6 +138,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "exec":
         code = sys.stdin.read() if args.code == "-" else args.code
         return await run_code(args, code, args.json, args.timeout)
+    if args.command in ("ask", "chat"):
+        from ui import terminal
+
+        return await getattr(terminal, args.command)(args, _settings(args))
     if args.command == "demo":
         print(DEMO_CODE)
         return await run_code(args, DEMO_CODE, False, 60.0)

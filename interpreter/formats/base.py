@@ -66,6 +66,10 @@ class Format(abc.ABC):
     def add_answer(self, messages: list[Message], step: Step) -> None:
         """Record the model's final message of the turn."""
 
+    def add_images(self, messages: list[Message], data_urls: list[str]) -> None:
+        """Show the step's images to a model that accepts them (``image_url`` parts in a user
+        message). Formats that continue a raw prompt cannot, and keep only the paths."""
+
     def observation(self, execution: Execution, text: str) -> str:
         """What the model is told about an execution (``text`` is its budgeted rendering)."""
         if execution.status.value == "ok":
@@ -77,6 +81,10 @@ FENCE_RE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 PYTHON_LANGS = {"python", "py", "python3", "ipython", "ipython3", ""}
 OTHER_CODE_LANGS = {"bash", "sh", "shell", "zsh", "console", "javascript", "js", "typescript", "ts", "r", "sql",
                     "ruby", "perl", "julia", "go", "rust", "c", "cpp", "c++", "java", "powershell", "matlab"}
+
+
+def image_parts(text: str, data_urls: list[str]) -> list[dict]:
+    return [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": u}} for u in data_urls]
 
 
 def code_blocks(text: str) -> list[tuple[str, str]]:

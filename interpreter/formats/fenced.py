@@ -5,7 +5,7 @@ the answer."""
 from __future__ import annotations
 
 from ..llm.base import Completion, GenerationRequest, Message
-from .base import OTHER_CODE_LANGS, PYTHON_LANGS, Action, Format, GenerationOptions, Step, code_blocks
+from .base import OTHER_CODE_LANGS, PYTHON_LANGS, Action, Format, GenerationOptions, Step, code_blocks, image_parts
 
 SYSTEM = """You are a data analyst with a Python code interpreter (a Jupyter kernel; state persists between \
 executions). Every ```python fenced block you write is executed, in order, and its output is sent back to you \
@@ -45,6 +45,9 @@ class FencedFormat(Format):
         parts = [f"Output of block {i}:\n{obs}" if len(observations) > 1 else f"Output:\n{obs}"
                  for i, obs in enumerate(observations, 1)]
         messages.append(Message("user", "\n\n".join(parts)))
+
+    def add_images(self, messages: list[Message], data_urls: list[str]) -> None:
+        messages[-1].content = image_parts(messages[-1].text(), data_urls)
 
     def add_answer(self, messages: list[Message], step: Step) -> None:
         messages.append(Message("assistant", step.text))

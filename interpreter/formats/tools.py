@@ -7,7 +7,7 @@ import json
 
 from ..errors import FormatError
 from ..llm.base import LLM, Completion, GenerationRequest, Message
-from .base import Action, Format, GenerationOptions, Step
+from .base import Action, Format, GenerationOptions, Step, image_parts
 from .fenced import SYSTEM as FENCED_SYSTEM
 
 TOOL_NAMES = ("python", "code_interpreter")
@@ -69,6 +69,10 @@ class ToolsFormat(Format):
         messages.append(Message("assistant", step.text, tool_calls=step.tool_calls))
         for action, obs in zip(step.actions, observations):
             messages.append(Message("tool", obs, tool_call_id=action.call_id))
+
+    def add_images(self, messages: list[Message], data_urls: list[str]) -> None:
+        # tool messages hold text only; images follow in a user message
+        messages.append(Message("user", image_parts("The images the code produced:", data_urls)))
 
     def add_answer(self, messages: list[Message], step: Step) -> None:
         messages.append(Message("assistant", step.text))

@@ -19,7 +19,14 @@ def create_llm(backend: str, **options: Any) -> LLM:
         module, cls = BACKENDS[backend].split(":")
     except KeyError:
         raise ModelUnavailable(f"unknown model backend {backend!r}: choose one of {', '.join(BACKENDS)}") from None
-    return getattr(importlib.import_module(module), cls)(**options)
+    try:
+        impl = getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise ModelUnavailable(
+            f"the {backend} backend cannot be imported ({exc}): install its extra, e.g. "
+            f"`pip install 'jupybox[local]'` for transformers"
+        ) from None
+    return impl(**options)
 
 
 __all__ = ["BACKENDS", "LLM", "Chunk", "Completion", "GenerationRequest", "Message", "ToolCall", "Usage", "create_llm"]
