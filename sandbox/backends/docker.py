@@ -76,7 +76,7 @@ class DockerBackend(Backend):
         client = self._docker()
         user = (f"{self.settings.sandbox_uid}:{self.settings.sandbox_gid}" if os.geteuid() == 0
                 else f"{os.geteuid()}:{os.getegid()}")
-        container = await self._call(
+        run = asyncio.ensure_future(self._call(
             client.containers.run,
             self.settings.image,
             ["python", BOOT, *spec.boot_args],
@@ -103,7 +103,18 @@ class DockerBackend(Backend):
             },
             labels={LABEL: "1", f"{LABEL}.session": spec.session_id, f"{LABEL}.owner": spec.owner},
             runtime=self.settings.docker_runtime,
-        )
+        ))
+        try:
+            container = await asyncio.shield(run)
+        except asyncio.CancelledError:
+            # The daemon call goes on in its thread and will create the container anyway: wait for
+            # it and remove it, so a cancelled start (shutdown, a client gone) leaks nothing.
+            try:
+                leftover = await run
+                await asyncio.to_thread(leftover.remove, force=True)
+            except Exception:
+                pass
+            raise
         return KernelHandle(spec=spec, ref=container)
 
     async def is_alive(self, handle: KernelHandle) -> bool:

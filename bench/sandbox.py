@@ -1,0 +1,272 @@
+"""``jupybox bench sandbox``: what a user waits for and what a session costs. Figures, never pass/fail.
+
+Measured on the settings' backend, one phase after the other, every session closed on the way out:
+cold start of a session, acquire from a warm pool, the round-trip of ``1+1`` next to a bare local
+ipykernel measured in the same run (alternating, so noise hits both), idle memory per kernel
+(docker), and how many sessions this host holds before its free memory nears a reserve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.manager import AsyncKernelManager
+
+from sandbox import JupyboxError, SandboxError, SandboxSettings, Session, SessionManager
+
+log = logging.getLogger(__name__)
+
+POOL_SIZE = 2
+MEMORY_SESSIONS = 3
+MEMORY_RESERVE = 2 << 30  # the capacity probe stops before MemAvailable would drop under this
+CGROUP_V1 = Path("/sys/fs/cgroup/memory/docker")
+# figure -> (target, comparison, text); shown next to the figures as information only
+TARGETS: dict[str, tuple[float, str, str]] = {
+    "cold_start_p50_s": (1.5, "<", "< 1.5 s"),
+    "warm_acquire_p50_ms": (50.0, "<", "< 50 ms"),
+    "roundtrip_ratio_p50": (1.5, "<=", "<= 1.5x"),
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks; ``q`` in [0, 1]."""
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no MemAvailable in /proc/meminfo")
+
+
+async def _run(*cmd: str) -> str:
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return out.decode()
+
+
+async def container_memory(session_id: str) -> int | None:
+    """Bytes in use by the session's container, page cache that could be dropped left out (as
+    ``docker stats`` counts): from the cgroup-v1 files, else from ``docker stats``."""
+    ids = (await _run("docker", "ps", "-q", "--no-trunc", "--filter", f"label=jupybox.session={session_id}")).split()
+    if not ids:
+        return None
+    folder = CGROUP_V1 / ids[0]
+    try:
+        usage = int((folder / "memory.usage_in_bytes").read_text())
+        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+        return usage - int(stat.get("total_inactive_file", 0))
+    except (OSError, ValueError):
+        pass
+    m = re.match(r"([\d.]+)\s*([KMG]?i?B)", await _run("docker", "stats", "--no-stream", "--format", "{{.MemUsage}}", ids[0]))
+    if not m:
+        return None
+    scale = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "kB": 1000, "KB": 1000, "MB": 10**6, "GB": 10**9}
+    return int(float(m.group(1)) * scale.get(m.group(2), 1))
+
+
+async def timed(fn: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    result = await fn()
+    return time.perf_counter() - t0, result
+
+
+async def execute_ok(session: Session, code: str = "1+1") -> None:
+    ex = await session.execute(code, timeout=30)
+    if not ex.ok:
+        raise SandboxError(f"`{code}` did not run: {ex.status.value} {ex.reason or ex.text(200)}")
+
+
+async def cold_starts(manager: SessionManager, runs: int) -> list[float]:
+    samples = []
+    for i in range(runs):
+        elapsed, session = await timed(manager.create)
+        try:
+            await execute_ok(session)
+        finally:
+            await manager.close(session.id)
+        log.info("cold start %d: %.3f s", i + 1, elapsed)
+        samples.append(elapsed)
+    return samples
+
+
+async def _pool_full(manager: SessionManager, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(manager._pool) < manager.settings.pool_size:  # the manager's own pool, read-only
+        if time.monotonic() > deadline:
+            raise SandboxError(f"the warm pool did not fill within {timeout:.0f} s; see the logs (--debug)")
+        await asyncio.sleep(0.02)
+
+
+async def warm_acquires(settings: SandboxSettings, runs: int) -> list[float]:
+    samples = []
+    async with SessionManager(dataclasses.replace(settings, pool_size=POOL_SIZE)) as manager:
+        for i in range(runs):
+            await _pool_full(manager, settings.start_timeout_s * POOL_SIZE)
+            elapsed, session = await timed(manager.create)
+            try:
+                await execute_ok(session)  # the acquired session answers; not timed
+            finally:
+                await manager.close(session.id)
+            log.info("warm acquire %d: %.3f ms", i + 1, elapsed * 1e3)
+            samples.append(elapsed)
+        # Shutting down while a refill is starting a container would leak it (the thread finishes
+        # the start after the task is cancelled), so let the refill finish first.
+        await _pool_full(manager, settings.start_timeout_s * POOL_SIZE)
+    return samples
+
+
+async def _bare_execute(kc: Any, code: str = "1+1") -> None:
+    """Send ``code`` and wait for iopub idle and the shell reply, as the sandbox's client does."""
+    msg_id = kc.execute(code, allow_stdin=False, store_history=True)
+    while True:
+        msg = await kc.get_iopub_msg(timeout=30)
+        if (msg["parent_header"].get("msg_id") == msg_id and msg["header"]["msg_type"] == "status"
+                and msg["content"].get("execution_state") == "idle"):
+            break
+    while (await kc.get_shell_msg(timeout=30))["parent_header"].get("msg_id") != msg_id:
+        pass
+
+
+async def roundtrips(manager: SessionManager, n: int, warmup: int = 10) -> tuple[list[float], list[float]]:
+    """(jupybox, bare) round-trips of ``1+1``, alternating one of each, order swapped every pair."""
+    # The venv's kernel over ipc sockets, the transport the sandbox uses too.
+    tmp = tempfile.mkdtemp(prefix="jb-bare-")
+    km = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=f"{tmp}/kernel")
+    session: Session | None = None
+    kc: Any = None
+    try:
+        await km.start_kernel(extra_arguments=["--HistoryManager.enabled=False"])  # as the sandbox starts it
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        session = opened = await manager.create()
+        sbx: Callable[[], Awaitable[Any]] = lambda: execute_ok(opened)  # noqa: E731
+        bare: Callable[[], Awaitable[Any]] = lambda: _bare_execute(kc)  # noqa: E731
+        ours: list[float] = []
+        theirs: list[float] = []
+        for i in range(warmup + n):
+            pair = [(sbx, ours), (bare, theirs)]
+            for fn, out in pair if i % 2 else reversed(pair):
+                elapsed, _ = await timed(fn)
+                if i >= warmup:
+                    out.append(elapsed)
+        return ours, theirs
+    finally:
+        if session is not None:
+            await manager.close(session.id)
+        if kc is not None:
+            kc.stop_channels()
+        if km.has_kernel:
+            await km.shutdown_kernel(now=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def idle_memory(manager: SessionManager) -> list[int]:
+    sessions = [await manager.create() for _ in range(MEMORY_SESSIONS)]
+    try:
+        for s in sessions:
+            await execute_ok(s)
+        await asyncio.sleep(1.0)  # let the kernels settle into idle
+        found = [await container_memory(s.id) for s in sessions]
+        return [m for m in found if m]
+    finally:
+        for s in sessions:
+            await manager.close(s.id)
+
+
+async def capacity(manager: SessionManager, max_sessions: int, per_session: int) -> tuple[int, float, str]:
+    """Open sessions one after the other until a limit; returns (held, seconds, why it stopped)."""
+    held: list[Session] = []
+    reason = f"reached --max-sessions {max_sessions}"
+    t0 = time.perf_counter()
+    try:
+        while len(held) < max_sessions:
+            if mem_available() - per_session < MEMORY_RESERVE:
+                reason = f"host MemAvailable would drop under {MEMORY_RESERVE >> 20} MiB"
+                break
+            try:
+                held.append(await manager.create())
+                await execute_ok(held[-1])
+            except JupyboxError as exc:
+                reason = f"a start failed: {exc}"
+                log.warning("capacity probe stopped after %d sessions: %s", len(held), exc)
+                break
+            log.info("capacity: %d sessions held", len(held))
+        return len(held), time.perf_counter() - t0, reason
+    finally:
+        await asyncio.gather(*(manager.close(s.id) for s in held), return_exceptions=True)
+
+
+async def measure(settings: SandboxSettings, runs: int, max_sessions: int) -> dict[str, Any]:
+    runs = max(runs, 1)
+    plain = dataclasses.replace(settings, pool_size=0, max_sessions=max(max_sessions, MEMORY_SESSIONS, 2))
+    f: dict[str, Any] = {}
+    async with SessionManager(plain) as manager:
+        cold = await cold_starts(manager, runs)
+        f.update(cold_start_p50_s=percentile(cold, 0.5), cold_start_p95_s=percentile(cold, 0.95), cold_start_min_s=min(cold))
+    warm = await warm_acquires(settings, runs)
+    f.update(warm_acquire_p50_ms=percentile(warm, 0.5) * 1e3, warm_acquire_p95_ms=percentile(warm, 0.95) * 1e3)
+    async with SessionManager(plain) as manager:
+        ours, theirs = await roundtrips(manager, max(50, min(200, runs * 10)))
+        f.update(roundtrip_p50_ms=percentile(ours, 0.5) * 1e3, roundtrip_p95_ms=percentile(ours, 0.95) * 1e3,
+                 bare_roundtrip_p50_ms=percentile(theirs, 0.5) * 1e3, bare_roundtrip_p95_ms=percentile(theirs, 0.95) * 1e3)
+        f["roundtrip_ratio_p50"] = f["roundtrip_p50_ms"] / f["bare_roundtrip_p50_ms"]
+        mem = await idle_memory(manager) if settings.backend == "docker" else []
+        f["idle_memory_mib"] = sum(mem) / len(mem) / (1 << 20) if mem else None
+        per_session = sum(mem) // len(mem) if mem else settings.limits.memory_mb << 20
+        held, seconds, why = await capacity(manager, max_sessions, per_session)
+        f.update(capacity_sessions=held, capacity_s=seconds)
+    targets = {k: {"target": t, "value": f[k], "met": f[k] < t if op == "<" else f[k] <= t}
+               for k, (t, op, _) in TARGETS.items()}
+    return {"backend": settings.backend, "runtime": settings.docker_runtime, "runs": runs,
+            "roundtrips": len(ours), "figures": f, "targets": targets, "capacity_stopped": why}
+
+
+def render(r: dict[str, Any]) -> str:
+    f = r["figures"]
+
+    def met(key: str) -> str:
+        return f"{TARGETS[key][2]:<9} {'yes' if r['targets'][key]['met'] else 'NO'}"
+
+    mem = f"{f['idle_memory_mib']:.1f} MiB" if f["idle_memory_mib"] else "n/a (docker only)"
+    rows = [
+        ("cold start p50 / p95 / min", f"{f['cold_start_p50_s']:.2f} / {f['cold_start_p95_s']:.2f} / {f['cold_start_min_s']:.2f} s", met("cold_start_p50_s")),
+        (f"warm acquire p50 / p95 (pool {POOL_SIZE})", f"{f['warm_acquire_p50_ms']:.3f} / {f['warm_acquire_p95_ms']:.3f} ms", met("warm_acquire_p50_ms")),
+        ("round-trip 1+1 jupybox p50 / p95", f"{f['roundtrip_p50_ms']:.2f} / {f['roundtrip_p95_ms']:.2f} ms", ""),
+        ("round-trip 1+1 bare ipykernel (ipc) p50/p95", f"{f['bare_roundtrip_p50_ms']:.2f} / {f['bare_roundtrip_p95_ms']:.2f} ms", ""),
+        ("round-trip ratio jupybox / bare (p50)", f"{f['roundtrip_ratio_p50']:.2f}x", met("roundtrip_ratio_p50")),
+        (f"idle memory per kernel (mean of {MEMORY_SESSIONS})", mem, ""),
+        ("capacity: sessions held / time", f"{f['capacity_sessions']} in {f['capacity_s']:.1f} s", ""),
+    ]
+    head = f"jupybox sandbox benchmark: backend {r['backend']}" + (f" ({r['runtime']})" if r["runtime"] else "")
+    lines = [head + f", {r['runs']} samples per figure, {r['roundtrips']} round-trips each",
+             f"{'figure':<44} {'measured':<26} {'target':<9} met", "-" * 86]
+    lines += [f"{a:<44} {b:<26} {c}".rstrip() for a, b, c in rows]
+    lines.append(f"capacity probe stopped: {r['capacity_stopped']}")
+    return "\n".join(lines)
+
+
+async def run_sandbox_bench(settings: SandboxSettings, runs: int = 10, max_sessions: int = 40,
+                            as_json: bool = False) -> int:
+    """Measure and print; the exit code says only whether the benchmark ran, never whether targets were met."""
+    result = await measure(settings, runs, max_sessions)
+    print(json.dumps(result) if as_json else render(result))
+    return 0

@@ -1,0 +1,37 @@
+"""The sandbox benchmark runs end to end on real containers and a real bare kernel, prints every
+figure, and leaves nothing running. It never asserts timings: those are figures, not promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench.sandbox import run_sandbox_bench
+from sandbox.manager import make_owner
+from tests.conftest import docker_settings
+
+
+@pytest.mark.slow
+async def test_bench_prints_every_figure_and_leaves_no_container(
+        sandbox_image: str, jb_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = docker_settings(jb_home, instance="bench-test")
+    assert await run_sandbox_bench(settings, runs=2, max_sessions=2, as_json=True) == 0
+
+    result = json.loads(capsys.readouterr().out)
+    figures = result["figures"]
+    for name in ("cold_start_p50_s", "cold_start_p95_s", "cold_start_min_s", "warm_acquire_p50_ms",
+                 "warm_acquire_p95_ms", "roundtrip_p50_ms", "roundtrip_p95_ms", "bare_roundtrip_p50_ms",
+                 "bare_roundtrip_p95_ms", "roundtrip_ratio_p50", "idle_memory_mib", "capacity_sessions",
+                 "capacity_s"):
+        assert isinstance(figures[name], (int, float)) and figures[name] > 0, (name, figures.get(name))
+    assert set(result["targets"]) == {"cold_start_p50_s", "warm_acquire_p50_ms", "roundtrip_ratio_p50"}
+    assert all(isinstance(t["met"], bool) for t in result["targets"].values())
+    assert figures["capacity_sessions"] == 2
+
+    owner = make_owner("bench-test")
+    left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=jupybox.owner={owner}"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert left == []
