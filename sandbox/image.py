@@ -1,4 +1,4 @@
-"""Build the sandbox image the docker backend runs, once per content, even on hosts that cannot pull.
+"""Build the sandbox image the docker backend runs: once per content, even without a registry.
 
 ``build_image()`` builds the ``sandbox`` target of the top-level ``Dockerfile`` and tags it twice:
 ``jupybox-sandbox:<hash>``, where the hash covers everything that goes into the image (the
@@ -10,7 +10,7 @@ The base image is found in this order: ``python:3.11-slim-bookworm`` if present 
 root built with debootstrap and imported into Docker, for hosts without access to a registry.
 
 The docker CLI does the work (its build output streams to ``on_log``); failures surface as
-``BackendUnavailable`` (no daemon) or ``SandboxError`` (the build itself failed, with the log's tail).
+``BackendUnavailable`` (no daemon) or ``SandboxError`` (the build failed; the log's tail says why).
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ import collections
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 from .config import SANDBOX_IMAGE  # "jupybox-sandbox:latest", what the docker backend runs
 from .errors import BackendUnavailable, SandboxError
@@ -129,10 +131,10 @@ def _repository_root() -> Path:
 
 
 def _image_sources(root: Path) -> list[Path]:
-    """Every file that goes into the image: the Dockerfile and the data folder ``sandbox/image/``."""
+    """Every file that goes into the image: the Dockerfile and the folder ``sandbox/image/``."""
     files = [root / "Dockerfile"]
     for path in sorted((root / "sandbox" / "image").rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
             files.append(path)
     return files
 
@@ -179,8 +181,8 @@ def _docker(*args: str, timeout: float = QUERY_TIMEOUT_S) -> subprocess.Complete
         ) from exc
     except subprocess.TimeoutExpired as exc:
         raise BackendUnavailable(
-            f"`docker {' '.join(args)}` gave no answer within {timeout:.0f} s: is the Docker daemon "
-            "stuck? Restart it, or use the bwrap backend (--backend bwrap)"
+            f"`docker {' '.join(args)}` gave no answer within {timeout:.0f} s: is the Docker "
+            "daemon stuck? Restart it, or use the bwrap backend (--backend bwrap)"
         ) from exc
 
 
@@ -295,11 +297,8 @@ def _make_debian_base(on_log: LogSink | None) -> str:
     workdir = Path(tempfile.mkdtemp(prefix="jupybox-base-", dir="/var/tmp"))
     rootfs = workdir / "rootfs"
     try:
-        rc, tail = _stream(
-            ["debootstrap", "--variant=minbase", "--include=python3", DEBIAN_SUITE, str(rootfs), mirror],
-            on_log,
-            timeout=DEBOOTSTRAP_TIMEOUT_S,
-        )
+        command = ["debootstrap", "--variant=minbase", "--include=python3", DEBIAN_SUITE]
+        rc, tail = _stream([*command, str(rootfs), mirror], on_log, timeout=DEBOOTSTRAP_TIMEOUT_S)
         if rc != 0:
             raise SandboxError(
                 f"debootstrap {DEBIAN_SUITE} from {mirror} failed (exit code {rc}); last lines:\n"
@@ -322,8 +321,9 @@ def _slim_root(rootfs: Path) -> None:
         for path in (rootfs / folder).glob("*"):
             if path.is_file():
                 path.unlink()
-    doomed = [path for folder in ("man", "info", "locale") for path in (rootfs / "usr/share" / folder).glob("*")]
-    doomed += [path for path in (rootfs / "usr/share/doc").glob("*/*") if path.name != "copyright"]
+    share = rootfs / "usr/share"
+    doomed = [path for folder in ("man", "info", "locale") for path in (share / folder).glob("*")]
+    doomed += [path for path in (share / "doc").glob("*/*") if path.name != "copyright"]
     for path in doomed:  # some doc folders are symlinks to others: entries may go twice
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -369,7 +369,10 @@ def _import_root(rootfs: Path, on_log: LogSink | None) -> None:
 
 
 def _debian_mirror() -> str:
-    """The host's own Debian mirror for the suite (it may be the only one reachable), else the CDN."""
+    """The host's own Debian mirror for the suite (it may be the only one reachable), else the CDN.
+
+    Reads both apt formats: one-line ``deb [opts] URI SUITE ...`` and deb822 ``.sources`` stanzas.
+    """
     apt = Path("/etc/apt")
     for path in [apt / "sources.list", *sorted(apt.glob("sources.list.d/*"))]:
         try:
@@ -378,39 +381,17 @@ def _debian_mirror() -> str:
             continue
         if path.suffix == ".sources":
             for stanza in text.split("\n\n"):
-                fields = _deb822_fields(stanza)
-                if "deb" in fields.get("types", "").split() and DEBIAN_SUITE in fields.get("suites", "").split():
-                    uris = fields.get("uris", "").split()
-                    if uris:
-                        return uris[0].rstrip("/")
+                fields = dict(re.findall(r"(?mi)^(types|uris|suites):[ \t]*(.*)$", stanza))
+                fields = {key.lower(): value.split() for key, value in fields.items()}
+                if "deb" in fields.get("types", []) and DEBIAN_SUITE in fields.get("suites", []):
+                    if fields.get("uris"):
+                        return fields["uris"][0].rstrip("/")
         elif path.name == "sources.list" or path.suffix == ".list":
-            for line in text.splitlines():
-                words = line.split("#", 1)[0].split()
-                if words[:1] != ["deb"]:
-                    continue
-                words = words[1:]
-                if words and words[0].startswith("["):  # options: [arch=amd64 signed-by=...]
-                    while words and not words[0].endswith("]"):
-                        words.pop(0)
-                    words = words[1:]
-                if len(words) >= 2 and words[1] == DEBIAN_SUITE:
-                    return words[0].rstrip("/")
+            lines = re.findall(r"(?m)^[ \t]*deb[ \t]+(?:\[[^\]]*\][ \t]+)?(\S+)[ \t]+(\S+)", text)
+            for uri, suite in lines:
+                if suite == DEBIAN_SUITE:
+                    return uri.rstrip("/")
     return DEFAULT_DEBIAN_MIRROR
-
-
-def _deb822_fields(stanza: str) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    key = None
-    for line in stanza.splitlines():
-        if line.startswith("#"):
-            continue
-        if line[:1] in (" ", "\t") and key is not None:
-            fields[key] += " " + line.strip()
-        elif ":" in line:
-            key, value = line.split(":", 1)
-            key = key.strip().lower()
-            fields[key] = value.strip()
-    return fields
 
 
 def _remove_root(workdir: Path) -> None:

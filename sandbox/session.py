@@ -206,8 +206,8 @@ class Session:
                 continue
             raw = out.data[mime]
             data = raw.encode() if mime == "image/svg+xml" else base64.b64decode(raw)
-            name = self._next_figure_name(IMAGE_EXT[mime])
-            try:
+            try:  # the code may have made figures/ a symlink, a file or a FIFO: then the image is dropped
+                name = self._next_figure_name(IMAGE_EXT[mime])
                 f = self.workspace.write(name, data)
             except WorkspaceError as exc:
                 log.warning("image not saved in session %s: %s", self.id, exc)

@@ -90,7 +90,8 @@ class Workspace:
         parts = split_name(name)
         try:
             with self._parent_fd(parts, create_dirs) as dfd:
-                return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+                # O_NONBLOCK: a FIFO the sandbox planted must not hang the host (regular files ignore it)
+                fd = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644, dir_fd=dfd)
         except FileNotFoundError:
             raise WorkspaceError(f"{name!r}: no such file in the workspace") from None
         except OSError as exc:
@@ -99,6 +100,11 @@ class Workspace:
             if exc.errno == errno.EISDIR:
                 raise WorkspaceError(f"{name!r} is a folder, not a file") from None
             raise WorkspaceError(f"{name!r}: {exc.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise WorkspaceError(f"{name!r} is not a regular file")
+        os.set_blocking(fd, True)
+        return fd
 
     def write(self, name: str, data: bytes | BinaryIO) -> WorkspaceFile:
         """Create or replace a file. Quotas are checked before and while writing; a refused
@@ -110,8 +116,6 @@ class Workspace:
         fd = self._open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, create_dirs=True)
         written = 0
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise WorkspaceError(f"{name!r} is not a regular file")
             if self.owner:
                 os.fchown(fd, *self.owner)
             chunks = [bytes(data)] if size_hint is not None else iter(lambda: data.read(CHUNK), b"")
@@ -140,8 +144,6 @@ class Workspace:
         fd = self._open(name, os.O_RDONLY)
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise WorkspaceError(f"{name!r} is not a regular file")
             if st.st_size > self.limits.workspace_bytes:
                 raise QuotaExceeded(f"{name!r} is larger than the workspace quota")
             with os.fdopen(os.dup(fd), "rb") as fh:
@@ -151,11 +153,7 @@ class Workspace:
 
     def open(self, name: str) -> BinaryIO:
         """A file object for streaming a download; the caller closes it."""
-        fd = self._open(name, os.O_RDONLY)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise WorkspaceError(f"{name!r} is not a regular file")
-        return os.fdopen(fd, "rb")
+        return os.fdopen(self._open(name, os.O_RDONLY), "rb")
 
     def delete(self, name: str, missing_ok: bool = False) -> None:
         parts = split_name(name)

@@ -107,10 +107,18 @@ def save_outputs(interp: Interpreter, conv: Conversation, out: Path, notebook: P
             print(f"[notebook saved: {notebook}]", file=sys.stderr)
 
 
+async def load_model(llm: LLM) -> None:
+    """Load a local model before any container starts: a missing checkpoint fails fast, in one line."""
+    load = getattr(llm, "load", None)
+    if load is not None:
+        await load()
+
+
 async def ask(args: argparse.Namespace, settings) -> int:
     llm = make_llm(args)
     printer = Printer(args.json)
     try:
+        await load_model(llm)
         async with SessionManager(settings) as manager:
             interp = Interpreter(llm, manager, args.format, interpreter_settings(args))
             conv = await interp.new_conversation()
@@ -130,6 +138,7 @@ async def chat(args: argparse.Namespace, settings) -> int:
     llm = make_llm(args)
     printer = Printer(args.json)
     try:
+        await load_model(llm)
         async with SessionManager(settings) as manager:
             interp = Interpreter(llm, manager, args.format, interpreter_settings(args))
             conv = await interp.new_conversation()

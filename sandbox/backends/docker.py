@@ -150,16 +150,18 @@ class DockerBackend(Backend):
 
     async def cleanup_orphans(self, is_orphan_owner: Callable[[str], bool]) -> int:
         client = self._docker()
-        containers = await self._call(client.containers.list, all=True, filters={"label": LABEL})
+        # sparse: one list call, no inspect per container (which races with others removing theirs)
+        containers = await self._call(client.containers.list, all=True, sparse=True, filters={"label": LABEL})
         removed = 0
         for c in containers:
-            if is_orphan_owner(c.labels.get(f"{LABEL}.owner", "")):
-                log.info("removing orphaned sandbox container %s", c.name)
+            labels = c.attrs.get("Labels") or {}
+            if is_orphan_owner(labels.get(f"{LABEL}.owner", "")):
+                log.info("removing orphaned sandbox container %s", c.id[:12])
                 try:
-                    await asyncio.to_thread(c.remove, force=True)
+                    await asyncio.to_thread(client.api.remove_container, c.id, force=True)
                     removed += 1
-                except Exception as exc:
-                    log.warning("could not remove orphan %s: %s", c.name, exc)
+                except Exception as exc:  # already gone
+                    log.debug("could not remove orphan %s: %s", c.id[:12], exc)
         return removed
 
     async def close(self) -> None:

@@ -75,7 +75,7 @@ class OutputBudget:
 
 
 def seed_matplotlib_config():
-    """Copy the image's prebuilt matplotlib font cache to ``MPLCONFIGDIR`` before anything imports it.
+    """Copy the image's prebuilt matplotlib font cache to ``MPLCONFIGDIR`` before matplotlib loads.
 
     The sandbox's root filesystem is read-only and ``/tmp`` starts empty, so without this each new
     kernel spends seconds rebuilding the font cache on its first plot. No-op unless

@@ -1,0 +1,319 @@
+"""Local models through Hugging Face transformers.
+
+Targets Qwen-7B-Chat-Int4 (Qwen v1: its own modeling code through ``trust_remote_code``, GPTQ
+weights, a tiktoken tokenizer without a chat template) and modern checkpoints (Qwen2/2.5 and any
+causal LM with a chat template, in bf16 or GPTQ/AWQ quantized).
+
+``model.generate`` blocks, so it runs in a thread and hands text back through transformers'
+``AsyncTextIteratorStreamer``. A ``threading.Event`` read by a stopping criterion after every token
+ends that thread on a stop word, on cancellation and when the caller stops iterating: no
+generation outlives its stream. One generation runs at a time per loaded model: a GPU decodes one
+batch-1 sequence at full speed, and concurrent ``generate`` calls would only share it badly and
+multiply KV-cache memory, so callers queue on a lock instead.
+
+torch and transformers are imported when a model loads, so this module imports without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import gc
+import importlib.util
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from interpreter.errors import ModelCancelled, ModelError, ModelUnavailable
+from interpreter.llm.base import LLM, Chunk, GenerationRequest, Usage, cut_at_stop, held_back
+
+logger = logging.getLogger(__name__)
+
+CHAT_END_TOKENS = ("<|im_end|>", "<|endoftext|>")  # ChatML turn end and document end (Qwen)
+QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."  # what Qwen v1 was tuned with
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# quant_method in a checkpoint's config -> the import names transformers needs to load it
+_QUANT_LIBS = {"gptq": ("gptqmodel", "optimum"), "awq": ("gptqmodel",)}
+
+
+class _StopWhen:
+    """A stopping criterion that transformers calls after every token: ends generation when
+    ``halt`` is set (cancelled, or the stream was closed) or a stop word appears in the decoded
+    tail of the generated ids, so no tokens are wasted past it."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int, stop: list[str], halt: threading.Event) -> None:
+        self.tokenizer, self.prompt_len, self.halt = tokenizer, prompt_len, halt
+        self.stop = [s for s in stop if s]
+        # a stop word of n characters spans at most n tokens; a few more cover leading-space merges
+        self.window = max((len(s) for s in self.stop), default=0) + 4
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        done = self.halt.is_set()
+        if not done and self.stop:
+            tail = input_ids[0, self.prompt_len:][-self.window:].tolist()
+            text = self.tokenizer.decode(tail, skip_special_tokens=True)
+            done = any(s in text for s in self.stop)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def _local_model_type(model: str) -> str:
+    """``model_type`` from a local folder's config.json, without importing transformers."""
+    try:
+        return str(json.loads((Path(model).expanduser() / "config.json").read_text()).get("model_type", ""))
+    except (OSError, ValueError):
+        return ""
+
+
+def chatml(messages: list[dict[str, str]]) -> str:
+    """ChatML as Qwen v1 was trained on it, for tokenizers that carry no chat template."""
+    if not messages or messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": QWEN_DEFAULT_SYSTEM}, *messages]
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return turns + "<|im_start|>assistant\n"
+
+
+class TransformersLLM(LLM):
+    """A causal LM loaded in this process. ``model`` is a local checkpoint folder or a hub id
+    (served from the local cache: nothing is downloaded where there is no network)."""
+
+    name = "transformers"
+    supports_prompt = True  # raw continuation: the Qwen ReAct format writes the ChatML itself
+    supports_chat = True
+    supports_tools = False
+
+    def __init__(self, model: str, *, device_map: str | dict[str, Any] = "auto", dtype: str = "auto",
+                 trust_remote_code: bool = True, max_context: int | None = None,
+                 allow_download: bool | None = None) -> None:
+        self.model_id, self.device_map, self.dtype = model, device_map, dtype
+        # Never reach a model hub unless asked: a self-hosted server may have no (or watched) egress.
+        self.allow_download = (os.environ.get("JUPYBOX_ALLOW_DOWNLOADS") == "1") if allow_download is None else allow_download
+        self.trust_remote_code = trust_remote_code
+        self.max_context = max_context
+        kind = _local_model_type(model) or model.rsplit("/", 1)[-1]
+        self.model_family = "qwen" if kind.lower().startswith("qwen") else ""
+        self._tokenizer: Any = None
+        self._model: Any = None
+        self._eos_ids: list[int] = []
+        self._load_lock = asyncio.Lock()
+        self._queue = asyncio.Lock()  # callers wait here, cancellably
+        self._device_lock = threading.Lock()  # and generate threads here, so one runs even if a join was cut short
+
+    # -- loading ---------------------------------------------------------------------------
+    async def load(self) -> None:
+        """Load tokenizer and weights in a thread (minutes for a 7B model); idempotent."""
+        async with self._load_lock:
+            if self._model is None:
+                await asyncio.to_thread(self._load)
+
+    def _load(self) -> None:
+        started = time.monotonic()
+        cfg = self._config()
+        quant = getattr(cfg, "quantization_config", None)
+        method = (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None))
+        method = str(getattr(method, "value", method) or "")
+        missing = [lib for lib in _QUANT_LIBS.get(method, ()) if importlib.util.find_spec(lib) is None]
+        if missing:
+            raise ModelUnavailable(
+                f"{self.model_id} is a {method.upper()} checkpoint: install {' and '.join(missing)} "
+                f"(`pip install {' '.join(missing)}`; see the README's section on local models).")
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = self._load_tokenizer()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_id, device_map=self.device_map, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                local_files_only=not self.allow_download)
+        except ImportError as exc:
+            raise ModelUnavailable(f"Loading {self.model_id} needs a missing library: {_first_line(exc)}") from exc
+        except RuntimeError as exc:
+            if "GPU" in str(exc) or "CUDA" in str(exc):
+                raise ModelUnavailable(
+                    f"{self.model_id} ({method or 'this checkpoint'}) needs a CUDA GPU and none is visible here: "
+                    "run it on a GPU host or serve it with the openai backend.") from exc
+            raise ModelError(f"Could not load {self.model_id}: {_first_line(exc)}") from exc
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(f"Could not load the weights of {self.model_id}: {_first_line(exc)}") from exc
+        model.eval()
+        self.max_context = self.max_context or _context_length(cfg)
+        if str(getattr(cfg, "model_type", "")).startswith("qwen"):
+            self.model_family = "qwen"
+        eos: list[int] = []
+        for ids in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id,
+                    *(_single_token(tokenizer, t) for t in CHAT_END_TOKENS)):
+            eos += [i for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int) and i not in eos]
+        self._tokenizer, self._model, self._eos_ids = tokenizer, model, eos
+        logger.info("loaded %s (%s, quantization %s) on %s in %.1f s", self.model_id, getattr(cfg, "model_type", "?"),
+                    method or "none", getattr(model, "device", "?"), time.monotonic() - started)
+
+    def _config(self) -> Any:
+        path = Path(self.model_id).expanduser()
+        if not path.is_dir() and not _HUB_ID.match(self.model_id):
+            raise ModelUnavailable(f"No model folder at {self.model_id}: pass a local checkpoint folder or a hub id.")
+        try:
+            from transformers import AutoConfig
+        except ImportError as exc:
+            raise ModelUnavailable("The transformers backend needs torch and transformers: "
+                                   "`pip install 'jupybox[local]'`.") from exc
+        try:
+            return AutoConfig.from_pretrained(self.model_id, trust_remote_code=self.trust_remote_code,
+                local_files_only=not self.allow_download)
+        except (OSError, ValueError) as exc:
+            where = "is not a checkpoint folder" if path.is_dir() else "is neither a local folder nor in the local hub cache"
+            raise ModelUnavailable(f"{self.model_id} {where}: download the checkpoint and pass its folder (or set JUPYBOX_ALLOW_DOWNLOADS=1 to fetch it).") from exc
+
+    def _load_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.model_id, trust_remote_code=self.trust_remote_code,
+                local_files_only=not self.allow_download)
+            except ImportError as exc:
+                raise ModelUnavailable(f"The tokenizer of {self.model_id} needs a missing library: "
+                                       f"{_first_line(exc)}") from exc
+            except (OSError, ValueError) as exc:
+                raise ModelUnavailable(f"No tokenizer could be loaded from {self.model_id}.") from exc
+        return self._tokenizer
+
+    def count_tokens(self, text: str) -> int:
+        if self._tokenizer is None:
+            self._config()
+            self._load_tokenizer()
+        return len(self._tokenizer.encode(text, add_special_tokens=False))
+
+    async def close(self) -> None:
+        self._model = None
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- generation ------------------------------------------------------------------------
+    def render(self, request: GenerationRequest) -> str:
+        """The text the model continues: the raw prompt, or the messages through the tokenizer's chat
+        template (hand-built ChatML where it has none, as for Qwen v1)."""
+        if request.prompt is not None:
+            return request.prompt
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages or []]
+        if getattr(self._tokenizer, "chat_template", None):
+            return str(self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        return chatml(messages)
+
+    async def stream(self, request: GenerationRequest, cancel: asyncio.Event | None = None) -> AsyncIterator[Chunk]:
+        from transformers import AsyncTextIteratorStreamer, StoppingCriteriaList
+
+        await self.load()
+        tok, model = self._tokenizer, self._model
+        # a rendered chat template already has its BOS; a raw prompt gets the tokenizer's usual one
+        enc = tok(self.render(request), return_tensors="pt", add_special_tokens=request.prompt is not None)
+        prompt_len = int(enc["input_ids"].shape[1])
+        max_new = request.max_tokens
+        if self.max_context:
+            if prompt_len >= self.max_context:
+                raise ModelError(f"The prompt is {prompt_len} tokens and {self.model_id} takes at most "
+                                 f"{self.max_context}: shorten the conversation or pass max_context=.")
+            max_new = min(max_new, self.max_context - prompt_len)
+        sampling = request.temperature > 0
+        halt = threading.Event()
+        async with self._queue:
+            streamer = AsyncTextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else (self._eos_ids or [0])[0]
+            kwargs: dict[str, Any] = {
+                "input_ids": enc["input_ids"].to(model.device),
+                "attention_mask": enc["attention_mask"].to(model.device),
+                "streamer": streamer, "max_new_tokens": max_new, "do_sample": sampling,
+                "stopping_criteria": StoppingCriteriaList([_StopWhen(tok, prompt_len, request.stop, halt)]),
+                "eos_token_id": self._eos_ids, "pad_token_id": pad,
+            }
+            if sampling:
+                kwargs.update(temperature=request.temperature, top_p=request.top_p)
+            result: dict[str, Any] = {}
+            thread = threading.Thread(target=self._generate, args=(kwargs, request.seed, halt, streamer, result),
+                                      name="jupybox-generate", daemon=True)
+            watcher = asyncio.create_task(_set_when(cancel, halt)) if cancel is not None else None
+            thread.start()
+            text, sent, stopped = "", 0, False
+            try:
+                async for piece in streamer:
+                    text += piece
+                    cut, stopped = cut_at_stop(text, request.stop)
+                    end = len(cut) if stopped else len(text) - held_back(text, request.stop)
+                    if end > sent:
+                        yield Chunk(text=text[sent:end])
+                        sent = end
+                    if stopped or halt.is_set():
+                        break
+            finally:
+                halt.set()
+                if watcher is not None:
+                    watcher.cancel()
+                if thread.is_alive():
+                    await asyncio.shield(asyncio.to_thread(thread.join))
+        if "error" in result:
+            exc = result["error"]
+            raise ModelError(f"Generation with {self.model_id} failed: {_first_line(exc)}") from exc
+        if cancel is not None and cancel.is_set() and not stopped:
+            raise ModelCancelled("Generation was cancelled.")
+        ids: list[int] = result.get("ids", [])
+        if stopped or (ids and ids[-1] in self._eos_ids) or len(ids) < max_new:
+            reason = "stop"
+        else:
+            reason = "length"
+        yield Chunk(text="" if stopped else text[sent:], finish_reason=reason,
+                    usage=Usage(prompt_tokens=prompt_len, completion_tokens=len(ids)))
+
+    def _generate(self, kwargs: dict[str, Any], seed: int | None, halt: threading.Event, streamer: Any,
+                  result: dict[str, Any]) -> None:
+        """The generate thread: waits its turn on the device, then decodes until a criterion stops it."""
+        import torch
+
+        try:
+            with self._device_lock:
+                if halt.is_set():
+                    return
+                if seed is not None:
+                    torch.manual_seed(seed)
+                out = self._model.generate(**kwargs)
+                result["ids"] = out[0, kwargs["input_ids"].shape[1]:].tolist()
+        except Exception as exc:  # reported by stream(), which owns the caller
+            logger.exception("generation failed")
+            result["error"] = exc
+        finally:
+            try:
+                streamer.on_finalized_text("", stream_end=True)  # never leave the reader waiting
+            except RuntimeError:  # the reader's event loop is already closed
+                pass
+
+
+async def _set_when(cancel: asyncio.Event, halt: threading.Event) -> None:
+    await cancel.wait()
+    halt.set()
+
+
+def _single_token(tokenizer: Any, text: str) -> int | None:
+    """The id of ``text`` when the tokenizer holds it as one token (special tokens of Qwen v1's
+    tiktoken tokenizer are found this way too: it has no ``eos_token`` set)."""
+    try:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    except (ValueError, TypeError, KeyError):  # a tokenizer that refuses special text
+        return None
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+def _context_length(cfg: Any) -> int | None:
+    for key in ("max_position_embeddings", "seq_length", "n_positions"):
+        if isinstance(getattr(cfg, key, None), int):
+            return int(getattr(cfg, key))
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
