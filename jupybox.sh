@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Sets up everything jupybox needs on a Debian machine (idempotent: seconds on the second run),
 # then runs it.
-#   ./jupybox.sh            set up, then run jupybox (a demo analysis in the sandbox)
+#   ./jupybox.sh            set up, then run jupybox: the browser UI and API at http://127.0.0.1:7860
 #   ./jupybox.sh test       set up, then run the whole test suite
 #   ./jupybox.sh ARGS...    set up, then run `jupybox ARGS...`
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 
 APT_PACKAGES=(docker.io bubblewrap debootstrap python3-venv ca-certificates util-linux)
+# The browser tests drive Debian's Chromium (and need a CJK font to render Chinese); gVisor's runsc
+# is installed by its own setup script when its tests run.
+[ "${1:-}" = test ] && APT_PACKAGES+=(chromium chromium-driver fonts-wqy-microhei)
 VENV=.venv
 say() { printf '\033[1m[jupybox setup]\033[0m %s\n' "$*" >&2; }
 
@@ -61,7 +64,7 @@ make_venv
 "$VENV/bin/jupybox" sandbox build-image >/dev/null
 
 case "${1:-}" in
-  "") exec "$VENV/bin/jupybox" demo ;;
+  "") exec "$VENV/bin/jupybox" serve ;;
   test) shift; exec "$VENV/bin/python" -m pytest "$@" ;;
   *) exec "$VENV/bin/jupybox" "$@" ;;
 esac

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from .backends import Backend, create_backend
-from .config import SandboxSettings
+from .config import Limits, SandboxSettings
 from .errors import CapacityError, SandboxError, SessionClosed
 from .session import Session
 
@@ -98,8 +98,9 @@ class SessionManager:
         return removed
 
     # -- sessions ---------------------------------------------------------------------------
-    async def create(self) -> Session:
-        """A ready session: from the warm pool when one is there, else started now."""
+    async def create(self, limits: Limits | None = None) -> Session:
+        """A ready session: from the warm pool when one is there (and ``limits`` are the default),
+        else started now with ``limits``."""
         if not self._started:
             await self.start()
         if self._closing:
@@ -109,20 +110,21 @@ class SessionManager:
                 f"{len(self._sessions)} sessions are open, the limit is {self.settings.max_sessions}: "
                 "close idle sessions or raise max_sessions"
             )
-        session = self._pool.pop(0) if self._pool else None
+        custom = limits is not None and limits != self.settings.limits
+        session = self._pool.pop(0) if self._pool and not custom else None
         if session is None:
-            session = await self._new_session()
+            session = await self._new_session(limits if custom else None)
         self._sessions[session.id] = session
         session.last_used = time.monotonic()
         self._schedule_refill()
         return session
 
-    async def _new_session(self) -> Session:
+    async def _new_session(self, limits: Limits | None = None) -> Session:
         sid = uuid.uuid4().hex[:12]
         folder = self.sessions_dir / sid
         folder.mkdir(parents=True)
         (folder / "owner").write_text(self.owner)  # read by a later process's orphan cleanup
-        session = Session(self.backend, self.settings, self.owner, folder, sid)
+        session = Session(self.backend, self.settings, self.owner, folder, sid, limits)
         await session.start()
         return session
 

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from .backends.base import Backend, KernelHandle, KernelSpec
-from .config import SandboxSettings
+from .config import Limits, SandboxSettings
 from .errors import SandboxError, SessionClosed, WorkspaceError
 from .kernel import KernelClient, OutputCollector, OutputCallback, RawResult, sockets_ready, write_connection_file
 from .models import Execution, ExecutionStatus, ImageFile, Output
@@ -33,7 +33,7 @@ class Session:
     """Stateful: a variable set in one execution is there in the next, until a restart."""
 
     def __init__(self, backend: Backend, settings: SandboxSettings, owner: str, folder: Path,
-                 session_id: str | None = None) -> None:
+                 session_id: str | None = None, limits: Limits | None = None) -> None:
         self.id = session_id or uuid.uuid4().hex[:12]
         self.backend = backend
         self.settings = settings
@@ -41,7 +41,8 @@ class Session:
         self.folder = folder
         self.runtime_dir = folder / "run"
         owner_ids = (settings.sandbox_uid, settings.sandbox_gid) if os.geteuid() == 0 else None
-        self.workspace = Workspace(folder / "data", settings.limits, owner_ids)
+        self.limits = limits or settings.limits
+        self.workspace = Workspace(folder / "data", self.limits, owner_ids)
         self.created = time.time()
         self.last_used = time.monotonic()
         self.executions = 0
@@ -95,8 +96,8 @@ class Session:
         self._needs_restart = False
 
     def _spec_base(self) -> KernelSpec:
-        lim = self.settings.limits
-        return KernelSpec(
+        lim = self.limits
+        return KernelSpec(limits=lim, 
             session_id=self.id, owner=self.owner, runtime_dir=self.runtime_dir,
             workspace_dir=self.workspace.root,
             env={"JUPYBOX_OUTPUT_LIMIT": str(lim.output_bytes), "JUPYBOX_SESSION": self.id},
@@ -158,7 +159,7 @@ class Session:
         if self._needs_restart or self._client is None:
             await self._restart()
         assert self._client is not None and self._handle is not None
-        lim = self.settings.limits
+        lim = self.limits
         raw = RawResult()
         collector = OutputCollector(raw, lim.output_bytes + 1024, lim.max_images, lim.max_image_bytes, on_output)
         handle = self._handle

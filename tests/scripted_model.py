@@ -1,8 +1,8 @@
 """A scripted language model behind the real OpenAI-compatible HTTP protocol, on loopback.
 
-The only fake in the test suite. Each request pops the next scripted reply: a string, a function
-of the request body (so a reply can quote what the sandbox really printed), a tool call, or an HTTP
-error. Replies stream as server-sent events in small pieces, like vLLM; ``stop`` is honoured.
+The only fake in the test suite. Each request pops the next scripted reply (``default`` once the queue
+is empty): a string, a function of the request body (so a reply can quote what the sandbox really
+printed), a tool call, or an HTTP error. Replies stream as server-sent events in small pieces, like vLLM; ``stop`` is honoured.
 Every request body is kept in ``history``.
 """
 
@@ -47,6 +47,7 @@ class ScriptedModel:
     history: list[dict[str, Any]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     url: str = ""
+    default: Any = None  # the reply when the queue is empty (e.g. a dispatcher function of the body)
     _server: ThreadingHTTPServer | None = None
 
     def enqueue(self, *replies: Any) -> None:
@@ -68,7 +69,9 @@ class ScriptedModel:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 model.history.append(body)
                 model.paths.append(self.path)
-                reply = model.replies.popleft() if model.replies else "Final Answer: (script exhausted)"
+                reply = model.replies.popleft() if model.replies else model.default
+                if reply is None:
+                    reply = "Final Answer: (script exhausted)"
                 if callable(reply):
                     reply = reply(body)
                 if isinstance(reply, HttpError):

@@ -1,8 +1,8 @@
 """The ``jupybox`` command line.
 
-Subcommands: ``exec`` (run code in a fresh sandbox session), ``demo``, ``sandbox build-image`` /
-``sandbox cleanup``, ``bench sandbox``. Errors are printed as one sentence with a next step; no
-traceback reaches the user (``--debug`` shows it).
+Subcommands: ``exec`` (run code in a fresh sandbox session), ``serve`` (the browser UI and HTTP API),
+``demo``, ``sandbox build-image`` / ``sandbox cleanup``, ``bench sandbox``. Errors are printed as one
+sentence with a next step; no traceback reaches the user (``--debug`` shows it).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sandbox import Execution, JupyboxError, SandboxSettings, SessionManager
+from sandbox import Execution, JupyboxError, SandboxSettings, Session, SessionManager
 from sandbox.models import Output
 from ui.terminal import add_model_flags
 
@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_flags(p)
         _add_sandbox_flags(p)
 
+    p = sub.add_parser("serve", help="the browser UI, the HTTP API and an OpenAI-compatible endpoint in one server")
+    from ui.serve import add_serve_flags
+
+    add_serve_flags(p)
+    _add_sandbox_flags(p)
+
+    p = sub.add_parser("eval", help="the Qwen code-interpreter benchmark: executable rate, GSM8K and plot accuracy")
+    from bench.eval import add_eval_flags
+
+    add_eval_flags(p)
+    add_model_flags(p)
+    _add_sandbox_flags(p)
+
     p = sub.add_parser("demo", help="run a small data analysis in the sandbox")
     p.add_argument("--out", type=Path, default=Path("jupybox-output"))
     _add_sandbox_flags(p)
@@ -109,7 +122,7 @@ async def run_code(args: argparse.Namespace, code: str, as_json: bool, timeout: 
     async with SessionManager(_settings(args)) as manager:
         session = await manager.create()
         execution: Execution = await session.execute(code, timeout=timeout, on_output=None if as_json else print_output)
-        saved = _copy_images(session.workspace.root, execution, args.out / session.id)
+        saved = _copy_images(session, execution, args.out / session.id)
         if as_json:
             d = execution.to_dict()
             d["saved_images"] = saved
@@ -124,12 +137,18 @@ async def run_code(args: argparse.Namespace, code: str, as_json: bool, timeout: 
         return 0 if execution.ok else 1
 
 
-def _copy_images(root: Path, execution: Execution, dest: Path) -> list[str]:
+def _copy_images(session: Session, execution: Execution, dest: Path) -> list[str]:
+    """Copy through the workspace's path-safe reader: the kernel may still be changing its files."""
     saved = []
     for img in execution.images:
         dest.mkdir(parents=True, exist_ok=True)
         target = dest / Path(img.path).name
-        shutil.copyfile(root / img.path, target, follow_symlinks=False)
+        try:
+            with session.workspace.open(img.path) as src, target.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except JupyboxError as exc:
+            log.warning("image %s not copied: %s", img.path, exc)
+            continue
         saved.append(str(target))
     return saved
 
@@ -142,6 +161,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from ui import terminal
 
         return await getattr(terminal, args.command)(args, _settings(args))
+    if args.command == "serve":
+        from ui.serve import sandbox_overrides, serve
+
+        return await serve(args, _settings(args, **sandbox_overrides(args)))
     if args.command == "demo":
         print(DEMO_CODE)
         return await run_code(args, DEMO_CODE, False, 60.0)
@@ -162,6 +185,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from bench.sandbox import run_sandbox_bench
 
         return await run_sandbox_bench(_settings(args), runs=args.runs, max_sessions=args.max_sessions, as_json=args.json)
+    if args.command == "eval":
+        from bench.eval import run_eval_command
+
+        return await run_eval_command(args, _settings(args))
     raise AssertionError(args)
 
 

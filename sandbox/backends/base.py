@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..config import SandboxSettings
+from ..config import Limits, SandboxSettings
 
 
 @dataclass
@@ -23,6 +23,7 @@ class KernelSpec:
     owner: str  # identifies the jupybox process, for orphan cleanup
     runtime_dir: Path  # host folder: connection file and the kernel's ipc sockets
     workspace_dir: Path  # host folder: the session's files
+    limits: Limits = field(default_factory=Limits)  # this session's limits
     boot_args: list[str] = field(default_factory=list)  # arguments for kernel_boot.py (kernel paths)
     env: dict[str, str] = field(default_factory=dict)
 

@@ -41,7 +41,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import SandboxSettings
+from ..config import Limits, SandboxSettings
 from ..errors import BackendUnavailable, SandboxError
 from .base import Backend, KernelHandle, KernelSpec
 
@@ -115,7 +115,7 @@ class BwrapBackend(Backend):
         code = kernel.proc.returncode
         sig = code - 128 if code is not None and code > 128 else None  # bwrap exits 128+N on signal N
         if any(mark in tail for mark in OOM_MARKS):
-            return f"out of memory (the session's limit is {self.settings.limits.memory_mb} MiB)"
+            return f"out of memory (the session's limit is {handle.spec.limits.memory_mb} MiB)"
         if sig == signal.SIGKILL:  # the rlimit never kills; the host's OOM killer (or the code itself) does
             return "killed (SIGKILL), perhaps by the host's out-of-memory killer"
         if sig is not None and sig in signal.valid_signals():
@@ -145,7 +145,7 @@ class BwrapBackend(Backend):
         """bwrap in a process group of its own, stderr piped for ``exit_reason``."""
         fds: list[int] = []
         try:
-            argv = ["bwrap", *self._sandbox_args(spec, fds), "--", *self._launcher(), *command]
+            argv = ["bwrap", *self._sandbox_args(spec, fds), "--", *self._launcher(spec.limits if spec else self.settings.limits), *command]
             return await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE, pass_fds=fds, start_new_session=True)
@@ -153,10 +153,9 @@ class BwrapBackend(Backend):
             for fd in fds:
                 os.close(fd)
 
-    def _launcher(self) -> list[str]:
+    def _launcher(self, lim: Limits) -> list[str]:
         """Between bwrap and the kernel: drop root (see the module docstring), then the rlimits, last,
         so they bind the kernel only and ``RLIMIT_NPROC`` counts in the kernel's own user namespace."""
-        lim = self.settings.limits
         drop: list[str] = []
         if self.as_root:
             drop = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--no-new-privs", "--",
@@ -166,7 +165,7 @@ class BwrapBackend(Backend):
         return [*drop, "prlimit", f"--as={address_space}", f"--nproc={_capped(resource.RLIMIT_NPROC, lim.pids)}", "--"]
 
     def _sandbox_args(self, spec: KernelSpec | None, fds: list[int]) -> list[str]:
-        lim = self.settings.limits
+        lim = spec.limits if spec else self.settings.limits
         threads = str(max(1, math.ceil(lim.cpus)))
         env = {"PATH": f"{sys.prefix}/bin:/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8",
                "MPLCONFIGDIR": "/tmp/matplotlib", "IPYTHONDIR": "/tmp/.ipython", "OMP_NUM_THREADS": threads,

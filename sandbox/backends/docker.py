@@ -72,7 +72,7 @@ class DockerBackend(Backend):
                 )
 
     async def start(self, spec: KernelSpec) -> KernelHandle:
-        lim = self.settings.limits
+        lim = spec.limits
         client = self._docker()
         user = (f"{self.settings.sandbox_uid}:{self.settings.sandbox_gid}" if os.geteuid() == 0
                 else f"{os.geteuid()}:{os.getegid()}")
@@ -131,7 +131,7 @@ class DockerBackend(Backend):
             return "its container disappeared"
         state = handle.ref.attrs.get("State", {})
         if state.get("OOMKilled"):
-            return f"out of memory (the session's limit is {self.settings.limits.memory_mb} MiB)"
+            return f"out of memory (the session's limit is {handle.spec.limits.memory_mb} MiB)"
         code = state.get("ExitCode")
         if code == 137:
             return "killed (SIGKILL), most likely for using too much memory"

@@ -1,0 +1,271 @@
+"""The browser UI as a person uses it: headless Chromium against a real server on loopback, the
+real docker sandbox, and the scripted model (the only fake) behind the OpenAI-compatible protocol.
+
+Screenshots land in ``artifacts/web/`` for a human to look at.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["GRADIO_HEARTBEAT_INTERVAL"] = "1"  # notice closed tabs quickly
+
+import pytest  # noqa: E402
+
+from tests.conftest import ROOT, docker_settings  # noqa: E402
+from tests.scripted_model import ScriptedModel, last_observation  # noqa: E402
+from ui.services import ServeSettings, Services  # noqa: E402
+
+ARTIFACTS = ROOT / "artifacts" / "web"
+EXAMPLE_CSV = ROOT / "ui" / "examples" / "sales.csv"
+CHROMIUM = "/usr/bin/chromium"
+
+
+@dataclass
+class WebServer:
+    url: str
+    model: ScriptedModel
+    services: Services
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_app(services: Services):
+    """The HTTP side's app when it exists, else a minimal one: the UI mounted at ``/``."""
+    try:
+        from ui.app import create_app  # type: ignore[attr-defined]
+    except ImportError:
+        create_app = None
+    if create_app is not None:
+        return create_app(services)
+    from fastapi import FastAPI
+
+    from ui.web import mount_ui
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await services.start()
+        yield
+        await services.stop()
+
+    app = FastAPI(lifespan=lifespan)
+    return mount_ui(app, services, path="/")
+
+
+@pytest.fixture(scope="module")
+def web_server(sandbox_image: str, jb_home: Path) -> Iterator[WebServer]:
+    import uvicorn
+
+    model = ScriptedModel().start()
+    settings = ServeSettings(openai_base_url=model.url, openai_model="scripted-model", format="fenced",
+                             sandbox=docker_settings(jb_home, instance="webui"))
+    services = Services(settings)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(make_app(services), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the web server did not start"
+        time.sleep(0.05)
+    yield WebServer(f"http://127.0.0.1:{port}/", model, services)
+    server.should_exit = True
+    thread.join(20)
+    model.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                               args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield b
+        b.close()
+
+
+def open_page(browser, server: WebServer, blocked: list[str]):
+    """A fresh browser context (its own Gradio session): every request off loopback is refused
+    and recorded in ``blocked``."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, locale="en-US")
+
+    def guard(route):
+        host = re.sub(r"^\w+://([^/:]+).*$", r"\1", route.request.url)
+        if host in ("127.0.0.1", "localhost") or route.request.url.startswith(("data:", "blob:")):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", guard)
+    page = context.new_page()
+    page.goto(server.url)
+    page.locator("#jb-input textarea").wait_for(timeout=20_000)
+    return context, page
+
+
+def ask(page, question: str) -> None:
+    box = page.locator("#jb-input textarea")
+    box.fill(question)
+    box.press("Enter")
+
+
+def listed(page, name: str):
+    """The download link of a workspace file in the files panel."""
+    return page.locator(f"#jb-files a[href$='/{name}']")
+
+
+def fenced(code: str) -> str:
+    return f"Let me look at the data.\n```python\n{code}\n```"
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def top_region() -> tuple[str, float]:
+    totals: dict[str, float] = {}
+    with EXAMPLE_CSV.open() as fh:
+        for row in csv.DictReader(fh):
+            totals[row["region"]] = totals.get(row["region"], 0.0) + float(row["revenue"])
+    region = max(totals, key=totals.get)
+    return region, round(totals[region], 2)
+
+
+def test_upload_ask_and_see_code_chart_and_answer(web_server: WebServer, browser) -> None:
+    from playwright.sync_api import expect
+
+    blocked: list[str] = []
+    context, page = open_page(browser, web_server, blocked)
+    page.locator("input[data-testid$='upload-button']").set_input_files(str(EXAMPLE_CSV))
+    expect(listed(page, "sales.csv")).to_have_count(1, timeout=20_000)
+    web_server.model.enqueue(
+        fenced("import pandas as pd\nimport matplotlib.pyplot as plt\ndf = pd.read_csv('sales.csv')\n"
+               "by = df.groupby('region').revenue.sum()\nprint(by.idxmax(), round(by.max(), 2))\n"
+               "by.plot.bar(title='Revenue by region · 各地区销售额')\nplt.show()"),
+        lambda body: "The top region is **{}** with revenue {} (see the chart). $E = mc^2$".format(
+            *last_observation(body).split()[:2]))
+    ask(page, "Which region sold the most? Plot revenue by region.")
+    chat = page.locator("#jb-chat")
+    expect(chat).to_contain_text("df.groupby('region').revenue.sum()", timeout=30_000)
+    region, revenue = top_region()
+    expect(chat).to_contain_text(f"The top region is {region} with revenue {revenue}", timeout=30_000)
+    expect(chat.locator("img").first).to_be_visible(timeout=10_000)
+    assert chat.locator(".katex").count() >= 1  # LaTeX rendered
+    expect(listed(page, "fig-001.png")).to_have_count(1)
+    assert "sales.csv" in web_server.model.history[-2]["messages"][-1]["content"]  # announced to the model
+    shot(page, "answer-with-chart")
+    page.locator("#jb-notebook").click()
+    expect(page.locator("#jb-nb-file")).to_contain_text(".ipynb", timeout=10_000)
+    assert blocked == [], f"the page tried to reach other hosts: {blocked}"
+    context.close()
+
+
+def test_stop_interrupts_a_long_run(web_server: WebServer, browser) -> None:
+    from playwright.sync_api import expect
+
+    context, page = open_page(browser, web_server, [])
+    web_server.model.enqueue(fenced("import time\nfor i in range(600):\n    print('tick', i, flush=True)\n"
+                                    "    time.sleep(0.1)"))
+    before = len(web_server.model.history)
+    ask(page, "Count slowly")
+    chat = page.locator("#jb-chat")
+    expect(chat).to_contain_text("tick 5", timeout=30_000)
+    t0 = time.monotonic()
+    page.locator("#jb-stop").click()
+    expect(chat).to_contain_text("Stopped.", timeout=10_000)
+    assert time.monotonic() - t0 < 10
+    expect(chat).to_contain_text("KeyboardInterrupt")
+    assert len(web_server.model.history) == before + 1  # the model was not asked again
+    shot(page, "stopped")
+    context.close()
+
+
+def test_two_browser_contexts_have_separate_sessions_and_closing_frees_one(web_server: WebServer, browser) -> None:
+    from playwright.sync_api import expect
+
+    manager = web_server.services.manager
+    ctx_a, page_a = open_page(browser, web_server, [])
+    ctx_b, page_b = open_page(browser, web_server, [])
+    page_a.locator("input[data-testid$='upload-button']").set_input_files(
+        files=[{"name": "only-in-a.txt", "mimeType": "text/plain", "buffer": b"alpha"}])
+    expect(listed(page_a, "only-in-a.txt")).to_have_count(1, timeout=20_000)
+    web_server.model.enqueue(fenced("import os\nsecret = 'from-a'\nprint(sorted(os.listdir('.')))"),
+                             lambda body: "A sees " + last_observation(body))
+    ask(page_a, "list files")
+    expect(page_a.locator("#jb-chat")).to_contain_text("A sees ['only-in-a.txt']", timeout=30_000)
+    web_server.model.enqueue(fenced("import os\nprint(sorted(os.listdir('.')), 'secret' in globals())"),
+                             lambda body: "B sees " + last_observation(body))
+    ask(page_b, "list files")
+    expect(page_b.locator("#jb-chat")).to_contain_text("B sees [] False", timeout=30_000)
+    assert listed(page_b, "only-in-a.txt").count() == 0
+    a_session = [x.id for x in manager.list() if x.workspace.exists("only-in-a.txt")]
+    assert len(a_session) == 1
+    others = {x.id for x in manager.list()} - set(a_session)
+    shot(page_a, "session-a")
+    shot(page_b, "session-b")
+    ctx_a.close()  # closing the tab frees its container; the other tab keeps its own
+    deadline = time.monotonic() + 15
+    while a_session[0] in {x.id for x in manager.list()} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    still_open = {x.id for x in manager.list()}
+    assert a_session[0] not in still_open
+    assert len(others & still_open) >= 1
+    ctx_b.close()
+
+
+def test_page_without_a_model_says_what_to_configure(sandbox_image: str, jb_home: Path, browser) -> None:
+    """No model could be loaded: the page still starts and says, in words, what to set."""
+    from playwright.sync_api import expect
+
+    services = Services(ServeSettings(sandbox=docker_settings(jb_home, instance="webui-nomodel")))
+    services.llm, services.model_error = None, "the model server is not configured — pass --openai-base-url URL"
+    from ui.web import build_ui
+
+    page_text = _render_once(services, build_ui, browser)
+    assert "No language model is available" in page_text and "--openai-base-url" in page_text
+
+
+def _render_once(services: Services, build_ui, browser) -> str:
+    import gradio as gr
+    import uvicorn
+    from fastapi import FastAPI
+
+    from ui.web import mount_options
+
+    app = gr.mount_gradio_app(FastAPI(), build_ui(services), path="/", **mount_options())
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.locator("#jb-banner").wait_for(timeout=20_000)
+        shot(page, "no-model")
+        text = page.locator("#jb-banner").inner_text()
+        page.close()
+        return text
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+

@@ -1,0 +1,477 @@
+"""The JSON HTTP API under ``/api``: sandbox sessions, code execution, workspace files, and chat
+turns through the interpreter. The OpenAPI schema at ``/openapi.json`` (browsable at ``/docs``)
+documents every route.
+
+Errors are ``{"error": "<sentence>"}`` with a 4xx/5xx status (see ``ui.app``). Streams are
+server-sent events: one ``data: <json>`` line per event, the JSON being ``Event.to_dict()`` of the
+interpreter's events (``text_delta``, ``code``, ``output``, ``execution``, ``usage``, ``answer``,
+``error``). A client that disconnects from a stream stops what it started: the kernel is
+interrupted and the model's generation cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import mimetypes
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.exceptions import HTTPException
+
+from interpreter import Event
+from sandbox import Execution, JupyboxError, QuotaExceeded, Session
+from sandbox.models import Output
+from sandbox.workspace import split_name
+
+from .metrics import Metrics
+from .services import Services
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DRAIN_CAP = 64 << 20  # an oversized upload is read (and dropped) this far, so the client sees the 413
+
+
+# -- models at the edge ------------------------------------------------------------------------
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LimitsRequest(Strict):
+    """Resource limits of a new session; each at most the server's."""
+
+    memory_mb: int | None = Field(None, ge=64)
+    cpus: float | None = Field(None, gt=0)
+    pids: int | None = Field(None, ge=16)
+
+
+class CreateSessionRequest(Strict):
+    limits: LimitsRequest | None = None
+
+
+class SessionInfo(BaseModel):
+    id: str
+    created: float = Field(description="Unix time")
+    idle_s: float
+    executions: int
+    busy: bool = Field(description="a chat turn is running")
+    has_conversation: bool
+    limits: dict[str, Any]
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionInfo]
+
+
+class ExecuteRequest(Strict):
+    code: str
+    timeout_s: float | None = Field(None, gt=0, le=3600, description="default: the server's execution timeout")
+    stream: bool = Field(False, description="answer with server-sent events: each output, then the execution")
+
+
+class ChatRequest(Strict):
+    message: str = Field(min_length=1)
+    stream: bool = Field(True, description="server-sent events; false collects them into one JSON object")
+
+
+class FileInfo(BaseModel):
+    path: str
+    size: int
+    modified: float
+
+
+class FileList(BaseModel):
+    files: list[FileInfo]
+    usage: int
+    quota: int
+
+
+class ServerStatus(BaseModel):
+    model: str
+    model_available: bool
+    model_loading: bool
+    model_error: str | None
+    backend: str
+    sessions_open: int
+    max_sessions: int
+    upload_limit_bytes: int
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def services_of(request: Request) -> Services:
+    return request.app.state.services
+
+
+def metrics_of(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def session_info(services: Services, session: Session) -> SessionInfo:
+    return SessionInfo(id=session.id, created=session.created, idle_s=round(time.monotonic() - session.last_used, 3),
+                       executions=session.executions, busy=services.turn_running(session.id),
+                       has_conversation=session.id in services.conversations,
+                       limits=asdict(session.limits))
+
+
+class ChatTurn:
+    """One interpreter turn in a task of its own, its events queued for whoever streams them.
+
+    The task outlives a client that goes away: closing ``events()`` early sets the cancel event,
+    and the turn then stops the model, interrupts the kernel and ends by itself. Raises
+    ``ModelUnavailable`` or ``TurnBusy`` on construction, before any response has started.
+    """
+
+    def __init__(self, services: Services, metrics: Metrics, session_id: str, question: str, source: str) -> None:
+        self.interpreter = services.interpreter()
+        self.conversation = services.conversation(session_id)
+        self.services, self.metrics, self.session_id, self.source = services, metrics, session_id, source
+        services.begin_turn(session_id)
+        self.cancel = asyncio.Event()
+        self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self.task = services.spawn(self._run(question))
+
+    async def _run(self, question: str) -> None:
+        t0, outcome = time.monotonic(), "error"
+        try:
+            async for event in self.interpreter.run(self.conversation, question, cancel=self.cancel):
+                self.metrics.observe_event(event, self.source)
+                outcome = "answer" if event.type == "answer" else outcome
+                self.queue.put_nowait(event)
+        except Exception:
+            log.exception("chat turn in session %s failed", self.session_id)
+            self.queue.put_nowait(Event("error", text="internal error"))
+        finally:
+            self.services.end_turn(self.session_id)
+            self.metrics.observe_turn(outcome, time.monotonic() - t0, self.source)
+            self.queue.put_nowait(None)
+
+    async def events(self) -> AsyncIterator[Event]:
+        try:
+            while (event := await self.queue.get()) is not None:
+                yield event
+        finally:
+            if not self.task.done():
+                self.cancel.set()
+
+
+async def execution_events(session: Session, code: str, timeout: float | None,
+                           metrics: Metrics) -> AsyncIterator[dict[str, Any]]:
+    """Outputs as they arrive, then the execution; a consumer that leaves interrupts the kernel."""
+    queue: asyncio.Queue[Output] = asyncio.Queue()
+    task = asyncio.ensure_future(session.execute(code, timeout, queue.put_nowait))
+    try:
+        while not task.done() or not queue.empty():
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield Event("output", output=getter.result()).to_dict()
+            else:
+                getter.cancel()
+        try:
+            execution = task.result()
+        except JupyboxError as exc:
+            yield Event("error", text=str(exc)).to_dict()
+            return
+        metrics.observe_execution(execution, "api")
+        yield Event("execution", execution=execution).to_dict()
+    finally:
+        if not task.done():
+            session.interrupt()
+
+
+# -- routes ------------------------------------------------------------------------------------
+@router.get("/status", response_model=ServerStatus, summary="What the server runs on; whether the model works")
+async def status(request: Request) -> ServerStatus:
+    s = services_of(request)
+    return ServerStatus(model=s.model_name, model_available=s.llm is not None,
+                        model_loading=s.model_loading, model_error=s.model_error,
+                        backend=s.manager.settings.backend, sessions_open=len(s.manager.list()),
+                        max_sessions=s.manager.settings.max_sessions,
+                        upload_limit_bytes=s.settings.upload_limit_mb << 20)
+
+
+@router.post("/sessions", status_code=201, response_model=SessionInfo, summary="Create a sandbox session")
+async def create_session(request: Request, body: CreateSessionRequest | None = None) -> SessionInfo:
+    s = services_of(request)
+    limits = None
+    if body is not None and body.limits is not None:
+        server = s.manager.settings.limits
+        asked = body.limits.model_dump(exclude_none=True)
+        over = [f"{k}={v} (server: {getattr(server, k)})" for k, v in asked.items() if v > getattr(server, k)]
+        if over:
+            raise HTTPException(400, f"limits above the server's are not allowed: {', '.join(over)}")
+        limits = replace(server, **asked)
+    session = await s.create_session(limits)
+    metrics_of(request).sessions_created.inc()
+    return session_info(s, session)
+
+
+@router.get("/sessions", response_model=SessionList, summary="List open sessions")
+async def list_sessions(request: Request) -> SessionList:
+    s = services_of(request)
+    return SessionList(sessions=[session_info(s, x) for x in s.manager.list()])
+
+
+@router.get("/sessions/{session_id}", response_model=SessionInfo, summary="One session")
+async def get_session(request: Request, session_id: str) -> SessionInfo:
+    s = services_of(request)
+    return session_info(s, s.session(session_id))
+
+
+@router.delete("/sessions/{session_id}", status_code=204, summary="Close a session: its kernel and files are removed")
+async def delete_session(request: Request, session_id: str) -> Response:
+    await services_of(request).close_session(session_id)
+    return Response(status_code=204)
+
+
+@router.post("/sessions/{session_id}/restart", response_model=SessionInfo,
+             summary="A fresh kernel (variables are lost, files stay)")
+async def restart_session(request: Request, session_id: str) -> SessionInfo:
+    s = services_of(request)
+    session = s.session(session_id)
+    await session.restart()
+    return session_info(s, session)
+
+
+@router.post("/sessions/{session_id}/interrupt", status_code=204, summary="Interrupt the running code")
+async def interrupt_session(request: Request, session_id: str) -> Response:
+    services_of(request).session(session_id).interrupt()
+    return Response(status_code=204)
+
+
+@router.post("/sessions/{session_id}/execute", summary="Run code in the session's kernel",
+             responses={200: {"description": "The Execution as JSON, or with stream=true server-sent events: "
+                              "`output` events, then one `execution` event",
+                              "content": {"application/json": {}, "text/event-stream": {}}}})
+async def execute(request: Request, session_id: str, body: ExecuteRequest,
+                  stream: bool = Query(False, description="same as the body's stream")) -> Response:
+    s, metrics = services_of(request), metrics_of(request)
+    session = s.session(session_id)
+    if body.stream or stream:
+        async def events() -> AsyncIterator[bytes]:
+            async for event in execution_events(session, body.code, body.timeout_s, metrics):
+                yield sse(event)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    execution: Execution = await session.execute(body.code, body.timeout_s)
+    metrics.observe_execution(execution, "api")
+    return JSONResponse(execution.to_dict())
+
+
+@router.post("/sessions/{session_id}/chat", summary="One user turn through the interpreter",
+             responses={200: {"description": "Server-sent events, one per interpreter Event, ending with "
+                              "`answer` or `error`", "content": {"text/event-stream": {}}},
+                        503: {"description": "no model is configured; the message says how to configure one"},
+                        409: {"description": "a turn is already running in this session"}})
+async def chat(request: Request, session_id: str, body: ChatRequest) -> Response:
+    s = services_of(request)
+    turn = ChatTurn(s, metrics_of(request), session_id, body.message, "api")
+    if not body.stream:
+        events = [e.to_dict() async for e in turn.events()]
+        last = events[-1] if events else {"type": "error", "text": "no events"}
+        return JSONResponse({"answer": last.get("text") if last["type"] == "answer" else None,
+                             "error": last.get("text") if last["type"] == "error" else None, "events": events})
+
+    async def stream() -> AsyncIterator[bytes]:
+        async for event in turn.events():
+            yield sse(event.to_dict())
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.get("/sessions/{session_id}/notebook", summary="The session's conversation as a Jupyter notebook")
+async def notebook(request: Request, session_id: str) -> Response:
+    s = services_of(request)
+    s.session(session_id)
+    conv = s.conversations.get(session_id)
+    if conv is None:
+        raise HTTPException(404, f"session {session_id!r} has no conversation yet: POST a chat turn first")
+    import nbformat
+
+    return Response(nbformat.writes(conv.to_notebook()), media_type="application/x-ipynb+json",
+                    headers={"Content-Disposition": f'attachment; filename="{session_id}.ipynb"'})
+
+
+# -- files -------------------------------------------------------------------------------------
+@router.get("/sessions/{session_id}/files", response_model=FileList, summary="Files in the session's workspace")
+async def list_files(request: Request, session_id: str) -> FileList:
+    ws = services_of(request).session(session_id).workspace
+    files = await asyncio.to_thread(ws.list)
+    return FileList(files=[FileInfo(**asdict(f)) for f in files], usage=sum(f.size for f in files),
+                    quota=ws.limits.workspace_bytes)
+
+
+@router.post("/sessions/{session_id}/files", status_code=201, response_model=FileList,
+             summary="Upload files (multipart/form-data; every part with a filename is stored)",
+             openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                 "type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}}}}})
+async def upload_files(request: Request, session_id: str,
+                       path: str | None = Query(None, description="store the (single) file under this name"),
+                       ) -> FileList:
+    s = services_of(request)
+    session = s.session(session_id)
+    limit = s.settings.upload_limit_mb << 20
+    upload = MultipartUpload(request, session, limit, path)
+    try:
+        parts = await upload.receive()
+        stored = []
+        for name, tmp in parts:
+            with tmp.open("rb") as fh:
+                stored.append(await asyncio.to_thread(session.workspace.write, name, fh))
+    finally:
+        upload.cleanup()
+    usage = await asyncio.to_thread(session.workspace.usage)
+    return FileList(files=[FileInfo(**asdict(f)) for f in stored], usage=usage,
+                    quota=session.workspace.limits.workspace_bytes)
+
+
+@router.get("/sessions/{session_id}/files/{name:path}", summary="Download a file",
+            responses={200: {"content": {"application/octet-stream": {}}}})
+async def download_file(request: Request, session_id: str, name: str) -> Response:
+    ws = services_of(request).session(session_id).workspace
+    if not ws.exists(name):  # refuses unsafe names with WorkspacePathError (400)
+        raise HTTPException(404, f"{name!r}: no such file in the workspace")
+    fh = ws.open(name)
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            while chunk := fh.read(1 << 20):
+                yield chunk
+        finally:
+            fh.close()
+
+    filename = name.rsplit("/", 1)[-1]
+    return StreamingResponse(chunks(), media_type=mimetypes.guess_type(filename)[0] or "application/octet-stream",
+                             headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(filename)}",
+                                      "Content-Length": str(os.fstat(fh.fileno()).st_size)})
+
+
+@router.delete("/sessions/{session_id}/files/{name:path}", status_code=204, summary="Delete a file")
+async def delete_file(request: Request, session_id: str, name: str) -> Response:
+    ws = services_of(request).session(session_id).workspace
+    if not ws.exists(name):
+        raise HTTPException(404, f"{name!r}: no such file in the workspace")
+    ws.delete(name)
+    return Response(status_code=204)
+
+
+class MultipartUpload:
+    """Streams a multipart body into temporary files beside the workspace, never holding more
+    than one chunk in memory. Names are checked as soon as a part's headers arrive; the body's
+    size is checked against ``limit`` before reading (Content-Length) and while reading."""
+
+    def __init__(self, request: Request, session: Session, limit: int, path: str | None) -> None:
+        self.request, self.limit, self.path = request, limit, path
+        self.folder = session.folder / "upload-tmp" / uuid.uuid4().hex[:8]
+        self.parts: list[tuple[str, Path]] = []
+        self._fh = None
+        self._header_field = b""
+        self._header_value = b""
+        self._headers: dict[bytes, bytes] = {}
+
+    async def receive(self) -> list[tuple[str, Path]]:
+        ctype, params = parse_options_header(self.request.headers.get("content-type", ""))
+        if ctype != b"multipart/form-data" or b"boundary" not in params:
+            raise HTTPException(415, "upload files as multipart/form-data (e.g. curl -F file=@data.csv)")
+        if self.path is not None:
+            split_name(self.path)
+        length = self.request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.limit:
+            await self._drain()
+            raise QuotaExceeded(f"the upload is {int(length):,} bytes; the limit is {self.limit:,} bytes "
+                                "(--upload-limit-mb)")
+        self.folder.mkdir(parents=True)
+        parser = MultipartParser(params[b"boundary"], {
+            "on_part_begin": self._part_begin, "on_header_field": self._header_field_cb,
+            "on_header_value": self._header_value_cb, "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        })
+        received = 0
+        stream = self.request.stream()
+        async for chunk in stream:
+            received += len(chunk)
+            if received > self.limit:
+                await self._drain(stream, received)
+                raise QuotaExceeded(f"the upload is over the limit of {self.limit:,} bytes (--upload-limit-mb)")
+            await asyncio.to_thread(parser.write, chunk)
+        parser.finalize()
+        if not self.parts:
+            raise HTTPException(400, "the multipart body holds no file part (a part with a filename)")
+        if self.path is not None:
+            if len(self.parts) > 1:
+                raise HTTPException(400, "path= names one file, but the upload holds several")
+            self.parts = [(self.path, self.parts[0][1])]
+        return self.parts
+
+    async def _drain(self, stream: AsyncIterator[bytes] | None = None, received: int = 0) -> None:
+        async for chunk in stream or self.request.stream():
+            received += len(chunk)
+            if received > self.limit + DRAIN_CAP:
+                return
+
+    def _part_begin(self) -> None:
+        self._headers = {}
+
+    def _header_field_cb(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _header_value_cb(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._header_field.lower()] = self._header_value
+        self._header_field = self._header_value = b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        filename = options.get(b"filename")
+        if filename is None:
+            self._fh = None  # a plain form field: ignored
+            return
+        name = filename.decode("utf-8", "replace")
+        if self.path is None:
+            split_name(name)  # WorkspacePathError: '..', absolute, NUL ...
+        tmp = self.folder / str(len(self.parts))
+        self._fh = tmp.open("wb")
+        self.parts.append((name, tmp))
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._fh is not None:
+            self._fh.write(data[start:end])
+
+    def _part_end(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def cleanup(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        for _, tmp in self.parts:
+            tmp.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+            self.folder.parent.rmdir()
+        except OSError:
+            pass
+
+
+__all__ = ["ChatTurn", "router", "sse"]

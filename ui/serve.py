@@ -1,0 +1,106 @@
+"""``jupybox serve``: flags and environment → ``ServeSettings`` → one uvicorn server.
+
+Every flag has an environment variable (flags win): ``JUPYBOX_HOST``, ``JUPYBOX_PORT``,
+``JUPYBOX_API_TOKEN``, ``JUPYBOX_CORS_ORIGINS`` (comma-separated), ``JUPYBOX_UPLOAD_LIMIT_MB``,
+``JUPYBOX_MODEL``, ``OPENAI_BASE_URL`` / ``OPENAI_MODEL`` / ``OPENAI_API_KEY``, and the sandbox's
+``JUPYBOX_BACKEND``, ``JUPYBOX_POOL_SIZE``, ``JUPYBOX_MEMORY_MB``, ``JUPYBOX_CPUS``,
+``JUPYBOX_PIDS``, ``JUPYBOX_MAX_SESSIONS``, ``JUPYBOX_IDLE_TTL``.
+
+With no flags it binds 127.0.0.1:7860 and targets Qwen-7B-Chat-Int4 through transformers; when
+that model cannot load, the server starts anyway, code execution works, and the log (and
+``/api/status``, and every chat request) says what to configure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+
+from sandbox import SandboxSettings
+
+from .services import ServeSettings, Services
+from .terminal import add_model_flags, interpreter_settings
+
+log = logging.getLogger("jupybox.serve")
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    """The serve subcommand's own flags; the caller adds the model and sandbox backend flags."""
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; env JUPYBOX_HOST)")
+    p.add_argument("--port", type=int, help="port (default 7860; env JUPYBOX_PORT)")
+    p.add_argument("--api-token", help="require this token on every request but /healthz (env JUPYBOX_API_TOKEN)")
+    p.add_argument("--cors-origin", action="append", dest="cors_origins",
+                   help="allow browser calls from this origin (repeatable; CORS is off by default)")
+    p.add_argument("--upload-limit-mb", type=int,
+                   help="largest upload request (default 100; env JUPYBOX_UPLOAD_LIMIT_MB)")
+    g = p.add_argument_group("sandbox limits")
+    g.add_argument("--pool-size", type=int, help="warm sessions kept ready (default 0; env JUPYBOX_POOL_SIZE)")
+    g.add_argument("--max-sessions", type=int, help="open sessions at most (default 64; env JUPYBOX_MAX_SESSIONS)")
+    g.add_argument("--idle-ttl", type=float,
+                   help="close sessions idle this many seconds (default 1800; env JUPYBOX_IDLE_TTL)")
+    g.add_argument("--memory-mb", type=int, help="memory per session (default 1024; env JUPYBOX_MEMORY_MB)")
+    g.add_argument("--cpus", type=float, help="CPUs per session (default 1; env JUPYBOX_CPUS)")
+    g.add_argument("--pids", type=int, help="processes per session (default 256; env JUPYBOX_PIDS)")
+    g.add_argument("--exec-timeout", type=float, help="default seconds per /execute call (default 30)")
+    add_model_flags(p)
+
+
+def sandbox_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The sandbox settings serve's flags (and environment) set, for ``SandboxSettings.from_env``."""
+    env = os.environ
+    max_sessions = args.max_sessions or (int(env["JUPYBOX_MAX_SESSIONS"]) if env.get("JUPYBOX_MAX_SESSIONS") else None)
+    idle_ttl = args.idle_ttl or (float(env["JUPYBOX_IDLE_TTL"]) if env.get("JUPYBOX_IDLE_TTL") else None)
+    return {"pool_size": args.pool_size, "max_sessions": max_sessions, "idle_ttl_s": idle_ttl,
+            "default_timeout_s": args.exec_timeout}
+
+
+def serve_settings(args: argparse.Namespace, sandbox: SandboxSettings) -> ServeSettings:
+    limits = {k: v for k, v in (("memory_mb", args.memory_mb), ("cpus", args.cpus), ("pids", args.pids)) if v}
+    if limits:
+        sandbox = replace(sandbox, limits=replace(sandbox.limits, **limits))
+    return ServeSettings.from_env(
+        host=args.host, port=args.port, api_token=args.api_token, cors_origins=args.cors_origins,
+        upload_limit_mb=args.upload_limit_mb, model=args.model, openai_base_url=args.openai_base_url,
+        openai_model=args.openai_model, openai_api_key=args.openai_api_key, vision=args.vision or None,
+        format=args.format, sandbox=sandbox, interpreter=interpreter_settings(args),
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+async def serve(args: argparse.Namespace, sandbox: SandboxSettings) -> int:
+    """Run until SIGINT or SIGTERM; on the way out every sandbox session is closed."""
+    import uvicorn
+
+    from .app import create_app
+
+    settings = serve_settings(args, sandbox)
+    if not _is_loopback(settings.host) and not settings.api_token:
+        log.warning("serving on %s without an API token: anyone who can reach it can run code here. "
+                    "Pass --api-token (or set JUPYBOX_API_TOKEN).", settings.host)
+    services = Services(settings)
+    config = uvicorn.Config(create_app(services), host=settings.host, port=settings.port, lifespan="on",
+                            log_level="debug" if getattr(args, "debug", False) else "info",
+                            timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+    # uvicorn handles SIGINT/SIGTERM itself (a graceful shutdown, then it re-raises the signal):
+    # the CLI's handlers would cancel the shutdown half-way, and the re-raised signal must not kill us.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, lambda *_: None)
+    print(f"jupybox: serving on http://{settings.host}:{settings.port} "
+          f"(API under /api, docs at /docs, OpenAI-compatible at /v1)", file=sys.stderr, flush=True)
+    await server.serve()
+    return 0 if server.started else 1

@@ -1,0 +1,404 @@
+"""The browser UI: a Gradio chat over the interpreter, one sandbox session per browser tab.
+
+``build_ui(services)`` returns the Blocks; the HTTP app mounts it (``mount_ui`` does that with the
+theme and options the page needs: local fonts only, nothing fetched from other hosts). A tab's
+session (kernel and workspace) starts on its first upload or question, and is closed when the tab
+closes, on "New session", or by the sandbox manager's idle TTL.
+
+Named API endpoints (for ``gradio_client``): ``/ask``, ``/upload``, ``/stop``, ``/new_session``,
+``/files``, ``/notebook``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import nbformat  # noqa: E402
+
+from interpreter import FORMATS, Conversation, Interpreter, get_format  # noqa: E402
+from interpreter.llm.openai import OpenAILLM  # noqa: E402
+from sandbox import JupyboxError  # noqa: E402
+
+from .services import Services  # noqa: E402
+from .web_render import TurnView, text  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+EXAMPLES_DIR = Path(__file__).with_name("examples")
+EXAMPLE_DATA = EXAMPLES_DIR / "sales.csv"
+EXAMPLE_PROMPTS: list[dict[str, str]] = json.loads((EXAMPLES_DIR / "prompts.json").read_text("utf-8"))
+UPLOAD_TYPES = [".csv", ".tsv", ".xlsx", ".xls", ".json", ".txt", ".md", ".parquet", "image"]
+SANS = ["Noto Sans", "Noto Sans CJK SC", "PingFang SC", "Microsoft YaHei", "WenQuanYi Micro Hei",
+        "Helvetica", "Arial", "sans-serif"]
+MONO = ["DejaVu Sans Mono", "Menlo", "Consolas", "monospace"]
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
+         {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
+CSS = """
+#jb-chat .message-wrap table { font-size: 0.85em; }
+#jb-chat img { max-width: 100%; }
+"""
+STREAM_INTERVAL_S = 0.05  # the fastest the page is repainted while text streams
+
+
+def theme() -> gr.themes.Theme:
+    """The default look with fonts the browser already has (a CJK one included): no web fonts."""
+    return gr.themes.Default(font=SANS, font_mono=MONO)
+
+
+def mount_options() -> dict[str, Any]:
+    """Keyword arguments ``gradio.mount_gradio_app`` needs for this UI."""
+    return {"theme": theme(), "css": CSS, "show_error": True}
+
+
+def mount_ui(app: Any, services: Services, path: str = "/") -> Any:
+    """Mount the UI on a FastAPI ``app`` at ``path``."""
+    return gr.mount_gradio_app(app, build_ui(services), path=path, **mount_options())
+
+
+@dataclass
+class Tab:
+    """One browser tab: its conversation (and through it the sandbox session) and the chat."""
+
+    key: str
+    history: list[dict] = field(default_factory=list)
+    conversation: Conversation | None = None
+    pending: list[str] = field(default_factory=list)  # uploaded, not yet announced to the model
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    running: bool = False
+    served: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="jupybox-ui-")))
+    copies: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    def __deepcopy__(self, memo: dict) -> Tab:
+        return self  # Gradio copies state values; a tab owns live resources and is never copied
+
+
+class WebUI:
+    """The handlers behind the page, on one ``Services``."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.tabs: dict[str, Tab] = {}  # by Gradio session hash, to close them on unload
+
+    # -- tabs and sessions ------------------------------------------------------------------
+    def tab(self, tab: Tab | None, request: gr.Request | None) -> Tab:
+        if tab is None:
+            key = getattr(request, "session_hash", None) or uuid.uuid4().hex
+            tab = self.tabs.get(key) or Tab(key)
+            self.tabs[key] = tab
+        return tab
+
+    def banner(self) -> str:
+        s = self.services
+        if s.llm is None:
+            return ("### ⚠️ No language model is available\n\n"
+                    f"{s.model_error or 'No model is configured.'}\n\n"
+                    "You can still upload files and browse the workspace; questions need a model.")
+        return ""
+
+    def model_name(self) -> str:
+        llm = self.services.llm
+        return getattr(llm, "model", "") or self.services.settings.model or ""
+
+    async def session(self, tab: Tab, fmt: str) -> tuple[Any, str | None]:
+        """The tab's open sandbox session, started when there is none. The note says when an
+        earlier session had expired (its files and variables are gone)."""
+        manager, note = self.services.manager, None
+        conv = tab.conversation
+        if conv is not None and conv.session_id is not None:
+            try:
+                return manager.get(conv.session_id), None
+            except JupyboxError:
+                note = ("Your previous session was closed after being idle; a fresh one was started "
+                        "(earlier files and variables are gone).")
+        session = await manager.create()
+        tab.conversation = Conversation(format=self.format_name(fmt), session_id=session.id)
+        tab.copies.clear()
+        shutil.rmtree(tab.served, ignore_errors=True)
+        tab.served.mkdir(parents=True, exist_ok=True)
+        return session, note
+
+    def format_name(self, fmt: str) -> str:
+        if fmt in FORMATS:
+            return fmt
+        llm = self.services.llm
+        return get_format(None, llm).name if llm is not None else "react"
+
+    async def close_tab(self, tab: Tab) -> None:
+        tab.cancel.set()
+        conv, tab.conversation = tab.conversation, None
+        if conv is not None and conv.session_id is not None:
+            try:
+                await self.services.manager.close(conv.session_id)
+            except JupyboxError:
+                pass
+        tab.pending.clear()
+        tab.copies.clear()
+        shutil.rmtree(tab.served, ignore_errors=True)
+
+    # -- files ------------------------------------------------------------------------------
+    def served_copy(self, tab: Tab, session: Any, name: str) -> str | None:
+        """A copy of a workspace file where Gradio may serve it from (the temporary folder).
+        Read through the workspace, so a symlink planted by the sandboxed code is refused."""
+        dest = tab.served / name
+        try:
+            info = next((f for f in session.workspace.list() if f.path == name), None)
+            if info is None:
+                return None
+            if tab.copies.get(name) != (info.size, info.modified) or not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with session.workspace.open(name) as src, dest.open("wb") as out:
+                    shutil.copyfileobj(src, out)
+                tab.copies[name] = (info.size, info.modified)
+            return str(dest)
+        except (JupyboxError, OSError) as exc:
+            log.warning("cannot serve %s: %s", name, exc)
+            return None
+
+    def file_list(self, tab: Tab) -> list[str]:
+        conv = tab.conversation
+        if conv is None or conv.session_id is None:
+            return []
+        try:
+            session = self.services.manager.get(conv.session_id)
+        except JupyboxError:
+            return []
+        paths = [self.served_copy(tab, session, f.path) for f in session.workspace.list()]
+        return [p for p in paths if p]
+
+    def save_uploads(self, session: Any, tab: Tab, paths: list[str]) -> list[str]:
+        names = []
+        for p in paths:
+            name = Path(p).name
+            session.workspace.upload(Path(p), name)
+            if name not in tab.pending:
+                tab.pending.append(name)
+            names.append(name)
+        return names
+
+    # -- handlers ---------------------------------------------------------------------------
+    async def on_load(self, tab: Tab | None, request: gr.Request) -> tuple:
+        tab = self.tab(tab, request)
+        return tab, gr.update(value=self.banner(), visible=self.services.llm is None), self.model_name(), \
+            tab.history, self.file_list(tab)
+
+    async def on_unload(self, request: gr.Request) -> None:
+        tab = self.tabs.pop(getattr(request, "session_hash", None) or "", None)
+        if tab is not None:
+            await self.close_tab(tab)
+
+    async def upload(self, files: list[str] | None, tab: Tab | None, fmt: str, request: gr.Request) -> tuple:
+        tab = self.tab(tab, request)
+        try:
+            session, note = await self.session(tab, fmt)
+            names = self.save_uploads(session, tab, list(files or []))
+            msg = (f"Uploaded {', '.join(names)}; announced to the model with your next question."
+                   if names else "No file was uploaded.")
+        except JupyboxError as exc:
+            note, msg = None, f"⚠️ {exc}"
+        return self.file_list(tab), tab, " ".join(m for m in (note, msg) if m)
+
+    async def use_example(self, index: int, tab: Tab | None, fmt: str, request: gr.Request) -> tuple:
+        """Put an example prompt in the box and the bundled dataset in the workspace."""
+        tab = self.tab(tab, request)
+        prompt = EXAMPLE_PROMPTS[int(index) % len(EXAMPLE_PROMPTS)]["text"]
+        files, tab, notice = await self.upload([str(EXAMPLE_DATA)], tab, fmt, request)
+        return {"text": prompt, "files": []}, files, tab, notice
+
+    async def example_selected(self, tab: Tab | None, fmt: str, evt: gr.SelectData, request: gr.Request) -> tuple:
+        return await self.use_example(evt.index if isinstance(evt.index, int) else 0, tab, fmt, request)
+
+    def interpreter(self, conv: Conversation, model: str, temperature: float, max_executions: float,
+                    timeout: float) -> Interpreter:
+        s = self.services
+        base = s.settings.interpreter
+        settings = dataclasses.replace(base, temperature=float(temperature), max_executions=int(max_executions),
+                                       execution_timeout=float(timeout))
+        llm = s.llm
+        model = (model or "").strip()
+        if model and isinstance(llm, OpenAILLM) and model != llm.model:
+            llm = copy.copy(llm)  # shares the connection pool; only the requested model name differs
+            llm.model = model
+            llm.model_family = "qwen" if "qwen" in model.lower() else ""
+        assert llm is not None
+        return Interpreter(llm, s.manager, conv.format, settings)
+
+    async def ask(self, message: dict | str | None, tab: Tab | None, model: str, fmt: str, temperature: float,
+                  max_executions: float, timeout: float, request: gr.Request):
+        """One question: streams the chat as the model writes and the code runs."""
+        tab = self.tab(tab, request)
+        message = {"text": message, "files": []} if isinstance(message, str) else (message or {})
+        question = (message.get("text") or "").strip()
+        files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
+        keep_box = gr.update()
+        if tab.running:
+            gr.Warning("Still working on the previous question: wait, or press Stop.")
+            yield snapshot(tab.history), keep_box, gr.update(), tab
+            return
+        if not question and not files:
+            yield snapshot(tab.history), keep_box, gr.update(), tab
+            return
+        shown = question + "".join(f"\n\n📎 `{Path(f).name}`" for f in files)
+        tab.history.append({"role": "user", "content": [text(shown or "(files)")]})
+        tab.running, tab.cancel = True, asyncio.Event()
+        try:
+            yield snapshot(tab.history), {"text": "", "files": []}, gr.update(), tab
+            try:
+                session, note = await self.session(tab, fmt)
+                self.save_uploads(session, tab, files)
+            except JupyboxError as exc:
+                tab.history.append({"role": "assistant", "content": [text(f"⚠️ {exc}")]})
+                yield snapshot(tab.history), gr.update(), gr.update(), tab
+                return
+            if note:
+                tab.history.append({"role": "assistant", "content": [text(f"ℹ️ {note}")]})
+            if self.services.llm is None:
+                tab.history.append({"role": "assistant", "content": [text(f"⚠️ {self.banner()}")]})
+                yield snapshot(tab.history), gr.update(), self.file_list(tab), tab
+                return
+            if not question:
+                yield snapshot(tab.history), gr.update(), self.file_list(tab), tab
+                return
+            conv = tab.conversation
+            assert conv is not None
+            if not conv.messages:
+                conv.format = self.format_name(fmt)
+            interp = self.interpreter(conv, model, temperature, max_executions, timeout)
+            uploads = [(n, session.workspace.read(n)) for n in tab.pending if session.workspace.exists(n)]
+            tab.pending.clear()
+            view = TurnView(tab.history, lambda p: self.served_copy(tab, session, p))
+            last = 0.0
+            async for event in interp.run(conv, question, uploads, cancel=tab.cancel):
+                if event.type == "error" and tab.cancel.is_set():
+                    event.text = "Stopped."
+                view.apply(event)
+                now = time.monotonic()
+                if event.type != "text_delta" or now - last >= STREAM_INTERVAL_S:
+                    last = now
+                    yield snapshot(tab.history), gr.update(), gr.update(), tab
+            yield snapshot(tab.history), gr.update(), self.file_list(tab), tab
+        finally:
+            tab.running = False
+
+    async def stop(self, tab: Tab | None, request: gr.Request) -> str:
+        tab = self.tab(tab, request)
+        if tab.running:
+            tab.cancel.set()
+            return "Stopping…"
+        return "Nothing is running."
+
+    async def new_session(self, tab: Tab | None, request: gr.Request) -> tuple:
+        tab = self.tab(tab, request)
+        await self.close_tab(tab)
+        tab.history = []
+        tab.served.mkdir(parents=True, exist_ok=True)
+        return [], [], tab, "New session: a fresh kernel and an empty workspace start with your next question."
+
+    async def files(self, tab: Tab | None, request: gr.Request) -> tuple:
+        tab = self.tab(tab, request)
+        return self.file_list(tab), tab
+
+    async def notebook(self, tab: Tab | None, request: gr.Request) -> tuple:
+        tab = self.tab(tab, request)
+        conv = tab.conversation or Conversation(format="")
+        tab.served.mkdir(parents=True, exist_ok=True)
+        path = tab.served / f"jupybox-{conv.id}.ipynb"
+        nbformat.write(conv.to_notebook(), str(path))
+        return str(path), tab
+
+
+def build_ui(services: Services) -> gr.Blocks:
+    """The page, on ``services`` (which the server starts before the first request)."""
+    ui = WebUI(services)
+    llm_is_remote = services.settings.openai_base_url is not None
+    with gr.Blocks(title="jupybox", analytics_enabled=False, fill_height=True,
+                   delete_cache=(900, 3600)) as demo:
+        state = gr.State(None, delete_callback=lambda tab: _close_soon(ui, tab))
+        gr.Markdown("## jupybox · 数据分析助手\nUpload data, ask in English or Chinese; the model writes "
+                    "Python and a sandboxed kernel runs it. 上传数据，用中文或英文提问。")
+        banner = gr.Markdown(visible=False, elem_id="jb-banner")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                chat = gr.Chatbot(elem_id="jb-chat", height=620, label="Conversation", latex_delimiters=LATEX,
+                                  buttons=["copy"], feedback_options=None, group_consecutive_messages=False,
+                                  examples=[{"text": p["text"], "display_text": p["label"]} for p in EXAMPLE_PROMPTS],
+                                  placeholder="Try an example below: it loads the bundled sales.csv. "
+                                              "示例会自动加载自带的 sales.csv。")
+                box = gr.MultimodalTextbox(placeholder="Ask about your data… 输入你的问题…", file_count="multiple",
+                                           file_types=UPLOAD_TYPES, show_label=False, elem_id="jb-input")
+                with gr.Row():
+                    stop_btn = gr.Button("Stop · 停止", variant="stop", elem_id="jb-stop", scale=1)
+                    new_btn = gr.Button("New session · 新会话", elem_id="jb-new", scale=1)
+                    nb_btn = gr.Button("Export notebook · 导出 .ipynb", elem_id="jb-notebook", scale=1)
+                notice = gr.Markdown(elem_id="jb-notice")
+            with gr.Column(scale=1, min_width=280):
+                upload_btn = gr.UploadButton("Upload files · 上传文件", file_count="multiple",
+                                             file_types=UPLOAD_TYPES, elem_id="jb-upload")
+                files = gr.File(label="Workspace files · 工作区文件", file_count="multiple", interactive=False,
+                                elem_id="jb-files")
+                refresh_btn = gr.Button("Refresh files", size="sm")
+                nb_file = gr.File(label="Notebook", visible=True, interactive=False, elem_id="jb-nb-file")
+                examples = gr.Dataset(label="Examples · 示例", components=[gr.Textbox(visible=False)],
+                                      samples=[[p["label"]] for p in EXAMPLE_PROMPTS], type="index")
+                with gr.Accordion("Settings · 设置", open=False):
+                    model = gr.Textbox(label="Model", interactive=llm_is_remote,
+                                       info="The model name on the OpenAI-compatible server.")
+                    fmt = gr.Dropdown(["auto", *FORMATS], value=services.settings.format or "auto",
+                                      label="Prompt format", info="Applies from the next new session.")
+                    temperature = gr.Slider(0.0, 2.0, value=services.settings.interpreter.temperature, step=0.05,
+                                            label="Temperature")
+                    max_exec = gr.Slider(1, 20, value=services.settings.interpreter.max_executions, step=1,
+                                         label="Max executions per turn")
+                    timeout = gr.Number(value=services.settings.interpreter.execution_timeout, minimum=1,
+                                        maximum=3600, label="Execution timeout (s)")
+
+        run_inputs = [box, state, model, fmt, temperature, max_exec, timeout]
+        run_outputs = [chat, box, files, state]
+        demo.load(ui.on_load, [state], [state, banner, model, chat, files], api_visibility="private")
+        demo.unload(ui.on_unload)
+        box.submit(ui.ask, run_inputs, run_outputs, api_name="ask", concurrency_limit=None)
+        stop_btn.click(ui.stop, [state], [notice], api_name="stop", concurrency_limit=None)
+        new_btn.click(ui.new_session, [state], [chat, files, state, notice], api_name="new_session",
+                      concurrency_limit=None)
+        upload_btn.upload(ui.upload, [upload_btn, state, fmt], [files, state, notice], api_name="upload",
+                          concurrency_limit=None)
+        refresh_btn.click(ui.files, [state], [files, state], api_name="files", concurrency_limit=None)
+        nb_btn.click(ui.notebook, [state], [nb_file, state], api_name="notebook", concurrency_limit=None)
+        examples.click(ui.use_example, [examples, state, fmt], [box, files, state, notice],
+                       api_visibility="private").then(ui.ask, run_inputs, run_outputs, api_visibility="private",
+                                                      concurrency_limit=None)
+        chat.example_select(ui.example_selected, [state, fmt], [box, files, state, notice],
+                            api_visibility="private").then(ui.ask, run_inputs, run_outputs,
+                                                           api_visibility="private", concurrency_limit=None)
+    return demo
+
+
+def snapshot(history: list[dict]) -> list[dict]:
+    """A copy to hand Gradio: it diffs each streamed value against the previous one, which a
+    list changed in place would defeat."""
+    return copy.deepcopy(history)
+
+
+def _close_soon(ui: WebUI, tab: Tab | None) -> None:
+    """Gradio forgets a closed tab's state later than ``unload`` runs; close what is still open."""
+    if tab is None or tab.conversation is None:
+        return
+    ui.tabs.pop(tab.key, None)
+    try:
+        asyncio.get_running_loop().create_task(ui.close_tab(tab))
+    except RuntimeError:  # called outside the server's loop: the manager's idle TTL closes it
+        pass
