@@ -68,3 +68,20 @@ def test_missing_model_gives_one_clear_line(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("jupybox: ")
+
+
+def test_chat_keeps_state_across_turns_and_saves(sandbox_image: str, tmp_path: Path) -> None:
+    model = ScriptedModel().start()
+    model.enqueue("```python\nbase = 40\n```", "Stored.",
+                  "```python\nprint(base + 2)\n```", lambda body: "Now it is " + last_observation(body))
+    try:
+        proc = subprocess.run(
+            [JUPYBOX, "chat", "--format", "fenced", "--openai-base-url", model.url, "--out", str(tmp_path)],
+            input=f"remember 40\nadd two\n/save {tmp_path / 'chat.json'}\n/exit\n",
+            capture_output=True, text=True, timeout=120)
+    finally:
+        model.stop()
+    assert proc.returncode == 0, proc.stderr
+    assert "Stored." in proc.stdout and "Now it is 42\n" in proc.stdout
+    saved = json.loads((tmp_path / "chat.json").read_text())
+    assert [c["code"] for c in saved["cells"]] == ["base = 40", "print(base + 2)"]

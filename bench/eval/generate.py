@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from interpreter.formats.base import announce_files
-from interpreter.formats.react import IM_END, IM_START, STOP, SYSTEM, ReactFormat, react_prompt
+from interpreter.formats.react import IM_START, STOP, ReactFormat
 from interpreter.llm.base import LLM, Completion, GenerationRequest, Message
 from interpreter.loop import clip_tokens
 from sandbox import JupyboxError, Session, SessionManager, Workspace
@@ -66,10 +66,7 @@ def benchmark_prompt(query: str, files: list[str], lang: str) -> str:
     """The reference's prompt: ChatML with the ReAct instruction around the (announced) query. A query
     holding a first code step brings its own ``<|im_end|>`` and open assistant turn, so the prompt
     stops inside it."""
-    question = announce_files(files, lang_zh=lang == "zh") + query
-    if IM_START in query:
-        return f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{react_prompt(question)}"
-    return FORMAT.render([Message("user", question)])
+    return FORMAT.render([Message("user", announce_files(files, lang_zh=lang == "zh") + query)])
 
 
 def first_step_code(query: str) -> str | None:

@@ -71,13 +71,17 @@ class ReactFormat(Format):
 
     def render(self, messages: list[Message]) -> str:
         """ChatML text; the last user question carries the ReAct instruction, and an open assistant
-        turn (the scratchpad so far) is continued."""
+        turn (the scratchpad so far) is continued. A question that already holds ChatML with an open
+        assistant turn (a benchmark record with a first code step) is continued inside that turn."""
         last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
         parts = [f"{IM_START}system\n{SYSTEM}{IM_END}"]
         for i, m in enumerate(messages):
             text = m.text()
-            if i == last_user and IM_START + "assistant" not in text:
+            if i == last_user:
                 text = react_prompt(text.strip())
+                if IM_START + "assistant" in text and i == len(messages) - 1:
+                    parts.append(f"{IM_START}user\n{text}")
+                    return "\n".join(parts)
             if m.role == "assistant" and i == len(messages) - 1:
                 parts.append(f"{IM_START}assistant\n{text}")
                 return "\n".join(parts)
