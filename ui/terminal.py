@@ -8,10 +8,13 @@ folder they name at the end.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import shutil
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from interpreter import Conversation, Event, Interpreter, InterpreterSettings, create_llm
@@ -107,63 +110,56 @@ def save_outputs(interp: Interpreter, conv: Conversation, out: Path, notebook: P
             print(f"[notebook saved: {notebook}]", file=sys.stderr)
 
 
-async def load_model(llm: LLM) -> None:
-    """Load a local model before any container starts: a missing checkpoint fails fast, in one line."""
-    load = getattr(llm, "load", None)
-    if load is not None:
-        await load()
+@contextlib.asynccontextmanager
+async def open_conversation(args: argparse.Namespace, settings) -> AsyncIterator[tuple[Interpreter, Conversation]]:
+    """The model (a local one is loaded first, so a missing checkpoint fails fast before any container
+    starts), a sandbox manager and a fresh conversation; everything is closed on the way out."""
+    llm = make_llm(args)
+    try:
+        load = getattr(llm, "load", None)
+        if load is not None:
+            await load()
+        async with SessionManager(settings) as manager:
+            interp = Interpreter(llm, manager, args.format, interpreter_settings(args))
+            yield interp, await interp.new_conversation()
+    finally:
+        await llm.close()
 
 
 async def ask(args: argparse.Namespace, settings) -> int:
-    llm = make_llm(args)
     printer = Printer(args.json)
-    try:
-        await load_model(llm)
-        async with SessionManager(settings) as manager:
-            interp = Interpreter(llm, manager, args.format, interpreter_settings(args))
-            conv = await interp.new_conversation()
-            last = None
-            async for event in interp.run(conv, args.question, [Path(f) for f in args.file]):
-                printer(event)
-                last = event
-            save_outputs(interp, conv, args.out, args.notebook, args.json)
-            return 0 if last is not None and last.type == "answer" else 1
-    finally:
-        await llm.close()
+    async with open_conversation(args, settings) as (interp, conv):
+        last = None
+        async for event in interp.run(conv, args.question, [Path(f) for f in args.file]):
+            printer(event)
+            last = event
+        save_outputs(interp, conv, args.out, args.notebook, args.json)
+        return 0 if last is not None and last.type == "answer" else 1
 
 
 async def chat(args: argparse.Namespace, settings) -> int:
-    import asyncio
-
-    llm = make_llm(args)
     printer = Printer(args.json)
-    try:
-        await load_model(llm)
-        async with SessionManager(settings) as manager:
-            interp = Interpreter(llm, manager, args.format, interpreter_settings(args))
-            conv = await interp.new_conversation()
-            files = [Path(f) for f in args.file]
-            print("jupybox chat: ask questions; /save FILE.json, /notebook FILE.ipynb, /exit", file=sys.stderr)
-            while True:
-                line = await asyncio.to_thread(_read_line)
-                if line is None or line.strip() in ("/exit", "/quit"):
-                    break
-                line = line.strip()
-                if not line:
-                    continue
-                if line.startswith("/save "):
-                    conv.save(Path(line[6:].strip()))
-                    continue
-                if line.startswith("/notebook "):
-                    save_outputs(interp, conv, args.out, Path(line[10:].strip()), False)
-                    continue
-                async for event in interp.run(conv, line, files):
-                    printer(event)
-                files = []
-            save_outputs(interp, conv, args.out, args.notebook, args.json)
-            return 0
-    finally:
-        await llm.close()
+    async with open_conversation(args, settings) as (interp, conv):
+        files = [Path(f) for f in args.file]
+        print("jupybox chat: ask questions; /save FILE.json, /notebook FILE.ipynb, /exit", file=sys.stderr)
+        while True:
+            line = await asyncio.to_thread(_read_line)
+            if line is None or line.strip() in ("/exit", "/quit"):
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/save "):
+                conv.save(Path(line[6:].strip()))
+                continue
+            if line.startswith("/notebook "):
+                save_outputs(interp, conv, args.out, Path(line[10:].strip()), False)
+                continue
+            async for event in interp.run(conv, line, files):
+                printer(event)
+            files = []
+        save_outputs(interp, conv, args.out, args.notebook, args.json)
+        return 0
 
 
 def _read_line() -> str | None:

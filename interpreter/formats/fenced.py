@@ -16,10 +16,11 @@ answer in plain text without any code block."""
 
 class FencedFormat(Format):
     name = "fenced"
+    system = SYSTEM
 
     def add_user(self, messages: list[Message], question: str, files: list[str]) -> None:
         if not messages:
-            messages.append(Message("system", SYSTEM))
+            messages.append(Message("system", self.system))
         note = f"(Uploaded files: {', '.join(files)})\n" if files else ""
         messages.append(Message("user", note + question))
 

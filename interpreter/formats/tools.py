@@ -7,8 +7,9 @@ import json
 
 from ..errors import FormatError
 from ..llm.base import LLM, Completion, GenerationRequest, Message
-from .base import Action, Format, GenerationOptions, Step, image_parts
+from .base import Action, GenerationOptions, Step, image_parts
 from .fenced import SYSTEM as FENCED_SYSTEM
+from .fenced import FencedFormat
 
 TOOL_NAMES = ("python", "code_interpreter")
 SYSTEM = FENCED_SYSTEM.replace("Every ```python fenced block you write is executed", "Call the `python` tool to run code") \
@@ -27,18 +28,15 @@ PYTHON_TOOL = {
 }
 
 
-class ToolsFormat(Format):
+class ToolsFormat(FencedFormat):
+    """Chat messages like the fenced format (same user turns), code through tool calls."""
+
     name = "tools"
+    system = SYSTEM
 
     def check(self, llm: LLM) -> None:
         if not llm.supports_tools:
             raise FormatError(f"the {llm.name} backend has no tool calling; use --format react or --format fenced")
-
-    def add_user(self, messages: list[Message], question: str, files: list[str]) -> None:
-        if not messages:
-            messages.append(Message("system", SYSTEM))
-        note = f"(Uploaded files: {', '.join(files)})\n" if files else ""
-        messages.append(Message("user", note + question))
 
     def request(self, messages: list[Message], options: GenerationOptions) -> GenerationRequest:
         return GenerationRequest(messages=list(messages), tools=[PYTHON_TOOL], temperature=options.temperature,
@@ -73,6 +71,3 @@ class ToolsFormat(Format):
     def add_images(self, messages: list[Message], data_urls: list[str]) -> None:
         # tool messages hold text only; images follow in a user message
         messages.append(Message("user", image_parts("The images the code produced:", data_urls)))
-
-    def add_answer(self, messages: list[Message], step: Step) -> None:
-        messages.append(Message("assistant", step.text))
