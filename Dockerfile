@@ -85,3 +85,92 @@ USER 1000:1000
 WORKDIR /mnt/data
 # The docker backend passes its own command (kernel_boot.py with a connection file).
 CMD ["python"]
+
+# =============================================================================================
+# The service: `jupybox serve` (browser UI, JSON API, OpenAI-compatible endpoint). Build with
+#   docker build --target app -t jupybox-app:latest .
+# or `jupybox sandbox build-image --target app` (cached by content, base image found or made as
+# for the sandbox). It starts sandbox containers through the host's Docker daemon: mount
+# /var/run/docker.sock and give it a JUPYBOX_HOME that is the same path inside and on the host
+# (compose.yaml does both; the README's "Deploy with Docker" says why).
+# With Docker's legacy builder every stage above is built too (from its cache, usually); BuildKit
+# builds only the two below.
+
+# ---------------------------------------------------------------------------------------------
+# app-venv: the project and its runtime dependencies (no dev or local-model extras: no torch),
+# in a virtualenv built apart so that pip, setuptools and their caches stay out of the app image.
+FROM ${BASE_IMAGE} AS app-venv
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+COPY pyproject.toml build-ca.pe[m] /tmp/build/
+# The dependencies first, read from pyproject.toml: this layer stays cached while only the
+# sources change.
+RUN set -eu; \
+    if ! python3 -m venv /opt/jupybox/app; then \
+        rm -rf /opt/jupybox/app; \
+        apt-get update; \
+        apt-get install -y --no-install-recommends python3-venv; \
+        python3 -m venv /opt/jupybox/app; \
+    fi; \
+    if [ -f /tmp/build/build-ca.pem ]; then export PIP_CERT=/tmp/build/build-ca.pem; fi; \
+    python3 -c "import tomllib; \
+print('\n'.join(tomllib.load(open('/tmp/build/pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/build/requirements.txt; \
+    /opt/jupybox/app/bin/pip install --prefer-binary 'setuptools>=68' -r /tmp/build/requirements.txt
+COPY sandbox /tmp/build/src/sandbox
+COPY interpreter /tmp/build/src/interpreter
+COPY ui /tmp/build/src/ui
+COPY bench /tmp/build/src/bench
+# README.md is the package's long description only: an empty one keeps README edits from
+# rebuilding the image. Then the build tools leave the virtualenv.
+RUN set -eu; \
+    cp /tmp/build/pyproject.toml /tmp/build/src/; \
+    : > /tmp/build/src/README.md; \
+    /opt/jupybox/app/bin/pip install --no-deps --no-build-isolation /tmp/build/src; \
+    /opt/jupybox/app/bin/pip uninstall -y setuptools wheel pip; \
+    find /opt/jupybox/app/lib -type d -name tests -prune -exec rm -rf {} +
+
+# ---------------------------------------------------------------------------------------------
+# app: runs as uid 1000 (the entrypoint starts as root only to give that user the Docker socket's
+# group and the data folder, then drops every privilege; see deploy/entrypoint.sh).
+FROM ${BASE_IMAGE} AS app
+LABEL org.opencontainers.image.title="jupybox" \
+      org.opencontainers.image.description="jupybox serve: a sandboxed code interpreter (browser UI, HTTP API, OpenAI-compatible endpoint)" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      jupybox.image="app"
+
+RUN set -eu; \
+    if command -v useradd >/dev/null; then \
+        groupadd --gid 1000 jupybox; \
+        useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin jupybox; \
+    else \
+        echo 'jupybox:x:1000:' >> /etc/group; \
+        echo 'jupybox:x:1000:1000:jupybox:/tmp:/usr/sbin/nologin' >> /etc/passwd; \
+    fi; \
+    mkdir -p /var/lib/jupybox; \
+    chown 1000:1000 /var/lib/jupybox
+
+COPY --from=app-venv /opt/jupybox/app /opt/jupybox/app
+COPY deploy/entrypoint.sh /usr/local/bin/jupybox-entrypoint
+
+# JUPYBOX_HOME must be a path the host's Docker daemon sees as well (the sandboxes bind-mount
+# folders under it): mount the host folder of the same name here.
+ENV PATH=/opt/jupybox/app/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    LANG=C.UTF-8 \
+    HOME=/tmp \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    GRADIO_ANALYTICS_ENABLED=False \
+    JUPYBOX_HOME=/var/lib/jupybox \
+    JUPYBOX_HOST=0.0.0.0 \
+    JUPYBOX_PORT=7860 \
+    JUPYBOX_BACKEND=docker
+
+EXPOSE 7860
+# /healthz answers without a token. Python's urllib, because the image carries no curl.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('JUPYBOX_PORT', '7860'), timeout=4)"]
+ENTRYPOINT ["jupybox-entrypoint"]
+CMD ["jupybox", "serve"]

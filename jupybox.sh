@@ -9,8 +9,9 @@ cd "$(dirname "$(readlink -f "$0")")"
 
 APT_PACKAGES=(docker.io bubblewrap debootstrap python3-venv ca-certificates util-linux)
 # The browser tests drive Debian's Chromium (and need a CJK font to render Chinese); gVisor's runsc
-# is installed by its own setup script when its tests run.
-[ "${1:-}" = test ] && APT_PACKAGES+=(chromium chromium-driver fonts-wqy-microhei)
+# is installed by its own setup script when its tests run. The deploy tests run compose.yaml with
+# docker-compose (Debian 12 packages Compose v1 only).
+[ "${1:-}" = test ] && APT_PACKAGES+=(chromium chromium-driver fonts-wqy-microhei docker-compose)
 VENV=.venv
 say() { printf '\033[1m[jupybox setup]\033[0m %s\n' "$*" >&2; }
 

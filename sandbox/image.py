@@ -5,6 +5,10 @@
 Dockerfile and the files in ``sandbox/image/``), and ``jupybox-sandbox:latest``. A second call with
 the same sources finds the hash tag and returns at once without running ``docker build``.
 
+``build_image(target="app")`` builds the service image (``jupybox serve`` in a container, see
+``compose.yaml``) the same way: ``jupybox-app:<hash>`` and ``jupybox-app:latest``, the hash covering
+the Dockerfile, ``pyproject.toml``, the Python packages and ``deploy/entrypoint.sh``.
+
 The base image is found in this order: ``python:3.11-slim-bookworm`` if present locally, a
 ``jupybox-base:bookworm`` made here earlier, ``docker pull`` (bounded in time), and last a Debian
 root built with debootstrap and imported into Docker, for hosts without access to a registry.
@@ -31,11 +35,13 @@ from typing import IO
 from .config import SANDBOX_IMAGE  # "jupybox-sandbox:latest", what the docker backend runs
 from .errors import BackendUnavailable, SandboxError
 
-__all__ = ["SANDBOX_IMAGE", "build_image"]
+__all__ = ["APP_IMAGE", "SANDBOX_IMAGE", "TARGETS", "build_image"]
 
 logger = logging.getLogger(__name__)
 
 SANDBOX_REPOSITORY = "jupybox-sandbox"
+APP_REPOSITORY = "jupybox-app"
+APP_IMAGE = f"{APP_REPOSITORY}:latest"
 DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"
 DEBIAN_BASE_IMAGE = "jupybox-base:bookworm"
 DEBIAN_SUITE = "bookworm"
@@ -43,6 +49,11 @@ DEBIAN_SUITE = "bookworm"
 # certificates to verify HTTPS with.
 DEFAULT_DEBIAN_MIRROR = "http://deb.debian.org/debian"
 BUILD_TARGET = "sandbox"
+#: Dockerfile target -> the repository its image is tagged in.
+TARGETS = {BUILD_TARGET: SANDBOX_REPOSITORY, "app": APP_REPOSITORY}
+# What the app image installs, besides the Dockerfile (whole folders, caches left out).
+APP_SOURCES = ("pyproject.toml", "deploy/entrypoint.sh")
+APP_PACKAGES = ("sandbox", "interpreter", "ui", "bench")
 
 PULL_TIMEOUT_S = 25.0
 BUILD_TIMEOUT_S = 30 * 60.0
@@ -59,57 +70,67 @@ LogSink = Callable[[str], None]
 
 
 def build_image(
-    *, base_image: str | None = None, force: bool = False, on_log: LogSink | None = None
+    *,
+    target: str = BUILD_TARGET,
+    base_image: str | None = None,
+    force: bool = False,
+    on_log: LogSink | None = None,
 ) -> str:
-    """Make sure the sandbox image for the current sources exists; return its content tag.
+    """Make sure the image of ``target`` for the current sources exists; return its content tag.
 
-    The returned ``jupybox-sandbox:<hash>`` and ``SANDBOX_IMAGE`` (``:latest``) name the same image
-    afterwards. ``base_image`` overrides the base search (it must be present or pullable).
-    ``force`` rebuilds without Docker's layer cache, e.g. to pick up new releases of the
-    lower-bounded requirements. ``on_log`` receives each line of build output.
+    ``target`` is ``"sandbox"`` (the default: what the docker backend runs) or ``"app"`` (the
+    service, ``jupybox serve``). The returned ``<repository>:<hash>`` and ``<repository>:latest``
+    (``SANDBOX_IMAGE`` or ``APP_IMAGE``) name the same image afterwards. ``base_image`` overrides
+    the base search (it must be present or pullable). ``force`` rebuilds without Docker's layer
+    cache, e.g. to pick up new releases of the lower-bounded requirements. ``on_log`` receives
+    each line of build output.
 
     Raises ``BackendUnavailable`` when the Docker daemon cannot be reached and ``SandboxError``
-    when there is no Dockerfile (not a source checkout) or the build fails.
+    when the target is unknown, there is no Dockerfile (not a source checkout) or the build fails.
     """
+    if target not in TARGETS:
+        raise SandboxError(f"unknown image target {target!r}: choose one of {', '.join(TARGETS)}")
+    repository = TARGETS[target]
+    latest = f"{repository}:latest"
     root = _repository_root()
-    sources = _image_sources(root)
+    sources = _image_sources(root) if target == BUILD_TARGET else _app_sources(root)
     digest = _content_hash(root, sources, base_image)
-    tag = f"{SANDBOX_REPOSITORY}:{digest}"
+    tag = f"{repository}:{digest}"
     _check_daemon()
 
     built = None if force else _image_id(tag)
     if built is not None:
-        if _image_id(SANDBOX_IMAGE) != built:
-            _docker("tag", tag, SANDBOX_IMAGE)
-        logger.info("sandbox image %s is up to date", tag)
+        if _image_id(latest) != built:
+            _docker("tag", tag, latest)
+        logger.info("%s image %s is up to date", target, tag)
         return tag
 
     base = _resolve_base(base_image, on_log)
-    logger.info("building sandbox image %s from %s", tag, base)
+    logger.info("building %s image %s from %s", target, tag, base)
     with tempfile.TemporaryDirectory(prefix="jupybox-build-") as context:
         # A context of exactly the hashed files keeps the hash honest and the upload small.
         for path in sources:
-            target = Path(context, path.relative_to(root))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
+            copy = Path(context, path.relative_to(root))
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, copy)
         ca_bundle = _extra_ca_bundle()
         if ca_bundle is not None:
             logger.info("passing %s to pip inside the build", ca_bundle)
             shutil.copyfile(ca_bundle, Path(context, "build-ca.pem"))
-        command = ["docker", "build", "--network", "host", "--target", BUILD_TARGET]
+        command = ["docker", "build", "--network", "host", "--target", target]
         if force:
             command.append("--no-cache")
         command += [
             "--build-arg", f"BASE_IMAGE={base}",
             "--label", f"jupybox.image.content={digest}",
             "--tag", tag,
-            "--tag", SANDBOX_IMAGE,
+            "--tag", latest,
             context,
         ]
         rc, tail = _stream(command, on_log, timeout=BUILD_TIMEOUT_S)
     if rc != 0:
         raise SandboxError(
-            f"building the sandbox image failed (docker build exited with {rc}); "
+            f"building the {target} image failed (docker build exited with {rc}); "
             "last lines of its output:\n" + "\n".join(tail)
         )
     return tag
@@ -136,6 +157,23 @@ def _image_sources(root: Path) -> list[Path]:
     for path in sorted((root / "sandbox" / "image").rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
             files.append(path)
+    return files
+
+
+def _app_sources(root: Path) -> list[Path]:
+    """Every file the app image is built from: the Dockerfile, ``APP_SOURCES`` and the packages.
+
+    The packages include ``sandbox/image/``: the legacy builder builds the sandbox stages on the
+    way to the app target, so they must be in its context too.
+    """
+    files = [root / "Dockerfile", *(root / name for name in APP_SOURCES)]
+    for package in APP_PACKAGES:
+        for path in sorted((root / package).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                files.append(path)
+    missing = [str(path.relative_to(root)) for path in files if not path.is_file()]
+    if missing:
+        raise SandboxError(f"the app image needs {', '.join(missing)}, missing from the checkout {root}")
     return files
 
 
