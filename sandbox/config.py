@@ -19,7 +19,7 @@ class Limits:
     tmp_mb: int = 256  # tmpfs at /tmp
     output_bytes: int = 100_000  # stdout+stderr text kept per execution (head + tail)
     max_images: int = 20  # images kept per execution
-    max_image_bytes: int = 10_000_000
+    max_image_bytes: int = 10_000_000  # raw bytes; at most ~11 MB (the host refuses messages over 16 MiB)
     file_bytes: int = 100_000_000  # one workspace file
     workspace_bytes: int = 500_000_000  # a workspace as a whole
 

@@ -9,6 +9,7 @@ flood of output cannot grow this process's memory.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import queue
 import logging
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import zmq
+import zmq.asyncio
 from jupyter_client.asynchronous import AsyncKernelClient
 
 from .errors import SandboxError
@@ -69,7 +72,6 @@ class RawResult:
     died: bool = False  # the kernel process disappeared while we waited
     dropped: int = 0  # output bytes dropped (kernel side and here)
     ask_exit: bool = False  # the code called exit()
-    images_dropped: int = 0
 
 
 class OutputCollector:
@@ -83,6 +85,7 @@ class OutputCollector:
         self.max_image_bytes = max_image_bytes
         self.on_output = on_output
         self.text_bytes = 0
+        self.rich_bytes = 0
         self.images = 0
 
     def _emit(self, out: Output) -> None:
@@ -98,51 +101,87 @@ class OutputCollector:
                 log.exception("output callback failed")
 
     def handle(self, msg: dict[str, Any]) -> None:
-        kind = msg["header"]["msg_type"]
-        content = msg["content"]
-        if kind == "stream":
-            text = content.get("text", "")
-            for m in TRUNCATION_RE.finditer(text):
-                self.result.dropped += int(m.group(1))
-            room = self.budget - self.text_bytes
-            if room <= 0:
-                self.result.dropped += len(text)
-                return
-            if len(text) > room:
-                self.result.dropped += len(text) - room
-                text = text[:room]
+        """Take one iopub message. The kernel is hostile and knows the signing key, so a malformed
+        message is dropped (and counted), never allowed to break the execution."""
+        try:
+            self._handle(msg["header"]["msg_type"], msg["content"])
+        except Exception:
+            log.debug("dropped a malformed kernel message", exc_info=True)
+            self.result.dropped += 1
+
+    def _take_text(self, text: str, rich: bool = False) -> str | None:
+        """Charge ``text`` to the execution's budget (streams and rich outputs each have one, so a
+        flood of HTML does not hide the last print): all of it, a head, or nothing."""
+        for m in TRUNCATION_RE.finditer(text):  # what the kernel already dropped
+            self.result.dropped += int(m.group(1))
+        used = self.rich_bytes if rich else self.text_bytes
+        room = self.budget - used
+        if room <= 0:
+            self.result.dropped += len(text)
+            return None
+        if len(text) > room:
+            self.result.dropped += len(text) - room
+            text = text[:room]
+        if rich:
+            self.rich_bytes += len(text)
+        else:
             self.text_bytes += len(text)
-            self._emit(Output(kind="stream", name=content.get("name", "stdout"), text=text))
+        return text
+
+    def _handle(self, kind: str, content: dict[str, Any]) -> None:
+        if kind == "stream":
+            kept = self._take_text(str(content.get("text", "")))
+            if kept is not None:
+                self._emit(Output(kind="stream", name=str(content.get("name", "stdout")), text=kept))
         elif kind in ("execute_result", "display_data"):
             data = dict(content.get("data", {}))
             for mime in [m for m in data if m.startswith("image/")]:
                 size = len(data[mime])
-                if self.images >= self.max_images or size > self.max_image_bytes:
+                if self.images >= self.max_images or size > self.max_image_bytes * 4 // 3 + 4:  # base64
                     del data[mime]
-                    self.result.images_dropped += 1
                     self.result.dropped += size
             if any(m.startswith("image/") for m in data):
                 self.images += 1
+            for mime in [m for m in data if not m.startswith("image/")]:  # text, html, json ...
+                value = data[mime]
+                text = value if isinstance(value, str) else json.dumps(value)
+                kept = self._take_text(text, rich=True)
+                if kept is None or (kept != text and not isinstance(value, str)):
+                    del data[mime]  # over budget (structured data is not cut in the middle)
+                elif isinstance(value, str):
+                    data[mime] = kept
             if not data:
                 return
-            plain = data.get("text/plain")
-            if isinstance(plain, str) and len(plain) > self.budget:
-                self.result.dropped += len(plain) - self.budget
-                data["text/plain"] = plain[: self.budget]
             self._emit(Output(kind="result" if kind == "execute_result" else "display", data=data,
-                              metadata=content.get("metadata") or None))
+                              metadata=content.get("metadata") if len(json.dumps(content.get("metadata") or {})) < 4096 else None))
         elif kind == "error":
-            self._emit(Output(kind="error", ename=content.get("ename"), evalue=content.get("evalue"),
-                              traceback=[strip_ansi(t) for t in content.get("traceback", [])]))
+            evalue = self._take_text(str(content.get("evalue", ""))) or ""
+            traceback = self._take_text("\n".join(strip_ansi(str(t)) for t in content.get("traceback", []))) or ""
+            self._emit(Output(kind="error", ename=str(content.get("ename", ""))[:200], evalue=evalue,
+                              traceback=traceback.split("\n") if traceback else []))
         elif kind == "execute_input":
             self.result.execution_count = content.get("execution_count")
+
+
+MAX_MESSAGE_BYTES = 16 << 20  # over the largest image (10 MB raw, base64) plus its JSON
+RECEIVE_QUEUE = 32  # messages ZMQ holds for us while no execution is reading
+
+
+@functools.lru_cache(maxsize=1)
+def _bounded_context() -> zmq.asyncio.Context:
+    """One ZMQ context whose sockets refuse oversized messages and queue few: what a kernel sends
+    between executions, or in one huge message, cannot grow this process's memory unboundedly."""
+    ctx = zmq.asyncio.Context()
+    ctx.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    ctx.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
+    return ctx
 
 
 class KernelClient:
     """A connection to one kernel. Not thread-safe; one execution at a time (the session locks)."""
 
     def __init__(self, connection_info: dict[str, Any]) -> None:
-        self._client = AsyncKernelClient()
+        self._client = AsyncKernelClient(context=_bounded_context())
         self._client.load_connection_info(connection_info)
         self._client.session.key = connection_info["key"].encode()
 

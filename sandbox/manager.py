@@ -63,6 +63,7 @@ class SessionManager:
         self._reaper: asyncio.Task | None = None
         self._started = False
         self._closing = False
+        self._starting = 0  # sessions being started by create(), counted against max_sessions
 
     async def __aenter__(self) -> SessionManager:
         await self.start()
@@ -104,8 +105,9 @@ class SessionManager:
         if not self._started:
             await self.start()
         if self._closing:
-            raise SessionClosed("the session manager is shutting down")
-        if len(self._sessions) >= self.settings.max_sessions:
+            raise SandboxError("the sandbox is shutting down: try again once it is back")
+        # sessions still starting count too, or concurrent callers could all pass the check
+        if len(self._sessions) + self._starting >= self.settings.max_sessions:
             raise CapacityError(
                 f"{len(self._sessions)} sessions are open, the limit is {self.settings.max_sessions}: "
                 "close idle sessions or raise max_sessions"
@@ -113,7 +115,14 @@ class SessionManager:
         custom = limits is not None and limits != self.settings.limits
         session = self._pool.pop(0) if self._pool and not custom else None
         if session is None:
-            session = await self._new_session(limits if custom else None)
+            self._starting += 1
+            try:
+                session = await self._new_session(limits if custom else None)
+            finally:
+                self._starting -= 1
+            if self._closing:  # shut down while it started: do not hand out an unmanaged kernel
+                await session.close()
+                raise SandboxError("the sandbox is shutting down: try again once it is back")
         self._sessions[session.id] = session
         session.last_used = time.monotonic()
         self._schedule_refill()
@@ -168,10 +177,13 @@ class SessionManager:
             await asyncio.sleep(min(max(ttl / 4, 0.5), 30))
             now = time.monotonic()
             for sid, session in list(self._sessions.items()):
-                if now - session.last_used > ttl and not session._lock.locked():
+                if now - session.last_used > ttl and not session.busy:
                     log.info("closing session %s after %.0f s idle", sid, now - session.last_used)
                     self._sessions.pop(sid, None)
-                    await session.close()
+                    try:
+                        await session.close()
+                    except Exception:  # one bad session must not end reaping for the others
+                        log.exception("closing idle session %s failed", sid)
 
     async def shutdown(self) -> None:
         """Close every session and the pool; nothing is left running. Idempotent."""

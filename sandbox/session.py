@@ -58,6 +58,15 @@ class Session:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def busy(self) -> bool:
+        """An execution is running or waiting; callers doing longer work (a chat turn) call
+        ``touch()`` so the idle reaper leaves the session alone."""
+        return self._lock.locked()
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
     # -- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Start the kernel and wait until it answers; on failure nothing is left running."""
@@ -100,7 +109,8 @@ class Session:
         return KernelSpec(limits=lim, 
             session_id=self.id, owner=self.owner, runtime_dir=self.runtime_dir,
             workspace_dir=self.workspace.root,
-            env={"JUPYBOX_OUTPUT_LIMIT": str(lim.output_bytes), "JUPYBOX_SESSION": self.id},
+            env={"JUPYBOX_OUTPUT_LIMIT": str(lim.output_bytes), "JUPYBOX_IMAGE_LIMIT": str(lim.max_image_bytes),
+                 "JUPYBOX_SESSION": self.id},
         )
 
     async def _stop_kernel(self) -> None:
@@ -128,8 +138,16 @@ class Session:
             self._client.interrupt()
 
     async def close(self, keep_workspace: bool = False) -> None:
-        """Stop the kernel and remove the session's folders. Idempotent."""
+        """Stop the kernel and remove the session's folders. Idempotent. A running execution is
+        interrupted first and given the grace period to return (it then raises ``SessionClosed``)."""
         self._closed = True
+        if self._lock.locked():
+            self.interrupt()
+            try:
+                await asyncio.wait_for(self._lock.acquire(), self.settings.interrupt_grace_s + 2)
+                self._lock.release()
+            except asyncio.TimeoutError:
+                pass
         await self._stop_kernel()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
         if not keep_workspace:
@@ -152,6 +170,12 @@ class Session:
             self.executions += 1
             try:
                 return await self._execute(code, timeout, on_output)
+            except SessionClosed:
+                raise
+            except Exception:
+                if self._closed:  # closed under our feet: the kernel's channels went away
+                    raise SessionClosed(f"session {self.id} was closed during the execution") from None
+                raise
             finally:
                 self.last_used = time.monotonic()
 
@@ -194,7 +218,7 @@ class Session:
             duration_s=round(time.monotonic() - t0, 4), truncated=raw.dropped,
             state_lost=state_lost, reason=reason,
         )
-        execution.images = self._save_images(raw.outputs)
+        execution.images = await asyncio.to_thread(self._save_images, raw.outputs)  # file IO off the loop
         return execution
 
     def _save_images(self, outputs: list[Output]) -> list[ImageFile]:
@@ -206,11 +230,14 @@ class Session:
             if mime is None:
                 continue
             raw = out.data[mime]
-            data = raw.encode() if mime == "image/svg+xml" else base64.b64decode(raw)
+            try:
+                data = raw.encode() if mime == "image/svg+xml" else base64.b64decode(raw)
+            except (ValueError, TypeError, AttributeError):  # the kernel sent garbage
+                continue
             try:  # the code may have made figures/ a symlink, a file or a FIFO: then the image is dropped
                 name = self._next_figure_name(IMAGE_EXT[mime])
                 f = self.workspace.write(name, data)
-            except WorkspaceError as exc:
+            except (WorkspaceError, OSError) as exc:
                 log.warning("image not saved in session %s: %s", self.id, exc)
                 continue
             saved.append(ImageFile(path=f.path, mime=mime, size=f.size))

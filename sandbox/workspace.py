@@ -9,6 +9,7 @@ crosses a symlink.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from collections.abc import Iterator
@@ -20,7 +21,11 @@ from typing import BinaryIO
 from .config import Limits
 from .errors import QuotaExceeded, WorkspaceError, WorkspacePathError
 
+log = logging.getLogger(__name__)
+
 CHUNK = 1 << 20
+MAX_LISTED = 20_000  # entries a listing reads, so a tree the sandbox floods cannot stall the host
+MAX_DEPTH = 64
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -170,17 +175,39 @@ class Workspace:
         return self._size_of(name) is not None
 
     def list(self) -> list[WorkspaceFile]:
-        """Regular files, recursively, without following symlinks."""
+        """Regular files, recursively, sorted by path. The sandbox controls this tree, so the walk
+        never follows a symlink (each folder is opened relative to its parent's descriptor with
+        ``O_NOFOLLOW``), is iterative (no recursion limit), and stops after ``MAX_LISTED`` entries
+        or ``MAX_DEPTH`` levels."""
         files: list[WorkspaceFile] = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
-            dirnames.sort()
-            for fn in sorted(filenames):
-                full = os.path.join(dirpath, fn)
-                st = os.lstat(full)
-                if stat.S_ISREG(st.st_mode):
-                    rel = os.path.relpath(full, self.root).replace(os.sep, "/")
-                    files.append(WorkspaceFile(rel, st.st_size, st.st_mtime))
-        return files
+        seen = 0
+        stack: list[tuple[int, str, int]] = [(os.open(self.root, DIR_FLAGS), "", 0)]
+        try:
+            while stack and seen < MAX_LISTED:
+                fd, prefix, depth = stack.pop()
+                try:
+                    with os.scandir(fd) as entries:
+                        for entry in entries:
+                            seen += 1
+                            if seen > MAX_LISTED:
+                                break
+                            try:
+                                st = entry.stat(follow_symlinks=False)
+                                if stat.S_ISREG(st.st_mode):
+                                    files.append(WorkspaceFile(prefix + entry.name, st.st_size, st.st_mtime))
+                                elif stat.S_ISDIR(st.st_mode) and depth < MAX_DEPTH:
+                                    sub = os.open(entry.name, DIR_FLAGS, dir_fd=fd)
+                                    stack.append((sub, f"{prefix}{entry.name}/", depth + 1))
+                            except OSError:  # removed or swapped for a symlink meanwhile
+                                continue
+                finally:
+                    os.close(fd)
+        finally:
+            for fd, _, _ in stack:
+                os.close(fd)
+        if seen > MAX_LISTED:
+            log.warning("workspace %s has more than %d entries; listed the first ones", self.root, MAX_LISTED)
+        return sorted(files, key=lambda f: f.path)
 
     def usage(self) -> int:
         return sum(f.size for f in self.list())

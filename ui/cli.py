@@ -1,7 +1,7 @@
 """The ``jupybox`` command line.
 
 Subcommands: ``exec`` (run code in a fresh sandbox session), ``serve`` (the browser UI and HTTP API),
-``demo``, ``sandbox build-image`` / ``sandbox cleanup``, ``bench sandbox``. Errors are printed as one
+``demo``, ``sandbox build-image`` / ``sandbox cleanup``, ``bench sandbox``, ``bench model``. Errors are printed as one
 sentence with a next step; no traceback reaches the user (``--debug`` shows it).
 """
 
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = ssub.add_parser("build-image", help="build the sandbox image (from Debian packages if no base image can be pulled)")
     b.add_argument("--base-image", help="base image (default python:3.11-slim-bookworm)")
     b.add_argument("--force", action="store_true", help="rebuild even if the image is up to date")
+    b.add_argument("--target", choices=("sandbox", "app"), default="sandbox",
+                   help="sandbox: the kernel image (default); app: the service image, `jupybox serve` (compose.yaml)")
     c = ssub.add_parser("cleanup", help="remove sandbox containers and folders left by dead jupybox processes")
     _add_sandbox_flags(c)
 
@@ -103,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=10, help="samples per figure")
     b.add_argument("--max-sessions", type=int, default=40, help="stop the capacity probe here")
     _add_sandbox_flags(b)
+    m = bsub.add_parser("model", help="decode speed, time to first token and peak GPU memory of the local model backend")
+    from bench.model import add_model_flags as add_bench_model_flags
+    add_bench_model_flags(m)
     return parser
 
 
@@ -171,7 +176,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sandbox" and args.action == "build-image":
         from sandbox.image import build_image
 
-        tag = await asyncio.to_thread(build_image, base_image=args.base_image, force=args.force,
+        tag = await asyncio.to_thread(build_image, target=args.target, base_image=args.base_image, force=args.force,
                                       on_log=lambda line: print(line, file=sys.stderr))
         print(tag)
         return 0
@@ -185,6 +190,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from bench.sandbox import run_sandbox_bench
 
         return await run_sandbox_bench(_settings(args), runs=args.runs, max_sessions=args.max_sessions, as_json=args.json)
+    if args.command == "bench" and args.target == "model":
+        from bench.model import run_model_bench
+
+        return await asyncio.to_thread(run_model_bench, args)
     if args.command == "eval":
         from bench.eval import run_eval_command
 

@@ -11,6 +11,11 @@ generation outlives its stream. One generation runs at a time per loaded model: 
 batch-1 sequence at full speed, and concurrent ``generate`` calls would only share it badly and
 multiply KV-cache memory, so callers queue on a lock instead.
 
+With ``fast`` (default ``"auto"``: on a CUDA GPU) a Qwen/Llama-family checkpoint folder, bf16 or
+GPTQ 4-bit, is served by ``fastpath.FastDecoder`` instead: static KV cache, compiled decode step
+replayed as CUDA graphs, int4 matrix products; no GPTQ library needed. Checkpoints it does not
+cover fall back to ``generate`` (``fast=True`` refuses instead, ``fast=False`` never tries).
+
 torch and transformers are imported when a model loads, so this module imports without them.
 """
 
@@ -90,8 +95,9 @@ class TransformersLLM(LLM):
 
     def __init__(self, model: str, *, device_map: str | dict[str, Any] = "auto", dtype: str = "auto",
                  trust_remote_code: bool = True, max_context: int | None = None,
-                 allow_download: bool | None = None) -> None:
+                 allow_download: bool | None = None, fast: bool | str = "auto") -> None:
         self.model_id, self.device_map, self.dtype = model, device_map, dtype
+        self.fast = fast
         # Never reach a model hub unless asked: a self-hosted server may have no (or watched) egress.
         self.allow_download = (os.environ.get("JUPYBOX_ALLOW_DOWNLOADS") == "1") if allow_download is None else allow_download
         self.trust_remote_code = trust_remote_code
@@ -100,6 +106,7 @@ class TransformersLLM(LLM):
         self.model_family = "qwen" if kind.lower().startswith("qwen") else ""
         self._tokenizer: Any = None
         self._model: Any = None
+        self._fast: Any = None  # a fastpath.FastDecoder when the fast path serves this model
         self._eos_ids: list[int] = []
         self._load_lock = asyncio.Lock()
         self._queue = asyncio.Lock()  # callers wait here, cancellably
@@ -109,12 +116,14 @@ class TransformersLLM(LLM):
     async def load(self) -> None:
         """Load tokenizer and weights in a thread (minutes for a 7B model); idempotent."""
         async with self._load_lock:
-            if self._model is None:
+            if self._model is None and self._fast is None:
                 await asyncio.to_thread(self._load)
 
     def _load(self) -> None:
         started = time.monotonic()
         cfg = self._config()
+        if self._load_fast(cfg):
+            return
         quant = getattr(cfg, "quantization_config", None)
         method = (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None))
         method = str(getattr(method, "value", method) or "")
@@ -151,6 +160,39 @@ class TransformersLLM(LLM):
         self._tokenizer, self._model, self._eos_ids = tokenizer, model, eos
         logger.info("loaded %s (%s, quantization %s) on %s in %.1f s", self.model_id, getattr(cfg, "model_type", "?"),
                     method or "none", getattr(model, "device", "?"), time.monotonic() - started)
+
+    def _load_fast(self, cfg: Any) -> bool:
+        """Serve the model with the fast path where asked and possible; False: use ``generate``."""
+        import torch
+
+        on_cpu = self.device_map == "cpu" or not torch.cuda.is_available()
+        folder = Path(self.model_id).expanduser()
+        if self.fast is False or (self.fast == "auto" and (on_cpu or not folder.is_dir())):
+            return False
+        from interpreter.llm import fastpath
+
+        started = time.monotonic()
+        try:
+            if not folder.is_dir():
+                raise fastpath.FastPathUnsupported("the fast path reads local checkpoint folders only")
+            fast = fastpath.load_checkpoint(folder, device="cpu" if on_cpu else "cuda",
+                                            dtype=torch.float32 if on_cpu else torch.bfloat16,
+                                            max_seq=self.max_context or 8192)
+        except fastpath.FastPathUnsupported as exc:
+            if self.fast is True:
+                raise ModelUnavailable(f"The fast path cannot serve {self.model_id}: {exc} (pass fast=False).") from exc
+            logger.info("fast path not used for %s: %s", self.model_id, exc)
+            return False
+        tokenizer = self._load_tokenizer()
+        self.max_context = fast.max_seq
+        self.model_family = "qwen" if fast.shape.naming.startswith("qwen") else self.model_family
+        eos: list[int] = []
+        for ids in (getattr(cfg, "eos_token_id", None), tokenizer.eos_token_id,
+                    *(_single_token(tokenizer, t) for t in CHAT_END_TOKENS)):
+            eos += [i for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int) and i not in eos]
+        self._tokenizer, self._fast, self._eos_ids = tokenizer, fast, eos
+        logger.info("loaded %s on the fast path (%s) in %.1f s", self.model_id, fast.device, time.monotonic() - started)
+        return True
 
     def _config(self) -> Any:
         path = Path(self.model_id).expanduser()
@@ -189,7 +231,9 @@ class TransformersLLM(LLM):
         return len(self._tokenizer.encode(text, add_special_tokens=False))
 
     async def close(self) -> None:
-        self._model = None
+        if self._model is None and self._fast is None:
+            return  # nothing loaded (maybe torch is not even installed)
+        self._model = self._fast = None
         gc.collect()
         import torch
 
@@ -211,7 +255,8 @@ class TransformersLLM(LLM):
         from transformers import AsyncTextIteratorStreamer, StoppingCriteriaList
 
         await self.load()
-        tok, model = self._tokenizer, self._model
+        tok = self._tokenizer
+        device = self._fast.device if self._fast is not None else self._model.device
         # a rendered chat template already has its BOS; a raw prompt gets the tokenizer's usual one
         enc = tok(self.render(request), return_tensors="pt", add_special_tokens=request.prompt is not None)
         prompt_len = int(enc["input_ids"].shape[1])
@@ -227,8 +272,8 @@ class TransformersLLM(LLM):
             streamer = AsyncTextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
             pad = tok.pad_token_id if tok.pad_token_id is not None else (self._eos_ids or [0])[0]
             kwargs: dict[str, Any] = {
-                "input_ids": enc["input_ids"].to(model.device),
-                "attention_mask": enc["attention_mask"].to(model.device),
+                "input_ids": enc["input_ids"].to(device),
+                "attention_mask": enc["attention_mask"].to(device),
                 "streamer": streamer, "max_new_tokens": max_new, "do_sample": sampling,
                 "stopping_criteria": StoppingCriteriaList([_StopWhen(tok, prompt_len, request.stop, halt)]),
                 "eos_token_id": self._eos_ids, "pad_token_id": pad,
@@ -281,6 +326,9 @@ class TransformersLLM(LLM):
                     return
                 if seed is not None:
                     torch.manual_seed(seed)
+                if self._fast is not None:
+                    result["ids"] = self._fast_generate(kwargs, seed)
+                    return
                 out = self._model.generate(**kwargs)
                 result["ids"] = out[0, kwargs["input_ids"].shape[1]:].tolist()
         except Exception as exc:  # reported by stream(), which owns the caller
@@ -291,6 +339,30 @@ class TransformersLLM(LLM):
                 streamer.on_finalized_text("", stream_end=True)  # never leave the reader waiting
             except RuntimeError:  # the reader's event loop is already closed
                 pass
+
+    def _fast_generate(self, kwargs: dict[str, Any], seed: int | None) -> list[int]:
+        """``generate``'s contract on the fast path: the same streamer, stopping criteria and end tokens."""
+        import torch
+
+        prompt = kwargs["input_ids"][0].tolist()
+        streamer, criteria, eos = kwargs["streamer"], kwargs["stopping_criteria"], set(kwargs["eos_token_id"])
+        streamer.put(kwargs["input_ids"].cpu())  # the prompt, which the streamer skips
+        seen = torch.zeros((1, len(prompt) + kwargs["max_new_tokens"]), dtype=torch.long)
+        seen[0, :len(prompt)] = torch.tensor(prompt)
+        generator = None
+        if seed is not None and kwargs["do_sample"]:
+            generator = torch.Generator(self._fast.device).manual_seed(seed)
+        ids: list[int] = []
+        done = False
+        for token in self._fast.generate(prompt, kwargs["max_new_tokens"], generator=generator,
+                                         temperature=kwargs.get("temperature", 1.0) if kwargs["do_sample"] else 0.0,
+                                         top_p=kwargs.get("top_p", 1.0), stop=lambda _: done):
+            ids.append(token)
+            seen[0, len(prompt) + len(ids) - 1] = token
+            streamer.put(torch.tensor([token]))
+            done = token in eos or bool(criteria(seen[:, :len(prompt) + len(ids)], None).all())
+        streamer.end()
+        return ids
 
 
 async def _set_when(cancel: asyncio.Event, halt: threading.Event) -> None:

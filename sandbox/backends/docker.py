@@ -103,6 +103,8 @@ class DockerBackend(Backend):
             },
             labels={LABEL: "1", f"{LABEL}.session": spec.session_id, f"{LABEL}.owner": spec.owner},
             runtime=self.settings.docker_runtime,
+            # the kernel can write to its stdout file descriptor directly: keep the daemon's log small
+            log_config={"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
         ))
         try:
             container = await asyncio.shield(run)

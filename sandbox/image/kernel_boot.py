@@ -122,6 +122,42 @@ def pipe_forked_output_over_ipc():
         iostream.IOPubThread._setup_pipe_out = setup_pipe_out
 
 
+def cap_bundle(data, text_limit, image_limit):
+    """A MIME bundle whose values fit the limits: long text is cut (with a note), an image or
+    structured value that is too large is replaced by a note, so no message outgrows what the
+    host accepts."""
+    import json
+
+    capped = {}
+    for mime, value in dict(data or {}).items():
+        size = len(value) if isinstance(value, str) else len(json.dumps(value, default=str))
+        limit = image_limit if mime.startswith("image/") else text_limit
+        if size <= limit:
+            capped[mime] = value
+        elif isinstance(value, str) and not mime.startswith("image/"):
+            capped[mime] = value[:limit] + "\n" + TRUNCATION_MARK.format(size - limit)
+        else:
+            note = "[jupybox: a {} output of {} bytes was dropped: over the limit]".format(mime, size)
+            capped["text/plain"] = note if "text/plain" not in capped else capped["text/plain"] + "\n" + note
+    return capped
+
+
+def cap_rich_outputs(shell, text_limit, image_limit):
+    """Apply ``cap_bundle`` to display() outputs and to cell results."""
+    publish = shell.display_pub.publish
+
+    def capped_publish(data, metadata=None, *args, **kwargs):
+        return publish(cap_bundle(data, text_limit, image_limit), metadata, *args, **kwargs)
+
+    shell.display_pub.publish = capped_publish
+    write_format_data = shell.displayhook.write_format_data
+
+    def capped_write_format_data(format_dict, md_dict=None):
+        return write_format_data(cap_bundle(format_dict, text_limit, image_limit), md_dict)
+
+    shell.displayhook.write_format_data = capped_write_format_data
+
+
 def main(argv):
     seed_matplotlib_config()
     pipe_forked_output_over_ipc()
@@ -136,6 +172,8 @@ def main(argv):
     shell = app.shell
     shell.events.register("pre_execute", budget.reset)
     shell.events.register("post_execute", budget.finish)
+    image_limit = int(os.environ.get("JUPYBOX_IMAGE_LIMIT", "10000000")) * 4 // 3 + 4  # base64 of the raw limit
+    cap_rich_outputs(shell, limit, image_limit)
     app.start()
 
 
