@@ -1,0 +1,338 @@
+"""``jupybox bench model``: decode speed, time to first token and peak GPU memory of the local
+model backend's fast path, beside plain ``transformers.generate`` measured in the same run, the
+memory-bandwidth bound, and the figures the Qwen-7B-Chat-Int4 model card publishes. Figures, never
+pass/fail.
+
+Definitions (the model card's): decode tokens/s is new tokens over the time after the first one,
+from a 1-token context, batch 1, greedy, with a host read of every token (what streaming costs);
+time to first token is for a 2048-token prompt; peak memory is ``torch.cuda.max_memory_allocated``
+while encoding 2048 tokens and while generating the largest ``--tokens`` count, the model alone on
+the GPU. The bound is weight bytes (+ the KV cache read at the mean context) over a measured
+device-to-device copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+# Qwen-7B-Chat-Int4 model card: A100-80G, PyTorch 2.0.1, batch 1
+CARD = {"int4": {"decode_2048": 50.09, "decode_8192": 38.61, "mem_encode_2048_gb": 8.21, "mem_generate_8192_gb": 13.63},
+        "bf16": {"decode_2048": 40.93, "decode_8192": 36.14, "mem_encode_2048_gb": 16.99, "mem_generate_8192_gb": 22.53}}
+
+
+def add_model_flags(p: Any) -> None:
+    p.add_argument("--shape", default="qwen-7b", choices=["qwen-7b"], help="random weights of this shape")
+    p.add_argument("--model", help="a local checkpoint folder instead of random weights")
+    p.add_argument("--dtype", default="bf16,int4", help="bf16, int4 or both, comma-separated")
+    p.add_argument("--tokens", default="2048,8192", help="new-token counts for decode speed")
+    p.add_argument("--baseline", default="static,default",
+                   help="plain generate baselines to measure: static, default (comma-separated), or none")
+    p.add_argument("--default-cache-tokens", type=int, default=256,
+                   help="new tokens for the default-cache baseline (it is slow: ~13 tokens/s)")
+    p.add_argument("--out", type=Path, help="also write the JSON here, updated after every phase")
+    p.add_argument("--json", action="store_true")
+
+
+def _sync() -> None:
+    import torch
+
+    torch.cuda.synchronize()
+
+
+def copy_bandwidth() -> float:
+    """Bytes read plus written per second by a 1 GiB device-to-device copy (median of 20)."""
+    import torch
+
+    a = torch.empty(1 << 29, dtype=torch.float16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    return 2 * (1 << 30) / statistics.median(times[5:])
+
+
+def _decode_rate(decoder: Any, n: int) -> dict[str, float]:
+    stamps: list[float] = []
+    for _ in decoder.generate([13], n):
+        stamps.append(time.perf_counter())
+    return {"tokens": len(stamps), "tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+
+
+def _ttft(decoder: Any, prompt_len: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    prompt = torch.randint(0, decoder.shape.vocab, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        t0 = time.perf_counter()
+        next(iter(decoder.generate(prompt, 1)))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def _peak(fn: Any) -> float:
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    _sync()
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def bench_fast(decoder: Any, label: str, tokens: list[int], report: dict[str, Any], save: Any) -> None:
+    """TTFT and encode-2048 memory with a 2049-position cache, then decode speed for each count
+    with a cache of the largest; the peak of the largest run is the 'generating' memory."""
+    import torch
+
+    r: dict[str, Any] = report.setdefault("fast", {}).setdefault(label, {})
+    r["weight_gb"] = (sum(b.numel() * b.element_size() for n, b in decoder.named_buffers() if "cache" not in n)) / 1e9
+    decoder.set_max_seq(2049)
+    r["mem_encode_2048_gb"] = _peak(lambda: _ttft(decoder, 2048, repeats=1))
+    r["ttft_2048_ms"] = _ttft(decoder) * 1e3
+    save()
+    decoder.set_max_seq(max(tokens) + 1)
+    t0 = time.perf_counter()
+    decoder.warm_up()
+    r["compile_and_capture_s"] = time.perf_counter() - t0
+    _decode_rate(decoder, 64)
+    for n in sorted(tokens):
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats()
+        r[f"decode_{n}"] = _decode_rate(decoder, n)["tok_s"]
+        r[f"mem_generate_{n}_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        save()
+
+
+def hf_model(shape: Any) -> Any:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.d_model, intermediate_size=shape.ffn,
+                         num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
+                         num_key_value_heads=shape.n_kv_heads, max_position_embeddings=32768,
+                         rope_theta=shape.rope_theta, rms_norm_eps=shape.eps, tie_word_embeddings=False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def _hf_generate(model: Any, prompt: list[int], n: int, stop_after: int | None = None, **kw: Any) -> tuple[list[int], float]:
+    """Greedy ``generate``; returns the new tokens and decode tokens/s after the first."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+    stamps: list[float] = []
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            if not stamps:
+                torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
+            return scores
+
+    class After(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **k: Any) -> Any:
+            done = stop_after is not None and input_ids.shape[1] - len(prompt) >= stop_after
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    ids = torch.tensor([prompt], device="cuda")
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         logits_processor=LogitsProcessorList([Stamp()]),
+                         stopping_criteria=StoppingCriteriaList([After()]), pad_token_id=0, **kw)
+    _sync()
+    new = out[0, len(prompt):].tolist()
+    return new, (len(new) - 1) / (time.perf_counter() - stamps[0])
+
+
+def bench_plain_and_check(shape: Any, tokens: list[int], baselines: list[str], default_tokens: int,
+                          report: dict[str, Any], save: Any) -> Any:
+    """Plain ``generate`` on a random Qwen2 model of the shape, and the fast decoder built from the
+    very same weights: greedy equality and logits error, then the baselines. Returns the bf16
+    fast decoder (sharing what it can with the HF model, which is then dropped)."""
+    import torch
+
+    from interpreter.llm import fastpath
+
+    model = hf_model(shape)
+    decoder = fastpath.FastDecoder(fastpath.DecoderShape(**{**dataclasses.asdict(shape), "max_context": 32768}),
+                                   fastpath.TensorSource(model.state_dict()), max_seq=max(tokens) + 1, device="cuda")
+    prompt = torch.randint(0, shape.vocab, (32,), generator=torch.Generator().manual_seed(7)).tolist()
+    n = 64
+    plain, _ = _hf_generate(model, prompt, n)
+    fast = list(decoder.generate(prompt, n))
+    lead = next((i for i, (a, b) in enumerate(zip(plain, fast)) if a != b), n)
+    with torch.no_grad():
+        seq = torch.tensor([prompt + plain], device="cuda")
+        ref = model(seq).logits[0, len(prompt) - 1:-1].float()
+        got = decoder.prefill(seq[0], all_logits=True)[len(prompt) - 1:-1]
+        steps = [decoder.prefill(torch.tensor(prompt, device="cuda"))[0]]
+        steps += [decoder.decode(torch.tensor([t], device="cuda"), len(prompt) + i).clone() for i, t in enumerate(plain[:-1])]
+        dec = torch.stack(steps)
+    target = torch.tensor(plain, device="cuda")
+    # teacher-forced: at each step of the plain path's own sequence, does the fast path pick the same token?
+    report["check"] = {"new_tokens": n, "greedy_equal": plain == fast, "leading_tokens_equal": lead,
+                       "teacher_forced_argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+                       "logits_rel_err": float((got - ref).norm() / ref.norm()),
+                       "decode_step_argmax_agreement": float((dec.argmax(-1) == ref.argmax(-1)).float().mean()),
+                       "decode_step_logits_rel_err": float((dec - ref).norm() / ref.norm()),
+                       "decode_step_picks_plain_tokens": float((dec.argmax(-1) == target).float().mean()),
+                       "plain_full_forward_picks_its_own_tokens": float((ref.argmax(-1) == target).float().mean()),
+                       "top2_gap_median": float(ref.topk(2).values.diff().abs().median())}
+    save()
+    plain_r = report.setdefault("plain", {})
+    if "default" in baselines:
+        plain_r[f"default_cache_decode_{default_tokens}"] = _hf_generate(model, [13], default_tokens)[1]
+        save()
+    if "static" in baselines:
+        n = min(tokens)
+        t0 = time.perf_counter()
+        _hf_generate(model, [13], n, stop_after=16, cache_implementation="static")  # compiles, same cache size
+        plain_r["static_cache_warmup_s"] = time.perf_counter() - t0
+        plain_r[f"static_cache_decode_{n}"] = _hf_generate(model, [13], n, cache_implementation="static")[1]
+        save()
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return decoder
+
+
+def run_model_bench(args: Any) -> int:
+    import torch
+    import transformers
+
+    from interpreter.llm import fastpath
+
+    if not torch.cuda.is_available():
+        print("jupybox bench model measures a CUDA GPU and none is visible here: run it on a GPU host.")
+        return 2
+    tokens = sorted(int(t) for t in str(args.tokens).split(","))
+    dtypes = [d.strip() for d in str(args.dtype).split(",")]
+    baselines = [] if args.baseline == "none" else [b.strip() for b in args.baseline.split(",")]
+    props = torch.cuda.get_device_properties(0)
+    report: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(), "gpu": props.name, "gpu_memory_gb": props.total_memory / 1e9,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+        "model": args.model or args.shape, "tokens": tokens, "card": CARD}
+
+    def save() -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+
+    report["copy_bandwidth_tb_s"] = copy_bandwidth() / 1e12
+    save()
+    shape = fastpath.QWEN_7B
+    bf16 = None
+    if args.model:
+        for d in dtypes:
+            decoder = fastpath.load_checkpoint(args.model, device="cuda", dtype=torch.bfloat16, max_seq=max(tokens) + 1,
+                                               quantize_to="int4" if d == "int4" else None)
+            bench_fast(decoder, d, tokens, report, save)
+            _bound(report, d, decoder, shape, tokens)
+            del decoder
+            gc.collect()
+            torch.cuda.empty_cache()
+    else:
+        if "bf16" in dtypes or baselines:
+            bf16 = bench_plain_and_check(shape, tokens, baselines, args.default_cache_tokens, report, save)
+        for d in dtypes:
+            if d == "bf16":
+                decoder = bf16
+            else:
+                bf16 = None
+                gc.collect()
+                torch.cuda.empty_cache()
+                big = fastpath.DecoderShape(**{**dataclasses.asdict(shape), "max_context": 32768})
+                decoder = fastpath.FastDecoder(big, fastpath.random_weights(big, "cuda"), max_seq=max(tokens) + 1,
+                                               device="cuda", quantize_to="int4")
+            try:
+                bench_fast(decoder, d, tokens, report, save)
+                _bound(report, d, decoder, shape, tokens)
+            except Exception as exc:  # keep the other dtype's figures; the error is part of the report
+                report.setdefault("errors", {})[d] = f"{type(exc).__name__}: {exc}"
+                import traceback
+                traceback.print_exc()
+            del decoder
+            if d == "bf16":
+                bf16 = None
+            gc.collect()
+            torch.cuda.empty_cache()
+    save()
+    print(json.dumps(report, indent=1) if args.json else render(report))
+    return 0
+
+
+def _bound(report: dict[str, Any], label: str, decoder: Any, shape: Any, tokens: list[int]) -> None:
+    """tokens/s if each step only read the weights once (embedding rows aside) and the KV cache up to
+    the mean context, at the measured copy bandwidth."""
+    r = report["fast"][label]
+    weights = r["weight_gb"] * 1e9 - shape.vocab * shape.d_model * 2  # one embedding row is read, not the table
+    kv_per_token = 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * 2
+    bw = report["copy_bandwidth_tb_s"] * 1e12
+    for n in tokens:
+        r[f"bound_{n}"] = bw / (weights + kv_per_token * n / 2)
+
+
+def render(r: dict[str, Any]) -> str:
+    lines = [f"jupybox bench model — {r['model']}, {r['gpu']}, torch {r['torch']} (CUDA {r['cuda']}), "
+             f"transformers {r['transformers']}, {r['date']}",
+             f"device-to-device copy: {r['copy_bandwidth_tb_s']:.2f} TB/s (read + write)"]
+    c = r.get("check")
+    if c:
+        lines.append(f"check (bf16, same weights, {c['new_tokens']} greedy tokens): equal={c['greedy_equal']}, "
+                     f"leading equal={c['leading_tokens_equal']}, teacher-forced argmax agreement="
+                     f"{c['teacher_forced_argmax_agreement']:.3f}, logits rel err={c['logits_rel_err']:.2e}")
+    lines.append(f"{'figure':34}{'fast bf16':>11}{'fast int4':>11}{'card bf16':>11}{'card int4':>11}  (card: A100, torch 2.0.1)")
+    fast = r.get("fast", {})
+
+    def cell(label: str, key: str, fmt: str = "{:.1f}") -> str:
+        v = fast.get(label, {}).get(key)
+        return f"{fmt.format(v) if isinstance(v, (int, float)) else '-':>11}"
+
+    def card(label: str, key: str) -> str:
+        v = r["card"][label].get(key)
+        return f"{v if v is not None else '-':>11}"
+
+    for n in r["tokens"]:
+        lines.append(f"{f'decode tok/s, {n} tokens':34}{cell('bf16', f'decode_{n}')}{cell('int4', f'decode_{n}')}"
+                     f"{card('bf16', f'decode_{n}')}{card('int4', f'decode_{n}')}")
+        lines.append(f"{f'  bandwidth bound, {n} tokens':34}{cell('bf16', f'bound_{n}')}{cell('int4', f'bound_{n}')}")
+    lines.append(f"{'time to first token, 2048 (ms)':34}{cell('bf16', 'ttft_2048_ms')}{cell('int4', 'ttft_2048_ms')}")
+    lines.append(f"{'peak GB, encode 2048':34}{cell('bf16', 'mem_encode_2048_gb', '{:.2f}')}"
+                 f"{cell('int4', 'mem_encode_2048_gb', '{:.2f}')}{card('bf16', 'mem_encode_2048_gb')}{card('int4', 'mem_encode_2048_gb')}")
+    n = max(r["tokens"])
+    lines.append(f"{f'peak GB, generate {n}':34}{cell('bf16', f'mem_generate_{n}_gb', '{:.2f}')}"
+                 f"{cell('int4', f'mem_generate_{n}_gb', '{:.2f}')}{card('bf16', f'mem_generate_{n}_gb')}"
+                 f"{card('int4', f'mem_generate_{n}_gb')}")
+    for k, v in r.get("plain", {}).items():
+        lines.append(f"plain generate, {k.replace('_', ' ')}: {v:.1f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the same command without the rest of jupybox installed
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.splitlines()[0])
+    add_model_flags(parser)
+    sys.exit(run_model_bench(parser.parse_args()))

@@ -1,0 +1,178 @@
+"""4-bit weights for the fast path: one canonical form, read from GPTQ checkpoints or made by a
+group-wise quantizer, and packed for PyTorch's weight-only int4 matrix product.
+
+Canonical form of a ``[n_out, n_in]`` weight, ``group`` input columns per scale:
+
+* ``q``: ``uint8 [n_out, n_in]``, values 0..15 (one value a byte: it is only kept until packing);
+* ``scales_zeros``: ``bf16 [n_in // group, n_out, 2]``, ``(scale, zero)`` per group and row;
+
+and the weight it stands for is ``w = (q - 8) * scale + zero``. That is the layout
+``torch.ops.aten._weight_int4pack_mm`` (CUDA) and ``_weight_int4pack_mm_for_cpu`` take, so packing
+is the op's own ``_convert_weight_to_int4pack*`` and nothing is re-derived at run time.
+
+GPTQ stores ``w = scale * (q - z)`` with ``q`` packed eight to an int32 along the input dimension
+(``qweight [n_in/8, n_out]``), ``z`` packed along the output dimension (``qzeros [groups, n_out/8]``,
+minus one in the original AutoGPTQ format) and fp16 ``scales [groups, n_out]``; rewriting it as
+``(q - 8) * scale + (8 - z) * scale`` gives the canonical form exactly (up to bf16 rounding of the
+scales). Act-order checkpoints (a ``g_idx`` that is not ``i // group``) are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+INNER_K_TILES = 8
+
+
+class UnsupportedQuantization(ValueError):
+    """The checkpoint's quantization is not one the fast path can repack."""
+
+
+@dataclass
+class Int4Weight:
+    q: torch.Tensor  # uint8 [n_out, n_in], 0..15
+    scales_zeros: torch.Tensor  # bf16 [n_in // group, n_out, 2]
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.q.shape[0]), int(self.q.shape[1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight ``[n_out, n_in]`` it stands for (reference and fallback path)."""
+        scale = self.scales_zeros[..., 0].float().t().repeat_interleave(self.group, dim=1)
+        zero = self.scales_zeros[..., 1].float().t().repeat_interleave(self.group, dim=1)
+        return ((self.q.float() - 8) * scale + zero).to(dtype)
+
+
+def cat_rows(parts: list[Int4Weight]) -> Int4Weight:
+    """Stack weights along the output dimension (fused q/k/v or gate/up projections)."""
+    if len({p.group for p in parts}) != 1:
+        raise UnsupportedQuantization("fused projections with different group sizes")
+    return Int4Weight(torch.cat([p.q for p in parts]), torch.cat([p.scales_zeros for p in parts], dim=1), parts[0].group)
+
+
+def quantize(w: torch.Tensor, group: int = 128) -> Int4Weight:
+    """Asymmetric min/max group-wise 4-bit quantization of a float weight ``[n_out, n_in]``
+    (for benchmarks with random weights and for bf16 checkpoints loaded as int4)."""
+    n_out, n_in = w.shape
+    if n_in % group:
+        raise UnsupportedQuantization(f"input size {n_in} is not a multiple of the group size {group}")
+    g = w.float().reshape(n_out, n_in // group, group)
+    lo, hi = g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = ((g - lo) / scale).round().clamp(0, 15).to(torch.uint8).reshape(n_out, n_in)
+    zero = lo + 8 * scale  # so that (q - 8) * scale + zero == q * scale + lo
+    sz = torch.stack([scale.squeeze(2), zero.squeeze(2)], dim=2).transpose(0, 1).contiguous()
+    return Int4Weight(q, sz.to(torch.bfloat16), group)
+
+
+def _unpack_int32(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """Eight 4-bit values per int32, lowest nibble first, spread along ``dim``."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    if dim == 0:
+        vals = (packed.unsqueeze(1) >> shifts.view(1, 8, 1)) & 0xF  # [rows, 8, cols]
+        return vals.reshape(-1, packed.shape[1])
+    vals = (packed.unsqueeze(2) >> shifts.view(1, 1, 8)) & 0xF  # [rows, cols, 8]
+    return vals.reshape(packed.shape[0], -1)
+
+
+def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, *, group: int,
+              g_idx: torch.Tensor | None = None, zero_offset: int = 1) -> Int4Weight:
+    """The canonical form of one GPTQ linear layer (4 bits, ``group`` columns a group).
+    ``zero_offset`` is 1 for the original AutoGPTQ format (zeros stored minus one), 0 for v2."""
+    n_in, n_out = qweight.shape[0] * 8, qweight.shape[1]
+    if n_in % group:
+        raise UnsupportedQuantization(f"input size {n_in} is not a multiple of the group size {group}")
+    if g_idx is not None and not torch.equal(g_idx.cpu().long(), torch.arange(n_in) // group):
+        raise UnsupportedQuantization("act-order (desc_act) GPTQ checkpoints are not supported by the fast path")
+    q = _unpack_int32(qweight.to(torch.int32), dim=0).t().to(torch.uint8).contiguous()  # [n_out, n_in]
+    z = _unpack_int32(qzeros.to(torch.int32), dim=1)[:, :n_out].float() + zero_offset  # [groups, n_out]
+    s = scales.float()
+    sz = torch.stack([s, (8 - z) * s], dim=2)  # [groups, n_out, 2]
+    return Int4Weight(q, sz.to(torch.bfloat16).contiguous(), group)
+
+
+def gptq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, *, group: int,
+                    zero_offset: int = 1) -> torch.Tensor:
+    """GPTQ's own formula ``scale * (q - z)``, ``[n_out, n_in]`` float: the reference for tests."""
+    q = _unpack_int32(qweight.to(torch.int32), dim=0).float()  # [n_in, n_out]
+    z = _unpack_int32(qzeros.to(torch.int32), dim=1)[:, : q.shape[1]].float() + zero_offset
+    s = scales.float()
+    return (s.repeat_interleave(group, 0) * (q - z.repeat_interleave(group, 0))).t().contiguous()
+
+
+class PackedInt4(torch.nn.Module):
+    """A bias-free linear layer with packed 4-bit weights, run by PyTorch's int4 weight-only
+    matrix product on CUDA or CPU; where neither op exists it keeps the dequantized weight."""
+
+    def __init__(self, w: Int4Weight, device: torch.device | str) -> None:
+        super().__init__()
+        device = torch.device(device)
+        self.n_out, self.n_in = w.shape
+        self.group = w.group
+        # the packed kernels tile the input dimension by 16 * INNER_K_TILES and the output by 8
+        aligned = self.n_in % (16 * INNER_K_TILES) == 0 and self.n_out % 8 == 0
+        self.mode = _int4_mode(device) if aligned else "dequantized"
+        q, sz = w.q.to(device), w.scales_zeros.to(device)
+        if self.mode == "cuda":
+            packed = (q[:, ::2] << 4 | q[:, 1::2]) if _nibble_order(device) == "hi" else (q[:, 1::2] << 4 | q[:, ::2])
+            weight = torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), INNER_K_TILES)
+        elif self.mode == "cpu":
+            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), INNER_K_TILES)
+        else:
+            weight = Int4Weight(q, sz, w.group).dequantize(torch.float32)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales_zeros", sz)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, dtype = x.shape[:-1], x.dtype
+        x2 = x.reshape(-1, self.n_in)
+        if self.mode == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self.group,
+                                                   self.scales_zeros)
+        elif self.mode == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight, self.group,
+                                                           self.scales_zeros)
+        else:
+            y = x2.float() @ self.weight.t()
+        return y.to(dtype).reshape(*lead, self.n_out)
+
+
+def _int4_mode(device: torch.device) -> str:
+    if device.type == "cuda" and hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+        return "cuda"
+    if device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return "cpu"
+    return "dequantized"
+
+
+_NIBBLE_ORDER: dict[Any, str] = {}
+
+
+def _nibble_order(device: torch.device) -> str:
+    """Which nibble of a packed byte holds the even input column for this build's CUDA op: found
+    once by a small product against the dequantized weight rather than assumed."""
+    key = (device.type, device.index)
+    if key not in _NIBBLE_ORDER:
+        gen = torch.Generator().manual_seed(0)
+        n, k, group = 64, 256, 128
+        w = Int4Weight(torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8),
+                       (torch.rand(k // group, n, 2, generator=gen) - 0.5).to(torch.bfloat16), group)
+        x = torch.randn(4, k, generator=gen).to(torch.bfloat16)
+        ref = x.float() @ w.dequantize().t()
+        errs = {}
+        for order in ("hi", "lo"):
+            q = w.q.to(device)
+            packed = (q[:, ::2] << 4 | q[:, 1::2]) if order == "hi" else (q[:, 1::2] << 4 | q[:, ::2])
+            wp = torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), INNER_K_TILES)
+            y = torch.ops.aten._weight_int4pack_mm(x.to(device), wp, group, w.scales_zeros.to(device))
+            errs[order] = float((y.float().cpu() - ref).norm() / ref.norm())
+        best = min(errs, key=errs.__getitem__)
+        if errs[best] > 2e-2:
+            raise UnsupportedQuantization(f"this PyTorch's int4 matrix product disagrees with the dequantized weight: {errs}")
+        _NIBBLE_ORDER[key] = best
+    return _NIBBLE_ORDER[key]
