@@ -12,13 +12,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from interpreter import Conversation, Interpreter, InterpreterSettings, ModelUnavailable, create_llm
+from interpreter import Conversation, Interpreter, InterpreterSettings, ModelUnavailable
+from interpreter.llm import DEFAULT_MODEL, llm_from_options
 from interpreter.llm.base import LLM
 from sandbox import JupyboxError, Limits, SandboxSettings, Session, SessionClosed, SessionManager
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "Qwen/Qwen-7B-Chat-Int4"
 
 
 @dataclass
@@ -53,6 +53,8 @@ class ServeSettings:
         if env.get("JUPYBOX_CORS_ORIGINS"):
             values["cors_origins"] = env["JUPYBOX_CORS_ORIGINS"].split(",")
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if overrides.get("model") and not overrides.get("openai_base_url"):
+            values["openai_base_url"] = None  # an explicit --model beats OPENAI_BASE_URL, as in llm_from_options
         return cls(**{k: v for k, v in values.items() if v is not None})  # type: ignore[arg-type]
 
 
@@ -123,10 +125,8 @@ class Services:
 
     def _make_llm(self) -> LLM:
         s = self.settings
-        if s.openai_base_url:
-            return create_llm("openai", base_url=s.openai_base_url, model=s.openai_model,
-                              api_key=s.openai_api_key, supports_images=s.vision)
-        return create_llm("transformers", model=s.model or DEFAULT_MODEL)
+        return llm_from_options(model=s.model, openai_base_url=s.openai_base_url, openai_model=s.openai_model,
+                                openai_api_key=s.openai_api_key, vision=s.vision)
 
     @property
     def model_name(self) -> str:

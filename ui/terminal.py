@@ -11,17 +11,16 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from interpreter import Conversation, Event, Interpreter, InterpreterSettings, create_llm
+from interpreter import Conversation, Event, Interpreter, InterpreterSettings
+from interpreter.llm import DEFAULT_MODEL, llm_from_options
 from interpreter.llm.base import LLM
 from sandbox import SessionManager
 
-DEFAULT_MODEL = "Qwen/Qwen-7B-Chat-Int4"
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -39,11 +38,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def make_llm(args: argparse.Namespace) -> LLM:
-    base_url = args.openai_base_url or (None if args.model else os.environ.get("OPENAI_BASE_URL"))
-    if base_url:
-        return create_llm("openai", base_url=base_url, model=args.openai_model, api_key=args.openai_api_key,
-                          supports_images=args.vision)
-    return create_llm("transformers", model=args.model or DEFAULT_MODEL)
+    return llm_from_options(model=args.model, openai_base_url=args.openai_base_url, openai_model=args.openai_model,
+                            openai_api_key=args.openai_api_key, vision=args.vision)
 
 
 def interpreter_settings(args: argparse.Namespace) -> InterpreterSettings:

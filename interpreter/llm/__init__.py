@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from ..errors import ModelUnavailable
@@ -12,6 +13,21 @@ BACKENDS = {
     "openai": "interpreter.llm.openai:OpenAILLM",
     "transformers": "interpreter.llm.transformers:TransformersLLM",
 }
+
+
+DEFAULT_MODEL = "Qwen/Qwen-7B-Chat-Int4"
+
+
+def llm_from_options(*, model: str | None = None, openai_base_url: str | None = None, openai_model: str | None = None,
+                     openai_api_key: str | None = None, vision: bool = False) -> LLM:
+    """The model every front end (CLI, server, benchmark) picks the same way: an OpenAI-compatible
+    base URL given explicitly wins, then an explicit local ``model``, then ``OPENAI_BASE_URL`` from
+    the environment, then the default local model through transformers."""
+    base_url = openai_base_url or (None if model else os.environ.get("OPENAI_BASE_URL"))
+    if base_url:
+        return create_llm("openai", base_url=base_url, model=openai_model, api_key=openai_api_key,
+                          supports_images=vision)
+    return create_llm("transformers", model=model or DEFAULT_MODEL)
 
 
 def create_llm(backend: str, **options: Any) -> LLM:
@@ -29,4 +45,4 @@ def create_llm(backend: str, **options: Any) -> LLM:
     return impl(**options)
 
 
-__all__ = ["BACKENDS", "LLM", "Chunk", "Completion", "GenerationRequest", "Message", "ToolCall", "Usage", "create_llm"]
+__all__ = ["BACKENDS", "DEFAULT_MODEL", "llm_from_options", "LLM", "Chunk", "Completion", "GenerationRequest", "Message", "ToolCall", "Usage", "create_llm"]
