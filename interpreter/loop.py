@@ -206,14 +206,14 @@ class Interpreter:
                 except asyncio.TimeoutError:
                     pass
                 if cancel.is_set() and not interrupted:
-                    session.interrupt()
+                    session.interrupt(task)  # ours only: not another caller's running code
                     interrupted = True
             while not queue.empty():
                 yield Event("output", output=queue.get_nowait())
             execution: Execution = task.result()
         finally:
             if not task.done():  # the consumer went away mid-execution
-                session.interrupt()
+                session.interrupt(task)
                 task.cancel()
         yield Event("execution", execution=execution)
 

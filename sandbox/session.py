@@ -11,7 +11,6 @@ import asyncio
 import base64
 import logging
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +20,7 @@ from .config import Limits, SandboxSettings
 from .errors import SandboxError, SessionClosed, WorkspaceError
 from .kernel import KernelClient, OutputCollector, OutputCallback, RawResult, sockets_ready, write_connection_file
 from .models import Execution, ExecutionStatus, ImageFile, Output
-from .workspace import Workspace
+from .workspace import Workspace, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +49,7 @@ class Session:
         self._handle: KernelHandle | None = None
         self._client: KernelClient | None = None
         self._lock = asyncio.Lock()
+        self._running: asyncio.Task | None = None  # the task whose execution holds the kernel
         self._needs_restart = False
         self._closed = False
         self._figures = 0
@@ -131,9 +131,12 @@ class Session:
         await self._stop_kernel()
         await self._start_kernel()
 
-    def interrupt(self) -> None:
+    def interrupt(self, task: asyncio.Task | None = None) -> None:
         """Interrupt what the kernel is running now (from another task than the one executing);
-        the running ``execute`` then returns with the KeyboardInterrupt as its error."""
+        the running ``execute`` then returns with the KeyboardInterrupt as its error. With ``task``,
+        only if that task's execution is the one running (not one still waiting for its turn)."""
+        if task is not None and task is not self._running:
+            return
         if self._client is not None:
             self._client.interrupt()
 
@@ -149,9 +152,9 @@ class Session:
             except asyncio.TimeoutError:
                 pass
         await self._stop_kernel()
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        await asyncio.to_thread(remove_tree, self.runtime_dir)
         if not keep_workspace:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            await asyncio.to_thread(remove_tree, self.folder)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -168,6 +171,7 @@ class Session:
             self._check_open()
             self.last_used = time.monotonic()
             self.executions += 1
+            self._running = asyncio.current_task()
             try:
                 return await self._execute(code, timeout, on_output)
             except SessionClosed:
@@ -177,6 +181,7 @@ class Session:
                     raise SessionClosed(f"session {self.id} was closed during the execution") from None
                 raise
             finally:
+                self._running = None
                 self.last_used = time.monotonic()
 
     async def _execute(self, code: str, timeout: float, on_output: OutputCallback | None) -> Execution:

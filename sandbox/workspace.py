@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,51 @@ class WorkspaceFile:
     path: str  # relative to the workspace root, with forward slashes
     size: int
     modified: float
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder the sandbox wrote into: never follows symlinks, and works iteratively, so
+    a tree deeper than Python's recursion limit (``shutil.rmtree`` fails there) is removed too.
+    Best effort: what cannot be removed is left and logged."""
+    try:
+        stack: list[tuple[int, str]] = [(os.open(path, DIR_FLAGS), "")]
+    except OSError:
+        return
+    stuck: set[tuple[int, int]] = set()  # folders that could not be emptied: do not descend again
+    while stack:
+        fd, name = stack[-1]
+        descend = None
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        if (st.st_dev, st.st_ino) not in stuck:
+                            descend = entry.name
+                            break
+                    else:
+                        os.unlink(entry.name, dir_fd=fd)
+                except OSError:
+                    continue
+        if descend is not None:
+            try:
+                stack.append((os.open(descend, DIR_FLAGS, dir_fd=fd), descend))
+                continue
+            except OSError:
+                st = os.stat(descend, dir_fd=fd, follow_symlinks=False)
+                stuck.add((st.st_dev, st.st_ino))
+                continue
+        own = os.fstat(fd)
+        os.close(fd)
+        stack.pop()
+        try:
+            if stack:
+                os.rmdir(name, dir_fd=stack[-1][0])
+            else:
+                os.rmdir(path)
+        except OSError:
+            stuck.add((own.st_dev, own.st_ino))
+            log.warning("could not remove everything under %s", path)
 
 
 def split_name(name: str) -> list[str]:
@@ -112,32 +158,51 @@ class Workspace:
         return fd
 
     def write(self, name: str, data: bytes | BinaryIO) -> WorkspaceFile:
-        """Create or replace a file. Quotas are checked before and while writing; a refused
-        write leaves no partial file behind."""
+        """Create or replace a file. Quotas are checked before and while writing. The data goes to
+        a temporary name first and is renamed into place, so a refused or failed write leaves the
+        previous file (if any) untouched and no partial file behind."""
         size_hint = len(data) if isinstance(data, (bytes, bytearray)) else None
         others = self.usage() - (self._size_of(name) or 0)  # what the rest of the workspace holds
         if size_hint is not None:
             self._check_quota(name, size_hint, others)
-        fd = self._open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, create_dirs=True)
-        written = 0
+        parts = split_name(name)
+        temp = f".{parts[-1][:200]}.{secrets.token_hex(4)}.partial"
+        with self._parent_fd(parts, create=True) as dfd:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+            written = 0
+            try:
+                if self.owner:
+                    os.fchown(fd, *self.owner)
+                chunks = [bytes(data)] if size_hint is not None else iter(lambda: data.read(CHUNK), b"")
+                for chunk in chunks:
+                    written += len(chunk)
+                    if size_hint is None:
+                        self._check_quota(name, written, others)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+                mtime = os.fstat(fd).st_mtime
+                os.close(fd)
+                fd = -1
+                if self._is_dir(parts[-1], dfd):
+                    raise WorkspaceError(f"{name!r} is a folder, not a file")
+                os.rename(temp, parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)  # replaces a symlink, never follows it
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                try:
+                    os.unlink(temp, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+                raise
+        return WorkspaceFile("/".join(parts), written, mtime)
+
+    @staticmethod
+    def _is_dir(entry: str, dfd: int) -> bool:
         try:
-            if self.owner:
-                os.fchown(fd, *self.owner)
-            chunks = [bytes(data)] if size_hint is not None else iter(lambda: data.read(CHUNK), b"")
-            for chunk in chunks:
-                written += len(chunk)
-                if size_hint is None:
-                    self._check_quota(name, written, others)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-        except BaseException:
-            os.close(fd)
-            self.delete(name, missing_ok=True)
-            raise
-        st = os.fstat(fd)
-        os.close(fd)
-        return WorkspaceFile("/".join(split_name(name)), written, st.st_mtime)
+            return stat.S_ISDIR(os.stat(entry, dir_fd=dfd, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
 
     def upload(self, source: Path | str, name: str | None = None) -> WorkspaceFile:
         """Copy a host file into the workspace (under its own name unless ``name`` is given)."""

@@ -244,3 +244,51 @@ def test_files_and_folders_belong_to_the_given_owner(tmp_path: Path) -> None:
         st = path.stat()
         assert (st.st_uid, st.st_gid) == owner, path
     assert stat.S_IMODE((ws.root / "results" / "table.csv").stat().st_mode) & 0o600 == 0o600
+
+
+def test_a_refused_replacement_keeps_the_previous_file(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ws", Limits(file_bytes=3 * CHUNK, workspace_bytes=3 * CHUNK))
+    ws.write("data.csv", b"a,b\n1,2\n")
+    with pytest.raises(QuotaExceeded):
+        ws.write("data.csv", io.BytesIO(b"x" * (4 * CHUNK)))
+    assert ws.read("data.csv") == b"a,b\n1,2\n"
+    assert [f.path for f in ws.list()] == ["data.csv"]  # no temporary file left
+
+
+def test_a_deep_tree_made_by_the_sandbox_lists_without_recursion_errors(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "ws", Limits())
+    (ws.root / "/".join(["d"] * 40)).mkdir(parents=True)
+    (ws.root / "/".join(["d"] * 40) / "leaf.txt").write_text("x")
+    fds = [os.open(ws.root, os.O_RDONLY)]
+    for _ in range(1100):  # deeper than Python's recursion limit, as hostile code can make it
+        os.mkdir("e", dir_fd=fds[-1])
+        fds.append(os.open("e", os.O_RDONLY, dir_fd=fds[-1]))
+    os.close(os.open("deep.txt", os.O_CREAT | os.O_WRONLY, dir_fd=fds[-1]))
+    # listed iteratively; past MAX_DEPTH (64) levels nothing more is read
+    try:
+        assert [f.path for f in ws.list()] == ["/".join(["d"] * 40) + "/leaf.txt"]
+        ws.write("new.txt", b"ok")  # writes (which measure usage) still work
+    finally:  # remove the tree bottom-up without recursion (pytest's own cleanup would recurse)
+        os.unlink("deep.txt", dir_fd=fds[-1])
+        while len(fds) > 1:
+            os.close(fds.pop())
+            os.rmdir("e", dir_fd=fds[-1])
+        os.close(fds[0])
+
+
+def test_remove_tree_handles_depth_and_symlinks(tmp_path: Path, outside: Path) -> None:
+    from sandbox.workspace import remove_tree
+
+    before = digest(outside / "secret.txt")
+    root = tmp_path / "session"
+    root.mkdir()
+    os.symlink(outside, root / "link")  # must be removed, not followed
+    fds = [os.open(root, os.O_RDONLY)]
+    for _ in range(1100):
+        os.mkdir("e", dir_fd=fds[-1])
+        fds.append(os.open("e", os.O_RDONLY, dir_fd=fds[-1]))
+    os.close(os.open("f.txt", os.O_CREAT | os.O_WRONLY, dir_fd=fds[-1]))
+    for fd in fds:
+        os.close(fd)
+    remove_tree(root)
+    assert not root.exists() and digest(outside / "secret.txt") == before
