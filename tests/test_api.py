@@ -3,7 +3,9 @@ scripted model server (the only fake) behind the interpreter. Every request is r
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -23,7 +25,8 @@ import uvicorn
 from sandbox import SandboxSettings
 from tests.conftest import ROOT
 from tests.scripted_model import ScriptedModel, last_observation
-from ui.app import create_app
+from ui.app import BODY_LIMIT, create_app
+from ui.serve import RedactToken
 from ui.services import ServeSettings, Services
 
 TOKEN = "test-token-123"
@@ -40,7 +43,12 @@ class ServerThread:
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
         config = uvicorn.Config(create_app(services, ui=False), lifespan="on", log_level="warning")
         self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.server.serve(sockets=[self._sock])
 
     def start(self) -> ServerThread:
         self._thread.start()
@@ -118,10 +126,22 @@ def test_health_is_open_and_everything_else_needs_the_token(server: ServerThread
         r = anon.get("/api/sessions", headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.json() == {"error": "the API token is wrong"}
         assert anon.get("/metrics").status_code == 401 and anon.get("/").status_code == 401
-        # The browser's way in: ?token= once, then the cookie the server set.
-        r = anon.get("/", params={"token": TOKEN})
-        assert r.status_code == 200 and "jupybox_token" in r.headers["set-cookie"]
-        assert anon.get("/api/sessions").status_code == 200
+        # A token in the query string counts on the UI's entry only: elsewhere it would end up in logs.
+        assert anon.get("/api/sessions", params={"token": TOKEN}).status_code == 401
+        assert anon.get("/", params={"token": "wrong"}).status_code == 401
+        # The browser's way in: /?token= once; the cookie is set and the URL loses the token.
+        r = anon.get("/", params={"lang": "zh", "token": TOKEN})
+        assert r.status_code == 303 and r.headers["location"] == "/?lang=zh"
+        cookie = r.headers["set-cookie"]
+        assert cookie.startswith(f"jupybox_token={TOKEN};") and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        assert anon.get("/api/sessions").status_code == 200 and anon.get("/").status_code == 200
+
+
+def test_the_access_log_never_shows_the_token() -> None:
+    record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5000", "GET", f"/?lang=zh&token={TOKEN}", "1.1", 303), None)
+    assert RedactToken().filter(record)
+    assert TOKEN not in record.getMessage() and "/?lang=zh&token=[redacted]" in record.getMessage()
 
 
 def test_session_create_get_list_delete(client: httpx.Client) -> None:
@@ -217,6 +237,23 @@ def test_unsafe_and_oversized_uploads_are_refused(client: httpx.Client, session_
     r = client.post(base, content=chunked(), headers={"Content-Type": "multipart/form-data; boundary=b"})
     assert r.status_code == 413
     assert client.get(base).json()["files"] == []  # nothing partial was left behind
+
+
+def test_request_bodies_over_the_limit_are_refused(client: httpx.Client, session_id: str) -> None:
+    url = f"/api/sessions/{session_id}/execute"
+    code = json.dumps({"code": "x = 1  # " + "y" * BODY_LIMIT}).encode()
+    r = client.post(url, content=code, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and f"{BODY_LIMIT:,} bytes" in r.json()["error"]
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        for i in range(0, len(code), 1 << 20):
+            yield code[i:i + (1 << 20)]
+
+    r = client.post(url, content=chunked(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]
+    r = client.post("/v1/chat/completions", content=chunked(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
+    assert client.post(url, json={"code": "print('still here')"}).json()["outputs"][0]["text"] == "still here\n"
 
 
 def test_bad_requests_get_clear_json_errors(client: httpx.Client, session_id: str) -> None:
@@ -326,6 +363,24 @@ def test_without_a_model_the_server_runs_code_and_explains_chat(sandbox_image: s
         ["docker", "ps", "-a", "--filter", "label=jupybox", "--format", '{{.Label "jupybox.owner"}}'],
         capture_output=True, text=True, check=True).stdout.split()
     assert not [o for o in owners if o.startswith(f"api-tests-nomodel.{proc.pid}.")]
+
+
+def test_a_sandbox_shutting_down_is_a_503_with_the_reason(sandbox_image: str, jb_home: Path,
+                                                           model: ScriptedModel) -> None:
+    sandbox = SandboxSettings(backend="docker", home=jb_home / "down", instance="api-tests-down")
+    srv = ServerThread(Services(ServeSettings(sandbox=sandbox, openai_base_url=model.url,
+                                              openai_model="scripted-model", format="fenced"))).start()
+    try:
+        assert srv.loop is not None
+        asyncio.run_coroutine_threadsafe(srv.services.manager.shutdown(), srv.loop).result(60)
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            r = c.post("/api/sessions")
+            assert r.status_code == 503 and r.headers["retry-after"] == "5"
+            assert r.json() == {"error": "the sandbox is shutting down: try again once it is back"}
+            r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
 
 
 def test_stopping_the_server_leaves_no_container(server: ServerThread, client: httpx.Client) -> None:

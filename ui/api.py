@@ -31,7 +31,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException
 
 from interpreter import Event
-from sandbox import Execution, JupyboxError, QuotaExceeded, Session
+from sandbox import Execution, JupyboxError, Session
 from sandbox.models import Output
 from sandbox.workspace import split_name
 
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-DRAIN_CAP = 64 << 20  # an oversized upload is read (and dropped) this far, so the client sees the 413
 
 
 # -- models at the edge ------------------------------------------------------------------------
@@ -327,8 +326,7 @@ async def upload_files(request: Request, session_id: str,
                        ) -> FileList:
     s = services_of(request)
     session = s.session(session_id)
-    limit = s.settings.upload_limit_mb << 20
-    upload = MultipartUpload(request, session, limit, path)
+    upload = MultipartUpload(request, session, path)
     try:
         parts = await upload.receive()
         stored = []
@@ -374,11 +372,11 @@ async def delete_file(request: Request, session_id: str, name: str) -> Response:
 
 class MultipartUpload:
     """Streams a multipart body into temporary files beside the workspace, never holding more
-    than one chunk in memory. Names are checked as soon as a part's headers arrive; the body's
-    size is checked against ``limit`` before reading (Content-Length) and while reading."""
+    than one chunk in memory. Names are checked as soon as a part's headers arrive. The body's
+    size is bounded by the server's upload limit before it gets here (``ui.app.BodyLimit``)."""
 
-    def __init__(self, request: Request, session: Session, limit: int, path: str | None) -> None:
-        self.request, self.limit, self.path = request, limit, path
+    def __init__(self, request: Request, session: Session, path: str | None) -> None:
+        self.request, self.path = request, path
         self.folder = session.folder / "upload-tmp" / uuid.uuid4().hex[:8]
         self.parts: list[tuple[str, Path]] = []
         self._fh = None
@@ -392,11 +390,6 @@ class MultipartUpload:
             raise HTTPException(415, "upload files as multipart/form-data (e.g. curl -F file=@data.csv)")
         if self.path is not None:
             split_name(self.path)
-        length = self.request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > self.limit:
-            await self._drain()
-            raise QuotaExceeded(f"the upload is {int(length):,} bytes; the limit is {self.limit:,} bytes "
-                                "(--upload-limit-mb)")
         self.folder.mkdir(parents=True)
         parser = MultipartParser(params[b"boundary"], {
             "on_part_begin": self._part_begin, "on_header_field": self._header_field_cb,
@@ -404,13 +397,7 @@ class MultipartUpload:
             "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
             "on_part_end": self._part_end,
         })
-        received = 0
-        stream = self.request.stream()
-        async for chunk in stream:
-            received += len(chunk)
-            if received > self.limit:
-                await self._drain(stream, received)
-                raise QuotaExceeded(f"the upload is over the limit of {self.limit:,} bytes (--upload-limit-mb)")
+        async for chunk in self.request.stream():
             await asyncio.to_thread(parser.write, chunk)
         parser.finalize()
         if not self.parts:
@@ -420,12 +407,6 @@ class MultipartUpload:
                 raise HTTPException(400, "path= names one file, but the upload holds several")
             self.parts = [(self.path, self.parts[0][1])]
         return self.parts
-
-    async def _drain(self, stream: AsyncIterator[bytes] | None = None, received: int = 0) -> None:
-        async for chunk in stream or self.request.stream():
-            received += len(chunk)
-            if received > self.limit + DRAIN_CAP:
-                return
 
     def _part_begin(self) -> None:
         self._headers = {}

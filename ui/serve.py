@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 import signal
 import sys
 from dataclasses import replace
@@ -28,6 +29,7 @@ from .services import ServeSettings, Services
 from .terminal import add_model_flags, interpreter_settings
 
 log = logging.getLogger("jupybox.serve")
+TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s]*")
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -72,6 +74,17 @@ def serve_settings(args: argparse.Namespace, sandbox: SandboxSettings) -> ServeS
     )
 
 
+class RedactToken(logging.Filter):
+    """Hides the value of ``token=`` in uvicorn's access log lines: the UI's entry URL
+    (``/?token=...``) carries the API token once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(TOKEN_IN_QUERY.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -93,6 +106,7 @@ async def serve(args: argparse.Namespace, sandbox: SandboxSettings) -> int:
     config = uvicorn.Config(create_app(services), host=settings.host, port=settings.port, lifespan="on",
                             log_level="debug" if getattr(args, "debug", False) else "info",
                             timeout_graceful_shutdown=10)
+    logging.getLogger("uvicorn.access").addFilter(RedactToken())  # after Config, which sets up logging
     server = uvicorn.Server(config)
     # uvicorn handles SIGINT/SIGTERM itself (a graceful shutdown, then it re-raises the signal):
     # the CLI's handlers would cancel the shutdown half-way, and the re-raised signal must not kill us.

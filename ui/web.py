@@ -60,14 +60,19 @@ def theme() -> gr.themes.Theme:
     return gr.themes.Default(font=SANS, font_mono=MONO)
 
 
-def mount_options() -> dict[str, Any]:
-    """Keyword arguments ``gradio.mount_gradio_app`` needs for this UI."""
-    return {"theme": theme(), "css": CSS, "show_error": True}
+def mount_options(services: Services | None = None) -> dict[str, Any]:
+    """Keyword arguments ``gradio.mount_gradio_app`` needs for this UI; with ``services``, uploads
+    through the page are bounded by the server's upload limit (the page refuses larger files
+    before sending them, the server refuses them if sent)."""
+    options: dict[str, Any] = {"theme": theme(), "css": CSS, "show_error": True}
+    if services is not None:
+        options["max_file_size"] = services.settings.upload_limit_mb << 20
+    return options
 
 
 def mount_ui(app: Any, services: Services, path: str = "/") -> Any:
     """Mount the UI on a FastAPI ``app`` at ``path``."""
-    return gr.mount_gradio_app(app, build_ui(services), path=path, **mount_options())
+    return gr.mount_gradio_app(app, build_ui(services), path=path, **mount_options(services))
 
 
 @dataclass
