@@ -117,7 +117,8 @@ def build_image(
         if ca_bundle is not None:
             logger.info("passing %s to pip inside the build", ca_bundle)
             shutil.copyfile(ca_bundle, Path(context, "build-ca.pem"))
-        command = ["docker", "build", "--network", "host", "--target", target]
+        # --force-rm: the legacy builder otherwise leaves the container of a failed step behind
+        command = ["docker", "build", "--network", "host", "--force-rm", "--target", target]
         if force:
             command.append("--no-cache")
         command += [
