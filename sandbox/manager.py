@@ -13,16 +13,17 @@ import asyncio
 import logging
 import os
 import re
-import shutil
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from .backends import Backend, create_backend
 from .config import Limits, SandboxSettings
 from .errors import CapacityError, SandboxError, SessionClosed
 from .session import Session
+from .workspace import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ def owner_is_dead(owner: str, instance: str) -> bool:
 
 
 class SessionManager:
-    def __init__(self, settings: SandboxSettings | None = None, backend: Backend | None = None) -> None:
+    def __init__(self, settings: SandboxSettings | None = None, backend: Backend | None = None,
+                 on_reap: Callable[[str], object] | None = None) -> None:
         self.settings = settings or SandboxSettings()
         self.backend = backend or create_backend(self.settings)
         self.instance = re.sub(r"[^A-Za-z0-9_-]", "-", self.settings.instance or socket.gethostname())
@@ -64,6 +66,7 @@ class SessionManager:
         self._started = False
         self._closing = False
         self._starting = 0  # sessions being started by create(), counted against max_sessions
+        self.on_reap = on_reap  # told the id of each session the idle reaper closes
 
     async def __aenter__(self) -> SessionManager:
         await self.start()
@@ -95,7 +98,7 @@ class SessionManager:
             except OSError:
                 continue
             if dead(owner):
-                shutil.rmtree(folder, ignore_errors=True)
+                await asyncio.to_thread(remove_tree, folder)
         return removed
 
     # -- sessions ---------------------------------------------------------------------------
@@ -182,6 +185,8 @@ class SessionManager:
                     self._sessions.pop(sid, None)
                     try:
                         await session.close()
+                        if self.on_reap is not None:
+                            self.on_reap(sid)
                     except Exception:  # one bad session must not end reaping for the others
                         log.exception("closing idle session %s failed", sid)
 

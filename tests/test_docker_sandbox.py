@@ -3,6 +3,7 @@ isolation, each checked against a real container running a real kernel."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
@@ -273,3 +274,22 @@ async def test_shutdown_leaves_no_container(sandbox_image: str, jb_home) -> None
     labels = subprocess.run(["docker", "ps", "-a", "--filter", "label=jupybox.owner=" + manager.owner, "-q"],
                             capture_output=True, text=True).stdout.split()
     assert labels == []
+
+
+async def test_idle_sessions_are_reaped_and_reported(sandbox_image: str, jb_home) -> None:
+    reaped: list[str] = []
+    manager = SessionManager(docker_settings(jb_home / "reap", instance="reap-test", idle_ttl_s=1.0),
+                             on_reap=reaped.append)
+    await manager.start()
+    try:
+        session = await manager.create()
+        await session.execute("1")
+        for _ in range(40):
+            if reaped:
+                break
+            await asyncio.sleep(0.25)
+        assert reaped == [session.id] and session.closed
+        assert f"jupybox-{session.id}" not in subprocess.run(
+            ["docker", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True).stdout
+    finally:
+        await manager.shutdown()

@@ -191,8 +191,9 @@ async def execution_events(session: Session, code: str, timeout: float | None,
         metrics.observe_execution(execution, "api")
         yield Event("execution", execution=execution).to_dict()
     finally:
-        if not task.done():
-            session.interrupt()
+        if not task.done():  # the client left: stop our own execution, or drop it if still queued
+            session.interrupt(task)
+            task.cancel()
 
 
 # -- routes ------------------------------------------------------------------------------------

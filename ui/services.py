@@ -73,7 +73,7 @@ class Services:
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self.manager = SessionManager(settings.sandbox)
+        self.manager = SessionManager(settings.sandbox, on_reap=self._forget)
         self.llm: LLM | None = None
         self.model_error: str | None = None
         self.model_loading = False
