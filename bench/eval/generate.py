@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from interpreter.formats.base import announce_files
+from interpreter.formats.base import GenerationOptions, announce_files
 from interpreter.formats.react import IM_START, STOP, ReactFormat
 from interpreter.llm.base import LLM, Completion, GenerationRequest, Message
 from interpreter.loop import clip_tokens
@@ -46,11 +46,9 @@ ERROR_MARKERS = ("error:", "Traceback")
 
 
 @dataclass
-class GenerationSettings:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 1024
-    seed: int | None = None
+class GenerationSettings(GenerationOptions):
+    """The model's options (shared with every prompt format) plus what the protocol adds."""
+
     execution_timeout: float = 60.0
     observation_tokens: int = 1024
 
@@ -116,7 +114,7 @@ async def generate(llm: LLM, manager: SessionManager, rec: Record, files: list[P
         while len(result.steps) < exec_limit(rec):
             request = GenerationRequest(prompt=prompt + pad[0].text(), stop=list(STOP),
                                         temperature=settings.temperature, top_p=settings.top_p,
-                                        max_tokens=settings.max_new_tokens, seed=settings.seed)
+                                        max_tokens=settings.max_tokens, seed=settings.seed)
             step = FORMAT.parse(await llm.complete(request))
             code = next((a.code for a in step.actions if a.code), None)
             if code is None:  # an answer, or an action without runnable code: the turn ends

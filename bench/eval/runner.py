@@ -185,7 +185,7 @@ async def run_eval_command(args: argparse.Namespace, sandbox: SandboxSettings) -
         raise EvalError("--workers must be at least 1")
     if bool(args.judge_base_url) != bool(args.judge_model):
         raise EvalError("a judge needs both --judge-base-url and --judge-model")
-    gen = GenerationSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+    gen = GenerationSettings(temperature=args.temperature, max_tokens=args.max_new_tokens, seed=args.seed,
                              execution_timeout=args.timeout)
     llm = None if args.eval_only else llm_from_options(
         model=args.model, openai_base_url=args.openai_base_url, openai_model=args.openai_model,
