@@ -115,3 +115,29 @@ async def test_backend_fast_flag_serves_the_same_text_on_cpu(tiny_model: Path) -
     assert sampled[0].text == sampled[1].text
     await fast.close()
     await plain.close()
+
+
+def test_a_long_prompt_runs_on_the_unpacked_weight_and_agrees_with_the_packed_kernel() -> None:
+    w = quantize(torch.randn(192, 512, generator=torch.Generator().manual_seed(3)) * 0.02, 128)
+    packed = PackedInt4(w, "cpu")
+    assert packed.mode == "cpu" and packed.layout is not None  # learnt from the op and checked on this weight
+    assert torch.equal(packed.dequantized(torch.float32), w.dequantize())
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(4))
+    whole = packed(x)  # 64 rows: the unpacked weight
+    by_rows = torch.cat([packed(x[i:i + 8]) for i in range(0, 64, 8)])  # 8 rows: the packed kernel
+    ref = x @ w.dequantize().t()
+    assert float((whole - ref).norm() / ref.norm()) < 1e-2 and float((by_rows - ref).norm() / ref.norm()) < 1e-2
+    assert float((whole - by_rows).norm() / ref.norm()) < 1e-2
+
+
+def test_a_layout_that_does_not_reproduce_the_weight_is_not_used() -> None:
+    from interpreter.llm.gptq_pack import NibbleLayout, _layout_for, _pack_cpu
+
+    q = torch.randint(0, 16, (96, 256), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    # this op packs 96 rows as a block of 64 and one of 32: no one block size describes it
+    assert _layout_for("cpu", q, _pack_cpu(q), _pack_cpu) is None
+    reversed_op = lambda t: _pack_cpu(t.flip(1))  # noqa: E731  a different (still learnable) layout
+    layout = NibbleLayout.learn(reversed_op, 64, 256, torch.device("cpu"))
+    q64 = q[:64].contiguous()
+    assert layout is not None and torch.equal(layout.unpack(reversed_op(q64), 64), q64)
+    assert NibbleLayout.learn(lambda t: _pack_cpu(t)[:, :64], 64, 256, torch.device("cpu")) is None  # loses values

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from interpreter.llm.gptq_pack import Int4Weight, PackedInt4, UnsupportedQuantization, cat_rows, from_gptq, quantize
+from interpreter.llm.gptq_pack import (DEQUANTIZE_MIN_ROWS, Int4Weight, PackedInt4, UnsupportedQuantization, cat_rows,
+                                       from_gptq, quantize)
 
 BUCKET = 512  # attended-length granularity of the decode step's CUDA graphs
 
@@ -215,12 +216,13 @@ class FastDecoder(torch.nn.Module):
         self.layers = torch.nn.ModuleList(
             Layer(layer_weights(src, shape, i, quant or {}), shape, self.max_seq, self.device, dtype, quantize_to, group)
             for i in range(shape.n_layers))
+        # the tables as the plain path computes them: inverse frequencies on the CPU, the rest on the device
         inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.int64).float() / shape.head_dim))
-        freqs = torch.arange(self.max_seq, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        freqs = torch.arange(self.max_seq, dtype=torch.float32, device=self.device)[:, None] * inv_freq.to(self.device)[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         rope_dtype = torch.float32 if shape.rope_fp32 else dtype
-        self.register_buffer("cos", emb.cos().to(self.device, rope_dtype))
-        self.register_buffer("sin", emb.sin().to(self.device, rope_dtype))
+        self.register_buffer("cos", emb.cos().to(rope_dtype))
+        self.register_buffer("sin", emb.sin().to(rope_dtype))
         self.register_buffer("positions", torch.arange(self.max_seq, device=self.device))
         self.use_graphs = self.device.type == "cuda" if compile is None else compile
         self._step: Callable[..., torch.Tensor] = self._decode
@@ -247,10 +249,12 @@ class FastDecoder(torch.nn.Module):
         self.max_seq = max_seq
 
     def warm_up(self) -> None:
-        """Compile the decode step and capture every attended-length graph now rather than on the
-        way (each capture writes garbage K/V at a position that a real step rewrites before use)."""
+        """Compile the decode step, capture every attended-length graph and compile the 4-bit
+        weights' unpacking for prompts now rather than on a user's first request (each writes
+        garbage K/V that a real prefill or step rewrites before use)."""
         if not self.use_graphs:
             return
+        self.prefill(self._tok.repeat(min(DEQUANTIZE_MIN_ROWS, self.max_seq)))
         for length in range(BUCKET, self.max_seq + BUCKET, BUCKET):
             self.decode(self._tok, min(length, self.max_seq) - 1)
         torch.cuda.synchronize(self.device)

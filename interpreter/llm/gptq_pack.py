@@ -15,16 +15,23 @@ GPTQ stores ``w = scale * (q - z)`` with ``q`` packed eight to an int32 along th
 minus one in the original AutoGPTQ format) and fp16 ``scales [groups, n_out]``; rewriting it as
 ``(q - 8) * scale + (8 - z) * scale`` gives the canonical form exactly (up to bf16 rounding of the
 scales). Act-order checkpoints (a ``g_idx`` that is not ``i // group``) are refused.
+
+The packed kernel is built for few rows (decoding); a long prompt is faster as a 16-bit matrix
+product over the weight dequantized for that one call. The packed layout is the op's own and is not
+documented, so ``NibbleLayout`` learns where each value lands from the packing op itself and every
+weight is checked against it when packed: a layout that does not reproduce the weight is not used.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 INNER_K_TILES = 8
+DEQUANTIZE_MIN_ROWS = 32  # from this many rows on, dequantize-then-matmul beats the packed kernel
 
 
 class UnsupportedQuantization(ValueError):
@@ -43,9 +50,15 @@ class Int4Weight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight ``[n_out, n_in]`` it stands for (reference and fallback path)."""
-        scale = self.scales_zeros[..., 0].float().t().repeat_interleave(self.group, dim=1)
-        zero = self.scales_zeros[..., 1].float().t().repeat_interleave(self.group, dim=1)
-        return ((self.q.float() - 8) * scale + zero).to(dtype)
+        return _scale(self.q, self.scales_zeros, self.group, dtype)
+
+
+def _scale(q: torch.Tensor, scales_zeros: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(q - 8) * scale + zero``, computed in float32, as a ``[n_out, n_in]`` weight in ``dtype``."""
+    n_out, n_in = q.shape
+    sz = scales_zeros.float().permute(1, 0, 2).unsqueeze(2)  # [n_out, groups, 1, 2]
+    w = (q.view(n_out, n_in // group, group).float() - 8) * sz[..., 0] + sz[..., 1]
+    return w.view(n_out, n_in).to(dtype)
 
 
 def cat_rows(parts: list[Int4Weight]) -> Int4Weight:
@@ -105,9 +118,83 @@ def gptq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     return (s.repeat_interleave(group, 0) * (q - z.repeat_interleave(group, 0))).t().contiguous()
 
 
+@dataclass(frozen=True)
+class NibbleLayout:
+    """Where a packing op puts the 4-bit values of ``rows`` consecutive weight rows: the packed bytes of
+    such a block, split into nibbles (low nibble first), read at ``index`` give the block's values in
+    row-major order. Learnt from the op, never assumed."""
+
+    rows: int
+    index: torch.Tensor  # long [rows * n_in]
+
+    @classmethod
+    def learn(cls, pack: Callable[[torch.Tensor], torch.Tensor], rows: int, n_in: int,
+              device: torch.device) -> NibbleLayout | None:
+        """Pack ``rows x n_in`` weights whose values spell out each value's own position, four bits
+        per probe, and read where each position landed; None if the op is not a nibble permutation."""
+        size = rows * n_in
+        position = torch.arange(size, device=device, dtype=torch.int64)
+        landed = torch.zeros(size, dtype=torch.int64, device=device)
+        for shift in range(0, max(size - 1, 1).bit_length(), 4):
+            probe = ((position >> shift) & 0xF).to(torch.uint8).view(rows, n_in)
+            try:
+                nibbles = _nibbles(pack(probe))
+            except RuntimeError:  # the op refuses blocks of this many rows
+                return None
+            if nibbles.numel() != size:
+                return None
+            landed |= nibbles.to(torch.int64) << shift
+        if not torch.equal(landed.sort().values, position):
+            return None
+        index = torch.empty_like(landed)
+        index[landed] = position
+        return cls(rows, index)
+
+    def unpack(self, packed: torch.Tensor, n_out: int) -> torch.Tensor:
+        """The ``uint8 [n_out, n_in]`` values of a packed weight."""
+        return _unpack(packed, self.index, n_out)
+
+
+def _unpack(packed: torch.Tensor, index: torch.Tensor, n_out: int) -> torch.Tensor:
+    return _nibbles(packed).view(-1, index.numel()).index_select(1, index).view(n_out, -1)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """A packed integer tensor as its 4-bit values, lowest bits of each element first (the bytes'
+    order on a little-endian machine), by shifts alone so that it compiles into one kernel."""
+    shifts = torch.arange(0, packed.element_size() * 8, 4, device=packed.device, dtype=packed.dtype)
+    return ((packed.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8).flatten()
+
+
+_LAYOUTS: dict[Any, NibbleLayout | None] = {}
+
+
+def _layout_for(mode: str, q: torch.Tensor, packed: torch.Tensor,
+                pack: Callable[[torch.Tensor], torch.Tensor]) -> NibbleLayout | None:
+    """A learnt layout that reproduces this very weight's values from its packed form, or None."""
+    n_out, n_in = q.shape
+    for rows in (8, 16, 32, 64):
+        if n_out % rows:
+            continue
+        key = (mode, q.device.type, q.device.index, rows, n_in)
+        if key not in _LAYOUTS:
+            _LAYOUTS[key] = NibbleLayout.learn(pack, rows, n_in, q.device)
+        layout = _LAYOUTS[key]
+        if layout is not None and torch.equal(layout.unpack(packed, n_out), q):
+            return layout
+    return None
+
+
+def _unpack_dequantize(packed: torch.Tensor, index: torch.Tensor, n_out: int, scales_zeros: torch.Tensor, group: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """The ``[n_out, n_in]`` weight in ``dtype``, straight from the packed form."""
+    return _scale(_unpack(packed, index, n_out), scales_zeros, group, dtype)
+
+
 class PackedInt4(torch.nn.Module):
     """A bias-free linear layer with packed 4-bit weights, run by PyTorch's int4 weight-only
-    matrix product on CUDA or CPU; where neither op exists it keeps the dequantized weight."""
+    matrix product on CUDA or CPU; where neither op exists it keeps the dequantized weight. From
+    ``DEQUANTIZE_MIN_ROWS`` rows on (a prompt), it unpacks the weight for that call instead."""
 
     def __init__(self, w: Int4Weight, device: torch.device | str) -> None:
         super().__init__()
@@ -118,20 +205,28 @@ class PackedInt4(torch.nn.Module):
         aligned = self.n_in % (16 * INNER_K_TILES) == 0 and self.n_out % 8 == 0
         self.mode = _int4_mode(device) if aligned else "dequantized"
         q, sz = w.q.to(device), w.scales_zeros.to(device)
-        if self.mode == "cuda":
-            packed = (q[:, ::2] << 4 | q[:, 1::2]) if _nibble_order(device) == "hi" else (q[:, 1::2] << 4 | q[:, ::2])
-            weight = torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), INNER_K_TILES)
-        elif self.mode == "cpu":
-            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), INNER_K_TILES)
+        self.layout: NibbleLayout | None = None
+        if self.mode in ("cuda", "cpu"):
+            pack = _pack_cuda if self.mode == "cuda" else _pack_cpu
+            weight = pack(q)
+            self.layout = _layout_for(self.mode, q, weight, pack)
         else:
             weight = Int4Weight(q, sz, w.group).dequantize(torch.float32)
         self.register_buffer("weight", weight)
         self.register_buffer("scales_zeros", sz)
 
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight ``[n_out, n_in]`` in ``dtype``, unpacked for one call (needs a learnt layout)."""
+        assert self.layout is not None
+        fn = _compiled() if self.weight.is_cuda else _unpack_dequantize
+        return fn(self.weight, self.layout.index, self.n_out, self.scales_zeros, self.group, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.n_in)
-        if self.mode == "cuda":
+        if self.mode != "dequantized" and self.layout is not None and x2.shape[0] >= DEQUANTIZE_MIN_ROWS:
+            y = torch.nn.functional.linear(x2.to(torch.bfloat16), self.dequantized(torch.bfloat16))
+        elif self.mode == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self.group,
                                                    self.scales_zeros)
         elif self.mode == "cpu":
@@ -140,6 +235,26 @@ class PackedInt4(torch.nn.Module):
         else:
             y = x2.float() @ self.weight.t()
         return y.to(dtype).reshape(*lead, self.n_out)
+
+
+_COMPILED: list[Callable[..., torch.Tensor]] = []
+
+
+def _compiled() -> Callable[..., torch.Tensor]:
+    """One fused kernel per weight shape on a GPU rather than a handful of full-size temporaries."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_unpack_dequantize, dynamic=False))
+    return _COMPILED[0]
+
+
+def _pack_cuda(q: torch.Tensor) -> torch.Tensor:
+    hi = _nibble_order(q.device) == "hi"
+    packed = (q[:, ::2] << 4 | q[:, 1::2]) if hi else (q[:, 1::2] << 4 | q[:, ::2])
+    return torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), INNER_K_TILES)
+
+
+def _pack_cpu(q: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), INNER_K_TILES)
 
 
 def _int4_mode(device: torch.device) -> str:

@@ -183,6 +183,7 @@ class TransformersLLM(LLM):
                 raise ModelUnavailable(f"The fast path cannot serve {self.model_id}: {exc} (pass fast=False).") from exc
             logger.info("fast path not used for %s: %s", self.model_id, exc)
             return False
+        fast.warm_up()  # compile and capture at load, not during the first answer
         tokenizer = self._load_tokenizer()
         self.max_context = fast.max_seq
         self.model_family = "qwen" if fast.shape.naming.startswith("qwen") else self.model_family
