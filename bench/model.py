@@ -30,12 +30,16 @@ CARD = {"int4": {"decode_2048": 50.09, "decode_8192": 38.61, "mem_encode_2048_gb
 def add_model_flags(p: Any) -> None:
     p.add_argument("--shape", default="qwen-7b", choices=["qwen-7b"], help="random weights of this shape")
     p.add_argument("--model", help="a local checkpoint folder instead of random weights")
-    p.add_argument("--dtype", default="bf16,int4", help="bf16, int4 or both, comma-separated")
+    p.add_argument("--dtype", default="bf16,int4", help="bf16, int4 or both, comma-separated; none: checks only")
     p.add_argument("--tokens", default="2048,8192", help="new-token counts for decode speed")
     p.add_argument("--baseline", default="static,default",
                    help="plain generate baselines to measure: static, default (comma-separated), or none")
     p.add_argument("--default-cache-tokens", type=int, default=256,
                    help="new tokens for the default-cache baseline (it is slow: ~13 tokens/s)")
+    p.add_argument("--check", default="random,fp32,trained",
+                   help="greedy-equality checks against plain generate (random, fp32, trained; comma-separated) "
+                        "or none; see bench/model_check.py")
+    p.add_argument("--train-seconds", type=float, default=60.0, help="training time of the 'trained' check's model")
     p.add_argument("--out", type=Path, help="also write the JSON here, updated after every phase")
     p.add_argument("--json", action="store_true")
 
@@ -119,24 +123,6 @@ def bench_fast(decoder: Any, label: str, tokens: list[int], report: dict[str, An
         save()
 
 
-def hf_model(shape: Any) -> Any:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.d_model, intermediate_size=shape.ffn,
-                         num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
-                         num_key_value_heads=shape.n_kv_heads, max_position_embeddings=32768,
-                         rope_theta=shape.rope_theta, rms_norm_eps=shape.eps, tie_word_embeddings=False)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = Qwen2ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    return model.eval()
-
-
 def _hf_generate(model: Any, prompt: list[int], n: int, stop_after: int | None = None, **kw: Any) -> tuple[list[int], float]:
     """Greedy ``generate``; returns the new tokens and decode tokens/s after the first."""
     import torch
@@ -165,41 +151,25 @@ def _hf_generate(model: Any, prompt: list[int], n: int, stop_after: int | None =
     return new, (len(new) - 1) / (time.perf_counter() - stamps[0])
 
 
+VARIANTS = {"bf16": {}, "int4": {"quantize_to": "int4"}}
+
+
 def bench_plain_and_check(shape: Any, tokens: list[int], baselines: list[str], default_tokens: int,
-                          report: dict[str, Any], save: Any) -> Any:
-    """Plain ``generate`` on a random Qwen2 model of the shape, and the fast decoder built from the
-    very same weights: greedy equality and logits error, then the baselines. Returns the bf16
-    fast decoder (sharing what it can with the HF model, which is then dropped)."""
+                          checks: list[str], dtypes: list[str], report: dict[str, Any], save: Any) -> None:
+    """Plain ``generate`` on a random Qwen2 model of the shape: the 'random' greedy check against
+    fast decoders built from its very weights, then the baselines."""
     import torch
 
+    from bench import model_check
     from interpreter.llm import fastpath
 
-    model = hf_model(shape)
-    decoder = fastpath.FastDecoder(fastpath.DecoderShape(**{**dataclasses.asdict(shape), "max_context": 32768}),
-                                   fastpath.TensorSource(model.state_dict()), max_seq=max(tokens) + 1, device="cuda")
-    prompt = torch.randint(0, shape.vocab, (32,), generator=torch.Generator().manual_seed(7)).tolist()
-    n = 64
-    plain, _ = _hf_generate(model, prompt, n)
-    fast = list(decoder.generate(prompt, n))
-    lead = next((i for i, (a, b) in enumerate(zip(plain, fast)) if a != b), n)
-    with torch.no_grad():
-        seq = torch.tensor([prompt + plain], device="cuda")
-        ref = model(seq).logits[0, len(prompt) - 1:-1].float()
-        got = decoder.prefill(seq[0], all_logits=True)[len(prompt) - 1:-1]
-        steps = [decoder.prefill(torch.tensor(prompt, device="cuda"))[0]]
-        steps += [decoder.decode(torch.tensor([t], device="cuda"), len(prompt) + i).clone() for i, t in enumerate(plain[:-1])]
-        dec = torch.stack(steps)
-    target = torch.tensor(plain, device="cuda")
-    # teacher-forced: at each step of the plain path's own sequence, does the fast path pick the same token?
-    report["check"] = {"new_tokens": n, "greedy_equal": plain == fast, "leading_tokens_equal": lead,
-                       "teacher_forced_argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
-                       "logits_rel_err": float((got - ref).norm() / ref.norm()),
-                       "decode_step_argmax_agreement": float((dec.argmax(-1) == ref.argmax(-1)).float().mean()),
-                       "decode_step_logits_rel_err": float((dec - ref).norm() / ref.norm()),
-                       "decode_step_picks_plain_tokens": float((dec.argmax(-1) == target).float().mean()),
-                       "plain_full_forward_picks_its_own_tokens": float((ref.argmax(-1) == target).float().mean()),
-                       "top2_gap_median": float(ref.topk(2).values.diff().abs().median())}
-    save()
+    model = model_check.hf_qwen2(shape, torch.bfloat16)
+    if "random" in checks:
+        decoders = {d: fastpath.FastDecoder(shape, fastpath.TensorSource(model.state_dict()), max_seq=1024, device="cuda",
+                                            **VARIANTS[d])
+                    for d in (dtypes or ["bf16"]) if d != "int4"}
+        model_check.run_checks(["random"], report, save, model=model, decoders=decoders)
+        del decoders
     plain_r = report.setdefault("plain", {})
     if "default" in baselines:
         plain_r[f"default_cache_decode_{default_tokens}"] = _hf_generate(model, [13], default_tokens)[1]
@@ -214,7 +184,6 @@ def bench_plain_and_check(shape: Any, tokens: list[int], baselines: list[str], d
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    return decoder
 
 
 def run_model_bench(args: Any) -> int:
@@ -223,12 +192,28 @@ def run_model_bench(args: Any) -> int:
 
     from interpreter.llm import fastpath
 
+    def names(flag: str, value: str, allowed: Any) -> list[str]:
+        chosen = [] if value == "none" else [v.strip() for v in str(value).split(",")]
+        unknown = [v for v in chosen if v not in allowed]
+        if unknown:
+            raise ValueError(f"unknown {flag} {', '.join(unknown)}: choose from {', '.join(allowed)} (or none)")
+        return chosen
+
+    from bench.model_check import CHECKS
+
+    try:
+        if not all(t.strip().isdigit() and int(t) > 1 for t in str(args.tokens).split(",")):
+            raise ValueError(f"--tokens takes new-token counts above 1, comma-separated (got {args.tokens!r})")
+        tokens = sorted(int(t) for t in str(args.tokens).split(","))
+        dtypes = names("--dtype", args.dtype, VARIANTS)
+        baselines = names("--baseline", args.baseline, ("static", "default"))
+        checks = names("--check", args.check, CHECKS)
+    except ValueError as exc:
+        print(f"jupybox bench model: {exc}")
+        return 2
     if not torch.cuda.is_available():
         print("jupybox bench model measures a CUDA GPU and none is visible here: run it on a GPU host.")
         return 2
-    tokens = sorted(int(t) for t in str(args.tokens).split(","))
-    dtypes = [d.strip() for d in str(args.dtype).split(",")]
-    baselines = [] if args.baseline == "none" else [b.strip() for b in args.baseline.split(",")]
     props = torch.cuda.get_device_properties(0)
     report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(), "gpu": props.name, "gpu_memory_gb": props.total_memory / 1e9,
@@ -241,53 +226,42 @@ def run_model_bench(args: Any) -> int:
 
     report["copy_bandwidth_tb_s"] = copy_bandwidth() / 1e12
     save()
-    shape = fastpath.QWEN_7B
-    bf16 = None
-    if args.model:
-        for d in dtypes:
-            decoder = fastpath.load_checkpoint(args.model, device="cuda", dtype=torch.bfloat16, max_seq=max(tokens) + 1,
-                                               quantize_to="int4" if d == "int4" else None)
-            bench_fast(decoder, d, tokens, report, save)
-            _bound(report, d, decoder, shape, tokens)
-            del decoder
-            gc.collect()
-            torch.cuda.empty_cache()
-    else:
-        if "bf16" in dtypes or baselines:
-            bf16 = bench_plain_and_check(shape, tokens, baselines, args.default_cache_tokens, report, save)
-        for d in dtypes:
-            if d == "bf16":
-                decoder = bf16
+    big = fastpath.DecoderShape(**{**dataclasses.asdict(fastpath.QWEN_7B), "max_context": 32768})
+    if not args.model and (baselines or "random" in checks):
+        bench_plain_and_check(big, tokens, baselines, args.default_cache_tokens, checks, dtypes, report, save)
+    for d in dtypes:  # each built alone on the GPU, so that its peak memory is its own
+        try:
+            if args.model:
+                decoder = fastpath.load_checkpoint(args.model, device="cuda", dtype=torch.bfloat16,
+                                                   max_seq=max(tokens) + 1, **VARIANTS[d])
             else:
-                bf16 = None
-                gc.collect()
-                torch.cuda.empty_cache()
-                big = fastpath.DecoderShape(**{**dataclasses.asdict(shape), "max_context": 32768})
                 decoder = fastpath.FastDecoder(big, fastpath.random_weights(big, "cuda"), max_seq=max(tokens) + 1,
-                                               device="cuda", quantize_to="int4")
-            try:
-                bench_fast(decoder, d, tokens, report, save)
-                _bound(report, d, decoder, shape, tokens)
-            except Exception as exc:  # keep the other dtype's figures; the error is part of the report
-                report.setdefault("errors", {})[d] = f"{type(exc).__name__}: {exc}"
-                import traceback
-                traceback.print_exc()
-            del decoder
-            if d == "bf16":
-                bf16 = None
-            gc.collect()
-            torch.cuda.empty_cache()
+                                               device="cuda", **VARIANTS[d])
+            bench_fast(decoder, d, tokens, report, save)
+            _bound(report, d, decoder, decoder.shape, tokens)
+        except Exception as exc:  # keep the other variants' figures; the error is part of the report
+            report.setdefault("errors", {})[d] = f"{type(exc).__name__}: {exc}"
+            import traceback
+            traceback.print_exc()
+        decoder = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    from bench import model_check
+
+    model_check.run_checks([c for c in checks if c != "random"], report, save, train_seconds=args.train_seconds,
+                           variants={d: VARIANTS[d] for d in (dtypes or list(VARIANTS))})
     save()
     print(json.dumps(report, indent=1) if args.json else render(report))
     return 0
 
 
-def _bound(report: dict[str, Any], label: str, decoder: Any, shape: Any, tokens: list[int]) -> None:
+def _bound(report: dict[str, Any], label: str, decoder: Any, tokens: list[int]) -> None:
     """tokens/s if each step only read the weights once (embedding rows aside) and the KV cache up to
     the mean context, at the measured copy bandwidth."""
+    shape = decoder.shape
     r = report["fast"][label]
-    weights = r["weight_gb"] * 1e9 - shape.vocab * shape.d_model * 2  # one embedding row is read, not the table
-    kv_per_token = 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * 2
+    weights = r["weight_gb"] * 1e9 - shape.vocab * shape.d_model * decoder.embed.element_size()  # one row is read
+    kv_per_token = 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * decoder.dtype.itemsize
     bw = report["copy_bandwidth_tb_s"] * 1e12
     for n in tokens:
         r[f"bound_{n}"] = bw / (weights + kv_per_token * n / 2)
@@ -297,11 +271,9 @@ def render(r: dict[str, Any]) -> str:
     lines = [f"jupybox bench model — {r['model']}, {r['gpu']}, torch {r['torch']} (CUDA {r['cuda']}), "
              f"transformers {r['transformers']}, {r['date']}",
              f"device-to-device copy: {r['copy_bandwidth_tb_s']:.2f} TB/s (read + write)"]
-    c = r.get("check")
-    if c:
-        lines.append(f"check (bf16, same weights, {c['new_tokens']} greedy tokens): equal={c['greedy_equal']}, "
-                     f"leading equal={c['leading_tokens_equal']}, teacher-forced argmax agreement="
-                     f"{c['teacher_forced_argmax_agreement']:.3f}, logits rel err={c['logits_rel_err']:.2e}")
+    from bench.model_check import render_checks
+
+    lines += render_checks(r.get("check", {}))
     lines.append(f"{'figure':34}{'fast bf16':>11}{'fast int4':>11}{'card bf16':>11}{'card int4':>11}  (card: A100, torch 2.0.1)")
     fast = r.get("fast", {})
 
