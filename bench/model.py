@@ -229,16 +229,17 @@ def run_model_bench(args: Any) -> int:
     big = fastpath.DecoderShape(**{**dataclasses.asdict(fastpath.QWEN_7B), "max_context": 32768})
     if not args.model and (baselines or "random" in checks):
         bench_plain_and_check(big, tokens, baselines, args.default_cache_tokens, checks, dtypes, report, save)
+    capacity = max(max(tokens), 2048) + 1  # the longest generation, and the 2048-token prompt
     for d in dtypes:  # each built alone on the GPU, so that its peak memory is its own
         try:
             if args.model:
                 decoder = fastpath.load_checkpoint(args.model, device="cuda", dtype=torch.bfloat16,
-                                                   max_seq=max(tokens) + 1, **VARIANTS[d])
+                                                   max_seq=capacity, **VARIANTS[d])
             else:
-                decoder = fastpath.FastDecoder(big, fastpath.random_weights(big, "cuda"), max_seq=max(tokens) + 1,
+                decoder = fastpath.FastDecoder(big, fastpath.random_weights(big, "cuda"), max_seq=capacity,
                                                device="cuda", **VARIANTS[d])
             bench_fast(decoder, d, tokens, report, save)
-            _bound(report, d, decoder, decoder.shape, tokens)
+            _bound(report, d, decoder, tokens)
         except Exception as exc:  # keep the other variants' figures; the error is part of the report
             report.setdefault("errors", {})[d] = f"{type(exc).__name__}: {exc}"
             import traceback

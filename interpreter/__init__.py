@@ -3,12 +3,33 @@
 Nothing here knows about containers (that is ``sandbox``) or about the browser (that is ``ui``).
 """
 
-from .conversation import Cell, Conversation
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import FormatError, ModelCancelled, ModelError, ModelUnavailable
 from .events import Event
-from .formats import FORMATS, get_format
-from .llm import create_llm
-from .loop import Interpreter, InterpreterSettings
+
+if TYPE_CHECKING:
+    from .conversation import Cell, Conversation
+    from .formats import FORMATS, get_format
+    from .llm import create_llm
+    from .loop import Interpreter, InterpreterSettings
+
+# Imported on first use, so that a model backend (``interpreter.llm.fastpath``, say) loads on a
+# machine that has torch but not the notebook and sandbox libraries.
+_LAZY = {"Cell": ".conversation", "Conversation": ".conversation", "FORMATS": ".formats",
+         "get_format": ".formats", "create_llm": ".llm", "Interpreter": ".loop", "InterpreterSettings": ".loop"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "FORMATS",

@@ -4,6 +4,11 @@ Nothing here knows about language models. Start with ``SessionManager`` (async) 
 ``SyncSessionManager`` (blocking code).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import SANDBOX_IMAGE, Limits, SandboxSettings
 from .errors import (
     BackendUnavailable,
@@ -16,10 +21,26 @@ from .errors import (
     WorkspaceError,
     WorkspacePathError,
 )
-from .manager import SessionManager
 from .models import Execution, ExecutionStatus, ImageFile, Output
-from .session import Session
-from .workspace import Workspace, WorkspaceFile
+
+if TYPE_CHECKING:
+    from .manager import SessionManager
+    from .session import Session
+    from .workspace import Workspace, WorkspaceFile
+
+# Imported on first use: the kernel client's libraries (ZeroMQ, Jupyter's) stay unloaded for code
+# that only needs the errors or the result model.
+_LAZY = {"SessionManager": ".manager", "Session": ".session", "Workspace": ".workspace",
+         "WorkspaceFile": ".workspace"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "SANDBOX_IMAGE",
