@@ -38,6 +38,22 @@ class Output:
     evalue: str | None = None
     traceback: list[str] | None = None
 
+    @property
+    def is_image(self) -> bool:
+        return any(m.startswith("image/") for m in self.data or {})
+
+    def plain_text(self) -> str:
+        """This output as plain text, the one rendering for models and terminals: a stream's text, a
+        result's ``text/plain`` ending in a newline, an error's traceback; "" for images (they are
+        files, named by whoever shows them) and bundles with no plain text."""
+        if self.kind == "stream":
+            return self.text or ""
+        if self.kind == "error":
+            return "\n".join(self.traceback or [f"{self.ename}: {self.evalue}"]) + "\n"
+        if self.data and "text/plain" in self.data and not self.is_image:
+            return str(self.data["text/plain"]).rstrip("\n") + "\n"
+        return ""
+
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
@@ -89,15 +105,7 @@ class Execution:
     def text(self, budget: int = 4000) -> str:
         """Render for a language model: streams, plain-text results, image paths and the error,
         cut to ``budget`` characters keeping the head and the tail."""
-        parts: list[str] = []
-        for out in self.outputs:
-            if out.kind == "stream":
-                parts.append(out.text or "")
-            elif out.kind in ("result", "display") and out.data:
-                if "text/plain" in out.data and not any(m.startswith("image/") for m in out.data):
-                    parts.append(str(out.data["text/plain"]).rstrip("\n") + "\n")
-            elif out.kind == "error":
-                parts.append("\n".join(out.traceback or [f"{out.ename}: {out.evalue}"]) + "\n")
+        parts = [out.plain_text() for out in self.outputs]
         for img in self.images:
             parts.append(f"![{img.path.rsplit('/', 1)[-1].split('.')[0]}]({img.path})\n")
         if self.status in (ExecutionStatus.TIMEOUT, ExecutionStatus.CRASHED) and self.reason:

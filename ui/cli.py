@@ -113,13 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def print_output(out: Output) -> None:
     """Readable streaming output for a terminal."""
-    if out.kind == "stream":
-        (sys.stderr if out.name == "stderr" else sys.stdout).write(out.text or "")
-    elif out.kind in ("result", "display") and out.data:
-        if "text/plain" in out.data and not any(m.startswith("image/") for m in out.data):
-            print(out.data["text/plain"])
-    elif out.kind == "error":
-        print("\n".join(out.traceback or [f"{out.ename}: {out.evalue}"]), file=sys.stderr)
+    to_stderr = out.kind == "error" or (out.kind == "stream" and out.name == "stderr")
+    (sys.stderr if to_stderr else sys.stdout).write(out.plain_text())
     sys.stdout.flush()
 
 

@@ -25,7 +25,6 @@ from starlette.exceptions import HTTPException
 
 from interpreter import Event
 from sandbox import SessionClosed
-from sandbox.models import Output
 
 from .api import SSE_HEADERS, ChatTurn, metrics_of, services_of, sse
 from .metrics import Metrics
@@ -64,19 +63,6 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = Field(None, description="keeps one sandbox session and conversation per user")
 
 
-def _output_text(out: Output) -> str:
-    if out.kind == "stream":
-        return out.text or ""
-    if out.kind in ("result", "display") and out.data:
-        if any(m.startswith("image/") for m in out.data):
-            return ""
-        if "text/plain" in out.data:
-            return str(out.data["text/plain"]).rstrip("\n") + "\n"
-    if out.kind == "error":
-        return "\n".join(out.traceback or [f"{out.ename}: {out.evalue}"]) + "\n"
-    return ""
-
-
 class MarkdownTranscript:
     """Turns interpreter events into assistant content, piece by piece."""
 
@@ -102,7 +88,7 @@ class MarkdownTranscript:
             gap = "" if not self.written else ("" if self.at_line_start else "\n")
             return self._emit(self._close_fence() + gap + f"```python\n{(event.code or '').rstrip()}\n```\n\n")
         if event.type == "output" and event.output is not None:
-            text = _output_text(event.output)
+            text = event.output.plain_text()
             if not text:
                 return ""
             opening = "" if self.fence_open else "```\n"

@@ -63,16 +63,7 @@ class Printer:
         elif event.type == "code":
             out.write(f"\n\n┌── code ──\n{event.code}\n└──────────\n")
         elif event.type == "output" and event.output is not None:
-            o = event.output
-            if o.kind == "stream":
-                out.write(o.text or "")
-            elif o.kind in ("result", "display") and o.data:
-                if any(m.startswith("image/") for m in o.data):
-                    out.write("[image]\n")
-                elif "text/plain" in o.data:
-                    out.write(str(o.data["text/plain"]) + "\n")
-            elif o.kind == "error":
-                out.write("\n".join(o.traceback or [f"{o.ename}: {o.evalue}"]) + "\n")
+            out.write("[image]\n" if event.output.is_image else event.output.plain_text())
         elif event.type == "execution" and event.execution is not None:
             ex = event.execution
             for img in ex.images:

@@ -53,7 +53,7 @@ def render_output(out: Output) -> str:
         tb = "\n".join(out.traceback or []) or f"{out.ename}: {out.evalue}"
         return fence(tb, "pytb")
     data = out.data or {}
-    if any(m.startswith("image/") for m in data):
+    if out.is_image:
         return ""  # images are their own message
     if "text/html" in data and "<table" in str(data["text/html"]):
         return re.sub(r"<style.*?</style>", "", str(data["text/html"]), flags=re.S)
