@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox import JupyboxError, Session, SessionManager
-from sandbox.models import Execution, ExecutionStatus, Output
+from sandbox.models import Execution, ExecutionStatus
 
 from .conversation import Cell, Conversation
 from .events import Event
@@ -105,13 +105,16 @@ class Interpreter:
             conv.session_id = None
 
     async def run(self, conv: Conversation, question: str, files: list[Path | tuple[str, bytes]] = (),
-                  cancel: asyncio.Event | None = None) -> AsyncIterator[Event]:
+                  cancel: asyncio.Event | None = None, present: list[str] = ()) -> AsyncIterator[Event]:
         """One user turn. Yields events as they happen; ends with an ``answer`` or an ``error``
-        event. Setting ``cancel`` stops the model's stream and interrupts the running code."""
+        event. ``files`` are written into the workspace; ``present`` names files already there
+        (uploaded earlier); both are announced to the model. Setting ``cancel`` stops the model's
+        stream and interrupts the running code."""
         cancel = cancel or asyncio.Event()
         try:
             session = await self._session(conv)
             names = [self._upload(session, f) for f in files]
+            names += [n for n in present if n not in names and session.workspace.exists(n)]
         except JupyboxError as exc:
             yield Event("error", text=str(exc))
             return
@@ -196,26 +199,8 @@ class Interpreter:
 
     async def _execute(self, session: Session, code: str, cancel: asyncio.Event) -> AsyncIterator[Event]:
         """Run one cell, streaming its outputs; a cancel interrupts the kernel."""
-        queue: asyncio.Queue[Output] = asyncio.Queue()
-        task = asyncio.create_task(session.execute(code, self.settings.execution_timeout, queue.put_nowait))
-        interrupted = False
-        try:
-            while not task.done():
-                try:
-                    yield Event("output", output=await asyncio.wait_for(queue.get(), 0.1))
-                except asyncio.TimeoutError:
-                    pass
-                if cancel.is_set() and not interrupted:
-                    session.interrupt(task)  # ours only: not another caller's running code
-                    interrupted = True
-            while not queue.empty():
-                yield Event("output", output=queue.get_nowait())
-            execution: Execution = task.result()
-        finally:
-            if not task.done():  # the consumer went away mid-execution
-                session.interrupt(task)
-                task.cancel()
-        yield Event("execution", execution=execution)
+        async for item in session.stream(code, self.settings.execution_timeout, cancel):
+            yield Event("execution", execution=item) if isinstance(item, Execution) else Event("output", output=item)
 
     def _upload(self, session: Session, f: Path | tuple[str, bytes]) -> str:
         if isinstance(f, tuple):

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from .backends.base import Backend, KernelHandle, KernelSpec
@@ -183,6 +184,33 @@ class Session:
             finally:
                 self._running = None
                 self.last_used = time.monotonic()
+
+    async def stream(self, code: str, timeout: float | None = None,
+                     cancel: asyncio.Event | None = None) -> AsyncIterator[Output | Execution]:
+        """``execute`` as an async iterator: each ``Output`` as it arrives, then the ``Execution``.
+        Setting ``cancel`` interrupts this execution (never another caller's); a consumer that stops
+        iterating early interrupts it too, or drops it if it is still waiting for its turn."""
+        queue: asyncio.Queue[Output] = asyncio.Queue()
+        task = asyncio.ensure_future(self.execute(code, timeout, queue.put_nowait))
+        stop = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
+        try:
+            while not task.done() or not queue.empty():
+                getter = asyncio.ensure_future(queue.get())
+                waiting = {getter, task} if stop is None or stop.done() else {getter, task, stop}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+                if stop is not None and stop in waiting and stop.done():
+                    self.interrupt(task)  # once: the kernel stops, the execution returns its error
+            yield task.result()  # an infrastructure failure raises here
+        finally:
+            if stop is not None:
+                stop.cancel()
+            if not task.done():  # the consumer left mid-execution
+                self.interrupt(task)
+                task.cancel()
 
     async def _execute(self, code: str, timeout: float, on_output: OutputCallback | None) -> Execution:
         if self._needs_restart or self._client is None:

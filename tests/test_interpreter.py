@@ -163,6 +163,24 @@ async def test_code_in_another_language_gets_a_clear_message(model: ScriptedMode
     await interp.close(conv)
 
 
+async def test_files_already_in_the_workspace_are_announced_without_being_written_again(
+        model: ScriptedModel, docker_manager: SessionManager) -> None:
+    interp = make_interpreter(model, docker_manager, "fenced")
+    conv = await interp.new_conversation()
+    session = await interp._session(conv)
+    session.workspace.write("early.csv", b"a,b\n1,2\n")
+    before = (session.workspace.root / "early.csv").stat()
+    model.enqueue("Noted.")
+    events = await collect(interp.run(conv, "what did I upload?", present=["early.csv", "never-uploaded.csv"]))
+    assert events[-1].type == "answer"
+    announced = prompt_text(model.history[0])
+    assert "early.csv" in announced and "never-uploaded.csv" not in announced
+    assert conv.files == ["early.csv"]
+    after = (session.workspace.root / "early.csv").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
+    await interp.close(conv)
+
+
 async def test_malformed_tool_call_json_is_explained_to_the_model(model: ScriptedModel, docker_manager: SessionManager) -> None:
     interp = make_interpreter(model, docker_manager, "tools")
     conv = await interp.new_conversation()

@@ -311,8 +311,6 @@ def test_two_browser_contexts_have_separate_sessions_and_closing_frees_one(web_s
 
 def test_page_without_a_model_says_what_to_configure(sandbox_image: str, jb_home: Path, browser) -> None:
     """No model could be loaded: the page still starts and says, in words, what to set."""
-    from playwright.sync_api import expect
-
     services = Services(ServeSettings(sandbox=docker_settings(jb_home, instance="webui-nomodel")))
     services.llm, services.model_error = None, "the model server is not configured — pass --openai-base-url URL"
     from ui.web import build_ui
@@ -348,3 +346,19 @@ def _render_once(services: Services, build_ui, browser) -> str:
         thread.join(10)
 
 
+
+
+def test_a_tab_dropped_without_unload_leaves_no_folder_behind() -> None:
+    """Gradio drops the state of a tab whose client never said goodbye; nothing of it may stay."""
+    from ui.web import WebUI, _close_soon
+
+    ui = WebUI(services=None)  # type: ignore[arg-type]  # a tab with no session never reaches them
+    idle = ui.tab(None, None)
+    assert idle._served is None  # a page that never shows a file makes no folder
+    shown = ui.tab(None, None)
+    folder = shown.served
+    (folder / "chart.png").write_bytes(b"\x89PNG")
+    assert set(ui.tabs) == {idle.key, shown.key}
+    _close_soon(ui, shown)
+    _close_soon(ui, idle)
+    assert not folder.exists() and ui.tabs == {}

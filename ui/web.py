@@ -85,8 +85,22 @@ class Tab:
     pending: list[str] = field(default_factory=list)  # uploaded, not yet announced to the model
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     running: bool = False
-    served: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="jupybox-ui-")))
     copies: dict[str, tuple[int, float]] = field(default_factory=dict)
+    _served: Path | None = None
+
+    @property
+    def served(self) -> Path:
+        """Where Gradio may serve this tab's files from: a temporary folder made on first use (a
+        page that never shows a file leaves nothing behind)."""
+        if self._served is None or not self._served.is_dir():
+            self._served = Path(tempfile.mkdtemp(prefix="jupybox-ui-"))
+        return self._served
+
+    def forget_files(self) -> None:
+        self.copies.clear()
+        if self._served is not None:
+            shutil.rmtree(self._served, ignore_errors=True)
+            self._served = None
 
     def __deepcopy__(self, memo: dict) -> Tab:
         return self  # Gradio copies state values; a tab owns live resources and is never copied
@@ -132,9 +146,7 @@ class WebUI:
                         "(earlier files and variables are gone).")
         session = await manager.create()
         tab.conversation = Conversation(format=self.format_name(fmt), session_id=session.id)
-        tab.copies.clear()
-        shutil.rmtree(tab.served, ignore_errors=True)
-        tab.served.mkdir(parents=True, exist_ok=True)
+        tab.forget_files()
         return session, note
 
     def format_name(self, fmt: str) -> str:
@@ -152,8 +164,7 @@ class WebUI:
             except JupyboxError:
                 pass
         tab.pending.clear()
-        tab.copies.clear()
-        shutil.rmtree(tab.served, ignore_errors=True)
+        tab.forget_files()
 
     # -- files ------------------------------------------------------------------------------
     def served_copy(self, tab: Tab, session: Any, name: str) -> str | None:
@@ -283,11 +294,10 @@ class WebUI:
             if not conv.messages:
                 conv.format = self.format_name(fmt)
             interp = self.interpreter(conv, model, temperature, max_executions, timeout)
-            uploads = [(n, session.workspace.read(n)) for n in tab.pending if session.workspace.exists(n)]
-            tab.pending.clear()
+            uploaded, tab.pending = tab.pending, []
             view = TurnView(tab.history, lambda p: self.served_copy(tab, session, p))
             last = 0.0
-            async for event in interp.run(conv, question, uploads, cancel=tab.cancel):
+            async for event in interp.run(conv, question, cancel=tab.cancel, present=uploaded):
                 if event.type == "error" and tab.cancel.is_set():
                     event.text = "Stopped."
                 view.apply(event)
@@ -310,7 +320,6 @@ class WebUI:
         tab = self.tab(tab, request)
         await self.close_tab(tab)
         tab.history = []
-        tab.served.mkdir(parents=True, exist_ok=True)
         return [], [], tab, "New session: a fresh kernel and an empty workspace start with your next question."
 
     async def files(self, tab: Tab | None, request: gr.Request) -> tuple:
@@ -320,7 +329,6 @@ class WebUI:
     async def notebook(self, tab: Tab | None, request: gr.Request) -> tuple:
         tab = self.tab(tab, request)
         conv = tab.conversation or Conversation(format="")
-        tab.served.mkdir(parents=True, exist_ok=True)
         path = tab.served / f"jupybox-{conv.id}.ipynb"
         nbformat.write(conv.to_notebook(), str(path))
         return str(path), tab
@@ -399,11 +407,15 @@ def snapshot(history: list[dict]) -> list[dict]:
 
 
 def _close_soon(ui: WebUI, tab: Tab | None) -> None:
-    """Gradio forgets a closed tab's state later than ``unload`` runs; close what is still open."""
-    if tab is None or tab.conversation is None:
+    """Gradio drops a tab's state when the tab closes or its state expires, also for a client that
+    never sent ``unload``: forget the tab, close its session and remove its served files."""
+    if tab is None:
         return
     ui.tabs.pop(tab.key, None)
+    if tab.conversation is None:
+        tab.forget_files()
+        return
     try:
         asyncio.get_running_loop().create_task(ui.close_tab(tab))
-    except RuntimeError:  # called outside the server's loop: the manager's idle TTL closes it
-        pass
+    except RuntimeError:  # called outside the server's loop: the manager's idle TTL closes the session
+        tab.forget_files()
