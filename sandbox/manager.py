@@ -17,7 +17,6 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 from .backends import Backend, create_backend
 from .config import Limits, SandboxSettings

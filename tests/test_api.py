@@ -25,7 +25,8 @@ import uvicorn
 from sandbox import SandboxSettings
 from tests.conftest import ROOT
 from tests.scripted_model import ScriptedModel, last_observation
-from ui.app import BODY_LIMIT, create_app
+from ui.app import create_app
+from ui.middleware import BODY_LIMIT
 from ui.serve import RedactToken
 from ui.services import ServeSettings, Services
 
