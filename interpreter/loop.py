@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,8 +200,9 @@ class Interpreter:
 
     async def _execute(self, session: Session, code: str, cancel: asyncio.Event) -> AsyncIterator[Event]:
         """Run one cell, streaming its outputs; a cancel interrupts the kernel."""
-        async for item in session.stream(code, self.settings.execution_timeout, cancel):
-            yield Event("execution", execution=item) if isinstance(item, Execution) else Event("output", output=item)
+        async with aclosing(session.stream(code, self.settings.execution_timeout, cancel)) as items:
+            async for item in items:  # closed with this generator, so a consumer that leaves interrupts
+                yield Event("execution", execution=item) if isinstance(item, Execution) else Event("output", output=item)
 
     def _upload(self, session: Session, f: Path | tuple[str, bytes]) -> str:
         if isinstance(f, tuple):

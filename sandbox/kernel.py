@@ -72,6 +72,7 @@ class RawResult:
     died: bool = False  # the kernel process disappeared while we waited
     dropped: int = 0  # output bytes dropped (kernel side and here)
     ask_exit: bool = False  # the code called exit()
+    aborted: bool = False  # the kernel dropped the request unrun (it came while a run was being interrupted)
 
 
 class OutputCollector:
@@ -252,6 +253,7 @@ class KernelClient:
         except (TimeoutError, queue.Empty):
             return
         content = reply["content"]
+        result.aborted = content.get("status") == "aborted"
         if result.execution_count is None:
             result.execution_count = content.get("execution_count")
         result.ask_exit = any(p.get("source") == "ask_exit" for p in content.get("payload", []))

@@ -208,8 +208,10 @@ class Session:
         finally:
             if stop is not None:
                 stop.cancel()
-            if not task.done():  # the consumer left mid-execution
-                self.interrupt(task)
+            if not task.done() and task is self._running:  # the consumer left mid-execution
+                self.interrupt(task)  # and the next run waits until the kernel has stopped this one
+                await asyncio.wait({task}, timeout=self.settings.interrupt_grace_s + 2)
+            if not task.done():  # still waiting for its turn, or not stopping: dropped
                 task.cancel()
 
     async def _execute(self, code: str, timeout: float, on_output: OutputCallback | None) -> Execution:
@@ -224,6 +226,10 @@ class Session:
         t0 = time.monotonic()
         msg_id = self._client.send_execute(code)
         await self._client.collect(msg_id, collector, t0 + timeout, is_alive)
+        if raw.aborted and not raw.outputs:  # dropped unrun by the kernel: it is idle now, so once more
+            raw.done = raw.aborted = False
+            msg_id = self._client.send_execute(code)
+            await self._client.collect(msg_id, collector, t0 + timeout, is_alive)
         status, reason, state_lost = ExecutionStatus.OK, None, False
         if not raw.done and not raw.died:
             self._client.interrupt()
@@ -246,6 +252,8 @@ class Session:
             self._needs_restart = True
         elif status is ExecutionStatus.OK and any(o.kind == "error" for o in raw.outputs):
             status = ExecutionStatus.ERROR
+        elif status is ExecutionStatus.OK and raw.aborted:
+            status, reason = ExecutionStatus.ERROR, "The kernel did not run the code (it aborted the request); run it again."
         execution = Execution(
             status=status, outputs=raw.outputs, execution_count=raw.execution_count,
             duration_s=round(time.monotonic() - t0, 4), truncated=raw.dropped,

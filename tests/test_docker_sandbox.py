@@ -9,10 +9,11 @@ import os
 import resource
 import socket
 import subprocess
+from contextlib import aclosing
 
 import pytest
 
-from sandbox import ExecutionStatus, SessionManager
+from sandbox import Execution, ExecutionStatus, Output, SessionManager
 from tests.conftest import docker_settings, jupybox_containers
 
 
@@ -29,6 +30,44 @@ async def test_state_persists_and_outputs_arrive_in_order(docker_manager: Sessio
     assert [o.kind for o in ex.outputs] == ["stream", "stream", "result"]
     assert [o.kind for o in seen] == ["stream", "stream", "result"]
     assert ex.execution_count == 2
+    await docker_manager.close(session.id)
+
+
+async def test_stream_yields_outputs_as_they_come_and_a_cancel_stops_only_its_own_run(
+        docker_manager: SessionManager) -> None:
+    session = await docker_manager.create()
+    cancel = asyncio.Event()
+    items = []
+    async for item in session.stream("import time\nprint('ready', flush=True)\ntime.sleep(60)",
+                                     timeout=120, cancel=cancel):
+        items.append(item)  # the output arrives while the code still runs
+        if isinstance(item, Output):
+            cancel.set()  # the kernel is interrupted; the run still ends with its execution
+    execution = items[-1]
+    assert isinstance(execution, Execution) and execution.status is ExecutionStatus.ERROR
+    assert execution.error is not None and execution.error.ename == "KeyboardInterrupt"
+    assert [o.text for o in items[:-1] if isinstance(o, Output) and o.kind == "stream"] == ["ready\n"]
+    assert execution.duration_s < 30
+    assert (await session.execute("print('still here')")).stdout == "still here\n"  # state kept
+
+    # a consumer that walks away mid-run interrupts it: the session is free again at once
+    async with aclosing(session.stream("import time\nprint('go', flush=True)\ntime.sleep(60)", timeout=120)) as run:
+        async for _ in run:
+            break
+    assert (await asyncio.wait_for(session.execute("1 + 1"), 30)).results[-1].data["text/plain"] == "2"
+    await docker_manager.close(session.id)
+
+
+async def test_the_run_after_a_cancelled_one_is_not_lost(docker_manager: SessionManager) -> None:
+    """A caller that cancels its execution leaves the kernel still stopping it; a request that
+    arrives meanwhile is dropped by the kernel unrun (an 'aborted' reply), and is sent again."""
+    session = await docker_manager.create()
+    first = asyncio.ensure_future(session.execute("import time\nprint('go', flush=True)\ntime.sleep(60)"))
+    await asyncio.sleep(1.5)
+    session.interrupt(first)
+    first.cancel()
+    ex = await asyncio.wait_for(session.execute("1 + 1"), 30)
+    assert ex.status is ExecutionStatus.OK and ex.results[-1].data["text/plain"] == "2"
     await docker_manager.close(session.id)
 
 

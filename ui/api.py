@@ -18,6 +18,7 @@ import mimetypes
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
 from dataclasses import asdict, replace
 from typing import Any
 from urllib.parse import quote
@@ -170,12 +171,13 @@ async def execution_events(session: Session, code: str, timeout: float | None,
                            metrics: Metrics) -> AsyncIterator[dict[str, Any]]:
     """Outputs as they arrive, then the execution; a consumer that leaves interrupts the kernel."""
     try:
-        async for item in session.stream(code, timeout):
-            if isinstance(item, Execution):
-                metrics.observe_execution(item, "api")
-                yield Event("execution", execution=item).to_dict()
-            else:
-                yield Event("output", output=item).to_dict()
+        async with aclosing(session.stream(code, timeout)) as items:  # closed, so interrupted, when we are
+            async for item in items:
+                if isinstance(item, Execution):
+                    metrics.observe_execution(item, "api")
+                    yield Event("execution", execution=item).to_dict()
+                else:
+                    yield Event("output", output=item).to_dict()
     except JupyboxError as exc:
         yield Event("error", text=str(exc)).to_dict()
 
