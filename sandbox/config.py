@@ -45,6 +45,8 @@ class SandboxSettings:
     instance: str | None = None  # names this process's containers; defaults to the host name
     sandbox_uid: int = 1000  # the kernel's user when jupybox runs as root
     sandbox_gid: int = 1000
+    # each workspace its own size-capped filesystem (see sandbox/diskfs.py): auto | loop | plain
+    workspace_fs: str = "auto"
 
     @classmethod
     def from_env(cls, **overrides: object) -> SandboxSettings:
@@ -61,6 +63,8 @@ class SandboxSettings:
             values["pool_size"] = int(env["JUPYBOX_POOL_SIZE"])
         if "JUPYBOX_INSTANCE" in env:
             values["instance"] = env["JUPYBOX_INSTANCE"]
+        if env.get("JUPYBOX_WORKSPACE_FS"):
+            values["workspace_fs"] = env["JUPYBOX_WORKSPACE_FS"]
         limits = {}
         for name, conv in (("memory_mb", int), ("cpus", float), ("pids", int)):
             key = f"JUPYBOX_{name.upper()}"

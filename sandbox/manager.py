@@ -22,6 +22,7 @@ from .backends import Backend, create_backend
 from .config import Limits, SandboxSettings
 from .errors import CapacityError, SandboxError, SessionClosed
 from .session import Session
+from . import diskfs
 from .workspace import remove_tree
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,23 @@ class SessionManager:
         self._closing = False
         self._starting = 0  # sessions being started by create(), counted against max_sessions
         self.on_reap = on_reap  # told the id of each session the idle reaper closes
+        self.loop_workspaces = self._loop_workspaces()
+
+    def _loop_workspaces(self) -> bool:
+        """Whether each workspace gets its own size-capped filesystem (``settings.workspace_fs``)."""
+        choice = self.settings.workspace_fs
+        if choice not in ("auto", "loop", "plain"):
+            raise SandboxError(f"workspace_fs={choice!r}: choose auto, loop or plain")
+        if choice == "plain" or (choice == "auto" and self.settings.backend == "local"):
+            return False
+        reason = diskfs.unavailable()
+        if reason is None:
+            return True
+        if choice == "loop":
+            raise SandboxError(f"workspace_fs=loop needs a loop-mounted filesystem per workspace, but {reason}")
+        log.warning("workspaces are plain folders: the quota holds for uploads, not for what the sandboxed "
+                    "code writes, because %s (workspace_fs=loop needs root and loop devices)", reason)
+        return False
 
     async def __aenter__(self) -> SessionManager:
         await self.start()
@@ -97,6 +115,7 @@ class SessionManager:
             except OSError:
                 continue
             if dead(owner):
+                await asyncio.to_thread(diskfs.release, folder)
                 await asyncio.to_thread(remove_tree, folder)
         return removed
 
@@ -135,7 +154,8 @@ class SessionManager:
         folder = self.sessions_dir / sid
         folder.mkdir(parents=True)
         (folder / "owner").write_text(self.owner)  # read by a later process's orphan cleanup
-        session = Session(self.backend, self.settings, self.owner, folder, sid, limits)
+        session = Session(self.backend, self.settings, self.owner, folder, sid, limits,
+                          own_filesystem=self.loop_workspaces)
         await session.start()
         return session
 

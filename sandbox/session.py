@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from . import diskfs
 from .backends.base import Backend, KernelHandle, KernelSpec
 from .config import Limits, SandboxSettings
 from .errors import SandboxError, SessionClosed, WorkspaceError
@@ -33,7 +34,7 @@ class Session:
     """Stateful: a variable set in one execution is there in the next, until a restart."""
 
     def __init__(self, backend: Backend, settings: SandboxSettings, owner: str, folder: Path,
-                 session_id: str | None = None, limits: Limits | None = None) -> None:
+                 session_id: str | None = None, limits: Limits | None = None, own_filesystem: bool = False) -> None:
         self.id = session_id or uuid.uuid4().hex[:12]
         self.backend = backend
         self.settings = settings
@@ -54,6 +55,7 @@ class Session:
         self._needs_restart = False
         self._closed = False
         self._figures = 0
+        self._own_filesystem = own_filesystem  # the workspace is a mounted image sized to its quota
 
     @property
     def closed(self) -> bool:
@@ -72,6 +74,9 @@ class Session:
     async def start(self) -> None:
         """Start the kernel and wait until it answers; on failure nothing is left running."""
         try:
+            if self._own_filesystem:
+                await asyncio.to_thread(diskfs.create, self.workspace.root, self.folder / diskfs.IMAGE_NAME,
+                                        self.limits.workspace_bytes, self._owner_ids)
             await self._start_kernel()
         except BaseException:
             await self.close()
@@ -155,6 +160,7 @@ class Session:
         await self._stop_kernel()
         await asyncio.to_thread(remove_tree, self.runtime_dir)
         if not keep_workspace:
+            await asyncio.to_thread(diskfs.release, self.folder)
             await asyncio.to_thread(remove_tree, self.folder)
 
     def _check_open(self) -> None:

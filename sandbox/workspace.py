@@ -180,7 +180,13 @@ class Workspace:
                         self._check_quota(name, written, others)
                     view = memoryview(chunk)
                     while view:
-                        view = view[os.write(fd, view):]
+                        try:
+                            view = view[os.write(fd, view):]
+                        except OSError as exc:
+                            if exc.errno != errno.ENOSPC:
+                                raise
+                            raise QuotaExceeded(f"no room for {name!r}: the workspace's disk is full; "
+                                                "delete files first") from None
                 mtime = os.fstat(fd).st_mtime
                 os.close(fd)
                 fd = -1

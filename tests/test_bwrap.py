@@ -5,6 +5,7 @@ opens on the host's loopback."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from sandbox import ExecutionStatus, SandboxSettings, SessionManager
+from sandbox import ExecutionStatus, SandboxSettings, SessionManager, diskfs
 from sandbox.backends.bwrap import BwrapBackend
 from sandbox.config import Limits
 from sandbox.errors import BackendUnavailable
@@ -266,3 +267,15 @@ async def test_missing_bwrap_is_reported_with_the_fix(tmp_path: Path, monkeypatc
     monkeypatch.setenv("PATH", str(tmp_path))  # a host where bubblewrap is not installed
     with pytest.raises(BackendUnavailable, match="apt-get install bubblewrap"):
         await BwrapBackend(bwrap_settings(tmp_path)).check()
+
+
+async def test_code_cannot_write_past_its_workspace_quota(manager: SessionManager) -> None:
+    assert manager.loop_workspaces
+    small = dataclasses.replace(manager.settings.limits, workspace_bytes=10_000_000)
+    session = await manager.create(limits=small)
+    ex = await session.execute("import os\ntry:\n    with open('big.bin', 'wb') as f:\n        f.write(os.urandom(30_000_000))\n"
+                               "except OSError as e:\n    print(e.strerror)")
+    assert "No space left on device" in ex.stdout and session.workspace.usage() <= 11_000_000
+    folder = session.folder
+    await manager.close(session.id)
+    assert diskfs.mounts_under(folder) == [] and not folder.exists()

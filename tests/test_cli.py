@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import SandboxSettings, SessionManager
+from sandbox.diskfs import mounts_under
 
 JUPYBOX = str(Path(sys.executable).parent / "jupybox")
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,12 +161,13 @@ async def test_containers_of_a_killed_process_are_removed_by_the_next_one(
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
         assert container_exists(orphan) and Path(folder).is_dir()  # nobody cleaned up after the kill
+        assert mounts_under(Path(folder)) == [str(Path(folder, "data"))]  # its workspace filesystem too
 
         successor = SessionManager(settings)
         await successor.start()
         try:
             assert not container_exists(orphan)
-            assert not Path(folder).exists()
+            assert not Path(folder).exists() and mounts_under(home) == [str(kept.workspace.root)]
             assert container_exists(f"jupybox-{kept.id}") and kept.folder.is_dir()
             assert (await kept.execute("print('still here')")).stdout == "still here\n"
         finally:
@@ -177,4 +179,4 @@ async def test_containers_of_a_killed_process_are_removed_by_the_next_one(
         await live.shutdown()
         if orphan and container_exists(orphan):  # only when the test failed before the cleanup
             subprocess.run(["docker", "rm", "-f", orphan], capture_output=True)
-    assert not container_exists(f"jupybox-{kept.id}")
+    assert not container_exists(f"jupybox-{kept.id}") and mounts_under(home) == []

@@ -4,6 +4,7 @@ isolation, each checked against a real container running a real kernel."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import resource
@@ -13,7 +14,7 @@ from contextlib import aclosing
 
 import pytest
 
-from sandbox import Execution, ExecutionStatus, Output, SessionManager
+from sandbox import Execution, ExecutionStatus, Output, QuotaExceeded, SessionManager, diskfs
 from tests.conftest import docker_settings, jupybox_containers
 
 
@@ -267,6 +268,27 @@ async def test_host_files_and_environment_are_invisible(docker_manager: SessionM
         os.remove(secret)
         del os.environ["JUPYBOX_TEST_HOST_SECRET"]
         await docker_manager.close(session.id)
+
+
+async def test_code_cannot_write_past_its_workspace_quota(docker_manager: SessionManager) -> None:
+    """The quota binds the sandbox's own writes too: each workspace is a filesystem of its size."""
+    assert docker_manager.loop_workspaces  # root with loop devices: what CI and a server have
+    small = dataclasses.replace(docker_manager.settings.limits, workspace_bytes=20_000_000)
+    session, other = await docker_manager.create(limits=small), await docker_manager.create()
+    fill = "n = 0\ntry:\n    with open('big.bin', 'wb') as f:\n        for _ in range(60):\n" \
+           "            f.write(b'x' * 1_000_000); n += 1\nexcept OSError as e:\n    print(n, e.strerror)"
+    ex = await session.execute(fill)
+    written = int(ex.stdout.split()[0])
+    assert "No space left on device" in ex.stdout and 18 <= written <= 22, ex.stdout
+    assert session.workspace.usage() <= 22_000_000 and str(session.workspace.root) in diskfs.mounts_under(session.folder)
+    with pytest.raises(QuotaExceeded):  # the host's own writes are refused, with words
+        session.workspace.write("more.bin", b"y" * 5_000_000)
+    assert (await other.execute("open('ok.bin', 'wb').write(b'z' * 30_000_000)")).ok  # its own room
+    assert (await session.execute("import os\nos.remove('big.bin')\nprint(open('a.txt', 'w').write('ok'))")).ok
+    folder = session.folder
+    await docker_manager.close(session.id)
+    await docker_manager.close(other.id)
+    assert diskfs.mounts_under(folder) == [] and not folder.exists()
 
 
 async def test_two_sessions_share_nothing(docker_manager: SessionManager) -> None:
