@@ -101,21 +101,30 @@ def _peak(fn: Any) -> float:
 
 def bench_fast(decoder: Any, label: str, tokens: list[int], report: dict[str, Any], save: Any) -> None:
     """TTFT and encode-2048 memory with a 2049-position cache, then decode speed for each count
-    with a cache of the largest; the peak of the largest run is the 'generating' memory."""
+    with a cache of the largest; the peak of the largest run is the 'generating' memory. Counts
+    past the model's context (its rotary tables) are skipped and said so."""
     import torch
 
     r: dict[str, Any] = report.setdefault("fast", {}).setdefault(label, {})
     r["weight_gb"] = (sum(b.numel() * b.element_size() for n, b in decoder.named_buffers() if "cache" not in n)) / 1e9
-    decoder.set_max_seq(2049)
-    r["mem_encode_2048_gb"] = _peak(lambda: _ttft(decoder, 2048, repeats=1))
-    r["ttft_2048_ms"] = _ttft(decoder) * 1e3
-    save()
-    decoder.set_max_seq(max(tokens) + 1)
+    positions = int(decoder.cos.shape[0])
+    runnable = [n for n in sorted(tokens) if n + 1 <= positions]
+    if len(runnable) < len(tokens):
+        r["skipped"] = (f"{', '.join(str(n) for n in tokens if n not in runnable)} new tokens: the model's "
+                        f"context is {positions} positions")
+    if positions >= 2049:
+        decoder.set_max_seq(2049)
+        r["mem_encode_2048_gb"] = _peak(lambda: _ttft(decoder, 2048, repeats=1))
+        r["ttft_2048_ms"] = _ttft(decoder) * 1e3
+        save()
+    if not runnable:
+        return
+    decoder.set_max_seq(max(runnable) + 1)
     t0 = time.perf_counter()
     decoder.warm_up()
     r["compile_and_capture_s"] = time.perf_counter() - t0
     _decode_rate(decoder, 64)
-    for n in sorted(tokens):
+    for n in runnable:
         gc.collect()
         torch.cuda.reset_peak_memory_stats()
         r[f"decode_{n}"] = _decode_rate(decoder, n)["tok_s"]
@@ -155,7 +164,7 @@ VARIANTS = {"bf16": {}, "int4": {"quantize_to": "int4"}}
 
 
 def bench_plain_and_check(shape: Any, tokens: list[int], baselines: list[str], default_tokens: int,
-                          checks: list[str], dtypes: list[str], report: dict[str, Any], save: Any) -> None:
+                          checks: list[str], report: dict[str, Any], save: Any) -> None:
     """Plain ``generate`` on a random Qwen2 model of the shape: the 'random' greedy check against
     fast decoders built from its very weights, then the baselines."""
     import torch
@@ -164,10 +173,9 @@ def bench_plain_and_check(shape: Any, tokens: list[int], baselines: list[str], d
     from interpreter.llm import fastpath
 
     model = model_check.hf_qwen2(shape, torch.bfloat16)
-    if "random" in checks:
-        decoders = {d: fastpath.FastDecoder(shape, fastpath.TensorSource(model.state_dict()), max_seq=1024, device="cuda",
-                                            **VARIANTS[d])
-                    for d in (dtypes or ["bf16"]) if d != "int4"}
+    if "random" in checks:  # a bf16 check: the bf16 fast path, whichever --dtype is benchmarked
+        decoders = {"bf16": fastpath.FastDecoder(shape, fastpath.TensorSource(model.state_dict()), max_seq=1024,
+                                                 device="cuda", **VARIANTS["bf16"])}
         model_check.run_checks(["random"], report, save, model=model, decoders=decoders)
         del decoders
     plain_r = report.setdefault("plain", {})
@@ -204,6 +212,10 @@ def run_model_bench(args: Any) -> int:
     try:
         if not all(t.strip().isdigit() and int(t) > 1 for t in str(args.tokens).split(",")):
             raise ValueError(f"--tokens takes new-token counts above 1, comma-separated (got {args.tokens!r})")
+        if args.default_cache_tokens < 2:
+            raise ValueError("--default-cache-tokens takes a count above 1")
+        if not args.train_seconds > 0:
+            raise ValueError("--train-seconds takes a positive number of seconds")
         tokens = sorted(int(t) for t in str(args.tokens).split(","))
         dtypes = names("--dtype", args.dtype, VARIANTS)
         baselines = names("--baseline", args.baseline, ("static", "default"))
@@ -227,8 +239,10 @@ def run_model_bench(args: Any) -> int:
     report["copy_bandwidth_tb_s"] = copy_bandwidth() / 1e12
     save()
     big = fastpath.DecoderShape(**{**dataclasses.asdict(fastpath.QWEN_7B), "max_context": 32768})
-    if not args.model and (baselines or "random" in checks):
-        bench_plain_and_check(big, tokens, baselines, args.default_cache_tokens, checks, dtypes, report, save)
+    if args.model and (baselines or "random" in checks):
+        report["not_run"] = "the plain baselines and the 'random' check use random weights of the Qwen-7B shape, not --model"
+    elif baselines or "random" in checks:
+        bench_plain_and_check(big, tokens, baselines, args.default_cache_tokens, checks, report, save)
     capacity = max(max(tokens), 2048) + 1  # the longest generation, and the 2048-token prompt
     for d in dtypes:  # each built alone on the GPU, so that its peak memory is its own
         try:
@@ -299,6 +313,10 @@ def render(r: dict[str, Any]) -> str:
                  f"{card('int4', f'mem_generate_{n}_gb')}")
     for k, v in r.get("plain", {}).items():
         lines.append(f"plain generate, {k.replace('_', ' ')}: {v:.1f}")
+    lines += [f"{label}: skipped {x['skipped']}" for label, x in fast.items() if x.get("skipped")]
+    lines += [f"{label}: failed: {message}" for label, message in r.get("errors", {}).items()]
+    if r.get("not_run"):
+        lines.append(f"not run: {r['not_run']}")
     return "\n".join(lines)
 
 

@@ -160,6 +160,9 @@ class Interpreter:
                 failed = False
                 problems = problems + 1 if all(a.code is None for a in step.actions) else 0
                 for action in step.actions:
+                    if cancel.is_set():  # stopped: no further code runs, each action still gets its answer
+                        observations.append("Not executed: the user stopped this turn.")
+                        continue
                     if action.code is None:
                         observations.append(action.problem or "")
                         continue

@@ -108,7 +108,7 @@ class Execution:
         parts = [out.plain_text() for out in self.outputs]
         for img in self.images:
             parts.append(f"![{img.path.rsplit('/', 1)[-1].split('.')[0]}]({img.path})\n")
-        if self.status in (ExecutionStatus.TIMEOUT, ExecutionStatus.CRASHED) and self.reason:
+        if self.reason and (self.status in (ExecutionStatus.TIMEOUT, ExecutionStatus.CRASHED) or self.error is None):
             parts.append(self.reason + "\n")
         return clip(("".join(parts)).strip("\n"), budget)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import time
@@ -169,10 +170,11 @@ class Session:
 
     # -- execution --------------------------------------------------------------------------
     async def execute(self, code: str, timeout: float | None = None,
-                      on_output: OutputCallback | None = None) -> Execution:
+                      on_output: OutputCallback | None = None, cancel: asyncio.Event | None = None) -> Execution:
         """Run ``code`` and return its ``Execution``; ``on_output`` sees each output as it arrives.
         What the code does is data (status error / timeout / crashed); only infrastructure
-        failures raise ``SandboxError``."""
+        failures raise ``SandboxError``. A ``cancel`` already set when its turn comes (it waited
+        behind another caller's run) means the code is not run at all."""
         timeout = self.settings.default_timeout_s if timeout is None else timeout
         async with self._lock:
             self._check_open()
@@ -180,7 +182,7 @@ class Session:
             self.executions += 1
             self._running = asyncio.current_task()
             try:
-                return await self._execute(code, timeout, on_output)
+                return await self._execute(code, timeout, on_output, cancel)
             except SessionClosed:
                 raise
             except Exception:
@@ -197,33 +199,42 @@ class Session:
         Setting ``cancel`` interrupts this execution (never another caller's); a consumer that stops
         iterating early interrupts it too, or drops it if it is still waiting for its turn."""
         queue: asyncio.Queue[Output] = asyncio.Queue()
-        task = asyncio.ensure_future(self.execute(code, timeout, queue.put_nowait))
+        task = asyncio.ensure_future(self.execute(code, timeout, queue.put_nowait, cancel))
+        task.add_done_callback(_retrieve)
         stop = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
+        interrupted = False
         try:
             while not task.done() or not queue.empty():
                 getter = asyncio.ensure_future(queue.get())
-                waiting = {getter, task} if stop is None or stop.done() else {getter, task, stop}
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                waiting = {getter, task} if stop is None or interrupted else {getter, task, stop}
+                # a cancel that came while the run waited for its turn is acted on once it runs
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED,
+                                   timeout=0.1 if stop is not None and stop.done() and not interrupted else None)
                 if getter.done():
                     yield getter.result()
                 else:
                     getter.cancel()
-                if stop is not None and stop in waiting and stop.done():
+                if stop is not None and stop.done() and not interrupted and task is self._running:
                     self.interrupt(task)  # once: the kernel stops, the execution returns its error
+                    interrupted = True
             yield task.result()  # an infrastructure failure raises here
         finally:
             if stop is not None:
                 stop.cancel()
             if not task.done() and task is self._running:  # the consumer left mid-execution
-                self.interrupt(task)  # and the next run waits until the kernel has stopped this one
-                await asyncio.wait({task}, timeout=self.settings.interrupt_grace_s + 2)
-            if not task.done():  # still waiting for its turn, or not stopping: dropped
+                self.interrupt(task)  # the run ends on its own (its timeout handling included)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({task}, timeout=self.settings.interrupt_grace_s + 2)
+            elif not task.done():  # still waiting for its turn: dropped
                 task.cancel()
 
-    async def _execute(self, code: str, timeout: float, on_output: OutputCallback | None) -> Execution:
+    async def _execute(self, code: str, timeout: float, on_output: OutputCallback | None,
+                       cancel: asyncio.Event | None = None) -> Execution:
         if self._needs_restart or self._client is None:
             await self._restart()
         assert self._client is not None and self._handle is not None
+        if cancel is not None and cancel.is_set():  # no await from here to the request: it is sent or not at all
+            return Execution(status=ExecutionStatus.ERROR, reason="Stopped before it ran: nothing was executed.")
         lim = self.limits
         raw = RawResult()
         collector = OutputCollector(raw, lim.output_bytes + 1024, lim.max_images, lim.max_image_bytes, on_output)
@@ -296,3 +307,11 @@ class Session:
             name = f"figures/fig-{self._figures:03d}.{ext}"
             if not self.workspace.exists(name):
                 return name
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """A run left to finish on its own: its outcome is not anyone's any more, but is read so that
+    asyncio does not report it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+

@@ -23,6 +23,8 @@ TINY = fastpath.DecoderShape(vocab=300, d_model=128, n_layers=2, n_heads=4, n_kv
     (["--check", "exact"], "unknown --check exact: choose from random, fp32, trained"),
     (["--dtype", "fp8"], "unknown --dtype fp8: choose from bf16, int4"),
     (["--tokens", "2048,lots"], "--tokens takes new-token counts above 1"),
+    (["--default-cache-tokens", "0"], "--default-cache-tokens takes a count above 1"),
+    (["--train-seconds", "-5"], "--train-seconds takes a positive number"),
 ])
 def test_bad_flags_get_a_clear_error_without_a_gpu(flags: list[str], message: str) -> None:
     done = subprocess.run([sys.executable, "-m", "ui.cli", "bench", "model", *flags], capture_output=True, text=True,
@@ -48,7 +50,7 @@ def test_divergence_names_the_step_and_both_paths_margins() -> None:
     assert d is not None and d["at"] == 5
     assert d["plain_gap"] == pytest.approx(float(logits[plain[5]] - logits[other]), abs=1e-4) and d["plain_gap"] > 0
     assert d["fast_gap"] == pytest.approx(-d["plain_gap"], abs=1e-4)  # same weights in float32: same logits
-    assert d["fast_token_rank_in_plain"] == int((logits > logits[other]).sum())
+    assert d["fast_token_rank_in_plain"] == int((logits > logits[other]).sum()) and d["plain_token_rank_in_fast"] == 0
 
 
 def test_code_prompts_open_definitions_from_the_held_out_text() -> None:

@@ -178,12 +178,18 @@ class TransformersLLM(LLM):
             fast = fastpath.load_checkpoint(folder, device="cpu" if on_cpu else "cuda",
                                             dtype=torch.float32 if on_cpu else torch.bfloat16,
                                             max_seq=self.max_context or 8192)
-        except fastpath.FastPathUnsupported as exc:
+            fast.warm_up()  # compile and capture at load, not during the first answer
+        except Exception as exc:  # unsupported, or the compiler or graph capture failed on this machine
             if self.fast is True:
-                raise ModelUnavailable(f"The fast path cannot serve {self.model_id}: {exc} (pass fast=False).") from exc
-            logger.info("fast path not used for %s: %s", self.model_id, exc)
+                raise ModelUnavailable(f"The fast path cannot serve {self.model_id}: {_first_line(exc)} "
+                                       "(pass fast=False).") from exc
+            log = logger.info if isinstance(exc, fastpath.FastPathUnsupported) else logger.warning
+            log("fast path not used for %s: %s", self.model_id, exc)
+            fast = None
+            gc.collect()
+            if not on_cpu:
+                torch.cuda.empty_cache()
             return False
-        fast.warm_up()  # compile and capture at load, not during the first answer
         tokenizer = self._load_tokenizer()
         self.max_context = fast.max_seq
         self.model_family = "qwen" if fast.shape.naming.startswith("qwen") else self.model_family
