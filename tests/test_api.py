@@ -190,8 +190,10 @@ def test_execute_streams_outputs_as_server_sent_events(client: httpx.Client, ses
                        json={"code": code}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = list(sse_events(r))
-    assert [e["type"] for e in events] == ["output"] * 3 + ["execution"]
-    assert "".join(e["output"]["text"] for e in events[:3]) == "tick 0\ntick 1\ntick 2\n"
+    # one event per flush at least (the kernel may split a line across two flushes), then the execution
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "execution" and set(kinds[:-1]) == {"output"} and len(kinds) >= 4, kinds
+    assert "".join(e["output"]["text"] for e in events[:-1]) == "tick 0\ntick 1\ntick 2\n"
     assert events[-1]["execution"]["status"] == "ok"
 
 
