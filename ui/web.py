@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,14 +298,16 @@ class WebUI:
             uploaded, tab.pending = tab.pending, []
             view = TurnView(tab.history, lambda p: self.served_copy(tab, session, p))
             last = 0.0
-            async for event in interp.run(conv, question, cancel=tab.cancel, present=uploaded):
-                if event.type == "error" and tab.cancel.is_set():
-                    event.text = "Stopped."
-                view.apply(event)
-                now = time.monotonic()
-                if event.type != "text_delta" or now - last >= STREAM_INTERVAL_S:
-                    last = now
-                    yield snapshot(tab.history), gr.update(), gr.update(), tab
+            # closed with this handler, so a page that goes away mid-turn stops the model and the kernel
+            async with aclosing(interp.run(conv, question, cancel=tab.cancel, present=uploaded)) as events:
+                async for event in events:
+                    if event.type == "error" and tab.cancel.is_set():
+                        event.text = "Stopped."
+                    view.apply(event)
+                    now = time.monotonic()
+                    if event.type != "text_delta" or now - last >= STREAM_INTERVAL_S:
+                        last = now
+                        yield snapshot(tab.history), gr.update(), gr.update(), tab
             yield snapshot(tab.history), gr.update(), self.file_list(tab), tab
         finally:
             tab.running = False
