@@ -45,15 +45,32 @@ def hf_qwen2(shape: fastpath.DecoderShape, dtype: Any, device: str = "cuda") -> 
     return model.eval()
 
 
-def plain_greedy(model: Any, prompt: list[int], n: int, **kw: Any) -> list[int]:
-    """``n`` greedy tokens from plain ``generate`` (no EOS, no compile unless asked)."""
+def _generate(model: Any, prompt: list[int], n: int, **kw: Any) -> Any:
+    """Plain greedy ``generate`` of exactly ``n`` tokens (no EOS, no compile unless asked)."""
     import torch
 
     ids = torch.tensor([prompt], device=model.device)
     kw.setdefault("disable_compile", True)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, pad_token_id=0, eos_token_id=None, **kw)
-    return out[0, len(prompt):].tolist()
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0, eos_token_id=None, **kw)
+
+
+def plain_greedy(model: Any, prompt: list[int], n: int, **kw: Any) -> list[int]:
+    """``n`` greedy tokens from plain ``generate``."""
+    return _generate(model, prompt, n, **kw)[0, len(prompt):].tolist()
+
+
+def fast_step_logits(decoder: fastpath.FastDecoder, prompt: list[int], tokens: list[int]) -> Any:
+    """The fast path's logits at each step of a given continuation (teacher-forced): the prompt's
+    prefill, then one decode step per token of ``tokens``; ``[len(tokens) + 1, vocab]``."""
+    import torch
+
+    device = decoder.device
+    with torch.no_grad():
+        steps = [decoder.prefill(torch.tensor(prompt, device=device))[0]]
+        steps += [decoder.decode(torch.tensor([t], device=device), len(prompt) + i).clone()
+                  for i, t in enumerate(tokens)]
+    return torch.stack(steps)
 
 
 def leading_equal(a: list[int], b: list[int]) -> int:
@@ -65,20 +82,11 @@ def divergence(model: Any, decoder: fastpath.FastDecoder, prompt: list[int], pla
     """Where two greedy outputs part: each path's own logits for both candidate tokens there (the
     plain path's from ``generate``'s scores, the fast path's from its decode step over the same
     history), against the 16-bit spacing at that magnitude; None if they never part."""
-    import torch
-
     at = leading_equal(plain, fast)
     if at >= min(len(plain), len(fast)):
         return None
-    ids = torch.tensor([prompt], device=model.device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=at + 1, min_new_tokens=at + 1,
-                         do_sample=False, pad_token_id=0, eos_token_id=None, disable_compile=True,
-                         output_scores=True, return_dict_in_generate=True)
-    mine = out.scores[at][0].float()
-    with torch.no_grad():
-        theirs = decoder.prefill(torch.tensor(prompt, device=model.device))[0]
-        for i, t in enumerate(plain[:at]):
-            theirs = decoder.decode(torch.tensor([t], device=model.device), len(prompt) + i)
+    mine = _generate(model, prompt, at + 1, output_scores=True, return_dict_in_generate=True).scores[at][0].float()
+    theirs = fast_step_logits(decoder, prompt, plain[:at])[-1]
     a, b = plain[at], fast[at]
     size = max(float(mine[a].abs()), float(mine[b].abs()))
     return {"at": at, "plain_gap": float(mine[a] - mine[b]), "fast_gap": float(theirs[b] - theirs[a]),
@@ -120,10 +128,7 @@ def random_bf16(model: Any, decoders: dict[str, fastpath.FastDecoder], n: int = 
         fast = list(decoder.generate(prompt, n))
         with torch.no_grad():
             got = decoder.prefill(seq[0], all_logits=True)[len(prompt) - 1:-1]
-            steps = [decoder.prefill(torch.tensor(prompt, device=model.device))[0]]
-            steps += [decoder.decode(torch.tensor([t], device=model.device), len(prompt) + i).clone()
-                      for i, t in enumerate(plain[:-1])]
-            dec = torch.stack(steps)
+        dec = fast_step_logits(decoder, prompt, plain[:-1])
         report[label] = {"greedy_equal": plain == fast, "leading_tokens_equal": leading_equal(plain, fast),
                          "divergence": divergence(model, decoder, prompt, plain, fast),
                          "prefill_logits_rel_err": float((got - ref).norm() / ref.norm()),
