@@ -3,6 +3,7 @@ taken from the cache), session managers on real backends. Nothing here is mocked
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import SandboxSettings, SessionManager
+from sandbox.config import SANDBOX_IMAGE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +42,11 @@ def docker_daemon() -> None:
 def sandbox_image(docker_daemon: None) -> str:
     from sandbox.image import build_image
 
-    return build_image()
+    tag = build_image()
+    # The exact image of this tree, for settings made here and for CLIs and servers started as
+    # subprocesses: `jupybox-sandbox:latest` is shared with any other checkout on this host.
+    os.environ["JUPYBOX_IMAGE"] = tag
+    return tag
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +56,8 @@ def jb_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def docker_settings(home: Path, **kw: object) -> SandboxSettings:
+    """Docker settings on the image the ``sandbox_image`` fixture built for this tree."""
+    kw.setdefault("image", os.environ.get("JUPYBOX_IMAGE", SANDBOX_IMAGE))
     return SandboxSettings(backend="docker", home=home, **kw)  # type: ignore[arg-type]
 
 

@@ -22,8 +22,7 @@ import httpx
 import pytest
 import uvicorn
 
-from sandbox import SandboxSettings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, docker_settings
 from tests.scripted_model import ScriptedModel, last_observation
 from ui.app import create_app
 from ui.middleware import BODY_LIMIT
@@ -67,7 +66,7 @@ class ServerThread:
 
 
 def serve_settings(home: Path, instance: str, model: ScriptedModel | None = None, **kw: Any) -> ServeSettings:
-    sandbox = SandboxSettings(backend="docker", home=home, instance=instance, pool_size=1)
+    sandbox = docker_settings(home, instance=instance, pool_size=1)
     model_kw = dict(openai_base_url=model.url, openai_model="scripted-model", format="fenced") if model else {}
     return ServeSettings(sandbox=sandbox, **model_kw, **kw)  # type: ignore[arg-type]
 
@@ -326,7 +325,7 @@ def test_without_a_model_the_server_runs_code_and_explains_chat(sandbox_image: s
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "JUPYBOX_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "JUPYBOX_")) or k == "JUPYBOX_IMAGE"}
     env.update(JUPYBOX_HOME=str(jb_home / "nm"), JUPYBOX_INSTANCE="api-tests-nomodel", HF_HUB_OFFLINE="1",
                PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "ui.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
@@ -370,7 +369,7 @@ def test_without_a_model_the_server_runs_code_and_explains_chat(sandbox_image: s
 
 def test_a_sandbox_shutting_down_is_a_503_with_the_reason(sandbox_image: str, jb_home: Path,
                                                            model: ScriptedModel) -> None:
-    sandbox = SandboxSettings(backend="docker", home=jb_home / "down", instance="api-tests-down")
+    sandbox = docker_settings(jb_home / "down", instance="api-tests-down")
     srv = ServerThread(Services(ServeSettings(sandbox=sandbox, openai_base_url=model.url,
                                               openai_model="scripted-model", format="fenced"))).start()
     try:

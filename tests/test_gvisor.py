@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import ExecutionStatus, SandboxSettings, SessionManager
+from tests.conftest import docker_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUP = ROOT / "scripts" / "setup-gvisor.sh"
@@ -36,7 +37,7 @@ def gvisor_runtime(docker_daemon: None) -> str:
 
 
 def gvisor_settings(home: Path, **kw: object) -> SandboxSettings:
-    return SandboxSettings(backend="docker", docker_runtime="runsc", home=home, **kw)  # type: ignore[arg-type]
+    return docker_settings(home, docker_runtime="runsc", **kw)
 
 
 @pytest.fixture(scope="module")
