@@ -34,7 +34,8 @@ RUN set -eu; \
     find /opt/jupybox/venv/lib -type d -name tests -prune -exec rm -rf {} +
 
 # ---------------------------------------------------------------------------------------------
-# sandbox: one container per session runs this, read-only, as uid 1000, with a tmpfs at /tmp.
+# sandbox: one container per session runs this, read-only, as uid 70000 (a uid that owns nothing on
+# a usual host), with a tmpfs at /tmp.
 FROM ${BASE_IMAGE} AS sandbox
 LABEL org.opencontainers.image.title="jupybox-sandbox" \
       org.opencontainers.image.description="Jupyter kernel with a data-analysis stack, run by jupybox in an isolated container" \
@@ -50,14 +51,14 @@ RUN set -eu; \
     apt-get clean; \
     rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log; \
     if command -v useradd >/dev/null; then \
-        groupadd --gid 1000 sandbox; \
-        useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin sandbox; \
+        groupadd --gid 70000 sandbox; \
+        useradd --no-log-init --uid 70000 --gid 70000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin sandbox; \
     else \
-        echo 'sandbox:x:1000:' >> /etc/group; \
-        echo 'sandbox:x:1000:1000:jupybox sandbox:/tmp:/usr/sbin/nologin' >> /etc/passwd; \
+        echo 'sandbox:x:70000:' >> /etc/group; \
+        echo 'sandbox:x:70000:70000:jupybox sandbox:/tmp:/usr/sbin/nologin' >> /etc/passwd; \
     fi; \
     mkdir -p /mnt/data; \
-    chown 1000:1000 /mnt/data
+    chown 70000:70000 /mnt/data
 
 COPY --from=sandbox-venv /opt/jupybox/venv /opt/jupybox/venv
 
@@ -81,7 +82,7 @@ assert 'WenQuanYi Micro Hei' in names, sorted(names)"; \
 
 COPY sandbox/image/kernel_boot.py /opt/jupybox/kernel_boot.py
 
-USER 1000:1000
+USER 70000:70000
 WORKDIR /mnt/data
 # The docker backend passes its own command (kernel_boot.py with a connection file).
 CMD ["python"]

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .errors import LimitsError
+
 SANDBOX_IMAGE = "jupybox-sandbox:latest"
+# The kernel's user when jupybox runs as root: a uid and gid that own nothing on a usual host (above
+# the ranges of system and login users, below the ranges handed out for user namespaces).
+SANDBOX_UID = SANDBOX_GID = 70000
+# The least of each limit a kernel can run with; below these Docker refuses, or ignores the limit
+# (a CPU quota under 0.01 is none at all), or the kernel cannot start.
+MINIMUM_LIMITS = {"memory_mb": 64, "cpus": 0.1, "pids": 16, "tmp_mb": 1, "output_bytes": 1_000,
+                  "max_images": 0, "max_image_bytes": 0, "file_bytes": 1, "workspace_bytes": 1 << 20}
 
 
 @dataclass(frozen=True)
@@ -22,6 +32,26 @@ class Limits:
     max_image_bytes: int = 10_000_000  # raw bytes; at most ~11 MB (the host refuses messages over 16 MiB)
     file_bytes: int = 100_000_000  # one workspace file
     workspace_bytes: int = 500_000_000  # a workspace as a whole
+
+    def check(self, ceiling: Limits | None = None) -> None:
+        """Raise ``LimitsError`` naming every limit that is not a finite number at or above its
+        minimum (``MINIMUM_LIMITS``), or above ``ceiling``'s (the server's own limits); CPUs are
+        also capped by this host's processor count."""
+        problems = []
+        cpu_count = os.cpu_count() or 1
+        for f in fields(self):
+            value = getattr(self, f.name)
+            least = MINIMUM_LIMITS[f.name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                problems.append(f"{f.name}={value!r} is not a number")
+            elif value < least:
+                problems.append(f"{f.name}={value:g} is below the minimum of {least:g}")
+            elif ceiling is not None and value > getattr(ceiling, f.name):
+                problems.append(f"{f.name}={value:g} is above the server's {getattr(ceiling, f.name):g}")
+            elif f.name == "cpus" and value > cpu_count:
+                problems.append(f"cpus={value:g} is more than this host's {cpu_count} processors")
+        if problems:
+            raise LimitsError("invalid session limits: " + "; ".join(problems))
 
 
 def default_home() -> Path:
@@ -43,8 +73,10 @@ class SandboxSettings:
     default_timeout_s: float = 30.0
     allow_unsafe_local: bool = False  # the local backend has no isolation at all
     instance: str | None = None  # names this process's containers; defaults to the host name
-    sandbox_uid: int = 1000  # the kernel's user when jupybox runs as root
-    sandbox_gid: int = 1000
+    sandbox_uid: int = SANDBOX_UID  # the kernel's user when jupybox runs as root
+    sandbox_gid: int = SANDBOX_GID
+    # what the memory limits of all sessions (warm pool included) may add up to; None: 90% of the host's
+    memory_budget_mb: int | None = None
     # each workspace its own size-capped filesystem (see sandbox/diskfs.py): auto | loop | plain
     workspace_fs: str = "auto"
 
@@ -65,6 +97,8 @@ class SandboxSettings:
             values["instance"] = env["JUPYBOX_INSTANCE"]
         if env.get("JUPYBOX_WORKSPACE_FS"):
             values["workspace_fs"] = env["JUPYBOX_WORKSPACE_FS"]
+        if env.get("JUPYBOX_MEMORY_BUDGET_MB"):
+            values["memory_budget_mb"] = int(env["JUPYBOX_MEMORY_BUDGET_MB"])
         limits = {}
         for name, conv in (("memory_mb", int), ("cpus", float), ("pids", int)):
             key = f"JUPYBOX_{name.upper()}"
@@ -74,3 +108,15 @@ class SandboxSettings:
             values["limits"] = Limits(**limits)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+    def memory_budget(self) -> int:
+        """MiB the sessions' memory limits may add up to: ``memory_budget_mb``, or 90% of the host's
+        memory (a host without /proc/meminfo gets no bound from here)."""
+        if self.memory_budget_mb is not None:
+            return self.memory_budget_mb
+        try:
+            with open("/proc/meminfo") as fh:
+                total_kb = next(int(line.split()[1]) for line in fh if line.startswith("MemTotal:"))
+        except (OSError, StopIteration, ValueError):
+            return 1 << 40
+        return int(total_kb / 1024 * 0.9)

@@ -50,7 +50,7 @@ def create(folder: Path, image: Path, size: int, owner: tuple[int, int] | None) 
     uid, gid = owner or (os.geteuid(), os.getegid())
     _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-T", "default", "-i", "16384", "-O", "^has_journal",
           "-E", f"root_owner={uid}:{gid},nodiscard", str(image)])
-    _run(["mount", "-o", "loop,nosuid,nodev", str(image), str(folder)])
+    _run(["mount", "-o", "loop,nosuid,nodev,noexec", str(image), str(folder)])
     try:
         (folder / "lost+found").rmdir()  # the sandbox's files only
     except OSError:

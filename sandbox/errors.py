@@ -9,6 +9,7 @@ infrastructure around the code::
     │   ├── ImageNotFound            the sandbox image is missing: build it
     │   ├── SessionClosed            the session was closed (or reaped) and cannot execute any more
     │   └── CapacityError            the manager is at its session limit
+    ├── LimitsError                  requested resource limits are invalid or above the server's
     └── WorkspaceError               a file operation on a session workspace was refused
         ├── WorkspacePathError       the name escapes the workspace (``..``, absolute, NUL, symlink)
         └── QuotaExceeded            a file or the workspace total is over its size limit
@@ -42,6 +43,10 @@ class SessionClosed(SandboxError):
 
 class CapacityError(SandboxError):
     """The manager already holds its maximum number of sessions."""
+
+
+class LimitsError(JupyboxError):
+    """Requested resource limits are not numbers, below what a kernel can run with, or above the server's."""
 
 
 class WorkspaceError(JupyboxError):

@@ -65,8 +65,15 @@ class SessionManager:
         self._reaper: asyncio.Task | None = None
         self._started = False
         self._closing = False
-        self._starting = 0  # sessions being started by create(), counted against max_sessions
+        self._starting: list[Limits] = []  # sessions create() is starting, counted against the caps
+        self._warming = 0  # warm-pool sessions being started, counted against the memory budget
         self.on_reap = on_reap  # told the id of each session the idle reaper closes
+        self.settings.limits.check()
+        self.memory_budget_mb = self.settings.memory_budget()
+        if self.settings.limits.memory_mb > self.memory_budget_mb:
+            raise SandboxError(f"one session's memory limit ({self.settings.limits.memory_mb} MiB) is more than the "
+                               f"memory budget of all sessions ({self.memory_budget_mb} MiB): lower --memory-mb "
+                               "or raise JUPYBOX_MEMORY_BUDGET_MB")
         self.loop_workspaces = self._loop_workspaces()
 
     def _loop_workspaces(self) -> bool:
@@ -127,8 +134,10 @@ class SessionManager:
             await self.start()
         if self._closing:
             raise SandboxError("the sandbox is shutting down: try again once it is back")
+        if limits is not None:
+            limits.check(ceiling=self.settings.limits)
         # sessions still starting count too, or concurrent callers could all pass the check
-        if len(self._sessions) + self._starting >= self.settings.max_sessions:
+        if len(self._sessions) + len(self._starting) >= self.settings.max_sessions:
             raise CapacityError(
                 f"{len(self._sessions)} sessions are open, the limit is {self.settings.max_sessions}: "
                 "close idle sessions or raise max_sessions"
@@ -136,11 +145,20 @@ class SessionManager:
         custom = limits is not None and limits != self.settings.limits
         session = self._pool.pop(0) if self._pool and not custom else None
         if session is None:
-            self._starting += 1
+            wanted = limits if custom else self.settings.limits
+            while self._pool and not self._memory_fits(wanted.memory_mb):
+                await self._pool.pop().close()  # warm sessions give way to one that is asked for
+            if not self._memory_fits(wanted.memory_mb):
+                raise CapacityError(
+                    f"the open sessions' memory limits add up to {self._memory_committed()} MiB of the "
+                    f"{self.memory_budget_mb} MiB this host grants them, and this session asks for "
+                    f"{wanted.memory_mb} MiB more: close idle sessions, ask for less memory, or raise "
+                    "JUPYBOX_MEMORY_BUDGET_MB")
+            self._starting.append(wanted)
             try:
                 session = await self._new_session(limits if custom else None)
             finally:
-                self._starting -= 1
+                self._starting.remove(wanted)
             if self._closing:  # shut down while it started: do not hand out an unmanaged kernel
                 await session.close()
                 raise SandboxError("the sandbox is shutting down: try again once it is back")
@@ -158,6 +176,15 @@ class SessionManager:
                           own_filesystem=self.loop_workspaces)
         await session.start()
         return session
+
+    def _memory_committed(self) -> int:
+        """MiB of memory limits held by open, warm and starting sessions."""
+        held = [*self._sessions.values(), *self._pool]
+        starting = sum(lim.memory_mb for lim in self._starting) + self._warming * self.settings.limits.memory_mb
+        return sum(s.limits.memory_mb for s in held) + starting
+
+    def _memory_fits(self, memory_mb: int) -> bool:
+        return self._memory_committed() + memory_mb <= self.memory_budget_mb
 
     def get(self, session_id: str) -> Session:
         try:
@@ -183,11 +210,16 @@ class SessionManager:
         while len(self._pool) < self.settings.pool_size and not self._closing:
             if len(self._sessions) + len(self._pool) >= self.settings.max_sessions:
                 return
+            if not self._memory_fits(self.settings.limits.memory_mb):
+                return
+            self._warming += 1
             try:
                 session = await self._new_session()
             except SandboxError as exc:
                 log.warning("warm pool: could not start a session: %s", exc)
                 return
+            finally:
+                self._warming -= 1
             if self._closing:
                 await session.close()
                 return

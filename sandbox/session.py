@@ -87,15 +87,8 @@ class Session:
         rt = self.runtime_dir
         if len(str(rt)) + 12 > MAX_SOCKET_PATH:
             raise SandboxError(f"the runtime folder {rt} is too long for Unix sockets: set JUPYBOX_HOME to a shorter path")
-        rt.mkdir(parents=True, exist_ok=True)
-        for leftover in rt.iterdir():
-            leftover.unlink()
         kernel_rt, _ = self.backend.kernel_paths(self._spec_base())
-        info = write_connection_file(rt, kernel_rt)
-        if self._owner_ids:
-            os.chown(rt, *self._owner_ids)
-            os.chown(rt / "kernel.json", *self._owner_ids)
-        os.chmod(rt, 0o700)
+        info = await asyncio.to_thread(self._fresh_runtime_dir, kernel_rt)
         spec = self._spec_base()
         spec.boot_args = ["-f", f"{kernel_rt}/kernel.json", "--HistoryManager.enabled=False"]
         self._handle = await self.backend.start(spec)
@@ -109,7 +102,36 @@ class Session:
             await asyncio.sleep(0.01)
         self._client = KernelClient(info)
         await self._client.connect(max(deadline - time.monotonic(), 5.0))
+        await asyncio.to_thread(self._lock_runtime_dir)
         self._needs_restart = False
+
+    def _fresh_runtime_dir(self, kernel_rt: str) -> dict:
+        """An empty runtime folder with a new connection file, writable by the kernel while it
+        starts. Whatever the previous kernel left there (a planted folder, a symlink in place of
+        a socket) is removed without following it."""
+        rt = self.runtime_dir
+        remove_tree(rt)
+        if rt.exists() or rt.is_symlink():
+            raise SandboxError(f"the runtime folder {rt} could not be cleared for a new kernel")
+        rt.mkdir(parents=True, mode=0o700)
+        info = write_connection_file(rt, kernel_rt)
+        if self._owner_ids:
+            os.chown(rt, *self._owner_ids)
+            os.chown(rt / "kernel.json", *self._owner_ids)
+        return info
+
+    def _lock_runtime_dir(self) -> None:
+        """Once the kernel has bound its sockets and written its connection file, take the folder
+        back: it is a folder on the host's disk, and code in the sandbox must not be able to fill
+        it or plant anything in it. Only possible when jupybox runs as root (the kernel then runs as
+        another uid); otherwise the kernel is the folder's owner and the README says so."""
+        if not self._owner_ids:
+            return
+        rt = self.runtime_dir
+        os.chown(rt / "kernel.json", 0, 0)
+        os.chmod(rt / "kernel.json", 0o400)
+        os.chown(rt, 0, 0)
+        os.chmod(rt, 0o711)
 
     def _spec_base(self) -> KernelSpec:
         lim = self.limits

@@ -164,12 +164,13 @@ def try_write(folder):
     except OSError as exc:
         return type(exc).__name__
 folders = ["/mnt/data", "/tmp", "/", "/etc", "/usr", "/usr/local", "/opt/jupybox", "/root", sys.prefix,
-           sys.base_prefix, os.path.dirname(os.__file__)]
+           sys.base_prefix, os.path.dirname(os.__file__), "/run/jupybox"]
 print(json.dumps({f: try_write(f) for f in folders}))
 """)
     assert seen.pop("/mnt/data") == "written" and seen.pop("/tmp") == "written"
     assert all(outcome in ("PermissionError", "OSError") for outcome in seen.values()), seen
     assert session.workspace.read("probe.txt") == b"x"  # the workspace is the host's session folder
+    assert seen["/run/jupybox"] == "PermissionError"  # the runtime folder is on the host's disk, unbounded
     await manager.close(session.id)
 
 

@@ -1,8 +1,9 @@
 """The default backend: one container per session, locked down.
 
-No network, read-only root, tmpfs /tmp, every capability dropped, no-new-privileges, memory (no
-extra swap), CPU and pids limits, a non-root user; the kernel's channels are ZMQ Unix sockets in a
-bind-mounted per-session folder, so no port is opened anywhere. ``docker_runtime="runsc"`` runs the
+No network, read-only root, tmpfs /tmp (nosuid, nodev, noexec), every capability dropped,
+no-new-privileges, a seccomp profile without io_uring (``sandbox/seccomp.py``), memory (no extra
+swap), CPU, pids, open-file and core-size limits, a non-root user; the kernel's channels are ZMQ
+Unix sockets in a bind-mounted per-session folder, so no port is opened anywhere. ``docker_runtime="runsc"`` runs the
 same container under gVisor.
 """
 
@@ -13,6 +14,7 @@ import logging
 import os
 from typing import Any, Callable
 
+from .. import seccomp
 from ..config import SandboxSettings
 from ..errors import BackendUnavailable, ImageNotFound, SandboxError
 from .base import Backend, KernelHandle, KernelSpec
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 
 LABEL = "jupybox"  # every container jupybox starts carries this label
 BOOT = "/opt/jupybox/kernel_boot.py"
+NOFILE = 4096  # open files per process in the sandbox (soft and hard)
 
 
 class DockerBackend(Backend):
@@ -48,8 +51,9 @@ class DockerBackend(Backend):
         return self._client
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Docker SDK calls block; run them off the event loop and translate their errors."""
-        from docker.errors import DockerException, ImageNotFound as DockerImageNotFound
+        """Docker SDK calls block; run them off the event loop and translate their errors. The
+        daemon's own words (paths, ids, cgroup names) go to the log, not to whoever asked."""
+        from docker.errors import APIError, DockerException, ImageNotFound as DockerImageNotFound
 
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
@@ -58,7 +62,10 @@ class DockerBackend(Backend):
                 f"the sandbox image {self.settings.image!r} is missing: build it with `jupybox sandbox build-image`"
             ) from None
         except DockerException as exc:
-            raise SandboxError(f"Docker refused: {exc}") from None
+            log.warning("Docker refused %s: %s", getattr(fn, "__name__", "a call"), exc)
+            status = f" (HTTP {exc.status_code})" if isinstance(exc, APIError) and exc.status_code else ""
+            raise SandboxError(f"the Docker daemon refused the sandbox{status}; the server's log has "
+                               "its reason") from None
 
     async def check(self) -> None:
         client = await asyncio.to_thread(self._docker)
@@ -72,23 +79,27 @@ class DockerBackend(Backend):
                 )
 
     async def start(self, spec: KernelSpec) -> KernelHandle:
+        from docker.types import Ulimit
+
         lim = spec.limits
         client = self._docker()
         user = (f"{self.settings.sandbox_uid}:{self.settings.sandbox_gid}" if os.geteuid() == 0
                 else f"{os.geteuid()}:{os.getegid()}")
+        name = f"jupybox-{spec.session_id}"
         run = asyncio.ensure_future(self._call(
             client.containers.run,
             self.settings.image,
             ["python", BOOT, *spec.boot_args],
-            name=f"jupybox-{spec.session_id}",
+            name=name,
             detach=True,
             init=True,
             user=user,
             network_mode="none",
             read_only=True,
-            tmpfs={"/tmp": f"rw,nosuid,nodev,size={lim.tmp_mb}m,mode=1777"},
+            tmpfs={"/tmp": f"rw,nosuid,nodev,noexec,size={lim.tmp_mb}m,mode=1777"},
             cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
+            security_opt=["no-new-privileges", seccomp.security_opt()],
+            ulimits=[Ulimit(name="nofile", soft=NOFILE, hard=NOFILE), Ulimit(name="core", soft=0, hard=0)],
             mem_limit=f"{lim.memory_mb}m",
             memswap_limit=f"{lim.memory_mb}m",
             nano_cpus=int(lim.cpus * 1e9),
@@ -117,7 +128,18 @@ class DockerBackend(Backend):
             except Exception:
                 pass
             raise
+        except SandboxError:
+            # `run` is create then start: a container the daemon created but could not start stays
+            # behind in the Created state unless removed here.
+            await self._remove_by_name(client, name)
+            raise
         return KernelHandle(spec=spec, ref=container)
+
+    async def _remove_by_name(self, client: Any, name: str) -> None:
+        try:
+            await asyncio.to_thread(client.api.remove_container, name, force=True)
+        except Exception as exc:  # never created, or already gone
+            log.debug("removing %s after a failed start: %s", name, exc)
 
     async def is_alive(self, handle: KernelHandle) -> bool:
         try:

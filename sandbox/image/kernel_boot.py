@@ -7,6 +7,10 @@ a bubblewrap root as a single file. Guards:
   tail, and the kernel says how many bytes it dropped (``[jupybox: N bytes of output truncated]``).
   Dropping here, before anything is sent, keeps an endless ``print`` loop from flooding the kernel's
   memory and the host's.
+* no output history: IPython 9 tees every byte a cell writes to stdout/stderr, and every result
+  and display bundle (images included), into ``history_manager`` for the life of the kernel, above
+  the budget. jupybox keeps no use for that history, so it is switched off: what a session prints
+  does not stay in kernel memory.
 * ``input()`` already fails fast because jupybox sends ``allow_stdin=False``.
 
 Usage: ``python kernel_boot.py -f CONNECTION_FILE``
@@ -158,6 +162,36 @@ def cap_rich_outputs(shell, text_limit, image_limit):
     shell.displayhook.write_format_data = capped_write_format_data
 
 
+class Forgetful(dict):
+    """A mapping that keeps nothing: IPython's output history is written here and dropped."""
+
+    def __missing__(self, key):
+        return []
+
+    def __setitem__(self, key, value):
+        pass
+
+    def setdefault(self, key, default=None):
+        return default
+
+    def update(self, *args, **kwargs):
+        pass
+
+
+def forget_output_history(shell):
+    """Stop IPython from keeping every cell's output (see the module docstring). ``_tee`` wraps the
+    streams' ``write`` for each cell to copy what passes into the history; the three mappings hold
+    stream text, result and display bundles, and tracebacks."""
+    import contextlib
+
+    if hasattr(shell, "_tee"):
+        shell._tee = lambda channel: contextlib.nullcontext()
+    history = getattr(shell, "history_manager", None)
+    for name in ("outputs", "output_hist_reprs", "exceptions"):
+        if history is not None and hasattr(history, name):
+            setattr(history, name, Forgetful())
+
+
 def main(argv):
     seed_matplotlib_config()
     pipe_forked_output_over_ipc()
@@ -170,6 +204,7 @@ def main(argv):
     for stream in (sys.stdout, sys.stderr):
         stream.write = budget.wrap(stream.name, stream.write)
     shell = app.shell
+    forget_output_history(shell)
     shell.events.register("pre_execute", budget.reset)
     shell.events.register("post_execute", budget.finish)
     image_limit = int(os.environ.get("JUPYBOX_IMAGE_LIMIT", "10000000")) * 4 // 3 + 4  # base64 of the raw limit
