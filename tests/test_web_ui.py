@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,25 +47,9 @@ def _free_port() -> int:
 
 
 def make_app(services: Services):
-    """The HTTP side's app when it exists, else a minimal one: the UI mounted at ``/``."""
-    try:
-        from ui.app import create_app  # type: ignore[attr-defined]
-    except ImportError:
-        create_app = None
-    if create_app is not None:
-        return create_app(services)
-    from fastapi import FastAPI
+    from ui.app import create_app
 
-    from ui.web import mount_ui
-
-    @asynccontextmanager
-    async def lifespan(app):
-        await services.start()
-        yield
-        await services.stop()
-
-    app = FastAPI(lifespan=lifespan)
-    return mount_ui(app, services, path="/")
+    return create_app(services)
 
 
 @pytest.fixture(scope="module")
@@ -313,20 +296,20 @@ def test_page_without_a_model_says_what_to_configure(sandbox_image: str, jb_home
     """No model could be loaded: the page still starts and says, in words, what to set."""
     services = Services(ServeSettings(sandbox=docker_settings(jb_home, instance="webui-nomodel")))
     services.llm, services.model_error = None, "the model server is not configured — pass --openai-base-url URL"
-    from ui.web import build_ui
-
-    page_text = _render_once(services, build_ui, browser)
+    page_text = _render_once(services, browser)
     assert "No language model is available" in page_text and "--openai-base-url" in page_text
 
 
-def _render_once(services: Services, build_ui, browser) -> str:
-    import gradio as gr
+def _render_once(services: Services, browser) -> str:
+    """The page of ``services`` as set up (not started: the test decides what they hold)."""
     import uvicorn
     from fastapi import FastAPI
 
-    from ui.web import mount_options
+    from ui.web import mount_ui
+    from ui.web_guard import UploadCache
 
-    app = gr.mount_gradio_app(FastAPI(), build_ui(services), path="/", **mount_options())
+    app = FastAPI()
+    mount_ui(app, services, UploadCache(services.settings.sandbox.home / "ui-nomodel"))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -348,11 +331,13 @@ def _render_once(services: Services, build_ui, browser) -> str:
 
 
 
-def test_a_tab_dropped_without_unload_leaves_no_folder_behind() -> None:
+def test_a_tab_dropped_without_unload_leaves_no_folder_behind(tmp_path: Path) -> None:
     """Gradio drops the state of a tab whose client never said goodbye; nothing of it may stay."""
     from ui.web import WebUI, _close_soon
+    from ui.web_guard import UploadCache
 
-    ui = WebUI(services=None)  # type: ignore[arg-type]  # a tab with no session never reaches them
+    cache = UploadCache(tmp_path / "ui")
+    ui = WebUI(services=None, cache=cache)  # type: ignore[arg-type]  # a tab with no session never reaches them
     idle = ui.tab(None, None)
     assert idle._served is None  # a page that never shows a file makes no folder
     shown = ui.tab(None, None)
@@ -361,4 +346,5 @@ def test_a_tab_dropped_without_unload_leaves_no_folder_behind() -> None:
     assert set(ui.tabs) == {idle.key, shown.key}
     _close_soon(ui, shown)
     _close_soon(ui, idle)
+    assert folder.parent == cache.folder and oct(cache.folder.stat().st_mode & 0o777) == "0o700"
     assert not folder.exists() and ui.tabs == {}

@@ -28,6 +28,7 @@ from interpreter import FormatError, ModelCancelled, ModelError, ModelUnavailabl
 from sandbox import (
     CapacityError,
     JupyboxError,
+    LimitsError,
     QuotaExceeded,
     SandboxError,
     SessionClosed,
@@ -39,12 +40,15 @@ from . import api, openai_compat
 from .metrics import Metrics
 from .middleware import BodyLimit, ContentSecurityPolicy, LoopbackHostOnly, TokenAuth, error_body
 from .services import Services, TurnBusy
+from .web_guard import GradioGate, UploadCache, UploadRefused
 
 log = logging.getLogger(__name__)
 
 # Most specific first: the first class an error is an instance of gives its status.
 ERROR_STATUS: list[tuple[type[JupyboxError], int]] = [
     (WorkspacePathError, 400),
+    (UploadRefused, 400),
+    (LimitsError, 400),
     (QuotaExceeded, 413),
     (WorkspaceError, 400),
     (SessionClosed, 404),
@@ -109,28 +113,21 @@ def error_handlers(metrics: Metrics) -> dict[Any, Any]:
             Exception: internal_error}
 
 
-def mount_ui(app: FastAPI, services: Services) -> None:
-    """HOOK for the browser UI: ``ui/web.py`` provides ``build_ui(services) -> gradio.Blocks``
-    (and optionally ``mount_options(services)``, keyword arguments for ``gradio.mount_gradio_app``),
-    mounted at ``/``. Without it (or without gradio) ``/`` serves a page saying so. Called last,
-    so the UI's catch-all mount does not shadow the API's routes."""
+def mount_ui(app: FastAPI, services: Services, cache: UploadCache) -> None:
+    """The browser UI (``ui/web.py``) at ``/``; without gradio, ``/`` serves a page saying so.
+    Called last, so the UI's catch-all mount does not shadow the API's routes."""
     try:
-        import gradio
-
         from ui import web
     except ImportError as exc:
-        reason = f"{exc.name or exc} is not installed" if exc.name != "ui.web" else "ui/web.py is missing"
+        reason = f"{exc.name or exc} is not installed"
         log.info("no browser UI: %s", reason)
     else:
         try:
-            blocks = web.build_ui(services)
+            web.mount_ui(app, services, cache)
+            return
         except Exception:
             log.exception("the browser UI failed to build; serving the API only")
             reason = "it failed to build; see the server log"
-        else:
-            options = web.mount_options(services) if hasattr(web, "mount_options") else {}
-            gradio.mount_gradio_app(app, blocks, path="/", **options)
-            return
     mount_placeholder(app, reason)
 
 
@@ -179,6 +176,9 @@ def create_app(services: Services, ui: bool = True) -> FastAPI:
 
     # Each one added wraps those before it: the last runs first.
     settings = services.settings
+    cache = UploadCache(settings.sandbox.home / "ui") if ui else None
+    if cache is not None:
+        app.add_middleware(GradioGate, cache=cache, metrics=metrics)
     app.add_middleware(BodyLimit, upload_limit=settings.upload_limit_mb << 20, metrics=metrics)
     if settings.api_token:
         app.add_middleware(TokenAuth, token=settings.api_token, metrics=metrics)
@@ -190,8 +190,8 @@ def create_app(services: Services, ui: bool = True) -> FastAPI:
     # The docs pages load Swagger UI and ReDoc from a CDN; they show no kernel output.
     docs = frozenset(p for p in (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p)
     app.add_middleware(ContentSecurityPolicy, exempt=docs)
-    if ui:
-        mount_ui(app, services)
+    if cache is not None:
+        mount_ui(app, services, cache)
     else:
         mount_placeholder(app, "this server was started without it")
     return app

@@ -36,6 +36,7 @@ from interpreter.llm.openai import OpenAILLM  # noqa: E402
 from sandbox import JupyboxError  # noqa: E402
 
 from .services import Services  # noqa: E402
+from .web_guard import UploadCache  # noqa: E402
 from .web_render import TurnView, text  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,16 @@ def mount_options(services: Services | None = None) -> dict[str, Any]:
     return options
 
 
-def mount_ui(app: Any, services: Services, path: str = "/") -> Any:
-    """Mount the UI on a FastAPI ``app`` at ``path``."""
-    return gr.mount_gradio_app(app, build_ui(services), path=path, **mount_options(services))
+def mount_ui(app: Any, services: Services, cache: UploadCache) -> Any:
+    """Mount the UI on a FastAPI ``app`` at ``/``, its files in ``cache.folder`` (private to the
+    server's user). Requests must pass ``ui.web_guard.GradioGate`` (the server adds it)."""
+    # Gradio reads its folder from the environment when its Blocks and its app are made
+    os.environ["GRADIO_TEMP_DIR"] = str(cache.folder)
+    blocks = build_ui(services, cache)
+    blocks.run_history = False  # Gradio would keep every turn in the browser, or upload it to a hub bucket
+    mounted = gr.mount_gradio_app(app, blocks, path="/", **mount_options(services))
+    cache.recorded = blocks.upload_file_set
+    return mounted
 
 
 @dataclass
@@ -81,6 +89,7 @@ class Tab:
     """One browser tab: its conversation (and through it the sandbox session) and the chat."""
 
     key: str
+    folder: Path  # below which the tab's served copies are made
     history: list[dict] = field(default_factory=list)
     conversation: Conversation | None = None
     pending: list[str] = field(default_factory=list)  # uploaded, not yet announced to the model
@@ -94,7 +103,7 @@ class Tab:
         """Where Gradio may serve this tab's files from: a temporary folder made on first use (a
         page that never shows a file leaves nothing behind)."""
         if self._served is None or not self._served.is_dir():
-            self._served = Path(tempfile.mkdtemp(prefix="jupybox-ui-"))
+            self._served = Path(tempfile.mkdtemp(prefix="tab-", dir=self.folder))
         return self._served
 
     def forget_files(self) -> None:
@@ -110,15 +119,16 @@ class Tab:
 class WebUI:
     """The handlers behind the page, on one ``Services``."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, cache: UploadCache) -> None:
         self.services = services
+        self.cache = cache
         self.tabs: dict[str, Tab] = {}  # by Gradio session hash, to close them on unload
 
     # -- tabs and sessions ------------------------------------------------------------------
     def tab(self, tab: Tab | None, request: gr.Request | None) -> Tab:
         if tab is None:
             key = getattr(request, "session_hash", None) or uuid.uuid4().hex
-            tab = self.tabs.get(key) or Tab(key)
+            tab = self.tabs.get(key) or Tab(key, self.cache.folder)
             self.tabs[key] = tab
         return tab
 
@@ -198,14 +208,21 @@ class WebUI:
         return [p for p in paths if p]
 
     def save_uploads(self, session: Any, tab: Tab, paths: list[str]) -> list[str]:
+        """Copy what the browser uploaded into the workspace; a path that is not one of this
+        page's uploads (a host file a client named) is refused with ``UploadRefused``."""
         names = []
         for p in paths:
             name = Path(p).name
-            session.workspace.upload(Path(p), name)
-            if name not in tab.pending:
-                tab.pending.append(name)
+            with self.cache.open(p) as fh:
+                session.workspace.write(name, fh)
+            self._announce(tab, name)
             names.append(name)
         return names
+
+    @staticmethod
+    def _announce(tab: Tab, name: str) -> None:
+        if name not in tab.pending:
+            tab.pending.append(name)
 
     # -- handlers ---------------------------------------------------------------------------
     async def on_load(self, tab: Tab | None, request: gr.Request) -> tuple:
@@ -232,9 +249,15 @@ class WebUI:
     async def use_example(self, index: int, tab: Tab | None, fmt: str, request: gr.Request) -> tuple:
         """Put an example prompt in the box and the bundled dataset in the workspace."""
         tab = self.tab(tab, request)
-        prompt = EXAMPLE_PROMPTS[int(index) % len(EXAMPLE_PROMPTS)]["text"]
-        files, tab, notice = await self.upload([str(EXAMPLE_DATA)], tab, fmt, request)
-        return {"text": prompt, "files": []}, files, tab, notice
+        prompt = EXAMPLE_PROMPTS[(index if isinstance(index, int) else 0) % len(EXAMPLE_PROMPTS)]["text"]
+        try:
+            session, note = await self.session(tab, fmt)
+            session.workspace.upload(EXAMPLE_DATA)  # the server's own file, not a client's path
+            self._announce(tab, EXAMPLE_DATA.name)
+            notice = " ".join(m for m in (note, f"Loaded the example data {EXAMPLE_DATA.name}.") if m)
+        except JupyboxError as exc:
+            notice = f"⚠️ {exc}"
+        return {"text": prompt, "files": []}, self.file_list(tab), tab, notice
 
     async def example_selected(self, tab: Tab | None, fmt: str, evt: gr.SelectData, request: gr.Request) -> tuple:
         return await self.use_example(evt.index if isinstance(evt.index, int) else 0, tab, fmt, request)
@@ -337,9 +360,9 @@ class WebUI:
         return str(path), tab
 
 
-def build_ui(services: Services) -> gr.Blocks:
+def build_ui(services: Services, cache: UploadCache) -> gr.Blocks:
     """The page, on ``services`` (which the server starts before the first request)."""
-    ui = WebUI(services)
+    ui = WebUI(services, cache)
     llm_is_remote = services.settings.openai_base_url is not None
     with gr.Blocks(title="jupybox", analytics_enabled=False, fill_height=True,
                    delete_cache=(900, 3600)) as demo:
