@@ -83,14 +83,16 @@ def remove_tree(path: Path) -> None:
 
 
 def split_name(name: str) -> list[str]:
-    """Validate a workspace-relative name and return its components."""
-    if not isinstance(name, str) or not name.strip():
+    """Validate a workspace-relative name and return its components. Names are taken as Linux
+    has them, since code in the sandbox can create any: a backslash, a colon, spaces or a newline
+    are part of a name, only ``/`` separates."""
+    if not isinstance(name, str) or not name:
         raise WorkspacePathError("a file name is required")
     if "\x00" in name:
         raise WorkspacePathError(f"{name!r}: file names cannot contain NUL bytes")
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+    if name.startswith("/"):
         raise WorkspacePathError(f"{name!r}: use a path relative to the workspace, not an absolute one")
-    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    parts = [p for p in name.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
         raise WorkspacePathError(f"{name!r}: '..' is not allowed in workspace paths")
     if not parts:

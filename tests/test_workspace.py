@@ -40,13 +40,9 @@ def digest(path: str | Path) -> str:
 @pytest.mark.parametrize(("name", "problem"), [
     ("../escape.txt", "'..'"),
     ("a/../../escape.txt", "'..'"),
-    ("a\\..\\escape.txt", "'..'"),
     ("/etc/passwd", "absolute"),
-    ("\\etc\\passwd", "absolute"),
-    ("C:\\Windows\\win.ini", "absolute"),
     ("bad\x00name.txt", "NUL"),
     ("", "required"),
-    ("   ", "required"),
     (".", "not a file name"),
     ("x" * 256, "longer than 255 bytes"),
 ])
@@ -57,6 +53,17 @@ def test_names_that_escape_or_mean_nothing_are_refused(ws: Workspace, name: str,
             operation()
     assert ws.list() == []
     assert not (ws.root.parent / "escape.txt").exists()
+
+
+@pytest.mark.parametrize("name", ["a\\..\\escape.txt", "\\etc\\passwd", "C:\\Windows\\win.ini", "   ",
+                                  "line\nbreak.txt", "tab\there", " lead and trail "])
+def test_any_name_linux_allows_is_one_file_inside_the_workspace(ws: Workspace, name: str) -> None:
+    """Code in the sandbox can make these names; the host handles them as they are, not as
+    Windows paths, so each is listed, read and deleted like any other file."""
+    ws.write(name, b"odd")
+    assert [f.path for f in ws.list()] == [name] and ws.read(name) == b"odd" and ws.exists(name)
+    ws.delete(name)
+    assert ws.list() == [] and not (ws.root.parent / "escape.txt").exists()
 
 
 # -- symlinks ---------------------------------------------------------------------------------

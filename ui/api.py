@@ -1,6 +1,5 @@
 """The JSON HTTP API under ``/api``: sandbox sessions, code execution, workspace files, and chat
-turns through the interpreter. The OpenAPI schema at ``/openapi.json`` (browsable at ``/docs``)
-documents every route.
+turns through the interpreter. The OpenAPI schema at ``/openapi.json`` documents every route.
 
 Errors are ``{"error": "<sentence>"}`` with a 4xx/5xx status (see ``ui.app``). Streams are
 server-sent events: one ``data: <json>`` line per event, the JSON being ``Event.to_dict()`` of the
@@ -25,33 +24,52 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException
 
 from interpreter import Event
 from sandbox import Execution, JupyboxError, Session
 
 from .metrics import Metrics
+from .middleware import check_text
 from .services import Services
 from .uploads import MultipartUpload
 
 log = logging.getLogger(__name__)
 
+class FileNameConvertor(PathConvertor):
+    """A workspace file name in a URL: like ``path``, but matching a name that holds a newline
+    too (code in the sandbox can create one; it must be downloadable and deletable)."""
+
+    regex = r"[\s\S]+"
+
+
+register_url_convertor("filename", FileNameConvertor())
 router = APIRouter(prefix="/api")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 # -- models at the edge ------------------------------------------------------------------------
-class Strict(BaseModel):
+class Edge(BaseModel):
+    """A request body: every string in it valid Unicode text."""
+
+    @model_validator(mode="after")
+    def _valid_text(self) -> Edge:
+        check_text(self.model_dump())
+        return self
+
+
+class Strict(Edge):
     model_config = ConfigDict(extra="forbid")
 
 
 class LimitsRequest(Strict):
-    """Resource limits of a new session; each at most the server's."""
+    """Resource limits of a new session; each at least what a kernel runs with and at most the server's."""
 
-    memory_mb: int | None = Field(None, ge=64)
-    cpus: float | None = Field(None, gt=0)
-    pids: int | None = Field(None, ge=16)
+    memory_mb: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
 
 
 class CreateSessionRequest(Strict):
@@ -197,13 +215,8 @@ async def status(request: Request) -> ServerStatus:
 async def create_session(request: Request, body: CreateSessionRequest | None = None) -> SessionInfo:
     s = services_of(request)
     limits = None
-    if body is not None and body.limits is not None:
-        server = s.manager.settings.limits
-        asked = body.limits.model_dump(exclude_none=True)
-        over = [f"{k}={v} (server: {getattr(server, k)})" for k, v in asked.items() if v > getattr(server, k)]
-        if over:
-            raise HTTPException(400, f"limits above the server's are not allowed: {', '.join(over)}")
-        limits = replace(server, **asked)
+    if body is not None and body.limits is not None:  # checked by the sandbox: LimitsError is a 400
+        limits = replace(s.manager.settings.limits, **body.limits.model_dump(exclude_none=True))
     session = await s.create_session(limits)
     metrics_of(request).sessions_created.inc()
     return session_info(s, session)
@@ -327,7 +340,7 @@ async def upload_files(request: Request, session_id: str,
                     quota=session.workspace.limits.workspace_bytes)
 
 
-@router.get("/sessions/{session_id}/files/{name:path}", summary="Download a file",
+@router.get("/sessions/{session_id}/files/{name:filename}", summary="Download a file",
             responses={200: {"content": {"application/octet-stream": {}}}})
 async def download_file(request: Request, session_id: str, name: str) -> Response:
     ws = services_of(request).session(session_id).workspace
@@ -348,7 +361,7 @@ async def download_file(request: Request, session_id: str, name: str) -> Respons
                                       "Content-Length": str(os.fstat(fh.fileno()).st_size)})
 
 
-@router.delete("/sessions/{session_id}/files/{name:path}", status_code=204, summary="Delete a file")
+@router.delete("/sessions/{session_id}/files/{name:filename}", status_code=204, summary="Delete a file")
 async def delete_file(request: Request, session_id: str, name: str) -> Response:
     ws = services_of(request).session(session_id).workspace
     if not ws.exists(name):

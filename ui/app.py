@@ -38,7 +38,7 @@ from sandbox import (
 
 from . import api, openai_compat
 from .metrics import Metrics
-from .middleware import BodyLimit, ContentSecurityPolicy, LoopbackHostOnly, TokenAuth, error_body
+from .middleware import BodyLimit, LoopbackHostOnly, SameOrigin, SecurityHeaders, TokenAuth, error_body
 from .services import Services, TurnBusy
 from .web_guard import GradioGate, UploadCache, UploadRefused
 
@@ -66,7 +66,7 @@ UI_MISSING_PAGE = """<!doctype html>
 <body style="font-family: sans-serif; max-width: 40em; margin: 3em auto">
 <h1>jupybox</h1>
 <p>The browser UI is not built into this installation ({reason}).</p>
-<p>The server works: the JSON API is under <code>/api</code> (documented at <a href="docs">/docs</a>),
+<p>The server works: the JSON API is under <code>/api</code> (its OpenAPI schema at <code>/openapi.json</code>),
 an OpenAI-compatible endpoint at <code>/v1/chat/completions</code>, health at <code>/healthz</code>.</p>
 </body></html>
 """
@@ -150,7 +150,9 @@ def create_app(services: Services, ui: bool = True) -> FastAPI:
             await services.stop()
 
     metrics = Metrics(services.manager)
+    # No /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a public CDN; the schema stays.
     app = FastAPI(title="jupybox", version="0.1.0", lifespan=lifespan, exception_handlers=error_handlers(metrics),
+                  docs_url=None, redoc_url=None,
                   description="A sandboxed code interpreter: sandbox sessions, code execution, workspace files, "
                               "chat turns through the interpreter, and an OpenAI-compatible endpoint.")
     app.state.services = services
@@ -172,14 +174,15 @@ def create_app(services: Services, ui: bool = True) -> FastAPI:
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def no_such_route(request: Request, rest: str) -> JSONResponse:
         # Without this, the UI mounted at / would answer unknown API paths with its own 404.
-        raise HTTPException(404, f"no route {request.method} {request.url.path}: see /docs")
+        raise HTTPException(404, f"no route {request.method} {request.url.path}: see /openapi.json")
 
     # Each one added wraps those before it: the last runs first.
     settings = services.settings
     cache = UploadCache(settings.sandbox.home / "ui") if ui else None
     if cache is not None:
         app.add_middleware(GradioGate, cache=cache, metrics=metrics)
-    app.add_middleware(BodyLimit, upload_limit=settings.upload_limit_mb << 20, metrics=metrics)
+    app.add_middleware(BodyLimit, upload_limit=settings.upload_limit_mb << 20, metrics=metrics,
+                       idle_s=settings.body_idle_s)
     if settings.api_token:
         app.add_middleware(TokenAuth, token=settings.api_token, metrics=metrics)
     else:
@@ -187,9 +190,8 @@ def create_app(services: Services, ui: bool = True) -> FastAPI:
     if settings.cors_origins:  # outside the token check: preflights need no token
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["*"], allow_headers=["*"])
-    # The docs pages load Swagger UI and ReDoc from a CDN; they show no kernel output.
-    docs = frozenset(p for p in (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p)
-    app.add_middleware(ContentSecurityPolicy, exempt=docs)
+    app.add_middleware(SameOrigin, allowed=settings.cors_origins, metrics=metrics)
+    app.add_middleware(SecurityHeaders)
     if cache is not None:
         mount_ui(app, services, cache)
     else:

@@ -1,4 +1,4 @@
-"""The server's ASGI middleware: authentication, the Host check, the Content-Security-Policy and
+"""The server's ASGI middleware: authentication, the Host and Origin checks, security headers and
 request body limits. Pure ASGI, so streams and disconnects pass through untouched.
 
 Authentication (when ``ServeSettings.api_token`` is set): every path but ``/healthz`` needs the
@@ -9,27 +9,36 @@ token, given as one of
   own requests carry it;
 - ``GET /?token=<token>`` — open the UI once this way: the answer sets the cookie and redirects
   (303) to the same URL without the token, so it stays out of the browser's history. Nowhere else
-  is a token in the query string accepted.
+  is a token in the query string accepted. The cookie is ``Secure`` when the request came over
+  HTTPS (directly, or through a proxy the server trusts, see ``ServeSettings.trusted_proxies``).
 
 Tokens are compared in constant time. Without a token, only requests addressed to 127.0.0.1,
 localhost, [::1] or the configured host are served (any other ``Host`` is a 400): a web page
-cannot reach the server by pointing a name of its own at 127.0.0.1 (DNS rebinding). CORS is off
-unless ``ServeSettings.cors_origins`` lists origins.
+cannot reach the server by pointing a name of its own at 127.0.0.1 (DNS rebinding).
 
-Every response but the API docs pages carries a Content-Security-Policy that lets the page load
-and connect to this server only: kernel output or a model's answer shown in the UI (an image
-from another host, say) cannot make the browser send workspace data elsewhere.
+Cross-site requests are refused (``SameOrigin``), whatever the route (Gradio's included): a request
+whose ``Origin`` is not the server's own, nor one ``ServeSettings.cors_origins`` lists, is a 403,
+preflights included, so no other site's page (another port on localhost included) can call the
+server with the browser's credentials. Without ``Origin``, a state-changing request that the
+browser marks ``Sec-Fetch-Site: cross-site`` or ``same-site`` is refused too. Clients that are not
+browsers send no ``Origin`` and pass. CORS answers only the listed origins.
+
+Every response carries a Content-Security-Policy that lets the page load and connect to this server
+only (kernel output or a model's answer shown in the UI, an image from another host say, cannot
+make the browser send workspace data elsewhere) and ``X-Content-Type-Options: nosniff``.
 
 Request bodies are bounded: the upload routes by the server's upload limit, everything else by
-``BODY_LIMIT``; a larger body, announced by Content-Length or counted as it streams, is a 413.
+``BODY_LIMIT``; a larger body, announced by Content-Length or counted as it streams, is a 413. A
+body that stops arriving for ``idle_s`` seconds is a 408.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.datastructures import Headers
@@ -45,6 +54,8 @@ LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 BODY_LIMIT = 16 << 20  # any request body but an upload's
 UPLOAD_PATHS = re.compile(r"/api/sessions/[^/]+/files|/gradio_api/upload")
 DRAIN_CAP = 64 << 20  # an oversized body is read (and dropped) this far, so the client sees the 413
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
 # What the UI needs and no more: its own scripts and styles (Gradio inlines both), images, media
 # and fonts from this server or inlined, requests to this server only.
 CONTENT_SECURITY_POLICY = "; ".join([
@@ -61,6 +72,29 @@ CONTENT_SECURITY_POLICY = "; ".join([
     "form-action 'self'",
     "frame-ancestors 'self'",
 ])
+
+
+class InvalidText(ValueError):
+    """A request's JSON holds a string that is not valid Unicode text."""
+
+
+def check_text(value: Any) -> None:
+    """Raise ``InvalidText`` for a string, anywhere in a JSON document, that is not valid Unicode
+    text: a lone surrogate such as ``"\\ud800"`` parses from JSON but cannot be encoded, and would
+    fail deep in the kernel's protocol or a model request."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidText("text holds an unpaired surrogate (such as \\ud800): send valid UTF-8") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
 def error_body(path: str, status: int, message: str) -> dict[str, Any]:
@@ -122,7 +156,8 @@ class TokenAuth:
             return
         rest = urlencode([(k, v) for k, v in query if k != "token"])
         response = RedirectResponse(scope.get("root_path", "") + "/" + (f"?{rest}" if rest else ""), status_code=303)
-        response.set_cookie(TOKEN_COOKIE, token, path="/", httponly=True, samesite="strict")
+        response.set_cookie(TOKEN_COOKIE, token, path="/", httponly=True, samesite="strict",
+                            secure=scope.get("scheme") == "https")
         await response(scope, receive, send)
 
 
@@ -158,14 +193,67 @@ class LoopbackHostOnly:
                      "open it by one of those names, or start it with --api-token to serve others")
 
 
+def origin_of(url: str) -> str:
+    """``scheme://host[:port]`` in lower case, without the scheme's default port; what a browser's
+    ``Origin`` header holds. Malformed input gives a string no real origin equals."""
+    parts = urlsplit(url.strip().lower())
+    host = parts.hostname or ""
+    try:
+        port = parts.port
+    except ValueError:
+        return "invalid:" + url
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != DEFAULT_PORTS.get(parts.scheme) else "")
+
+
+def own_origin(scope: Scope) -> str:
+    """The origin a page of this server has, as the request reached it (Host, and the scheme
+    uvicorn saw, a trusted proxy's ``X-Forwarded-Proto`` applied)."""
+    scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
+    return origin_of(f"{scheme}://{Headers(scope=scope).get('host', '')}")
+
+
+class SameOrigin:
+    """Refuses cross-site requests: see the module docstring."""
+
+    def __init__(self, app: ASGIApp, allowed: list[str], metrics: Metrics) -> None:
+        self.app = app
+        self.any = "*" in allowed
+        self.allowed = frozenset(origin_of(o) for o in allowed if o != "*")
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS or self.any:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        if origin is not None:
+            mine = own_origin(scope)
+            if origin_of(origin) in (mine, *self.allowed) and origin.strip().lower() != "null":
+                await self.app(scope, receive, send)
+                return
+            await refuse(scope, receive, send, self.metrics, 403,
+                         f"cross-origin request from {origin[:100]!r} refused: this server answers its own pages "
+                         f"({mine}) only; start it with --cors-origin ORIGIN to allow another site")
+            return
+        changes = scope["type"] == "websocket" or scope["method"] not in SAFE_METHODS
+        if changes and headers.get("sec-fetch-site", "") in ("cross-site", "same-site"):
+            await refuse(scope, receive, send, self.metrics, 403,
+                         "cross-site request refused: this server answers its own pages only")
+            return
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """Refuses a request body over its limit with 413: by its Content-Length before the app runs,
     or, sent without one (chunked), as soon as the bytes received pass the limit."""
 
-    def __init__(self, app: ASGIApp, upload_limit: int, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, upload_limit: int, metrics: Metrics, idle_s: float = 30.0) -> None:
         self.app = app
         self.upload_limit = upload_limit
         self.metrics = metrics
+        self.idle_s = idle_s
 
     def _limit(self, path: str) -> tuple[int, str]:
         if UPLOAD_PATHS.fullmatch(path):
@@ -184,12 +272,18 @@ class BodyLimit:
             await refuse(scope, receive, send, self.metrics, 413,
                          f"the request body is {int(length):,} bytes; the limit {rule.format(limit=limit)}")
             return
-        received = 0
+        received, complete = 0, False
 
         async def counted() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # the body is in: what follows is the disconnect a stream listens for
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_s)
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the request body stopped arriving for {self.idle_s:g} s") from None
             if message["type"] == "http.request":
+                complete = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > limit:
                     if message.get("more_body", False):
@@ -212,22 +306,24 @@ async def drain(receive: Receive, cap: int = DRAIN_CAP) -> None:
         more = message.get("more_body", False)
 
 
-class ContentSecurityPolicy:
-    """Adds ``CONTENT_SECURITY_POLICY`` to every response but those of the ``exempt`` paths."""
+class SecurityHeaders:
+    """Adds ``CONTENT_SECURITY_POLICY`` and ``nosniff`` to every response."""
 
-    def __init__(self, app: ASGIApp, exempt: frozenset[str]) -> None:
+    HEADERS = [(b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+               (b"x-content-type-options", b"nosniff")]
+
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
         async def send_with_policy(message: Message) -> None:
             if message["type"] == "http.response.start":
-                policy = (b"content-security-policy", CONTENT_SECURITY_POLICY.encode())
-                message = {**message, "headers": [*message.get("headers", []), policy]}
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in dict(self.HEADERS)]
+                message = {**message, "headers": [*kept, *self.HEADERS]}
             await send(message)
 
         await self.app(scope, receive, send_with_policy)

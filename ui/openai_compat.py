@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from interpreter import Event
 from sandbox import SessionClosed
 
-from .api import SSE_HEADERS, ChatTurn, metrics_of, services_of, sse
+from .api import SSE_HEADERS, ChatTurn, Edge, metrics_of, services_of, sse
 from .metrics import Metrics
 from .services import Services
 
@@ -52,7 +52,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(Edge):
     # Clients send many sampling options; they are accepted, and the server's settings apply.
     model_config = ConfigDict(extra="allow")
 

@@ -26,7 +26,11 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 7860
     api_token: str | None = None  # when set, the API and the UI require it
-    cors_origins: list[str] = field(default_factory=list)  # CORS is off unless origins are listed
+    cors_origins: list[str] = field(default_factory=list)  # other sites' pages allowed to call (none by default)
+    trusted_proxies: list[str] = field(default_factory=list)  # addresses whose X-Forwarded-* headers are believed
+    header_timeout_s: float = 10.0  # a connection's request head must arrive within this
+    body_idle_s: float = 30.0  # a request body that sends nothing for this long is given up (408)
+    max_connections: int = 512  # open client connections at most
     model: str | None = None  # transformers checkpoint folder or hub id
     openai_base_url: str | None = None
     openai_model: str | None = None
@@ -45,6 +49,7 @@ class ServeSettings:
             "port": int(env["JUPYBOX_PORT"]) if env.get("JUPYBOX_PORT") else None,
             "upload_limit_mb": int(env["JUPYBOX_UPLOAD_LIMIT_MB"]) if env.get("JUPYBOX_UPLOAD_LIMIT_MB") else None,
             "api_token": env.get("JUPYBOX_API_TOKEN") or None,
+            "max_connections": int(env["JUPYBOX_MAX_CONNECTIONS"]) if env.get("JUPYBOX_MAX_CONNECTIONS") else None,
             "openai_base_url": env.get("OPENAI_BASE_URL") or None,
             "openai_model": env.get("OPENAI_MODEL") or None,
             "openai_api_key": env.get("OPENAI_API_KEY") or None,
@@ -52,10 +57,27 @@ class ServeSettings:
         }
         if env.get("JUPYBOX_CORS_ORIGINS"):
             values["cors_origins"] = env["JUPYBOX_CORS_ORIGINS"].split(",")
+        if env.get("JUPYBOX_TRUSTED_PROXIES"):
+            values["trusted_proxies"] = env["JUPYBOX_TRUSTED_PROXIES"].split(",")
+        token_file = overrides.pop("api_token_file", None) or env.get("JUPYBOX_API_TOKEN_FILE")
+        if token_file:
+            values["api_token"] = read_token_file(str(token_file))
         values.update({k: v for k, v in overrides.items() if v is not None})
         if overrides.get("model") and not overrides.get("openai_base_url"):
             values["openai_base_url"] = None  # an explicit --model beats OPENAI_BASE_URL, as in llm_from_options
         return cls(**{k: v for k, v in values.items() if v is not None})  # type: ignore[arg-type]
+
+
+def read_token_file(path: str) -> str:
+    """The API token kept in a file (its first line), so that it is not visible in ``ps``."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.readline().strip()
+    except OSError as exc:
+        raise JupyboxError(f"cannot read the API token file {path}: {exc.strerror}") from None
+    if not token:
+        raise JupyboxError(f"the API token file {path} is empty: put the token on its first line")
+    return token
 
 
 class TurnBusy(JupyboxError):

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 from fastapi import Request
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException
 
@@ -41,9 +42,13 @@ class MultipartUpload:
             "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
             "on_part_end": self._part_end,
         })
-        async for chunk in self.request.stream():
-            await asyncio.to_thread(parser.write, chunk)
-        parser.finalize()
+        try:
+            async for chunk in self.request.stream():
+                await asyncio.to_thread(parser.write, chunk)
+            parser.finalize()
+        except MultipartParseError as exc:
+            raise HTTPException(400, f"the multipart body is malformed ({exc}): send multipart/form-data, "
+                                "e.g. curl -F file=@data.csv") from None
         if not self.parts:
             raise HTTPException(400, "the multipart body holds no file part (a part with a filename)")
         if self.path is not None:

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sandbox import JupyboxError
 
 from .metrics import Metrics
-from .middleware import refuse
+from .middleware import InvalidText, check_text, refuse
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,10 @@ class GradioGate:
         if body:
             try:
                 document = json.loads(body)
+                check_text(document)
+            except InvalidText as exc:
+                await refuse(scope, receive, send, self.metrics, 400, str(exc))
+                return
             except ValueError:
                 await refuse(scope, receive, send, self.metrics, 400, "the request body is not valid JSON")
                 return
