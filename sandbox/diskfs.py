@@ -79,10 +79,13 @@ def mounts_under(folder: Path) -> list[str]:
 
 
 def _run(command: list[str]) -> None:
+    """Run a filesystem tool; its words (host paths, devices) go to the log, not to the caller."""
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SandboxError(f"`{' '.join(command)}` failed: {exc}") from exc
+        log.warning("`%s` failed: %s", " ".join(command), exc)
+        raise SandboxError(f"{command[0]} could not run for the session's workspace; the server's log has why") from exc
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
-        raise SandboxError(f"`{' '.join(command)}` failed: {detail[0]}")
+        log.warning("`%s` failed: %s", " ".join(command), detail[0])
+        raise SandboxError(f"{command[0]} failed for the session's workspace; the server's log has why")

@@ -65,7 +65,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(sandbox_image: str, jb_home: Path) -> Iterator[Server]:
     settings = ServeSettings(sandbox=docker_settings(jb_home / "sec", instance="sec-tests", memory_budget_mb=3 * 1024),
-                             header_timeout_s=1.0, body_idle_s=1.0, max_connections=20)
+                             header_timeout_s=1.0, body_idle_s=1.0, max_connections=20, ui_cache_mb=2)
     with Server(settings, ui=True) as srv:
         yield srv
 
@@ -303,6 +303,12 @@ def test_no_third_party_scripts_and_nosniff_everywhere(server: Server) -> None:
             assert "default-src 'self'" in r.headers["content-security-policy"], path
 
 
-def test_the_ui_folder_is_private_to_the_servers_user(server: Server) -> None:
+def test_the_ui_folder_is_private_and_bounded(server: Server) -> None:
+    """Uploads through the page land on the host's disk: the folder is 0700 and has a size cap (2 MiB here)."""
     folder = server.services.settings.sandbox.home / "ui"
     assert (os.stat(folder).st_mode & 0o777) == 0o700
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        answers = [c.post("/gradio_api/upload", files={"files": (f"{i}.bin", os.urandom(900_000))}) for i in range(4)]
+    assert [r.status_code for r in answers[:2]] == [200, 200]
+    assert answers[3].status_code == 507 and "upload space is full" in answers[3].json()["error"]
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 2 << 20

@@ -178,7 +178,7 @@ def create_app(services: Services, ui: bool = True) -> FastAPI:
 
     # Each one added wraps those before it: the last runs first.
     settings = services.settings
-    cache = UploadCache(settings.sandbox.home / "ui") if ui else None
+    cache = UploadCache(settings.sandbox.home / "ui", limit_bytes=settings.ui_cache_mb << 20) if ui else None
     if cache is not None:
         app.add_middleware(GradioGate, cache=cache, metrics=metrics)
     app.add_middleware(BodyLimit, upload_limit=settings.upload_limit_mb << 20, metrics=metrics,

@@ -38,6 +38,7 @@ class ServeSettings:
     vision: bool = False
     format: str | None = None  # react | fenced | tools; default per model
     upload_limit_mb: int = 100  # one upload request body; the workspace quotas apply as well
+    ui_cache_mb: int = 2048  # the browser UI's uploads and shown files, in all
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
     interpreter: InterpreterSettings = field(default_factory=InterpreterSettings)
 
@@ -48,6 +49,7 @@ class ServeSettings:
             "host": env.get("JUPYBOX_HOST") or None,
             "port": int(env["JUPYBOX_PORT"]) if env.get("JUPYBOX_PORT") else None,
             "upload_limit_mb": int(env["JUPYBOX_UPLOAD_LIMIT_MB"]) if env.get("JUPYBOX_UPLOAD_LIMIT_MB") else None,
+            "ui_cache_mb": int(env["JUPYBOX_UI_CACHE_MB"]) if env.get("JUPYBOX_UI_CACHE_MB") else None,
             "api_token": env.get("JUPYBOX_API_TOKEN") or None,
             "max_connections": int(env["JUPYBOX_MAX_CONNECTIONS"]) if env.get("JUPYBOX_MAX_CONNECTIONS") else None,
             "openai_base_url": env.get("OPENAI_BASE_URL") or None,

@@ -18,6 +18,7 @@ server's user: ``<home>/ui``, mode 0700, set as Gradio's temporary folder.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandbox import JupyboxError
@@ -58,12 +60,28 @@ class UploadCache:
     """The UI's private folder and the uploads Gradio's upload route recorded in it."""
 
     folder: Path
+    limit_bytes: int = 2 << 30  # what uploads and shown copies may take in all (Gradio prunes after an hour)
     recorded: set[str] = field(default_factory=set)  # Gradio's ``Blocks.upload_file_set``, once mounted
 
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.folder, 0o700)
         self.folder = self.folder.resolve()
+
+    def usage(self) -> int:
+        """Bytes of the regular files below the folder (walked without following symlinks)."""
+        total, stack = 0, [str(self.folder)]
+        while stack:
+            try:
+                with os.scandir(stack.pop()) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue
+        return total
 
     def inside(self, path: str) -> bool:
         """``path`` is a regular file below the folder, reached without a symlink or ``..``."""
@@ -133,6 +151,14 @@ class GradioGate:
         if rest.startswith("/file="):
             if not self.cache.inside(rest[len("/file="):]):  # the ASGI path is decoded already
                 await refuse(scope, receive, send, self.metrics, 404, "no such file")
+                return
+        if rest.startswith("/upload") and method == "POST":
+            used = await asyncio.to_thread(self.cache.usage)
+            announced = int(Headers(scope=scope).get("content-length", "0") or 0)
+            if used + announced > self.cache.limit_bytes:
+                await refuse(scope, receive, send, self.metrics, 507,
+                             f"the page's upload space is full ({used >> 20} of {self.cache.limit_bytes >> 20} MiB): "
+                             "try again later (old uploads are removed after an hour), or raise JUPYBOX_UI_CACHE_MB")
                 return
         if method != "POST" or rest.startswith("/upload"):
             await self.app(scope, receive, send)
