@@ -3,7 +3,9 @@
 Measured on the settings' backend, one phase after the other, every session closed on the way out:
 cold start of a session, acquire from a warm pool, the round-trip of ``1+1`` next to a bare local
 ipykernel measured in the same run (alternating, so noise hits both), idle memory per kernel
-(docker), and how many sessions this host holds before its free memory nears a reserve.
+(docker), the kernel's own resident memory idle and after a soak of cells that each print a few
+megabytes (it must stay flat: printed output is not kept), and how many sessions this host holds
+before its free memory nears a reserve.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 POOL_SIZE = 2
 MEMORY_SESSIONS = 3
 MEMORY_RESERVE = 2 << 30  # the capacity probe stops before MemAvailable would drop under this
+SOAK_CELL_BYTES = 2_000_000  # printed by each cell of the memory soak
+KERNEL_RSS = "print(int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) * 1024)"
 CGROUP_V1 = Path("/sys/fs/cgroup/memory/docker")
 # figure -> (target, comparison, text); shown next to the figures as information only
 TARGETS: dict[str, tuple[float, str, str]] = {
@@ -192,6 +196,22 @@ async def idle_memory(manager: SessionManager) -> list[int]:
             await manager.close(s.id)
 
 
+async def kernel_soak(manager: SessionManager, cells: int) -> tuple[int, int]:
+    """The kernel process's resident bytes once idle, and after ``cells`` cells that each print
+    ``SOAK_CELL_BYTES`` of new text."""
+    session = await manager.create()
+    try:
+        await session.execute(f"chunk = 'x' * {SOAK_CELL_BYTES}")
+        idle = int((await session.execute(KERNEL_RSS)).stdout)
+        for _ in range(cells):
+            ex = await session.execute("print(chunk.upper())")
+            if not ex.ok:
+                raise SandboxError(f"the memory soak stopped: {ex.reason or ex.status.value}")
+        return idle, int((await session.execute(KERNEL_RSS)).stdout)
+    finally:
+        await manager.close(session.id)
+
+
 async def capacity(manager: SessionManager, max_sessions: int, per_session: int) -> tuple[int, float, str]:
     """Open sessions one after the other until a limit; returns (held, seconds, why it stopped)."""
     held: list[Session] = []
@@ -231,6 +251,10 @@ async def measure(settings: SandboxSettings, runs: int, max_sessions: int) -> di
         f["roundtrip_ratio_p50"] = f["roundtrip_p50_ms"] / f["bare_roundtrip_p50_ms"]
         mem = await idle_memory(manager) if settings.backend == "docker" else []
         f["idle_memory_mib"] = sum(mem) / len(mem) / (1 << 20) if mem else None
+        cells = max(20, min(200, runs * 20))
+        idle_rss, soak_rss = await kernel_soak(manager, cells)
+        f.update(kernel_idle_rss_mib=idle_rss / (1 << 20), kernel_soak_rss_mib=soak_rss / (1 << 20),
+                 soak_printed_mb=cells * SOAK_CELL_BYTES / 1e6)
         per_session = sum(mem) // len(mem) if mem else settings.limits.memory_mb << 20
         held, seconds, why = await capacity(manager, max_sessions, per_session)
         f.update(capacity_sessions=held, capacity_s=seconds)
@@ -254,6 +278,8 @@ def render(r: dict[str, Any]) -> str:
         ("round-trip 1+1 bare ipykernel (ipc) p50/p95", f"{f['bare_roundtrip_p50_ms']:.2f} / {f['bare_roundtrip_p95_ms']:.2f} ms", ""),
         ("round-trip ratio jupybox / bare (p50)", f"{f['roundtrip_ratio_p50']:.2f}x", met("roundtrip_ratio_p50")),
         (f"idle memory per kernel (mean of {MEMORY_SESSIONS})", mem, ""),
+        ("kernel RSS idle / after printing " + f"{f['soak_printed_mb']:.0f} MB",
+         f"{f['kernel_idle_rss_mib']:.1f} / {f['kernel_soak_rss_mib']:.1f} MiB", ""),
         ("capacity: sessions held / time", f"{f['capacity_sessions']} in {f['capacity_s']:.1f} s", ""),
     ]
     head = f"jupybox sandbox benchmark: backend {r['backend']}" + (f" ({r['runtime']})" if r["runtime"] else "")

@@ -25,11 +25,12 @@ async def test_bench_prints_every_figure_and_leaves_no_container(
     for name in ("cold_start_p50_s", "cold_start_p95_s", "cold_start_min_s", "warm_acquire_p50_ms",
                  "warm_acquire_p95_ms", "roundtrip_p50_ms", "roundtrip_p95_ms", "bare_roundtrip_p50_ms",
                  "bare_roundtrip_p95_ms", "roundtrip_ratio_p50", "idle_memory_mib", "capacity_sessions",
-                 "capacity_s"):
+                 "capacity_s", "kernel_idle_rss_mib", "kernel_soak_rss_mib", "soak_printed_mb"):
         assert isinstance(figures[name], (int, float)) and figures[name] > 0, (name, figures.get(name))
     assert set(result["targets"]) == {"cold_start_p50_s", "warm_acquire_p50_ms", "roundtrip_ratio_p50"}
     assert all(isinstance(t["met"], bool) for t in result["targets"].values())
     assert figures["capacity_sessions"] == 2
+    assert figures["soak_printed_mb"] == 80  # 40 cells of 2 MB
 
     owner = make_owner("bench-test")
     left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=jupybox.owner={owner}"],
