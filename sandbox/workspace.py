@@ -115,6 +115,15 @@ class Workspace:
 
     @contextmanager
     def _parent_fd(self, parts: list[str], create: bool) -> Iterator[int]:
+        fd = self._open_parent(parts, create)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open_parent(self, parts: list[str], create: bool) -> int:
+        """A descriptor of the folder holding ``parts[-1]``, reached one component at a time with
+        ``O_NOFOLLOW``; the caller closes it."""
         fd = os.open(self.root, DIR_FLAGS)
         try:
             for i, part in enumerate(parts[:-1]):
@@ -135,9 +144,10 @@ class Workspace:
                     raise
                 os.close(fd)
                 fd = nfd
-            yield fd
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
 
     def _open(self, name: str, flags: int, create_dirs: bool = False) -> int:
         parts = split_name(name)
@@ -160,50 +170,21 @@ class Workspace:
         return fd
 
     def write(self, name: str, data: bytes | BinaryIO) -> WorkspaceFile:
-        """Create or replace a file. Quotas are checked before and while writing. The data goes to
-        a temporary name first and is renamed into place, so a refused or failed write leaves the
-        previous file (if any) untouched and no partial file behind."""
+        """Create or replace a file from bytes or a binary file object (read in chunks). Quotas are
+        checked before and while writing; see ``writer`` for what a failure leaves."""
         size_hint = len(data) if isinstance(data, (bytes, bytearray)) else None
-        others = self.usage() - (self._size_of(name) or 0)  # what the rest of the workspace holds
-        if size_hint is not None:
-            self._check_quota(name, size_hint, others)
-        parts = split_name(name)
-        temp = f".{parts[-1][:200]}.{secrets.token_hex(4)}.partial"
-        with self._parent_fd(parts, create=True) as dfd:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
-            written = 0
-            try:
-                if self.owner:
-                    os.fchown(fd, *self.owner)
-                chunks = [bytes(data)] if size_hint is not None else iter(lambda: data.read(CHUNK), b"")
-                for chunk in chunks:
-                    written += len(chunk)
-                    if size_hint is None:
-                        self._check_quota(name, written, others)
-                    view = memoryview(chunk)
-                    while view:
-                        try:
-                            view = view[os.write(fd, view):]
-                        except OSError as exc:
-                            if exc.errno != errno.ENOSPC:
-                                raise
-                            raise QuotaExceeded(f"no room for {name!r}: the workspace's disk is full; "
-                                                "delete files first") from None
-                mtime = os.fstat(fd).st_mtime
-                os.close(fd)
-                fd = -1
-                if self._is_dir(parts[-1], dfd):
-                    raise WorkspaceError(f"{name!r} is a folder, not a file")
-                os.rename(temp, parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)  # replaces a symlink, never follows it
-            except BaseException:
-                if fd >= 0:
-                    os.close(fd)
-                try:
-                    os.unlink(temp, dir_fd=dfd)
-                except FileNotFoundError:
-                    pass
-                raise
-        return WorkspaceFile("/".join(parts), written, mtime)
+        with self.writer(name, size_hint) as out:
+            chunks = [bytes(data)] if size_hint is not None else iter(lambda: data.read(CHUNK), b"")
+            for chunk in chunks:
+                out.write(chunk)
+            return out.commit()
+
+    def writer(self, name: str, size_hint: int | None = None) -> WorkspaceWriter:
+        """A file written piece by piece (an upload as it arrives): the bytes go to a temporary name
+        beside it and are renamed into place by ``commit``, so a refused or failed write leaves the
+        previous file (if any) untouched and no partial file behind. Use it as a context manager:
+        leaving it without ``commit`` removes what was written."""
+        return WorkspaceWriter(self, name, size_hint)
 
     @staticmethod
     def _is_dir(entry: str, dfd: int) -> bool:
@@ -307,3 +288,75 @@ class Workspace:
                 f"writing {name!r} would bring the workspace to {others + size:,} bytes; "
                 f"the quota is {self.limits.workspace_bytes:,} bytes: delete files first"
             )
+
+
+class WorkspaceWriter:
+    """See ``Workspace.writer``."""
+
+    def __init__(self, workspace: Workspace, name: str, size_hint: int | None = None) -> None:
+        self.workspace, self.name = workspace, name
+        self._parts = split_name(name)
+        self._others = workspace.usage() - (workspace._size_of(name) or 0)  # what the rest holds
+        if size_hint is not None:
+            workspace._check_quota(name, size_hint, self._others)
+        self.written = 0
+        self._temp = f".{self._parts[-1][:200]}.{secrets.token_hex(4)}.partial"
+        self._dfd = workspace._open_parent(self._parts, create=True)
+        self._fd = -1
+        try:
+            self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               0o644, dir_fd=self._dfd)
+            if workspace.owner:
+                os.fchown(self._fd, *workspace.owner)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, chunk: bytes) -> None:
+        self.written += len(chunk)
+        self.workspace._check_quota(self.name, self.written, self._others)
+        view = memoryview(chunk)
+        while view:
+            try:
+                view = view[os.write(self._fd, view):]
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                raise QuotaExceeded(f"no room for {self.name!r}: the workspace's disk is full; "
+                                    "delete files first") from None
+
+    def commit(self) -> WorkspaceFile:
+        """Put the file in place (replacing a symlink there, never following it)."""
+        mtime = os.fstat(self._fd).st_mtime
+        os.close(self._fd)
+        self._fd = -1
+        if Workspace._is_dir(self._parts[-1], self._dfd):
+            raise WorkspaceError(f"{self.name!r} is a folder, not a file")
+        os.rename(self._temp, self._parts[-1], src_dir_fd=self._dfd, dst_dir_fd=self._dfd)
+        self._temp = ""
+        self._close_dir()
+        return WorkspaceFile("/".join(self._parts), self.written, mtime)
+
+    def abort(self) -> None:
+        """Remove what was written; idempotent."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._temp and self._dfd >= 0:
+            try:
+                os.unlink(self._temp, dir_fd=self._dfd)
+            except FileNotFoundError:
+                pass
+        self._temp = ""
+        self._close_dir()
+
+    def _close_dir(self) -> None:
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
+
+    def __enter__(self) -> WorkspaceWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()

@@ -326,15 +326,11 @@ async def upload_files(request: Request, session_id: str,
                        ) -> FileList:
     s = services_of(request)
     session = s.session(session_id)
-    upload = MultipartUpload(request, session, path)
+    upload = MultipartUpload(request, session.workspace, path)
     try:
-        parts = await upload.receive()
-        stored = []
-        for name, tmp in parts:
-            with tmp.open("rb") as fh:
-                stored.append(await asyncio.to_thread(session.workspace.write, name, fh))
+        stored = await upload.receive()
     finally:
-        upload.cleanup()
+        await asyncio.to_thread(upload.cleanup)
     usage = await asyncio.to_thread(session.workspace.usage)
     return FileList(files=[FileInfo(**asdict(f)) for f in stored], usage=usage,
                     quota=session.workspace.limits.workspace_bytes)

@@ -1,41 +1,40 @@
-"""Multipart uploads streamed into a session's folder, for ``POST /api/sessions/{id}/files``."""
+"""Multipart uploads streamed into a session's workspace, for ``POST /api/sessions/{id}/files``."""
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from pathlib import Path
 
 from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException
 
-from sandbox import Session
-from sandbox.workspace import split_name
+from sandbox import Workspace, WorkspaceFile
+from sandbox.workspace import WorkspaceWriter, split_name
 
 
 class MultipartUpload:
-    """Streams a multipart body into temporary files beside the workspace, never holding more
-    than one chunk in memory. Names are checked as soon as a part's headers arrive. The body's
-    size is bounded by the server's upload limit before it gets here (``ui.middleware.BodyLimit``)."""
+    """Streams each file part of a multipart body straight into the workspace, never holding more
+    than one chunk in memory: the bytes land beside their final names within the workspace's
+    quota (on its own filesystem where it has one), not on the host's disk. Names are checked as
+    soon as a part's headers arrive. Every file is put in place once the whole body has arrived,
+    or none is. The body's size is bounded by the server's upload limit before it gets here
+    (``ui.middleware.BodyLimit``). The parser and the writes run off the event loop."""
 
-    def __init__(self, request: Request, session: Session, path: str | None) -> None:
-        self.request, self.path = request, path
-        self.folder = session.folder / "upload-tmp" / uuid.uuid4().hex[:8]
-        self.parts: list[tuple[str, Path]] = []
-        self._fh = None
+    def __init__(self, request: Request, workspace: Workspace, path: str | None) -> None:
+        self.request, self.workspace, self.path = request, workspace, path
+        self.writers: list[WorkspaceWriter] = []
+        self._current: WorkspaceWriter | None = None
         self._header_field = b""
         self._header_value = b""
         self._headers: dict[bytes, bytes] = {}
 
-    async def receive(self) -> list[tuple[str, Path]]:
+    async def receive(self) -> list[WorkspaceFile]:
         ctype, params = parse_options_header(self.request.headers.get("content-type", ""))
         if ctype != b"multipart/form-data" or b"boundary" not in params:
             raise HTTPException(415, "upload files as multipart/form-data (e.g. curl -F file=@data.csv)")
         if self.path is not None:
             split_name(self.path)
-        self.folder.mkdir(parents=True)
         parser = MultipartParser(params[b"boundary"], {
             "on_part_begin": self._part_begin, "on_header_field": self._header_field_cb,
             "on_header_value": self._header_value_cb, "on_header_end": self._header_end,
@@ -45,17 +44,20 @@ class MultipartUpload:
         try:
             async for chunk in self.request.stream():
                 await asyncio.to_thread(parser.write, chunk)
-            parser.finalize()
+            await asyncio.to_thread(parser.finalize)
         except MultipartParseError as exc:
             raise HTTPException(400, f"the multipart body is malformed ({exc}): send multipart/form-data, "
                                 "e.g. curl -F file=@data.csv") from None
-        if not self.parts:
+        if not self.writers:
             raise HTTPException(400, "the multipart body holds no file part (a part with a filename)")
-        if self.path is not None:
-            if len(self.parts) > 1:
-                raise HTTPException(400, "path= names one file, but the upload holds several")
-            self.parts = [(self.path, self.parts[0][1])]
-        return self.parts
+        return await asyncio.to_thread(self._commit)
+
+    def _commit(self) -> list[WorkspaceFile]:
+        stored = []
+        while self.writers:
+            stored.append(self.writers[0].commit())
+            self.writers.pop(0)
+        return stored
 
     def _part_begin(self) -> None:
         self._headers = {}
@@ -74,31 +76,23 @@ class MultipartUpload:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         filename = options.get(b"filename")
         if filename is None:
-            self._fh = None  # a plain form field: ignored
+            self._current = None  # a plain form field: ignored
             return
-        name = filename.decode("utf-8", "replace")
-        if self.path is None:
-            split_name(name)  # WorkspacePathError: '..', absolute, NUL ...
-        tmp = self.folder / str(len(self.parts))
-        self._fh = tmp.open("wb")
-        self.parts.append((name, tmp))
+        if self.path is not None and self.writers:
+            raise HTTPException(400, "path= names one file, but the upload holds several")
+        name = self.path if self.path is not None else filename.decode("utf-8", "replace")
+        self._current = self.workspace.writer(name)  # WorkspacePathError: '..', absolute, NUL ...
+        self.writers.append(self._current)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._fh is not None:
-            self._fh.write(data[start:end])
+        if self._current is not None:
+            self._current.write(data[start:end])  # QuotaExceeded as soon as a quota is passed
 
     def _part_end(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self._current = None
 
     def cleanup(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-        for _, tmp in self.parts:
-            tmp.unlink(missing_ok=True)
-        try:
-            self.folder.rmdir()
-            self.folder.parent.rmdir()
-        except OSError:
-            pass
+        """Remove what an upload that failed half-way wrote (blocking: call it off the loop)."""
+        for writer in self.writers:
+            writer.abort()
+        self.writers.clear()
