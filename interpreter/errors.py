@@ -4,7 +4,8 @@
     ├── ModelError                 the model backend failed (HTTP error, generation crashed)
     │   ├── ModelUnavailable       it cannot be used here: weights, GPU or library missing, server unreachable
     │   └── ModelCancelled         the caller cancelled the generation
-    └── FormatError                the chosen prompt format cannot work with this backend
+    ├── FormatError                the chosen prompt format cannot work with this backend
+    └── TurnBusy                   the conversation is already answering a question
 """
 
 from __future__ import annotations
@@ -26,3 +27,7 @@ class ModelCancelled(ModelError):
 
 class FormatError(JupyboxError):
     """The prompt format cannot be used with this model backend."""
+
+
+class TurnBusy(JupyboxError):
+    """The conversation is already answering a question (one turn at a time)."""

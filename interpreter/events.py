@@ -8,15 +8,17 @@ from typing import Any, Literal
 
 from sandbox.models import Execution, Output
 
-EventType = Literal["text_delta", "code", "output", "execution", "answer", "error", "usage"]
+EventType = Literal["text_delta", "code", "output", "execution", "answer", "error", "usage", "notice"]
 
 
 @dataclass
 class Event:
     """``text_delta``: model text as it streams (``text``). ``code``: a cell about to run (``code``).
     ``output``: one kernel output as it arrives. ``execution``: the finished ``Execution``.
-    ``answer``: the final answer (``text``). ``error``: why the turn stopped early (``text``).
-    ``usage``: tokens used this turn (``data``)."""
+    ``answer``: the final answer (``text``; ``data["finish_reason"]`` is ``stop``, or ``length`` when
+    the model was cut at its token limit). ``error``: why the turn stopped early (``text``).
+    ``usage``: tokens used this turn (``data``), sent before the ``answer`` or ``error`` of every
+    turn. ``notice``: something the person should know that is not the model's (``text``)."""
 
     type: EventType
     text: str | None = None

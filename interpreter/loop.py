@@ -1,10 +1,12 @@
 """The code-execution loop: the model writes code, the sandbox runs it, the outputs go back to the
 model until it answers.
 
-One sandbox session per conversation, so state persists across turns. Each turn is bounded: at
-most ``max_executions`` executions, ``max_problems`` consecutive unusable replies, observations cut
-to ``observation_tokens`` (measured with the model's tokenizer, head and tail kept), and the prompt
-to ``max_prompt_tokens``. Failed code sends its traceback back, so the model may fix it.
+The conversation service gives each conversation one sandbox session, so state persists across
+turns (``interpreter.service``). Each turn is bounded: at most ``max_executions`` executions,
+``max_problems`` consecutive unusable replies, observations cut to ``observation_tokens``
+(measured with the model's tokenizer, head and tail kept), and the prompt to
+``max_prompt_tokens``. Failed code sends its traceback back, so the model may fix it; code the
+model wrote up to its token limit is not run, and an answer cut there says so.
 """
 
 from __future__ import annotations
@@ -14,31 +16,28 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from pathlib import Path
 
-from sandbox import JupyboxError, Session, SessionManager
+from sandbox import JupyboxError, Session
 from sandbox.models import Execution, ExecutionStatus
 
 from .conversation import Cell, Conversation
 from .events import Event
-from .formats import Format, GenerationOptions, get_format
-from .llm.base import LLM, Completion, Usage
+from .formats import Action, Format, get_format
+from .llm.base import LLM, Completion, GenerationOptions, Usage
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class InterpreterSettings:
+class InterpreterSettings(GenerationOptions):
+    """The loop's bounds, on top of the sampling options every front end shares."""
+
     max_executions: int = 6  # per turn
     max_problems: int = 2  # consecutive replies with no usable code before the turn ends
     execution_timeout: float = 60.0
     observation_tokens: int = 1024
     max_prompt_tokens: int = 24_000
     stop_after_error: bool = False  # end the turn after a failed execution (the benchmark protocol)
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 1024
-    seed: int | None = None
 
 
 def _data_urls(execution: Execution) -> list[str]:
@@ -66,73 +65,49 @@ def clip_tokens(text: str, budget: int, count) -> str:
 
 
 class Interpreter:
-    """Runs conversations with one model, one prompt format and a sandbox manager."""
+    """Runs turns with one model and one prompt format, in a session it is given (the
+    conversation service finds the session; the interpreter does not manage any)."""
 
-    def __init__(self, llm: LLM, manager: SessionManager, fmt: Format | str | None = None,
-                 settings: InterpreterSettings | None = None) -> None:
+    def __init__(self, llm: LLM, fmt: Format | str | None = None, settings: InterpreterSettings | None = None) -> None:
         self.llm = llm
-        self.manager = manager
-        self.format = fmt if isinstance(fmt, Format) else get_format(fmt, llm)
+        self.format = fmt if isinstance(fmt, Format) else get_format(fmt or None, llm)
         self.settings = settings or InterpreterSettings()
 
-    async def new_conversation(self) -> Conversation:
-        conv = Conversation(format=self.format.name)
-        await self._session(conv)
-        return conv
-
-    async def _session(self, conv: Conversation) -> Session:
-        if conv.session_id is not None:
-            try:
-                return self.manager.get(conv.session_id)
-            except JupyboxError:
-                log.info("conversation %s: its session is gone, starting a new one", conv.id)
-        session = await self.manager.create()
-        conv.session_id = session.id
-        return session
-
-    async def restore(self, conv: Conversation, files: dict[str, bytes]) -> None:
-        """Give a reloaded conversation a session with its files (variables are not restored)."""
-        conv.session_id = None
-        session = await self._session(conv)
-        for name, data in files.items():
-            session.workspace.write(name, data)
-
-    async def close(self, conv: Conversation) -> None:
-        if conv.session_id is not None:
-            try:
-                await self.manager.close(conv.session_id)
-            except JupyboxError:
-                pass
-            conv.session_id = None
-
-    async def run(self, conv: Conversation, question: str, files: list[Path | tuple[str, bytes]] = (),
-                  cancel: asyncio.Event | None = None, present: list[str] = ()) -> AsyncIterator[Event]:
-        """One user turn. Yields events as they happen; ends with an ``answer`` or an ``error``
-        event. ``files`` are written into the workspace; ``present`` names files already there
-        (uploaded earlier); both are announced to the model. Setting ``cancel`` stops the model's
-        stream and interrupts the running code."""
+    async def run(self, conv: Conversation, session: Session, question: str, cancel: asyncio.Event | None = None,
+                  announce: list[str] = (), options: GenerationOptions | None = None) -> AsyncIterator[Event]:
+        """One user turn in ``session``. Yields events as they happen; ends with an ``answer`` or
+        an ``error`` event, right after a ``usage`` event with the turn's tokens (however it ended).
+        ``announce`` names files uploaded since the last question that are in the workspace; they
+        are announced to the model. ``options`` override the settings' sampling for this turn.
+        Setting ``cancel`` stops the model's stream and interrupts the running code."""
         cancel = cancel or asyncio.Event()
+        usage = Usage()
+
+        def end(kind: str, text: str, finish: str | None = None) -> list[Event]:
+            data = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+            return [Event("usage", data=data), Event(kind, text=text, data={"finish_reason": finish} if finish else None)]
+
         try:
-            session = await self._session(conv)
-            names = [self._upload(session, f) for f in files]
-            names += [n for n in present if n not in names and session.workspace.exists(n)]
+            names = [n for n in announce if await asyncio.to_thread(session.workspace.exists, n)]
         except JupyboxError as exc:
-            yield Event("error", text=str(exc))
+            for event in end("error", str(exc)):
+                yield event
             return
+        conv.session_id = session.id
         conv.files.extend(n for n in names if n not in conv.files)
         self.format.add_user(conv.messages, question, names)
         conv.timeline.append(("question", question))
         s = self.settings
-        options = GenerationOptions(s.temperature, s.top_p, s.max_new_tokens, s.seed)
-        usage = Usage()
+        options = options or s
         executions = problems = 0
         try:
             while True:
                 request = self.format.request(conv.messages, options)
                 prompt_tokens = self._prompt_tokens(request)
                 if prompt_tokens > s.max_prompt_tokens:
-                    yield Event("error", text=f"The conversation is {prompt_tokens} tokens long, over the "
-                                f"{s.max_prompt_tokens}-token budget: start a new conversation.")
+                    for event in end("error", f"The conversation is {prompt_tokens} tokens long, over the "
+                                     f"{s.max_prompt_tokens}-token budget: start a new conversation."):
+                        yield event
                     return
                 completion = Completion()
                 async for chunk in self.llm.stream(request, cancel):
@@ -140,20 +115,26 @@ class Interpreter:
                         completion.text += chunk.text
                         yield Event("text_delta", text=chunk.text)
                     completion.tool_calls.extend(chunk.tool_calls or [])
+                    completion.finish_reason = chunk.finish_reason or completion.finish_reason
                     if chunk.usage:
                         usage.prompt_tokens += chunk.usage.prompt_tokens
                         usage.completion_tokens += chunk.usage.completion_tokens
+                cut = completion.finish_reason == "length"
                 step = self.format.parse(completion)
                 if step.answer is not None:
                     self.format.add_answer(conv.messages, step)
                     conv.timeline.append(("answer", step.answer))
-                    yield Event("usage", data={"prompt_tokens": usage.prompt_tokens,
-                                               "completion_tokens": usage.completion_tokens})
-                    yield Event("answer", text=step.answer)
+                    for event in end("answer", step.answer, completion.finish_reason or "stop"):
+                        yield event
                     return
+                if cut:  # code written up to the token limit is likely incomplete: not run
+                    step.actions = [Action(problem=(
+                        f"Not executed: your reply was cut at the {options.max_tokens}-token limit before it "
+                        "was complete. Write shorter code, or split the work into several steps."))]
                 if executions >= s.max_executions:
-                    yield Event("error", text=f"Stopped after {s.max_executions} executions in this turn "
-                                "(max_executions); ask again to continue.")
+                    for event in end("error", f"Stopped after {s.max_executions} executions in this turn "
+                                     "(max_executions); ask again to continue."):
+                        yield event
                     return
                 observations: list[str] = []
                 images: list[str] = []
@@ -189,28 +170,27 @@ class Interpreter:
                 if images:
                     self.format.add_images(conv.messages, images)
                 if cancel.is_set():
-                    yield Event("error", text="Stopped.")
+                    for event in end("error", "Stopped."):
+                        yield event
                     return
                 if failed and s.stop_after_error:
-                    yield Event("error", text="Stopped after a failed execution (stop_after_error).")
+                    for event in end("error", "Stopped after a failed execution (stop_after_error)."):
+                        yield event
                     return
                 if problems > s.max_problems:
-                    yield Event("error", text="The model did not produce runnable Python code after "
-                                f"{s.max_problems + 1} attempts: {observations[0] if observations else ''}")
+                    for event in end("error", "The model did not produce runnable Python code after "
+                                     f"{s.max_problems + 1} attempts: {observations[0] if observations else ''}"):
+                        yield event
                     return
         except JupyboxError as exc:
-            yield Event("error", text=str(exc))
+            for event in end("error", str(exc)):
+                yield event
 
     async def _execute(self, session: Session, code: str, cancel: asyncio.Event) -> AsyncIterator[Event]:
         """Run one cell, streaming its outputs; a cancel interrupts the kernel."""
         async with aclosing(session.stream(code, self.settings.execution_timeout, cancel)) as items:
             async for item in items:  # closed with this generator, so a consumer that leaves interrupts
                 yield Event("execution", execution=item) if isinstance(item, Execution) else Event("output", output=item)
-
-    def _upload(self, session: Session, f: Path | tuple[str, bytes]) -> str:
-        if isinstance(f, tuple):
-            return session.workspace.write(f[0], f[1]).path
-        return session.workspace.upload(Path(f)).path
 
     def _prompt_tokens(self, request) -> int:
         if request.prompt is not None:

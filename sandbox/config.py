@@ -93,6 +93,10 @@ class SandboxSettings:
             values["docker_runtime"] = env["JUPYBOX_DOCKER_RUNTIME"]
         if "JUPYBOX_POOL_SIZE" in env:
             values["pool_size"] = int(env["JUPYBOX_POOL_SIZE"])
+        if env.get("JUPYBOX_MAX_SESSIONS"):
+            values["max_sessions"] = int(env["JUPYBOX_MAX_SESSIONS"])
+        if env.get("JUPYBOX_IDLE_TTL"):
+            values["idle_ttl_s"] = float(env["JUPYBOX_IDLE_TTL"])
         if "JUPYBOX_INSTANCE" in env:
             values["instance"] = env["JUPYBOX_INSTANCE"]
         if env.get("JUPYBOX_WORKSPACE_FS"):

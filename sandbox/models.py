@@ -102,6 +102,17 @@ class Execution:
     def results(self) -> list[Output]:
         return [o for o in self.outputs if o.kind in ("result", "display")]
 
+    def notes(self, images: bool = True) -> list[str]:
+        """What a person is told under a cell besides its outputs, one sentence each: the images it
+        saved (unless the front end shows them itself), why it timed out or crashed (or did not
+        run), and how much output was dropped. Every front end renders these, in its own markup."""
+        notes = [f"image saved: {img.path}" for img in self.images] if images else []
+        if self.reason:
+            notes.append(f"{self.status.value}: {self.reason}" if self.status is not ExecutionStatus.OK else self.reason)
+        if self.truncated:
+            notes.append(f"{self.truncated:,} bytes of output were truncated")
+        return notes
+
     def text(self, budget: int = 4000) -> str:
         """Render for a language model: streams, plain-text results, image paths and the error,
         cut to ``budget`` characters keeping the head and the tail."""

@@ -42,6 +42,13 @@ class Slow:
 
 
 @dataclass
+class Truncated:
+    """``text`` that ends because the model hit its token limit (``finish_reason`` length)."""
+
+    text: str
+
+
+@dataclass
 class ScriptedModel:
     replies: deque = field(default_factory=deque)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -87,8 +94,8 @@ class ScriptedModel:
             def _stream(self, body: dict[str, Any], reply: Any) -> None:
                 chat = self.path.endswith("/chat/completions")
                 delay = reply.delay if isinstance(reply, Slow) else 0.0
-                text = reply.text if isinstance(reply, (Slow, ToolCalls)) else str(reply)
-                finish = "stop"
+                text = reply.text if isinstance(reply, (Slow, ToolCalls, Truncated)) else str(reply)
+                finish = "length" if isinstance(reply, Truncated) else "stop"
                 for stop in body.get("stop") or []:
                     i = text.find(stop)
                     if i >= 0:
@@ -164,3 +171,10 @@ def last_observation(body: dict[str, Any]) -> str:
     content = last.get("content") or ""
     text = content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
     return re.sub(r"^Output( of block \d+)?:\n", "", text).strip()
+
+
+def scripted_settings(model: ScriptedModel, fmt: str | None = "fenced") -> Any:
+    """The ``ModelSettings`` of a server or terminal that talks to ``model``."""
+    from interpreter import ModelSettings
+
+    return ModelSettings(openai_base_url=model.url, openai_model="scripted-model", format=fmt)

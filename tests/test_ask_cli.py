@@ -37,12 +37,14 @@ def test_ask_answers_a_question_about_an_uploaded_file(sandbox_image: str, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert "┌── code ──" in proc.stdout and "mean 111.666" in proc.stdout
     assert proc.stdout.rstrip().endswith("The mean is 111.66666666666667")
-    assert "[image: figures/fig-001.png]" in proc.stdout
+    assert proc.stdout.count("The mean is 111.666") == 1  # streamed once, not printed again
+    assert "[image saved: figures/fig-001.png]" in proc.stdout
     # the Qwen model family gets the ReAct format on the completions endpoint
     assert model.paths[0] == "/v1/completions" and "[Upload file sales.csv]" in model.history[0]["prompt"]
     saved = list((tmp_path / "out").glob("*/figures/fig-001.png"))
     assert saved and saved[0].read_bytes().startswith(b"\x89PNG")
     assert list((tmp_path / "out").glob("*/clean.csv"))
+    assert not list((tmp_path / "out").glob("*/sales.csv"))  # the user's own upload, unchanged: not copied back
     nb = nbformat.read(str(tmp_path / "c.ipynb"), as_version=4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert any("image/png" in o.get("data", {}) for o in outputs)
@@ -60,7 +62,8 @@ def test_ask_json_streams_one_event_per_line(sandbox_image: str, tmp_path: Path)
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert {"text_delta", "code", "output", "execution", "answer"} <= {e["type"] for e in events}
-    assert events[-1] == {"type": "answer", "text": "It is 1024"}
+    assert events[-1] == {"type": "answer", "text": "It is 1024", "data": {"finish_reason": "stop"}}
+    assert events[-2]["type"] == "usage" and events[-2]["data"]["completion_tokens"] > 0
 
 
 def test_missing_model_gives_one_clear_line(tmp_path: Path) -> None:
@@ -68,6 +71,12 @@ def test_missing_model_gives_one_clear_line(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("jupybox: ")
+
+
+def test_a_format_the_backend_cannot_serve_is_refused_before_loading(tmp_path: Path) -> None:
+    proc = subprocess.run([JUPYBOX, "ask", "hi", "--format", "tools", "--model", str(tmp_path / "no-such-model")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no tool calling" in proc.stderr and "no-such-model" not in proc.stderr
 
 
 def test_chat_keeps_state_across_turns_and_saves(sandbox_image: str, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from interpreter import Interpreter, InterpreterSettings, ModelCancelled, ModelError
+from interpreter import ConversationService, ModelCancelled, ModelError
 from interpreter.llm.base import GenerationRequest, Message
 from interpreter.llm.openai import OpenAILLM
 from sandbox import SessionManager
@@ -93,14 +93,13 @@ async def test_tool_call_fragments_are_assembled(model: ScriptedModel) -> None:
 
 
 async def test_plots_go_to_a_vision_model_as_image_parts(model: ScriptedModel, docker_manager: SessionManager) -> None:
-    llm = llm_for(model, supports_images=True)
-    interp = Interpreter(llm, docker_manager, "fenced", InterpreterSettings())
-    conv = await interp.new_conversation()
+    service = ConversationService(docker_manager, llm_for(model, supports_images=True))
+    service.open("vision", "test", fmt="fenced")
     model.enqueue("```python\nimport matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.show()\n```", "A rising line.")
-    events = [e async for e in interp.run(conv, "plot")]
+    events = [e async for e in (await service.turn("vision", "test", "plot")).events()]
     assert events[-1].text == "A rising line."
     parts = model.history[1]["messages"][-1]["content"]
     assert parts[0]["type"] == "text" and "fig-" in parts[0]["text"]
     assert parts[1]["type"] == "image_url" and parts[1]["image_url"]["url"].startswith("data:image/png;base64,iVBOR")
-    await interp.close(conv)
-    await llm.close()
+    await service.close("vision")
+    await service.llm.close()

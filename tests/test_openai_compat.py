@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.scripted_model import ScriptedModel, last_observation, prompt_text
+from tests.scripted_model import ScriptedModel, Truncated, last_observation, prompt_text
 from tests.test_api import ServerThread, code_reply, serve_settings, sse_events
 from ui.services import Services
 
@@ -50,7 +50,8 @@ def script_squares(model: ScriptedModel) -> None:
 
 
 def expected_content() -> str:
-    return f"```python\n{SQUARES}\n```\n\n```\n506\n```\n\nThe sum is 506."
+    """The model's prose, the cell, its output, the answer (see ``code_reply``)."""
+    return f"Let me compute that.\n\n```python\n{SQUARES}\n```\n\n```\n506\n```\n\nThe sum is 506."
 
 
 def test_non_streaming_completion_over_httpx(client: httpx.Client, model: ScriptedModel) -> None:
@@ -80,8 +81,23 @@ def test_streaming_completion_over_httpx(client: httpx.Client, model: ScriptedMo
     chunks = events[:-1]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected_content()
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks]
+    assert "".join(pieces) == expected_content()
     assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    # the prose arrives as the model writes it, in pieces, before the code cell
+    before_code = pieces[:next(i for i, p in enumerate(pieces) if "```python" in p)]
+    assert len([p for p in before_code if p]) >= 2 and "".join(before_code).startswith("Let me compute")
+
+
+def test_finish_reason_and_usage_say_how_a_turn_ended(client: httpx.Client, model: ScriptedModel) -> None:
+    model.enqueue(Truncated("A long answer that was cut"))
+    body = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "explain"}]}).json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["message"]["content"].endswith("[the answer was cut at the model's token limit]")
+    model.enqueue(*[code_reply(f"print({i})") for i in range(7)])  # a 7th step, past the 6 a turn may run
+    body = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "loop"}]}).json()
+    assert "[stopped: Stopped after 6 executions" in body["choices"][0]["message"]["content"]
+    assert body["usage"]["prompt_tokens"] > 0 and body["usage"]["completion_tokens"] >= 6
 
 
 def test_the_openai_client_non_streaming(oai: openai.OpenAI, model: ScriptedModel) -> None:

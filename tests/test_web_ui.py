@@ -24,7 +24,7 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.conftest import ROOT, docker_settings  # noqa: E402
-from tests.scripted_model import ScriptedModel, last_observation  # noqa: E402
+from tests.scripted_model import ScriptedModel, last_observation, scripted_settings  # noqa: E402
 from ui.services import ServeSettings, Services  # noqa: E402
 
 ARTIFACTS = ROOT / "artifacts" / "web"
@@ -57,7 +57,7 @@ def web_server(sandbox_image: str, jb_home: Path) -> Iterator[WebServer]:
     import uvicorn
 
     model = ScriptedModel().start()
-    settings = ServeSettings(openai_base_url=model.url, openai_model="scripted-model", format="fenced",
+    settings = ServeSettings(model=scripted_settings(model),
                              upload_limit_mb=UPLOAD_LIMIT_MB, sandbox=docker_settings(jb_home, instance="webui"))
     services = Services(settings)
     port = _free_port()
@@ -152,6 +152,8 @@ def test_upload_ask_and_see_code_chart_and_answer(web_server: WebServer, browser
                "by.plot.bar(title='Revenue by region · 各地区销售额')\nplt.show()"),
         lambda body: "The top region is **{}** with revenue {} (see the chart). $E = mc^2$".format(
             *last_observation(body).split()[:2]))
+    page.locator("#jb-input input[type='file']").set_input_files(str(EXAMPLE_CSV))  # attached to the question too
+    expect(page.locator("#jb-input .thumbnail-item")).to_have_count(1, timeout=20_000)  # uploaded, shown
     ask(page, "Which region sold the most? Plot revenue by region.")
     chat = page.locator("#jb-chat")
     expect(chat).to_contain_text("df.groupby('region').revenue.sum()", timeout=30_000)
@@ -162,6 +164,14 @@ def test_upload_ask_and_see_code_chart_and_answer(web_server: WebServer, browser
     expect(listed(page, "fig-001.png")).to_have_count(1)
     assert "sales.csv" in web_server.model.history[-2]["messages"][-1]["content"]  # announced to the model
     shot(page, "answer-with-chart")
+    # the icons are images every browser draws (no emoji font needed): the file chip and the cell's status
+    for name in ("icon-file", "icon-ok"):
+        icon = chat.locator(f"img[alt='{name}']").first
+        icon.scroll_into_view_if_needed()
+        expect(icon).to_be_visible(timeout=10_000)
+        assert icon.evaluate("img => img.complete && img.naturalWidth > 0"), name
+    chat.locator("img[alt='icon-ok']").first.screenshot(path=str(ARTIFACTS / "code-header-icon.png"))
+    page.locator("#jb-chat").screenshot(path=str(ARTIFACTS / "chat-top.png"))
     page.locator("#jb-notebook").click()
     expect(page.locator("#jb-nb-file")).to_contain_text(".ipynb", timeout=10_000)
     assert blocked == [], f"the page tried to reach other hosts: {blocked}"
@@ -295,7 +305,7 @@ def test_two_browser_contexts_have_separate_sessions_and_closing_frees_one(web_s
 def test_page_without_a_model_says_what_to_configure(sandbox_image: str, jb_home: Path, browser) -> None:
     """No model could be loaded: the page still starts and says, in words, what to set."""
     services = Services(ServeSettings(sandbox=docker_settings(jb_home, instance="webui-nomodel")))
-    services.llm, services.model_error = None, "the model server is not configured — pass --openai-base-url URL"
+    services.service.model_error = "the model server is not configured — pass --openai-base-url URL"
     page_text = _render_once(services, browser)
     assert "No language model is available" in page_text and "--openai-base-url" in page_text
 
@@ -337,7 +347,7 @@ def test_a_tab_dropped_without_unload_leaves_no_folder_behind(tmp_path: Path) ->
     from ui.web_guard import UploadCache
 
     cache = UploadCache(tmp_path / "ui")
-    ui = WebUI(services=None, cache=cache)  # type: ignore[arg-type]  # a tab with no session never reaches them
+    ui = WebUI(Services(ServeSettings(sandbox=docker_settings(tmp_path / "jb"))), cache)  # nothing started
     idle = ui.tab(None, None)
     assert idle._served is None  # a page that never shows a file makes no folder
     shown = ui.tab(None, None)

@@ -138,51 +138,15 @@ def sse(data: dict[str, Any] | str) -> bytes:
 
 
 def session_info(services: Services, session: Session) -> SessionInfo:
+    chat = services.service.by_session(session.id)
     return SessionInfo(id=session.id, created=session.created, idle_s=round(time.monotonic() - session.last_used, 3),
-                       executions=session.executions, busy=services.turn_running(session.id),
-                       has_conversation=session.id in services.conversations,
-                       limits=asdict(session.limits))
+                       executions=session.executions, busy=chat is not None and chat.busy,
+                       has_conversation=chat is not None, limits=asdict(session.limits))
 
 
-class ChatTurn:
-    """One interpreter turn in a task of its own, its events queued for whoever streams them.
-
-    The task outlives a client that goes away: closing ``events()`` early sets the cancel event,
-    and the turn then stops the model, interrupts the kernel and ends by itself. Raises
-    ``ModelUnavailable`` or ``TurnBusy`` on construction, before any response has started.
-    """
-
-    def __init__(self, services: Services, metrics: Metrics, session_id: str, question: str, source: str) -> None:
-        self.interpreter = services.interpreter()
-        self.conversation = services.conversation(session_id)
-        self.services, self.metrics, self.session_id, self.source = services, metrics, session_id, source
-        services.begin_turn(session_id)
-        self.cancel = asyncio.Event()
-        self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
-        self.task = services.spawn(self._run(question))
-
-    async def _run(self, question: str) -> None:
-        t0, outcome = time.monotonic(), "error"
-        try:
-            async for event in self.interpreter.run(self.conversation, question, cancel=self.cancel):
-                self.metrics.observe_event(event, self.source)
-                outcome = "answer" if event.type == "answer" else outcome
-                self.queue.put_nowait(event)
-        except Exception:
-            log.exception("chat turn in session %s failed", self.session_id)
-            self.queue.put_nowait(Event("error", text="internal error"))
-        finally:
-            self.services.end_turn(self.session_id)
-            self.metrics.observe_turn(outcome, time.monotonic() - t0, self.source)
-            self.queue.put_nowait(None)
-
-    async def events(self) -> AsyncIterator[Event]:
-        try:
-            while (event := await self.queue.get()) is not None:
-                yield event
-        finally:
-            if not self.task.done():
-                self.cancel.set()
+def open_session(services: Services, session_id: str) -> Session:
+    """An open session, or ``SessionClosed`` (404)."""
+    return services.manager.get(session_id)
 
 
 async def execution_events(session: Session, code: str, timeout: float | None,
@@ -204,8 +168,9 @@ async def execution_events(session: Session, code: str, timeout: float | None,
 @router.get("/status", response_model=ServerStatus, summary="What the server runs on; whether the model works")
 async def status(request: Request) -> ServerStatus:
     s = services_of(request)
-    return ServerStatus(model=s.model_name, model_available=s.llm is not None,
-                        model_loading=s.model_loading, model_error=s.model_error,
+    m = s.service
+    return ServerStatus(model=m.model_name, model_available=m.llm is not None,
+                        model_loading=m.model_loading, model_error=m.model_error,
                         backend=s.manager.settings.backend, sessions_open=len(s.manager.list()),
                         max_sessions=s.manager.settings.max_sessions,
                         upload_limit_bytes=s.settings.upload_limit_mb << 20)
@@ -217,7 +182,7 @@ async def create_session(request: Request, body: CreateSessionRequest | None = N
     limits = None
     if body is not None and body.limits is not None:  # checked by the sandbox: LimitsError is a 400
         limits = replace(s.manager.settings.limits, **body.limits.model_dump(exclude_none=True))
-    session = await s.create_session(limits)
+    session = await s.manager.create(limits=limits)
     metrics_of(request).sessions_created.inc()
     return session_info(s, session)
 
@@ -231,12 +196,14 @@ async def list_sessions(request: Request) -> SessionList:
 @router.get("/sessions/{session_id}", response_model=SessionInfo, summary="One session")
 async def get_session(request: Request, session_id: str) -> SessionInfo:
     s = services_of(request)
-    return session_info(s, s.session(session_id))
+    return session_info(s, open_session(s, session_id))
 
 
 @router.delete("/sessions/{session_id}", status_code=204, summary="Close a session: its kernel and files are removed")
 async def delete_session(request: Request, session_id: str) -> Response:
-    await services_of(request).close_session(session_id)
+    s = services_of(request)
+    s.service.forget(session_id)
+    await s.manager.close(session_id)
     return Response(status_code=204)
 
 
@@ -244,14 +211,14 @@ async def delete_session(request: Request, session_id: str) -> Response:
              summary="A fresh kernel (variables are lost, files stay)")
 async def restart_session(request: Request, session_id: str) -> SessionInfo:
     s = services_of(request)
-    session = s.session(session_id)
+    session = open_session(s, session_id)
     await session.restart()
     return session_info(s, session)
 
 
 @router.post("/sessions/{session_id}/interrupt", status_code=204, summary="Interrupt the running code")
 async def interrupt_session(request: Request, session_id: str) -> Response:
-    services_of(request).session(session_id).interrupt()
+    open_session(services_of(request), session_id).interrupt()
     return Response(status_code=204)
 
 
@@ -262,7 +229,7 @@ async def interrupt_session(request: Request, session_id: str) -> Response:
 async def execute(request: Request, session_id: str, body: ExecuteRequest,
                   stream: bool = Query(False, description="same as the body's stream")) -> Response:
     s, metrics = services_of(request), metrics_of(request)
-    session = s.session(session_id)
+    session = open_session(s, session_id)
     if body.stream or stream:
         async def events() -> AsyncIterator[bytes]:
             async for event in execution_events(session, body.code, body.timeout_s, metrics):
@@ -280,17 +247,21 @@ async def execute(request: Request, session_id: str, body: ExecuteRequest,
                         503: {"description": "no model is configured; the message says how to configure one"},
                         409: {"description": "a turn is already running in this session"}})
 async def chat(request: Request, session_id: str, body: ChatRequest) -> Response:
-    s = services_of(request)
-    turn = ChatTurn(s, metrics_of(request), session_id, body.message, "api")
+    service = services_of(request).service
+    open_session(services_of(request), session_id)
+    service.open(session_id, "api", session_id=session_id)
+    turn = await service.turn(session_id, "api", body.message)
     if not body.stream:
         events = [e.to_dict() async for e in turn.events()]
         last = events[-1] if events else {"type": "error", "text": "no events"}
         return JSONResponse({"answer": last.get("text") if last["type"] == "answer" else None,
-                             "error": last.get("text") if last["type"] == "error" else None, "events": events})
+                             "error": last.get("text") if last["type"] == "error" else None,
+                             "finish_reason": turn.finish_reason, "usage": turn.usage, "events": events})
 
     async def stream() -> AsyncIterator[bytes]:
-        async for event in turn.events():
-            yield sse(event.to_dict())
+        async with aclosing(turn.events()) as events:  # a client that leaves stops the turn
+            async for event in events:
+                yield sse(event.to_dict())
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -298,20 +269,20 @@ async def chat(request: Request, session_id: str, body: ChatRequest) -> Response
 @router.get("/sessions/{session_id}/notebook", summary="The session's conversation as a Jupyter notebook")
 async def notebook(request: Request, session_id: str) -> Response:
     s = services_of(request)
-    s.session(session_id)
-    conv = s.conversations.get(session_id)
-    if conv is None:
+    open_session(s, session_id)
+    chat = s.service.by_session(session_id)
+    if chat is None:
         raise HTTPException(404, f"session {session_id!r} has no conversation yet: POST a chat turn first")
     import nbformat
 
-    return Response(nbformat.writes(conv.to_notebook()), media_type="application/x-ipynb+json",
+    return Response(nbformat.writes(chat.conversation.to_notebook()), media_type="application/x-ipynb+json",
                     headers={"Content-Disposition": f'attachment; filename="{session_id}.ipynb"'})
 
 
 # -- files -------------------------------------------------------------------------------------
 @router.get("/sessions/{session_id}/files", response_model=FileList, summary="Files in the session's workspace")
 async def list_files(request: Request, session_id: str) -> FileList:
-    ws = services_of(request).session(session_id).workspace
+    ws = open_session(services_of(request), session_id).workspace
     files = await asyncio.to_thread(ws.list)
     return FileList(files=[FileInfo(**asdict(f)) for f in files], usage=sum(f.size for f in files),
                     quota=ws.limits.workspace_bytes)
@@ -324,8 +295,7 @@ async def list_files(request: Request, session_id: str) -> FileList:
 async def upload_files(request: Request, session_id: str,
                        path: str | None = Query(None, description="store the (single) file under this name"),
                        ) -> FileList:
-    s = services_of(request)
-    session = s.session(session_id)
+    session = open_session(services_of(request), session_id)
     upload = MultipartUpload(request, session.workspace, path)
     try:
         stored = await upload.receive()
@@ -339,12 +309,12 @@ async def upload_files(request: Request, session_id: str,
 @router.get("/sessions/{session_id}/files/{name:filename}", summary="Download a file",
             responses={200: {"content": {"application/octet-stream": {}}}})
 async def download_file(request: Request, session_id: str, name: str) -> Response:
-    ws = services_of(request).session(session_id).workspace
-    if not ws.exists(name):  # refuses unsafe names with WorkspacePathError (400)
+    ws = open_session(services_of(request), session_id).workspace
+    if not await asyncio.to_thread(ws.exists, name):  # refuses unsafe names with WorkspacePathError (400)
         raise HTTPException(404, f"{name!r}: no such file in the workspace")
-    fh = ws.open(name)
+    fh = await asyncio.to_thread(ws.open, name)
 
-    def chunks() -> Iterator[bytes]:
+    def chunks() -> Iterator[bytes]:  # a plain iterator: Starlette reads it in a worker thread
         try:
             while chunk := fh.read(1 << 20):
                 yield chunk
@@ -359,11 +329,11 @@ async def download_file(request: Request, session_id: str, name: str) -> Respons
 
 @router.delete("/sessions/{session_id}/files/{name:filename}", status_code=204, summary="Delete a file")
 async def delete_file(request: Request, session_id: str, name: str) -> Response:
-    ws = services_of(request).session(session_id).workspace
-    if not ws.exists(name):
+    ws = open_session(services_of(request), session_id).workspace
+    if not await asyncio.to_thread(ws.exists, name):
         raise HTTPException(404, f"{name!r}: no such file in the workspace")
-    ws.delete(name)
+    await asyncio.to_thread(ws.delete, name)
     return Response(status_code=204)
 
 
-__all__ = ["ChatTurn", "router", "sse"]
+__all__ = ["Edge", "router", "services_of", "sse"]

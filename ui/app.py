@@ -24,7 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from interpreter import FormatError, ModelCancelled, ModelError, ModelUnavailable
+from interpreter import FormatError, ModelCancelled, ModelError, ModelUnavailable, TurnBusy
 from sandbox import (
     CapacityError,
     JupyboxError,
@@ -39,7 +39,7 @@ from sandbox import (
 from . import api, openai_compat
 from .metrics import Metrics
 from .middleware import BodyLimit, LoopbackHostOnly, SameOrigin, SecurityHeaders, TokenAuth, error_body
-from .services import Services, TurnBusy
+from .services import Services
 from .web_guard import GradioGate, UploadCache, UploadRefused
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,7 @@ def create_app(services: Services, ui: bool = True) -> FastAPI:
             await services.stop()
 
     metrics = Metrics(services.manager)
+    services.service.observers.append(metrics)  # every turn of every front end is counted
     # No /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a public CDN; the schema stays.
     app = FastAPI(title="jupybox", version="0.1.0", lifespan=lifespan, exception_handlers=error_handlers(metrics),
                   docs_url=None, redoc_url=None,
@@ -160,7 +161,8 @@ def create_app(services: Services, ui: bool = True) -> FastAPI:
 
     @app.get("/healthz", tags=["server"], summary="Liveness; open without a token")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model_available": services.llm is not None,
+        service = services.service
+        return {"status": "loading" if service.model_loading else "ok", "model_available": service.llm is not None,
                 "sessions_open": len(services.manager.list())}
 
     @app.get("/metrics", tags=["server"], summary="Prometheus metrics", response_class=Response)

@@ -11,9 +11,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +132,8 @@ async def run_code(args: argparse.Namespace, code: str, as_json: bool, timeout: 
         else:
             for path in saved:
                 print(f"[image saved: {path}]")
-            if execution.reason:
-                print(execution.reason, file=sys.stderr)
-            if execution.truncated:
-                print(f"[{execution.truncated:,} bytes of output were truncated]", file=sys.stderr)
+            for note in execution.notes(images=False):
+                print(f"[{note}]", file=sys.stderr)
         return 0 if execution.ok else 1
 
 
@@ -206,10 +206,23 @@ async def _main_async(args: argparse.Namespace) -> int:
     return await _dispatch(args)
 
 
+def quiet_libraries() -> None:
+    """Model libraries talk on stderr while loading (progress bars, deprecation and tracing
+    warnings from transformers, torchao, torch's pytree): off unless --debug."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|torchao|transformers|accelerate|optimum)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        quiet_libraries()
     try:
         return asyncio.run(_main_async(args))
     except JupyboxError as exc:

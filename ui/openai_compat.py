@@ -6,9 +6,11 @@ passed along as context when the conversation is new to jupybox. Without ``user`
 runs in a fresh sandbox session, closed afterwards; with ``user`` the session (variables, files)
 and the conversation are kept for that user's next requests.
 
-The assistant's content is the turn written as Markdown: each code cell as a fenced ``python``
-block, its output as a plain fenced block (streamed as it arrives), then the answer. ``stream``
-true and false are both supported; usage counts are the model's tokens for the turn.
+The assistant's content is the turn written as Markdown, streamed as it happens: the model's prose
+token by token, each code cell as a fenced ``python`` block, its output as a plain fenced block,
+then the answer. ``stream`` true and false are both supported; usage counts are the model's tokens
+for the turn (however it ended), and ``finish_reason`` is ``length`` when the answer was cut at the
+model's token limit.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,12 +26,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from interpreter import Event
-from sandbox import SessionClosed
+from interpreter import Event, get_format
+from interpreter.formats.base import Format, ProseStream
 
-from .api import SSE_HEADERS, ChatTurn, Edge, metrics_of, services_of, sse
-from .metrics import Metrics
-from .services import Services
+from .api import SSE_HEADERS, Edge, services_of, sse
 
 router = APIRouter(prefix="/v1")
 SERVED_MODEL = "jupybox"
@@ -64,29 +65,42 @@ class ChatCompletionRequest(Edge):
 
 
 class MarkdownTranscript:
-    """Turns interpreter events into assistant content, piece by piece."""
+    """Turns interpreter events into assistant content, piece by piece: the model's prose as it
+    writes it (through its format's display, so no labels and no code twice), each code cell as a
+    fenced ``python`` block, its outputs in a plain fenced block, the cell's notes, the answer."""
 
-    def __init__(self) -> None:
+    def __init__(self, fmt: Format) -> None:
+        self.prose = ProseStream(fmt)
         self.fence_open = False
-        self.at_line_start = True
-        self.written = False
+        self.tail = ""  # the last characters written, to space blocks
 
     def _emit(self, text: str) -> str:
-        if text:
-            self.at_line_start = text.endswith("\n")
-            self.written = True
+        self.tail = (self.tail + text)[-2:]
         return text
+
+    def _block(self, text: str) -> str:
+        """``text`` as a new block: after a blank line when something came before."""
+        if not text:
+            return ""
+        gap = "" if not self.tail or self.tail == "\n\n" else "\n" if self.tail.endswith("\n") else "\n\n"
+        return self._emit(gap + text)
 
     def _close_fence(self) -> str:
         if not self.fence_open:
             return ""
         self.fence_open = False
-        return ("" if self.at_line_start else "\n") + "```\n\n"
+        return self._emit(("" if self.tail.endswith("\n") else "\n") + "```\n\n")
+
+    def _end_prose(self) -> str:
+        return self._emit(self.prose.end_step())
 
     def __call__(self, event: Event) -> str:
+        if event.type == "text_delta":
+            piece = self.prose.feed(event.text or "")
+            first = piece and self.prose.shown == piece  # the step's prose begins: a block of its own
+            return self._block(piece) if first else self._emit(piece)
         if event.type == "code":
-            gap = "" if not self.written else ("" if self.at_line_start else "\n")
-            return self._emit(self._close_fence() + gap + f"```python\n{(event.code or '').rstrip()}\n```\n\n")
+            return self._end_prose() + self._block(f"```python\n{(event.code or '').rstrip()}\n```\n\n")
         if event.type == "output" and event.output is not None:
             text = event.output.plain_text()
             if not text:
@@ -95,17 +109,19 @@ class MarkdownTranscript:
             self.fence_open = True
             return self._emit(opening + text.replace("```", "``\u200b`"))
         if event.type == "execution" and event.execution is not None:
-            ex = event.execution
-            notes = [f"[image: {img.path}]\n" for img in ex.images]
-            if ex.reason:
-                notes.append(f"[{ex.status.value}: {ex.reason}]\n")
-            if ex.truncated:
-                notes.append(f"[{ex.truncated:,} bytes of output were truncated]\n")
-            return self._emit(self._close_fence() + "".join(notes) + ("\n" if notes else ""))
+            notes = "".join(f"[{note}]\n" for note in event.execution.notes())
+            return self._close_fence() + self._block(notes)
         if event.type == "answer":
-            return self._emit(self._close_fence() + (event.text or ""))
-        if event.type == "error":
-            return self._emit(self._close_fence() + f"[stopped: {event.text}]")
+            out = self._close_fence() + self._end_prose()
+            answer = (event.text or "").strip()
+            if answer and answer not in self.prose.last_step:  # a format whose prose does not show it
+                out += self._block(answer)
+            if (event.data or {}).get("finish_reason") == "length":
+                out += self._block("[the answer was cut at the model's token limit]")
+            return out
+        if event.type in ("error", "notice"):
+            label = "stopped" if event.type == "error" else "note"
+            return self._close_fence() + self._end_prose() + self._block(f"[{label}: {event.text}]")
         return ""
 
 
@@ -122,32 +138,6 @@ def _question(messages: list[ChatMessage], fresh: bool) -> str:
     return "Earlier in this conversation:\n" + "\n\n".join(context) + f"\n\nThe question now:\n{question}"
 
 
-async def _session_for(services: Services, metrics: Metrics, user: str | None) -> tuple[str, bool]:
-    """(session id, whether it is new) — the user's kept session, or a fresh one."""
-    if user and user in services.user_sessions:
-        sid = services.user_sessions[user]
-        try:
-            services.session(sid)
-            return sid, sid not in services.conversations
-        except SessionClosed:  # reaped: start again
-            services.user_sessions.pop(user, None)
-    session = await services.create_session()
-    metrics.sessions_created.inc()
-    if user:
-        services.user_sessions[user] = session.id
-    return session.id, True
-
-
-async def _close_after(services: Services, turn: ChatTurn, session_id: str) -> None:
-    try:
-        await turn.task
-    finally:
-        try:
-            await services.close_session(session_id)
-        except Exception:  # noqa: BLE001 - already closed (reaped, or the server is stopping)
-            pass
-
-
 @router.get("/models", summary="The model this endpoint serves")
 async def list_models() -> dict[str, Any]:
     return {"object": "list", "data": [{"id": SERVED_MODEL, "object": "model", "created": 0, "owned_by": "jupybox"}]}
@@ -156,39 +146,33 @@ async def list_models() -> dict[str, Any]:
 @router.post("/chat/completions", summary="A chat completion whose assistant runs code in a sandbox",
              responses={200: {"content": {"application/json": {}, "text/event-stream": {}}}})
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-    services, metrics = services_of(request), metrics_of(request)
-    services.interpreter()  # ModelUnavailable (503) before a session is made
-    _question(body.messages, True)  # 400 before a session is made
-    session_id, fresh = await _session_for(services, metrics, body.user)
+    service = services_of(request).service
+    service.require_model()  # ModelUnavailable (503) before a conversation is made
+    _question(body.messages, True)  # 400 before a conversation is made
+    key = f"openai:{body.user}" if body.user else f"openai-once:{uuid.uuid4().hex}"
+    chat = service.open(key, "openai")
+    fresh = not chat.conversation.messages
     try:
-        turn = ChatTurn(services, metrics, session_id, _question(body.messages, fresh), "openai")
+        turn = await service.turn(key, "openai", _question(body.messages, fresh), close_after=not body.user)
     except BaseException:
         if not body.user:
-            await services.close_session(session_id)
+            await service.close(key)
         raise
-    if not body.user:
-        services.spawn(_close_after(services, turn, session_id))
     model = body.model or SERVED_MODEL
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
-    transcript = MarkdownTranscript()
-    usage: dict[str, int] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    transcript = MarkdownTranscript(get_format(chat.conversation.format, service.require_model()))
 
-    def note_usage(event: Event) -> None:
-        if event.type == "usage" and event.data:
-            usage["prompt_tokens"] += int(event.data.get("prompt_tokens") or 0)
-            usage["completion_tokens"] += int(event.data.get("completion_tokens") or 0)
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    def usage() -> dict[str, int]:
+        return {**turn.usage, "total_tokens": sum(turn.usage.values())}
 
     if not body.stream:
-        content = ""
-        async for event in turn.events():
-            note_usage(event)
-            content += transcript(event)
+        content = "".join([transcript(event) async for event in turn.events()])
         return JSONResponse({
             "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": usage,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": turn.finish_reason or "stop"}],
+            "usage": usage(),
         })
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -197,14 +181,14 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
 
     async def stream() -> AsyncIterator[bytes]:
         yield chunk({"role": "assistant", "content": ""})
-        async for event in turn.events():
-            note_usage(event)
-            if piece := transcript(event):
-                yield chunk({"content": piece})
-        yield chunk({}, "stop")
+        async with aclosing(turn.events()) as events:  # a client that leaves stops the turn
+            async for event in events:
+                if piece := transcript(event):
+                    yield chunk({"content": piece})
+        yield chunk({}, turn.finish_reason or "stop")
         if body.stream_options is not None and body.stream_options.include_usage:
             yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [], "usage": usage})
+                       "choices": [], "usage": usage()})
         yield sse("[DONE]")
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -19,12 +19,12 @@ import argparse
 import asyncio
 import ipaddress
 import logging
-import os
 import signal
 import sys
 from dataclasses import replace
 from urllib.parse import unquote_plus
 
+from interpreter import ModelSettings, get_format
 from sandbox import SandboxSettings
 
 from .services import ServeSettings, Services
@@ -62,11 +62,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
 
 
 def sandbox_overrides(args: argparse.Namespace) -> dict[str, object]:
-    """The sandbox settings serve's flags (and environment) set, for ``SandboxSettings.from_env``."""
-    env = os.environ
-    max_sessions = args.max_sessions or (int(env["JUPYBOX_MAX_SESSIONS"]) if env.get("JUPYBOX_MAX_SESSIONS") else None)
-    idle_ttl = args.idle_ttl or (float(env["JUPYBOX_IDLE_TTL"]) if env.get("JUPYBOX_IDLE_TTL") else None)
-    return {"pool_size": args.pool_size, "max_sessions": max_sessions, "idle_ttl_s": idle_ttl,
+    """The sandbox settings serve's flags set, for ``SandboxSettings.from_env``."""
+    return {"pool_size": args.pool_size, "max_sessions": args.max_sessions, "idle_ttl_s": args.idle_ttl,
             "default_timeout_s": args.exec_timeout, "memory_budget_mb": args.memory_budget_mb}
 
 
@@ -80,9 +77,8 @@ def serve_settings(args: argparse.Namespace, sandbox: SandboxSettings) -> ServeS
     return ServeSettings.from_env(
         host=args.host, port=args.port, api_token=args.api_token, api_token_file=args.api_token_file,
         cors_origins=args.cors_origins, trusted_proxies=args.trusted_proxies, max_connections=args.max_connections,
-        upload_limit_mb=args.upload_limit_mb, model=args.model, openai_base_url=args.openai_base_url,
-        openai_model=args.openai_model, openai_api_key=args.openai_api_key, vision=args.vision or None,
-        format=args.format, sandbox=sandbox, interpreter=interpreter_settings(args),
+        upload_limit_mb=args.upload_limit_mb, model=ModelSettings.from_args(args), sandbox=sandbox,
+        interpreter=interpreter_settings(args),
     )
 
 
@@ -124,6 +120,8 @@ async def serve(args: argparse.Namespace, sandbox: SandboxSettings) -> int:
     from .connections import uvicorn_config
 
     settings = serve_settings(args, sandbox)
+    if settings.model.format:
+        get_format(settings.model.format, settings.model.backend_class())  # FormatError before anything starts
     if not _is_loopback(settings.host) and not settings.api_token:
         log.warning("serving on %s without an API token: anyone who can reach it can run code here. "
                     "Pass --api-token (or set JUPYBOX_API_TOKEN).", settings.host)

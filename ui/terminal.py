@@ -1,8 +1,9 @@
-"""``jupybox ask`` and ``jupybox chat``: the interpreter in a terminal.
+"""``jupybox ask`` and ``jupybox chat``: the interpreter in a terminal, over the same conversation
+service as every other front end.
 
 Both print the model's text, each code cell, its outputs and the answer as they stream (or one JSON
 event per line with ``--json``), and copy the workspace's files (images, generated files) into a
-folder they name at the end.
+folder they name at the end; files the user uploaded come back only if the code changed them.
 """
 
 from __future__ import annotations
@@ -14,44 +15,45 @@ import json
 import shutil
 import sys
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 
-from interpreter import Conversation, Event, Interpreter, InterpreterSettings
-from interpreter.llm import DEFAULT_MODEL, llm_from_options
-from interpreter.llm.base import LLM
-from sandbox import SessionManager
+from interpreter import ConversationService, Event, InterpreterSettings, ModelSettings, get_format
+from interpreter.llm import DEFAULT_MODEL
+from sandbox import SandboxSettings, SessionManager
+from sandbox.workspace import WorkspaceFile
 
+KEY, SOURCE = "terminal", "terminal"
+DEFAULTS = InterpreterSettings()
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The model and the turn's flags, for ask, chat, serve and eval; defaults are the settings' own."""
     p.add_argument("--model", help=f"local checkpoint folder or hub id for the transformers backend (default {DEFAULT_MODEL})")
     p.add_argument("--openai-base-url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (env OPENAI_BASE_URL)")
     p.add_argument("--openai-model", help="model name on that server (env OPENAI_MODEL)")
     p.add_argument("--openai-api-key", help="API key (env OPENAI_API_KEY)")
     p.add_argument("--vision", action="store_true", help="the model accepts images: send plots as image parts")
     p.add_argument("--format", choices=["react", "fenced", "tools"], help="how code is asked for (default: per model)")
-    p.add_argument("--max-executions", type=int, default=6, help="code executions per turn")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per execution")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--seed", type=int)
-
-
-def make_llm(args: argparse.Namespace) -> LLM:
-    return llm_from_options(model=args.model, openai_base_url=args.openai_base_url, openai_model=args.openai_model,
-                            openai_api_key=args.openai_api_key, vision=args.vision)
+    p.add_argument("--max-executions", type=int, default=DEFAULTS.max_executions, help="code executions per turn")
+    p.add_argument("--timeout", type=float, default=DEFAULTS.execution_timeout, help="seconds per execution")
+    p.add_argument("--temperature", type=float, default=DEFAULTS.temperature)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_tokens, help="new tokens per generation")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
 
 
 def interpreter_settings(args: argparse.Namespace) -> InterpreterSettings:
     return InterpreterSettings(max_executions=args.max_executions, execution_timeout=args.timeout,
-                               temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+                               temperature=args.temperature, max_tokens=args.max_new_tokens, seed=args.seed)
 
 
 class Printer:
-    """Readable streaming output; code cells framed so they stand out from the model's text."""
+    """Readable streaming output; code cells framed so they stand out from the model's text. The
+    answer is printed on its own only when the streamed text did not already show it."""
 
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
+        self.step = ""  # the model's text of the step being streamed
 
     def __call__(self, event: Event) -> None:
         if self.as_json:
@@ -59,76 +61,113 @@ class Printer:
             return
         out = sys.stdout
         if event.type == "text_delta":
+            self.step += event.text or ""
             out.write(event.text or "")
         elif event.type == "code":
+            self.step = ""
             out.write(f"\n\n┌── code ──\n{event.code}\n└──────────\n")
         elif event.type == "output" and event.output is not None:
             out.write("[image]\n" if event.output.is_image else event.output.plain_text())
         elif event.type == "execution" and event.execution is not None:
-            ex = event.execution
-            for img in ex.images:
-                out.write(f"[image: {img.path}]\n")
-            if ex.reason:
-                out.write(f"[{ex.status.value}: {ex.reason}]\n")
+            for note in event.execution.notes():
+                out.write(f"[{note}]\n")
         elif event.type == "answer":
-            out.write(f"\n\n{event.text}\n")
-        elif event.type == "error":
-            out.write(f"\n[stopped: {event.text}]\n")
+            answer = (event.text or "").strip()
+            out.write("\n" if answer in self.step else f"\n\n{answer}\n")
+            if (event.data or {}).get("finish_reason") == "length":
+                out.write("[the answer was cut at the model's token limit: raise --max-new-tokens]\n")
+            self.step = ""
+        elif event.type in ("error", "notice"):
+            out.write(f"\n[{'stopped' if event.type == 'error' else 'note'}: {event.text}]\n")
         out.flush()
 
 
-def save_outputs(interp: Interpreter, conv: Conversation, out: Path, notebook: Path | None, quiet: bool) -> None:
-    session = interp.manager.get(conv.session_id) if conv.session_id else None
-    dest = out / conv.id
-    if session is not None:
-        files = session.workspace.list()
-        for f in files:
+async def save_outputs(service: ConversationService, out: Path, notebook: Path | None, quiet: bool,
+                       uploaded: dict[str, WorkspaceFile]) -> None:
+    """Copy the workspace's files under ``out/<conversation id>`` (an upload only if the code changed
+    it) and write the notebook."""
+    chat = service.get(KEY)
+    if chat is None:
+        return
+    ws = await service.workspace(KEY)
+    dest = out / chat.conversation.id
+
+    def copy() -> int:
+        copied = 0
+        for f in ws.list() if ws is not None else []:
+            before = uploaded.get(f.path)
+            if before is not None and (before.size, before.modified) == (f.size, f.modified):
+                continue
             target = dest / f.path
             target.parent.mkdir(parents=True, exist_ok=True)
-            with session.workspace.open(f.path) as src, target.open("wb") as dst:
+            with ws.open(f.path) as src, target.open("wb") as dst:
                 shutil.copyfileobj(src, dst)
-        if files and not quiet:
-            print(f"[files saved in {dest}]", file=sys.stderr)
+            copied += 1
+        return copied
+
+    if await asyncio.to_thread(copy) and not quiet:
+        print(f"[files saved in {dest}]", file=sys.stderr)
     if notebook is not None:
         import nbformat
 
-        nbformat.write(conv.to_notebook(), str(notebook))
+        await asyncio.to_thread(nbformat.write, chat.conversation.to_notebook(), str(notebook))
         if not quiet:
             print(f"[notebook saved: {notebook}]", file=sys.stderr)
 
 
 @contextlib.asynccontextmanager
-async def open_conversation(args: argparse.Namespace, settings) -> AsyncIterator[tuple[Interpreter, Conversation]]:
-    """The model (a local one is loaded first, so a missing checkpoint fails fast before any container
-    starts), a sandbox manager and a fresh conversation; everything is closed on the way out."""
-    llm = make_llm(args)
+async def open_service(args: argparse.Namespace, settings: SandboxSettings) -> AsyncIterator[ConversationService]:
+    """The conversation service of one terminal: the format is checked against the backend first
+    and the model is loaded before any container starts, so either fails fast; everything is
+    closed on the way out."""
+    models = ModelSettings.from_args(args)
+    if models.format:
+        get_format(models.format, models.backend_class())  # FormatError before minutes of loading
+    service = ConversationService(SessionManager(settings), models, interpreter_settings(args))
     try:
-        load = getattr(llm, "load", None)
-        if load is not None:
-            await load()
-        async with SessionManager(settings) as manager:
-            interp = Interpreter(llm, manager, args.format, interpreter_settings(args))
-            yield interp, await interp.new_conversation()
+        await service.load_model()
+        await service.start(load_model=False)
+        yield service
     finally:
-        await llm.close()
+        await service.stop()  # the sessions, and the model it made
 
 
-async def ask(args: argparse.Namespace, settings) -> int:
-    printer = Printer(args.json)
-    async with open_conversation(args, settings) as (interp, conv):
-        last = None
-        async for event in interp.run(conv, args.question, [Path(f) for f in args.file]):
+async def upload(service: ConversationService, files: list[str]) -> dict[str, WorkspaceFile]:
+    stored = {}
+    for name in files:
+        with open(name, "rb") as fh:
+            f, _ = await service.upload(KEY, SOURCE, Path(name).name, fh)
+        stored[f.path] = f
+    return stored
+
+
+async def run_turn(service: ConversationService, question: str, printer: Printer) -> Event | None:
+    turn = await service.turn(KEY, SOURCE, question)
+    last = None
+    async with aclosing(turn.events()) as events:  # Ctrl-C closes it: the turn is stopped
+        async for event in events:
             printer(event)
             last = event
-        save_outputs(interp, conv, args.out, args.notebook, args.json)
+    return last
+
+
+async def ask(args: argparse.Namespace, settings: SandboxSettings) -> int:
+    printer = Printer(args.json)
+    async with open_service(args, settings) as service:
+        service.open(KEY, SOURCE)
+        uploaded = await upload(service, args.file)
+        last = await run_turn(service, args.question, printer)
+        await save_outputs(service, args.out, args.notebook, args.json, uploaded)
         return 0 if last is not None and last.type == "answer" else 1
 
 
-async def chat(args: argparse.Namespace, settings) -> int:
+async def chat(args: argparse.Namespace, settings: SandboxSettings) -> int:
     printer = Printer(args.json)
-    async with open_conversation(args, settings) as (interp, conv):
-        files = [Path(f) for f in args.file]
-        print("jupybox chat: ask questions; /save FILE.json, /notebook FILE.ipynb, /exit", file=sys.stderr)
+    async with open_service(args, settings) as service:
+        service.open(KEY, SOURCE)
+        uploaded = await upload(service, args.file)
+        print("jupybox chat: ask questions; /save FILE.json, /load FILE.json, /notebook FILE.ipynb, /exit",
+              file=sys.stderr)
         while True:
             line = await asyncio.to_thread(_read_line)
             if line is None or line.strip() in ("/exit", "/quit"):
@@ -137,15 +176,18 @@ async def chat(args: argparse.Namespace, settings) -> int:
             if not line:
                 continue
             if line.startswith("/save "):
-                conv.save(Path(line[6:].strip()))
+                data = await service.save(KEY)
+                Path(line[6:].strip()).write_text(json.dumps(data, ensure_ascii=False))
+                continue
+            if line.startswith("/load "):
+                await service.load(KEY, SOURCE, json.loads(Path(line[6:].strip()).read_text()))
+                uploaded = {}
                 continue
             if line.startswith("/notebook "):
-                save_outputs(interp, conv, args.out, Path(line[10:].strip()), False)
+                await save_outputs(service, args.out, Path(line[10:].strip()), False, uploaded)
                 continue
-            async for event in interp.run(conv, line, files):
-                printer(event)
-            files = []
-        save_outputs(interp, conv, args.out, args.notebook, args.json)
+            await run_turn(service, line, printer)
+        await save_outputs(service, args.out, args.notebook, args.json, uploaded)
         return 0
 
 

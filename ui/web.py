@@ -31,13 +31,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import nbformat  # noqa: E402
 
-from interpreter import FORMATS, Conversation, Interpreter, get_format  # noqa: E402
-from interpreter.llm.openai import OpenAILLM  # noqa: E402
-from sandbox import JupyboxError  # noqa: E402
+from interpreter import FORMATS, Chat, Conversation, ConversationService, InterpreterSettings, get_format  # noqa: E402
+from sandbox import JupyboxError, Workspace  # noqa: E402
 
 from .services import Services  # noqa: E402
 from .web_guard import UploadCache  # noqa: E402
-from .web_render import TurnView, text  # noqa: E402
+from .web_render import ICON_CSS, TurnView, file_chip, notice_message, text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": 
 CSS = """
 #jb-chat .message-wrap table { font-size: 0.85em; }
 #jb-chat img { max-width: 100%; }
-"""
+""" + ICON_CSS
 STREAM_INTERVAL_S = 0.05  # the fastest the page is repainted while text streams
 
 
@@ -86,17 +85,18 @@ def mount_ui(app: Any, services: Services, cache: UploadCache) -> Any:
 
 @dataclass
 class Tab:
-    """One browser tab: its conversation (and through it the sandbox session) and the chat."""
+    """One browser tab: what the page shows (the chat, the copies of files it serves). Its
+    conversation lives in the conversation service under ``key``."""
 
     key: str
     folder: Path  # below which the tab's served copies are made
     history: list[dict] = field(default_factory=list)
-    conversation: Conversation | None = None
-    pending: list[str] = field(default_factory=list)  # uploaded, not yet announced to the model
-    cancel: asyncio.Event = field(default_factory=asyncio.Event)
-    running: bool = False
     copies: dict[str, tuple[int, float]] = field(default_factory=dict)
     _served: Path | None = None
+
+    @property
+    def conversation_key(self) -> str:
+        return f"web:{self.key}"
 
     @property
     def served(self) -> Path:
@@ -117,14 +117,19 @@ class Tab:
 
 
 class WebUI:
-    """The handlers behind the page, on one ``Services``."""
+    """The handlers behind the page: translations between Gradio's events and the conversation
+    service's calls and events."""
 
     def __init__(self, services: Services, cache: UploadCache) -> None:
         self.services = services
         self.cache = cache
         self.tabs: dict[str, Tab] = {}  # by Gradio session hash, to close them on unload
 
-    # -- tabs and sessions ------------------------------------------------------------------
+    @property
+    def service(self) -> ConversationService:
+        return self.services.service
+
+    # -- tabs -------------------------------------------------------------------------------
     def tab(self, tab: Tab | None, request: gr.Request | None) -> Tab:
         if tab is None:
             key = getattr(request, "session_hash", None) or uuid.uuid4().hex
@@ -133,62 +138,34 @@ class WebUI:
         return tab
 
     def banner(self) -> str:
-        s = self.services
-        if s.llm is None:
-            return ("### ⚠️ No language model is available\n\n"
-                    f"{s.model_error or 'No model is configured.'}\n\n"
+        if self.service.llm is None:
+            return ("### No language model is available\n\n"
+                    f"{self.service.model_error or 'No model is configured.'}\n\n"
                     "You can still upload files and browse the workspace; questions need a model.")
         return ""
 
     def model_name(self) -> str:
-        llm = self.services.llm
-        return getattr(llm, "model", "") or self.services.settings.model or ""
-
-    async def session(self, tab: Tab, fmt: str) -> tuple[Any, str | None]:
-        """The tab's open sandbox session, started when there is none. The note says when an
-        earlier session had expired (its files and variables are gone)."""
-        manager, note = self.services.manager, None
-        conv = tab.conversation
-        if conv is not None and conv.session_id is not None:
-            try:
-                return manager.get(conv.session_id), None
-            except JupyboxError:
-                note = ("Your previous session was closed after being idle; a fresh one was started "
-                        "(earlier files and variables are gone).")
-        session = await manager.create()
-        tab.conversation = Conversation(format=self.format_name(fmt), session_id=session.id)
-        tab.forget_files()
-        return session, note
-
-    def format_name(self, fmt: str) -> str:
-        if fmt in FORMATS:
-            return fmt
-        llm = self.services.llm
-        return get_format(None, llm).name if llm is not None else "react"
+        return self.service.model_name
 
     async def close_tab(self, tab: Tab) -> None:
-        tab.cancel.set()
-        conv, tab.conversation = tab.conversation, None
-        if conv is not None and conv.session_id is not None:
-            try:
-                await self.services.manager.close(conv.session_id)
-            except JupyboxError:
-                pass
-        tab.pending.clear()
-        tab.forget_files()
+        await self.service.close(tab.conversation_key)
+        await asyncio.to_thread(tab.forget_files)
+
+    def chat_of(self, tab: Tab, fmt: str) -> Chat:
+        return self.service.open(tab.conversation_key, "web", fmt=fmt if fmt in FORMATS else None)
 
     # -- files ------------------------------------------------------------------------------
-    def served_copy(self, tab: Tab, session: Any, name: str) -> str | None:
-        """A copy of a workspace file where Gradio may serve it from (the temporary folder).
-        Read through the workspace, so a symlink planted by the sandboxed code is refused."""
+    def served_copy(self, tab: Tab, ws: Workspace, name: str) -> str | None:
+        """A copy of a workspace file where Gradio may serve it from (the tab's folder). Read
+        through the workspace, so a symlink planted by the sandboxed code is refused. Blocking."""
         dest = tab.served / name
         try:
-            info = next((f for f in session.workspace.list() if f.path == name), None)
+            info = next((f for f in ws.list() if f.path == name), None)
             if info is None:
                 return None
             if tab.copies.get(name) != (info.size, info.modified) or not dest.exists():
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                with session.workspace.open(name) as src, dest.open("wb") as out:
+                with ws.open(name) as src, dest.open("wb") as out:
                     shutil.copyfileobj(src, out)
                 tab.copies[name] = (info.size, info.modified)
             return str(dest)
@@ -196,39 +173,38 @@ class WebUI:
             log.warning("cannot serve %s: %s", name, exc)
             return None
 
-    def file_list(self, tab: Tab) -> list[str]:
-        conv = tab.conversation
-        if conv is None or conv.session_id is None:
+    async def file_list(self, tab: Tab) -> list[str]:
+        ws = await self.service.workspace(tab.conversation_key)
+        if ws is None:
             return []
-        try:
-            session = self.services.manager.get(conv.session_id)
-        except JupyboxError:
-            return []
-        paths = [self.served_copy(tab, session, f.path) for f in session.workspace.list()]
-        return [p for p in paths if p]
 
-    def save_uploads(self, session: Any, tab: Tab, paths: list[str]) -> list[str]:
-        """Copy what the browser uploaded into the workspace; a path that is not one of this
-        page's uploads (a host file a client named) is refused with ``UploadRefused``."""
-        names = []
+        def copies() -> list[str]:
+            paths = [self.served_copy(tab, ws, f.path) for f in ws.list()]
+            return [p for p in paths if p]
+
+        return await asyncio.to_thread(copies)
+
+    async def save_uploads(self, tab: Tab, fmt: str, paths: list[str]) -> tuple[list[str], str | None]:
+        """Copy what the browser uploaded into the workspace (announced with the next question);
+        a path that is not one of this page's uploads (a host file a client named) is refused
+        with ``UploadRefused``. Returns the names and the service's note, if any."""
+        self.chat_of(tab, fmt)
+        names, note = [], None
         for p in paths:
-            name = Path(p).name
-            with self.cache.open(p) as fh:
-                session.workspace.write(name, fh)
-            self._announce(tab, name)
-            names.append(name)
-        return names
-
-    @staticmethod
-    def _announce(tab: Tab, name: str) -> None:
-        if name not in tab.pending:
-            tab.pending.append(name)
+            fh = await asyncio.to_thread(self.cache.open, p)
+            try:
+                stored, said = await self.service.upload(tab.conversation_key, "web", Path(p).name, fh)
+            finally:
+                fh.close()
+            names.append(stored.path)
+            note = note or said
+        return names, note
 
     # -- handlers ---------------------------------------------------------------------------
     async def on_load(self, tab: Tab | None, request: gr.Request) -> tuple:
         tab = self.tab(tab, request)
-        return tab, gr.update(value=self.banner(), visible=self.services.llm is None), self.model_name(), \
-            tab.history, self.file_list(tab)
+        return tab, gr.update(value=self.banner(), visible=self.service.llm is None), self.model_name(), \
+            tab.history, await self.file_list(tab)
 
     async def on_unload(self, request: gr.Request) -> None:
         tab = self.tabs.pop(getattr(request, "session_hash", None) or "", None)
@@ -238,109 +214,96 @@ class WebUI:
     async def upload(self, files: list[str] | None, tab: Tab | None, fmt: str, request: gr.Request) -> tuple:
         tab = self.tab(tab, request)
         try:
-            session, note = await self.session(tab, fmt)
-            names = self.save_uploads(session, tab, list(files or []))
+            names, note = await self.save_uploads(tab, fmt, list(files or []))
             msg = (f"Uploaded {', '.join(names)}; announced to the model with your next question."
                    if names else "No file was uploaded.")
         except JupyboxError as exc:
-            note, msg = None, f"⚠️ {exc}"
-        return self.file_list(tab), tab, " ".join(m for m in (note, msg) if m)
+            note, msg = None, f"Not uploaded: {exc}"
+        return await self.file_list(tab), tab, " ".join(m for m in (note, msg) if m)
 
     async def use_example(self, index: int, tab: Tab | None, fmt: str, request: gr.Request) -> tuple:
         """Put an example prompt in the box and the bundled dataset in the workspace."""
         tab = self.tab(tab, request)
         prompt = EXAMPLE_PROMPTS[(index if isinstance(index, int) else 0) % len(EXAMPLE_PROMPTS)]["text"]
         try:
-            session, note = await self.session(tab, fmt)
-            session.workspace.upload(EXAMPLE_DATA)  # the server's own file, not a client's path
-            self._announce(tab, EXAMPLE_DATA.name)
+            self.chat_of(tab, fmt)
+            with EXAMPLE_DATA.open("rb") as fh:  # the server's own file, not a client's path
+                _, note = await self.service.upload(tab.conversation_key, "web", EXAMPLE_DATA.name, fh)
             notice = " ".join(m for m in (note, f"Loaded the example data {EXAMPLE_DATA.name}.") if m)
         except JupyboxError as exc:
-            notice = f"⚠️ {exc}"
-        return {"text": prompt, "files": []}, self.file_list(tab), tab, notice
+            notice = f"Not loaded: {exc}"
+        return {"text": prompt, "files": []}, await self.file_list(tab), tab, notice
 
     async def example_selected(self, tab: Tab | None, fmt: str, evt: gr.SelectData, request: gr.Request) -> tuple:
         return await self.use_example(evt.index if isinstance(evt.index, int) else 0, tab, fmt, request)
 
-    def interpreter(self, conv: Conversation, model: str, temperature: float, max_executions: float,
-                    timeout: float) -> Interpreter:
-        s = self.services
-        base = s.settings.interpreter
-        settings = dataclasses.replace(base, temperature=float(temperature), max_executions=int(max_executions),
-                                       execution_timeout=float(timeout))
-        llm = s.llm
+    def turn_settings(self, model: str, temperature: float, max_executions: float, timeout: float) -> InterpreterSettings:
+        """This turn's settings: the server's, with what the page's settings panel asks (each
+        bounded here: the page is a client like any other)."""
         model = (model or "").strip()
-        if model and isinstance(llm, OpenAILLM) and model != llm.model:
-            llm = copy.copy(llm)  # shares the connection pool; only the requested model name differs
-            llm.model = model
-            llm.model_family = "qwen" if "qwen" in model.lower() else ""
-        assert llm is not None
-        return Interpreter(llm, s.manager, conv.format, settings)
+        remote = self.service.models.remote
+        return dataclasses.replace(
+            self.service.settings, temperature=min(max(float(temperature or 0), 0.0), 2.0),
+            max_executions=int(min(max(float(max_executions or 1), 1), 20)),
+            execution_timeout=float(min(max(float(timeout or 1), 1), 3600)),
+            model=model if remote and model and model != self.service.model_name else None)
 
     async def ask(self, message: dict | str | None, tab: Tab | None, model: str, fmt: str, temperature: float,
                   max_executions: float, timeout: float, request: gr.Request):
         """One question: streams the chat as the model writes and the code runs."""
         tab = self.tab(tab, request)
         message = {"text": message, "files": []} if isinstance(message, str) else (message or {})
-        question = (message.get("text") or "").strip()
+        question = str(message.get("text") or "").strip()
         files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
         keep_box = gr.update()
-        if tab.running:
+        chat = self.service.get(tab.conversation_key)
+        if chat is not None and chat.busy:
             gr.Warning("Still working on the previous question: wait, or press Stop.")
             yield snapshot(tab.history), keep_box, gr.update(), tab
             return
         if not question and not files:
             yield snapshot(tab.history), keep_box, gr.update(), tab
             return
-        shown = question + "".join(f"\n\n📎 `{Path(f).name}`" for f in files)
-        tab.history.append({"role": "user", "content": [text(shown or "(files)")]})
-        tab.running, tab.cancel = True, asyncio.Event()
+        tab.history.append({"role": "user", "content": [text(question or "(files)")] +
+                            [text(file_chip(Path(f).name)) for f in files]})
+        yield snapshot(tab.history), {"text": "", "files": []}, gr.update(), tab
         try:
-            yield snapshot(tab.history), {"text": "", "files": []}, gr.update(), tab
-            try:
-                session, note = await self.session(tab, fmt)
-                self.save_uploads(session, tab, files)
-            except JupyboxError as exc:
-                tab.history.append({"role": "assistant", "content": [text(f"⚠️ {exc}")]})
-                yield snapshot(tab.history), gr.update(), gr.update(), tab
-                return
+            _, note = await self.save_uploads(tab, fmt, files)
             if note:
-                tab.history.append({"role": "assistant", "content": [text(f"ℹ️ {note}")]})
-            if self.services.llm is None:
-                tab.history.append({"role": "assistant", "content": [text(f"⚠️ {self.banner()}")]})
-                yield snapshot(tab.history), gr.update(), self.file_list(tab), tab
-                return
+                tab.history.append(notice_message("info", note))
             if not question:
-                yield snapshot(tab.history), gr.update(), self.file_list(tab), tab
+                yield snapshot(tab.history), gr.update(), await self.file_list(tab), tab
                 return
-            conv = tab.conversation
-            assert conv is not None
-            if not conv.messages:
-                conv.format = self.format_name(fmt)
-            interp = self.interpreter(conv, model, temperature, max_executions, timeout)
-            uploaded, tab.pending = tab.pending, []
-            view = TurnView(tab.history, lambda p: self.served_copy(tab, session, p))
-            last = 0.0
-            # closed with this handler, so a page that goes away mid-turn stops the model and the kernel
-            async with aclosing(interp.run(conv, question, cancel=tab.cancel, present=uploaded)) as events:
-                async for event in events:
-                    if event.type == "error" and tab.cancel.is_set():
-                        event.text = "Stopped."
-                    view.apply(event)
-                    now = time.monotonic()
-                    if event.type != "text_delta" or now - last >= STREAM_INTERVAL_S:
-                        last = now
-                        yield snapshot(tab.history), gr.update(), gr.update(), tab
-            yield snapshot(tab.history), gr.update(), self.file_list(tab), tab
-        finally:
-            tab.running = False
+            turn = await self.service.turn(tab.conversation_key, "web", question,
+                                           self.turn_settings(model, temperature, max_executions, timeout))
+        except JupyboxError as exc:  # no model, busy, an upload refused, no room for a session
+            tab.history.append(notice_message("warning", str(exc)))
+            yield snapshot(tab.history), gr.update(), await self.file_list(tab), tab
+            return
+        fmt_used = get_format(turn.chat.conversation.format, self.service.require_model())
+        view = TurnView(tab.history, fmt_used)
+        last = 0.0
+        # closed with this handler, so a page that goes away mid-turn stops the model and the kernel
+        async with aclosing(turn.events()) as events:
+            async for event in events:
+                if event.type == "error" and turn.cancel.is_set():
+                    event.text = "Stopped."
+                view.apply(event)
+                if event.type == "execution" and event.execution is not None and event.execution.images:
+                    ws = await self.service.workspace(tab.conversation_key)
+                    if ws is not None:
+                        shown = await asyncio.to_thread(
+                            lambda ex=event.execution: [self.served_copy(tab, ws, i.path) for i in ex.images])
+                        view.show_images([p for p in shown if p])
+                now = time.monotonic()
+                if event.type != "text_delta" or now - last >= STREAM_INTERVAL_S:
+                    last = now
+                    yield snapshot(tab.history), gr.update(), gr.update(), tab
+        yield snapshot(tab.history), gr.update(), await self.file_list(tab), tab
 
     async def stop(self, tab: Tab | None, request: gr.Request) -> str:
         tab = self.tab(tab, request)
-        if tab.running:
-            tab.cancel.set()
-            return "Stopping…"
-        return "Nothing is running."
+        return "Stopping…" if self.service.stop_turn(tab.conversation_key) else "Nothing is running."
 
     async def new_session(self, tab: Tab | None, request: gr.Request) -> tuple:
         tab = self.tab(tab, request)
@@ -350,20 +313,21 @@ class WebUI:
 
     async def files(self, tab: Tab | None, request: gr.Request) -> tuple:
         tab = self.tab(tab, request)
-        return self.file_list(tab), tab
+        return await self.file_list(tab), tab
 
     async def notebook(self, tab: Tab | None, request: gr.Request) -> tuple:
         tab = self.tab(tab, request)
-        conv = tab.conversation or Conversation(format="")
+        chat = self.service.get(tab.conversation_key)
+        conv = chat.conversation if chat is not None else Conversation(format="")
         path = tab.served / f"jupybox-{conv.id}.ipynb"
-        nbformat.write(conv.to_notebook(), str(path))
+        await asyncio.to_thread(nbformat.write, conv.to_notebook(), str(path))
         return str(path), tab
 
 
 def build_ui(services: Services, cache: UploadCache) -> gr.Blocks:
     """The page, on ``services`` (which the server starts before the first request)."""
     ui = WebUI(services, cache)
-    llm_is_remote = services.settings.openai_base_url is not None
+    llm_is_remote = services.settings.model.remote
     with gr.Blocks(title="jupybox", analytics_enabled=False, fill_height=True,
                    delete_cache=(900, 3600)) as demo:
         state = gr.State(None, delete_callback=lambda tab: _close_soon(ui, tab))
@@ -396,7 +360,7 @@ def build_ui(services: Services, cache: UploadCache) -> gr.Blocks:
                 with gr.Accordion("Settings · 设置", open=False):
                     model = gr.Textbox(label="Model", interactive=llm_is_remote,
                                        info="The model name on the OpenAI-compatible server.")
-                    fmt = gr.Dropdown(["auto", *FORMATS], value=services.settings.format or "auto",
+                    fmt = gr.Dropdown(["auto", *FORMATS], value=services.settings.model.format or "auto",
                                       label="Prompt format", info="Applies from the next new session.")
                     temperature = gr.Slider(0.0, 2.0, value=services.settings.interpreter.temperature, step=0.05,
                                             label="Temperature")
@@ -438,10 +402,10 @@ def _close_soon(ui: WebUI, tab: Tab | None) -> None:
     if tab is None:
         return
     ui.tabs.pop(tab.key, None)
-    if tab.conversation is None:
+    if ui.service.get(tab.conversation_key) is None:
         tab.forget_files()
         return
     try:
-        asyncio.get_running_loop().create_task(ui.close_tab(tab))
+        ui.service.spawn(ui.close_tab(tab))
     except RuntimeError:  # called outside the server's loop: the manager's idle TTL closes the session
         tab.forget_files()

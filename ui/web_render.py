@@ -1,29 +1,54 @@
 """How one turn's interpreter events become chat messages for the browser.
 
-A turn shows, in order: the model's prose of each step (its thoughts, without the code it wrote),
-each code cell as a collapsible block titled with its status with the outputs under the code,
-the cell's images as their own message right below (so a chart stays visible when the cell is
-folded), and the answer. The messages are plain dicts in the Chatbot's "messages" shape.
+A turn shows, in order: the model's prose of each step (its format's ``display``: its thoughts,
+without the code it wrote and without labels), each code cell as a collapsible block titled with
+its status with the outputs under the code and its notes, the cell's images as their own message
+right below (so a chart stays visible when the cell is folded), and the answer. The messages are
+plain dicts in the Chatbot's "messages" shape.
+
+Icons are small SVG images inlined as data URLs (the page's policy allows ``data:`` images): emoji
+are empty boxes in a browser without an emoji font.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import re
-from collections.abc import Callable
 
 from interpreter import Event
+from interpreter.formats.base import Format
 from sandbox.models import Execution, ExecutionStatus, Output
 
 TEXT_LIMIT = 20_000  # characters of one cell's text outputs shown in the page
-ACTION_RE = re.compile(r"\n?\s*Action\s*:|\n?\s*Action Input\s*:", re.S)
-FENCE_RE = re.compile(r"```[ \t]*(python|py|python3)?[ \t]*\n", re.I)
-STATUS_TITLES = {
-    ExecutionStatus.OK: "✅ Code",
-    ExecutionStatus.ERROR: "❌ Code (error)",
-    ExecutionStatus.TIMEOUT: "⏱ Code (timed out)",
-    ExecutionStatus.CRASHED: "💥 Code (kernel crashed)",
+_PATHS = {  # 16x16 strokes, drawn in the icon's colour
+    "ok": ("#1a7f37", "M3 8.5l3.2 3.2L13 4.8"),
+    "error": ("#cf222e", "M4 4l8 8M12 4l-8 8"),
+    "timeout": ("#9a6700", "M8 2.5a5.5 5.5 0 1 0 0.01 0M8 5v3.5l2.5 1.5"),
+    "crashed": ("#cf222e", "M9 1.5L4 9h4l-1 5.5L12 7H8z"),
+    "running": ("#57606a", "M8 2.5a5.5 5.5 0 1 0 5.5 5.5"),
+    "file": ("#57606a", "M10.5 4.5l-5 5a1.8 1.8 0 0 0 2.5 2.5l5.5-5.5a3 3 0 0 0-4.3-4.3L3.7 7.7a4.2 4.2 0 0 0 6 6l4-4"),
+    "info": ("#0969da", "M8 2.5a5.5 5.5 0 1 0 0.01 0M8 7.5v4M8 5v0.5"),
+    "warning": ("#9a6700", "M8 2L1.5 13.5h13zM8 6.5v3.5M8 11.8v0.4"),
 }
+
+
+def icon(name: str) -> str:
+    """Markdown for a small inline SVG icon; CSS sizes ``img[alt^="icon-"]`` to the text."""
+    colour, path = _PATHS[name]
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16" width="16" height="16">'
+           f'<path d="{path}" fill="none" stroke="{colour}" stroke-width="1.8" stroke-linecap="round" '
+           f'stroke-linejoin="round"/></svg>')
+    return f"![icon-{name}](data:image/svg+xml;base64,{base64.b64encode(svg.encode()).decode()})"
+
+
+STATUS_TITLES = {
+    ExecutionStatus.OK: f"{icon('ok')} Code",
+    ExecutionStatus.ERROR: f"{icon('error')} Code (error)",
+    ExecutionStatus.TIMEOUT: f"{icon('timeout')} Code (timed out)",
+    ExecutionStatus.CRASHED: f"{icon('crashed')} Code (kernel crashed)",
+}
+ICON_CSS = 'img[alt^="icon-"] { width: 1.05em; height: 1.05em; vertical-align: -0.15em; display: inline; margin: 0; }'
 
 
 def text(value: str) -> dict[str, str]:
@@ -31,13 +56,13 @@ def text(value: str) -> dict[str, str]:
     return {"type": "text", "text": value}
 
 
-def prose(raw: str) -> str:
-    """What the model wrote in a step, less the code it asked to run (that shows as a cell) and
-    the format's labels."""
-    cut = [m.start() for m in (ACTION_RE.search(raw), FENCE_RE.search(raw)) if m]
-    body = raw[: min(cut)] if cut else raw
-    body = re.sub(r"(^|\n)\s*(Thought|Final Answer)\s*:\s*", r"\1", body)
-    return body.strip()
+def file_chip(name: str) -> str:
+    return f"{icon('file')} `{name}`"
+
+
+def notice_message(kind: str, words: str) -> dict:
+    """A line from jupybox, not the model: ``kind`` is info or warning."""
+    return {"role": "assistant", "content": [text(f"{icon(kind)} {words}")]}
 
 
 def fence(code: str, lang: str = "python") -> str:
@@ -86,23 +111,17 @@ def cell_markdown(code: str, outputs: list[Output], execution: Execution | None)
     if body:
         parts.append(body)
     if execution is not None:
-        if execution.reason and execution.status is not ExecutionStatus.OK:
-            parts.append(f"*{html.escape(execution.reason)}*")
-        if execution.truncated:
-            parts.append(f"*{execution.truncated:,} bytes of output were dropped.*")
+        parts += [f"*{html.escape(note)}*" for note in execution.notes(images=False)]
     return "\n\n".join(parts)
 
 
 class TurnView:
-    """Applies one turn's events to ``history`` (a list of Chatbot message dicts) in place.
+    """Applies one turn's events to ``history`` (a list of Chatbot message dicts) in place. The
+    page's handler adds a cell's images (``show_images``) once it has made them servable."""
 
-    ``image_file`` maps an image's workspace path to a file path the browser may fetch, or None
-    when the image cannot be shown.
-    """
-
-    def __init__(self, history: list[dict], image_file: Callable[[str], str | None]) -> None:
+    def __init__(self, history: list[dict], fmt: Format) -> None:
         self.history = history
-        self.image_file = image_file
+        self.fmt = fmt
         self._step_raw = ""
         self._step_at: int | None = None  # index of the message showing the current step's prose
         self._cell_at: int | None = None
@@ -112,13 +131,13 @@ class TurnView:
     def apply(self, event: Event) -> None:
         if event.type == "text_delta":
             self._step_raw += event.text or ""
-            self._show_prose()
+            self._show_prose(final=False)
         elif event.type == "code":
-            self._show_prose()
+            self._show_prose(final=True)
             self._step_raw, self._step_at = "", None
             self._code, self._outputs = event.code or "", []
             self.history.append({"role": "assistant", "content": [text(cell_markdown(self._code, [], None))],
-                                 "metadata": {"title": "⏳ Running code…", "status": "pending"}})
+                                 "metadata": {"title": f"{icon('running')} Running code…", "status": "pending"}})
             self._cell_at = len(self.history) - 1
         elif event.type == "output" and event.output is not None and self._cell_at is not None:
             self._outputs.append(event.output)
@@ -130,22 +149,27 @@ class TurnView:
                 # no "status": the cell stays open (the reader can fold it) and loses its spinner
                 "metadata": {"title": STATUS_TITLES[ex.status], "duration": round(ex.duration_s, 2)},
             }
-            images = [p for p in (self.image_file(i.path) for i in ex.images) if p]
-            if images:
-                self.history.append({"role": "assistant", "content": [{"path": p} for p in images]})
             self._cell_at = None
         elif event.type == "answer":
             self._step_raw = ""
             answer = (event.text or "").strip() or "(no answer)"
+            if (event.data or {}).get("finish_reason") == "length":
+                answer += "\n\n*The answer was cut at the model's token limit.*"
             if self._step_at is not None:
                 self.history[self._step_at]["content"] = [text(answer)]
             else:
                 self.history.append({"role": "assistant", "content": [text(answer)]})
         elif event.type == "error":
-            self.history.append({"role": "assistant", "content": [text(f"⚠️ {event.text}")]})
+            self.history.append(notice_message("warning", event.text or ""))
+        elif event.type == "notice":
+            self.history.append(notice_message("info", event.text or ""))
 
-    def _show_prose(self) -> None:
-        shown = prose(self._step_raw)
+    def show_images(self, paths: list[str]) -> None:
+        if paths:
+            self.history.append({"role": "assistant", "content": [{"path": p} for p in paths]})
+
+    def _show_prose(self, final: bool) -> None:
+        shown = self.fmt.display(self._step_raw, final)
         if not shown:
             return
         if self._step_at is None:

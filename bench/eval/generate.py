@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from interpreter.formats.base import GenerationOptions, announce_files
+from interpreter.formats.base import announce_files
 from interpreter.formats.react import IM_START, STOP, ReactFormat
-from interpreter.llm.base import LLM, Completion, GenerationRequest, Message
+from interpreter.llm.base import LLM, Completion, GenerationOptions, GenerationRequest, Message
 from interpreter.loop import clip_tokens
 from sandbox import JupyboxError, Session, SessionManager, Workspace
 from sandbox.models import Execution, ExecutionStatus
@@ -112,9 +112,7 @@ async def generate(llm: LLM, manager: SessionManager, rec: Record, files: list[P
                 result.first_step = {"code": code, "status": ex.status.value}
         pad = [Message("assistant", "")]  # the scratchpad: ``gen``
         while len(result.steps) < exec_limit(rec):
-            request = GenerationRequest(prompt=prompt + pad[0].text(), stop=list(STOP),
-                                        temperature=settings.temperature, top_p=settings.top_p,
-                                        max_tokens=settings.max_tokens, seed=settings.seed)
+            request = GenerationRequest.of(settings, prompt=prompt + pad[0].text(), stop=list(STOP))
             step = FORMAT.parse(await llm.complete(request))
             code = next((a.code for a in step.actions if a.code), None)
             if code is None:  # an answer, or an action without runnable code: the turn ends

@@ -176,8 +176,8 @@ def _previous_model(out: Path) -> str:
 
 async def run_eval_command(args: argparse.Namespace, sandbox: SandboxSettings) -> int:
     """``jupybox eval``: the settings from the flags, the models, the run, a summary on stdout."""
+    from interpreter.llm import ModelSettings
     from interpreter.llm.openai import OpenAILLM
-    from interpreter.llm import llm_from_options
 
     if args.format not in (None, "react"):
         raise EvalError("the benchmark's protocol is the Qwen ReAct format: leave --format out or pass --format react")
@@ -187,9 +187,7 @@ async def run_eval_command(args: argparse.Namespace, sandbox: SandboxSettings) -
         raise EvalError("a judge needs both --judge-base-url and --judge-model")
     gen = GenerationSettings(temperature=args.temperature, max_tokens=args.max_new_tokens, seed=args.seed,
                              execution_timeout=args.timeout)
-    llm = None if args.eval_only else llm_from_options(
-        model=args.model, openai_base_url=args.openai_base_url, openai_model=args.openai_model,
-        openai_api_key=args.openai_api_key, vision=args.vision)
+    llm = None if args.eval_only else ModelSettings.from_args(args).create()
     name = args.openai_model or args.model or getattr(llm, "model", "") or _previous_model(args.out) or "model"
     s = EvalSettings(out=args.out, data=args.data, input_dir=args.input_dir, gsm8k=args.gsm8k, task=args.task,
                      workers=args.workers, limit=args.limit, resume=args.resume, eval_only=args.eval_only,

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from sandbox.models import Execution
 
-from ..llm.base import LLM, Completion, GenerationRequest, Message
+from ..llm.base import LLM, Completion, GenerationOptions, GenerationRequest, Message
 
 
 @dataclass
@@ -32,18 +32,10 @@ class Step:
     tool_calls: list = field(default_factory=list)
 
 
-@dataclass
-class GenerationOptions:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 1024
-    seed: int | None = None
-
-
 class Format(abc.ABC):
     name: ClassVar[str]
 
-    def check(self, llm: LLM) -> None:
+    def check(self, llm: LLM | type[LLM]) -> None:
         """Raise ``FormatError`` when ``llm`` cannot serve this format."""
 
     @abc.abstractmethod
@@ -70,11 +62,82 @@ class Format(abc.ABC):
         """Show the step's images to a model that accepts them (``image_url`` parts in a user
         message). Formats that continue a raw prompt cannot, and keep only the paths."""
 
+    def display(self, text: str, final: bool = True) -> str:
+        """What a person is shown of a step's text: the model's prose, without the code it asked to
+        run (that is shown as a cell) and without the format's labels. With ``final`` False the
+        text may still grow, and the result must be a prefix of what the longer text gives (a
+        label or fence being written is held back). Default: the text as it is."""
+        return text.strip()
+
     def observation(self, execution: Execution, text: str) -> str:
         """What the model is told about an execution (``text`` is its budgeted rendering)."""
         if execution.status.value == "ok":
             return text or "(the code ran and printed nothing)"
         return text
+
+
+def partial_marker(text: str, markers: tuple[str, ...]) -> bool:
+    """Whether the last line of ``text`` could still become one of ``markers`` (it is a prefix)."""
+    last = text[text.rfind("\n") + 1:].lstrip(" \t")
+    return bool(last) and any(m.startswith(last) for m in markers)
+
+
+FENCE_LINE_RE = re.compile(r"^[ \t]*```[ \t]*([\w+#.-]*)", re.M)
+
+
+def hide_code(text: str, final: bool = True) -> str:
+    """``text`` without its fenced blocks of Python (those run, and show as cells); blocks in other
+    languages stay. With ``final`` False, a block whose opening line is not complete yet is hidden
+    too, and so are backticks that may become a fence."""
+    parts, pos, start, inside, keep = [], 0, 0, False, True
+    for m in FENCE_LINE_RE.finditer(text):
+        if not inside:
+            line_done = final or "\n" in text[m.end():]
+            parts.append(text[pos:m.start()])
+            start, inside, keep = m.start(), True, line_done and m.group(1).lower() not in PYTHON_LANGS
+        else:
+            end = text.find("\n", m.end())
+            end = len(text) if end < 0 else end + 1
+            if keep:
+                parts.append(text[start:end])
+            pos, inside = end, False
+    if inside:
+        if keep:
+            parts.append(text[start:])
+    else:
+        tail = text[pos:]
+        if not final and partial_marker(tail, ("```",)):
+            tail = tail[:tail.rfind("\n") + 1]
+        parts.append(tail)
+    return "".join(parts)
+
+
+class ProseStream:
+    """A turn's prose for display as the model writes it: each step's text through its format's
+    ``display``, released only where it will not change. ``feed`` each text delta; ``end_step``
+    when a code cell or the answer follows (it releases the rest of the step)."""
+
+    def __init__(self, fmt: Format) -> None:
+        self.fmt = fmt
+        self.raw = ""
+        self.shown = ""
+        self.last_step = ""  # what the step that ended last showed in all
+
+    def feed(self, delta: str) -> str:
+        self.raw += delta
+        return self._advance(final=False)
+
+    def end_step(self) -> str:
+        piece = self._advance(final=True)
+        self.last_step, self.raw, self.shown = self.shown, "", ""
+        return piece
+
+    def _advance(self, final: bool) -> str:
+        text = self.fmt.display(self.raw, final)
+        if not text.startswith(self.shown):  # a format whose display is not prefix-stable: wait for the end
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
 
 
 FENCE_RE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)

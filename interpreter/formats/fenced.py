@@ -5,7 +5,8 @@ the answer."""
 from __future__ import annotations
 
 from ..llm.base import Completion, GenerationRequest, Message
-from .base import OTHER_CODE_LANGS, PYTHON_LANGS, Action, Format, GenerationOptions, Step, code_blocks, image_parts
+from .base import (OTHER_CODE_LANGS, PYTHON_LANGS, Action, Format, GenerationOptions, Step, code_blocks, hide_code,
+                   image_parts)
 
 SYSTEM = """You are a data analyst with a Python code interpreter (a Jupyter kernel; state persists between \
 executions). Every ```python fenced block you write is executed, in order, and its output is sent back to you \
@@ -25,8 +26,10 @@ class FencedFormat(Format):
         messages.append(Message("user", note + question))
 
     def request(self, messages: list[Message], options: GenerationOptions) -> GenerationRequest:
-        return GenerationRequest(messages=list(messages), temperature=options.temperature, top_p=options.top_p,
-                                 max_tokens=options.max_tokens, seed=options.seed)
+        return GenerationRequest.of(options, messages=list(messages))
+
+    def display(self, text: str, final: bool = True) -> str:
+        return hide_code(text, final).strip()
 
     def parse(self, completion: Completion) -> Step:
         blocks = code_blocks(completion.text)

@@ -14,7 +14,8 @@ import re
 
 from ..errors import FormatError
 from ..llm.base import LLM, Completion, GenerationRequest, Message
-from .base import Action, Format, GenerationOptions, Step, announce_files, code_blocks
+from .base import (PYTHON_LANGS, Action, Format, GenerationOptions, Step, announce_files, code_blocks, hide_code,
+                   partial_marker)
 
 TOOL_NAME = "code_interpreter"
 TOOL_PARAMETERS = [{"name": "code", "type": "string", "description": "待执行的代码"}]
@@ -46,6 +47,9 @@ STOP = ["Observation:", "Observation:\n"]
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 ACTION_RE = re.compile(r"Action:\s*(.*?)\s*\n?\s*Action Input:\s*(.*)", re.S)
+ACTION_START_RE = re.compile(r"(^|\n)[ \t]*Action[ \t]*:")
+LABEL_RE = re.compile(r"(^|\n)[ \t]*(Thought|Final Answer)[ \t]*:[ \t]*")
+MARKERS = ("Thought:", "Final Answer:", "Action:", "Action Input:", "Observation:")
 CJK_RE = re.compile(r"[\u4e00-\u9fff]")
 
 
@@ -56,7 +60,7 @@ def react_prompt(question: str) -> str:
 class ReactFormat(Format):
     name = "react"
 
-    def check(self, llm: LLM) -> None:
+    def check(self, llm: LLM | type[LLM]) -> None:
         if not llm.supports_prompt:
             raise FormatError(f"the ReAct format continues a raw prompt, which the {llm.name} backend cannot; "
                               "use --format fenced or --format tools")
@@ -66,8 +70,7 @@ class ReactFormat(Format):
         messages.append(Message("user", prefix + question))
 
     def request(self, messages: list[Message], options: GenerationOptions) -> GenerationRequest:
-        return GenerationRequest(prompt=self.render(messages), stop=list(STOP), temperature=options.temperature,
-                                 top_p=options.top_p, max_tokens=options.max_tokens, seed=options.seed)
+        return GenerationRequest.of(options, prompt=self.render(messages), stop=list(STOP))
 
     def render(self, messages: list[Message]) -> str:
         """ChatML text; the last user question carries the ReAct instruction, and an open assistant
@@ -104,8 +107,23 @@ class ReactFormat(Format):
             if not code.strip():
                 return Step(text, [Action(problem="The Action Input held no code: enclose Python code in triple backticks.")])
             return Step(text, [Action(code=code)])
+        if final < 0:
+            # A model not trained on ReAct often writes a ```python block without the Action lines:
+            # that is a request to run it all the same.
+            python = [code for lang, code in code_blocks(text) if lang in PYTHON_LANGS]
+            if python:
+                return Step(text, [Action(code=python[0])])
         answer = text[final + len("Final Answer:"):] if final >= 0 else text
         return Step(text, answer=answer.strip())
+
+    def display(self, text: str, final: bool = True) -> str:
+        """The thoughts and the answer, without the labels and without the action."""
+        start = ACTION_START_RE.search(text)
+        body = text[:start.start()] if start else text
+        final = final or start is not None  # nothing after the action is shown
+        if not final and partial_marker(body, MARKERS):
+            body = body[:body.rfind("\n") + 1]
+        return LABEL_RE.sub(r"\1", hide_code(body, final)).strip()
 
     def _scratchpad(self, messages: list[Message]) -> Message:
         if messages[-1].role != "assistant":
@@ -119,3 +137,4 @@ class ReactFormat(Format):
     def add_answer(self, messages: list[Message], step: Step) -> None:
         pad = self._scratchpad(messages)
         pad.content = pad.text() + step.text
+

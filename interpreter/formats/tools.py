@@ -34,13 +34,12 @@ class ToolsFormat(FencedFormat):
     name = "tools"
     system = SYSTEM
 
-    def check(self, llm: LLM) -> None:
+    def check(self, llm: LLM | type[LLM]) -> None:
         if not llm.supports_tools:
             raise FormatError(f"the {llm.name} backend has no tool calling; use --format react or --format fenced")
 
     def request(self, messages: list[Message], options: GenerationOptions) -> GenerationRequest:
-        return GenerationRequest(messages=list(messages), tools=[PYTHON_TOOL], temperature=options.temperature,
-                                 top_p=options.top_p, max_tokens=options.max_tokens, seed=options.seed)
+        return GenerationRequest.of(options, messages=list(messages), tools=[PYTHON_TOOL])
 
     def parse(self, completion: Completion) -> Step:
         if not completion.tool_calls:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import ModelUnavailable
-from .base import LLM, Chunk, Completion, GenerationRequest, Message, ToolCall, Usage
+from .base import LLM, Chunk, Completion, GenerationOptions, GenerationRequest, Message, ToolCall, Usage, model_family
 
 BACKENDS = {
     "openai": "interpreter.llm.openai:OpenAILLM",
@@ -18,31 +19,76 @@ BACKENDS = {
 DEFAULT_MODEL = "Qwen/Qwen-7B-Chat-Int4"
 
 
-def llm_from_options(*, model: str | None = None, openai_base_url: str | None = None, openai_model: str | None = None,
-                     openai_api_key: str | None = None, vision: bool = False) -> LLM:
-    """The model every front end (CLI, server, benchmark) picks the same way: an OpenAI-compatible
-    base URL given explicitly wins, then an explicit local ``model``, then ``OPENAI_BASE_URL`` from
-    the environment, then the default local model through transformers."""
-    base_url = openai_base_url or (None if model else os.environ.get("OPENAI_BASE_URL"))
-    if base_url:
-        return create_llm("openai", base_url=base_url, model=openai_model, api_key=openai_api_key,
-                          supports_images=vision)
-    return create_llm("transformers", model=model or DEFAULT_MODEL)
+@dataclass
+class ModelSettings:
+    """Which model, for every front end (terminal, server, benchmark): read from flags and the
+    environment here and nowhere else (``JUPYBOX_MODEL``, ``OPENAI_BASE_URL``, ``OPENAI_MODEL``,
+    ``OPENAI_API_KEY``)."""
+
+    model: str | None = None  # a transformers checkpoint folder or hub id
+    openai_base_url: str | None = None
+    openai_model: str | None = None
+    openai_api_key: str | None = None
+    vision: bool = False  # the model accepts images: plots go to it as image parts
+    format: str | None = None  # react | fenced | tools; None: the backend's and model's default
+
+    @classmethod
+    def from_env(cls, **flags: Any) -> ModelSettings:
+        """Flags win over the environment; an explicit local ``model`` beats ``OPENAI_BASE_URL``."""
+        env = os.environ
+        values: dict[str, Any] = {"model": env.get("JUPYBOX_MODEL") or None,
+                                  "openai_base_url": env.get("OPENAI_BASE_URL") or None,
+                                  "openai_model": env.get("OPENAI_MODEL") or None,
+                                  "openai_api_key": env.get("OPENAI_API_KEY") or None}
+        values.update({k: v for k, v in flags.items() if v is not None})
+        if flags.get("model") and not flags.get("openai_base_url"):
+            values["openai_base_url"] = None
+        return cls(**values)
+
+    @classmethod
+    def from_args(cls, args: Any) -> ModelSettings:
+        """From the command line's model flags (any object with those attributes), then the environment."""
+        flags = {f.name: getattr(args, f.name, None) for f in fields(cls)}
+        flags["vision"] = flags["vision"] or None  # a flag left off leaves the environment's say
+        return cls.from_env(**flags)
+
+    @property
+    def remote(self) -> bool:
+        return self.openai_base_url is not None
+
+    @property
+    def name(self) -> str:
+        """The model as a person would name it."""
+        return (self.openai_model or "") if self.remote else (self.model or DEFAULT_MODEL)
+
+    def backend_class(self) -> type[LLM]:
+        return backend_class("openai" if self.remote else "transformers")
+
+    def create(self) -> LLM:
+        """The backend instance (a local model is loaded by its ``load()``, not here)."""
+        if self.remote:
+            return create_llm("openai", base_url=self.openai_base_url, model=self.openai_model,
+                              api_key=self.openai_api_key, supports_images=self.vision)
+        return create_llm("transformers", model=self.model or DEFAULT_MODEL)
 
 
-def create_llm(backend: str, **options: Any) -> LLM:
+def backend_class(backend: str) -> type[LLM]:
     try:
         module, cls = BACKENDS[backend].split(":")
     except KeyError:
         raise ModelUnavailable(f"unknown model backend {backend!r}: choose one of {', '.join(BACKENDS)}") from None
     try:
-        impl = getattr(importlib.import_module(module), cls)
+        return getattr(importlib.import_module(module), cls)
     except ImportError as exc:
         raise ModelUnavailable(
             f"the {backend} backend cannot be imported ({exc}): install its extra, e.g. "
             f"`pip install 'jupybox[local]'` for transformers"
         ) from None
-    return impl(**options)
 
 
-__all__ = ["BACKENDS", "DEFAULT_MODEL", "llm_from_options", "LLM", "Chunk", "Completion", "GenerationRequest", "Message", "ToolCall", "Usage", "create_llm"]
+def create_llm(backend: str, **options: Any) -> LLM:
+    return backend_class(backend)(**options)
+
+
+__all__ = ["BACKENDS", "DEFAULT_MODEL", "LLM", "Chunk", "Completion", "GenerationOptions", "GenerationRequest", "Message",
+           "ModelSettings", "ToolCall", "Usage", "backend_class", "create_llm", "model_family"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 
@@ -37,17 +37,34 @@ class Message:
 
 
 @dataclass
-class GenerationRequest:
-    """Either ``prompt`` (raw text, continued as is) or ``messages`` (chat)."""
+class GenerationOptions:
+    """How to sample: the one definition, which the interpreter's settings, the benchmark's and the
+    command line's defaults extend. ``model`` names another model on a server that serves several
+    (an OpenAI-compatible one); None is the backend's own."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 1024  # new tokens per generation
+    seed: int | None = None
+    model: str | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        """These options alone, from an instance of a subclass too."""
+        return {f.name: getattr(self, f.name) for f in fields(GenerationOptions)}
+
+
+@dataclass
+class GenerationRequest(GenerationOptions):
+    """Either ``prompt`` (raw text, continued as is) or ``messages`` (chat), with the options."""
 
     prompt: str | None = None
     messages: list[Message] | None = None
     stop: list[str] = field(default_factory=list)
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 1024
-    seed: int | None = None
     tools: list[dict[str, Any]] | None = None  # OpenAI function-tool schemas
+
+    @classmethod
+    def of(cls, options: GenerationOptions, **what: Any) -> GenerationRequest:
+        return cls(**options.sampling(), **what)
 
 
 @dataclass
@@ -106,6 +123,12 @@ class LLM(abc.ABC):
 
     async def close(self) -> None:
         """Release connections or GPU memory."""
+
+
+def model_family(name: str | None) -> str:
+    """The family a model name or ``model_type`` says, for the formats' defaults: ``qwen`` (trained
+    on ReAct) or ``""``."""
+    return "qwen" if "qwen" in (name or "").lower() else ""
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
 from ..errors import ModelCancelled, ModelError, ModelUnavailable
-from .base import LLM, Chunk, GenerationRequest, Message, ToolCall, Usage, cut_at_stop, held_back
+from .base import LLM, Chunk, GenerationRequest, Message, ToolCall, Usage, cut_at_stop, held_back, model_family
 from .tokens import token_counter
 
 log = logging.getLogger(__name__)
@@ -44,13 +43,13 @@ class OpenAILLM(LLM):
 
     def __init__(self, model: str | None = None, base_url: str | None = None, api_key: str | None = None, *,
                  timeout: float = 120.0, retries: int = 4, backoff: float = 0.5, supports_images: bool = False) -> None:
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8000/v1").rstrip("/")
-        self.model = model or os.environ.get("OPENAI_MODEL") or ""
-        self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self.base_url = (base_url or "http://127.0.0.1:8000/v1").rstrip("/")
+        self.model = model or ""
+        self.api_key = api_key or "EMPTY"
         self.retries = retries
         self.backoff = backoff
         self.supports_images = supports_images
-        self.model_family = "qwen" if "qwen" in self.model.lower() else ""
+        self.model_family = model_family(self.model)
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0),
                                        headers={"Authorization": f"Bearer {self.api_key}"})
         self._count = token_counter(self.model)
@@ -62,7 +61,7 @@ class OpenAILLM(LLM):
         await self._http.aclose()
 
     def _body(self, req: GenerationRequest) -> tuple[str, dict[str, Any]]:
-        body: dict[str, Any] = {"model": self.model, "stream": True, "temperature": req.temperature,
+        body: dict[str, Any] = {"model": req.model or self.model, "stream": True, "temperature": req.temperature,
                                 "top_p": req.top_p, "max_tokens": req.max_tokens,
                                 "stream_options": {"include_usage": True}}
         if req.stop:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from interpreter.errors import ModelCancelled, ModelError, ModelUnavailable
-from interpreter.llm.base import LLM, Chunk, GenerationRequest, Usage, cut_at_stop, held_back
+from interpreter.llm.base import LLM, Chunk, GenerationRequest, Usage, cut_at_stop, held_back, model_family
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class TransformersLLM(LLM):
         self.trust_remote_code = trust_remote_code
         self.max_context = max_context
         kind = _local_model_type(model) or model.rsplit("/", 1)[-1]
-        self.model_family = "qwen" if kind.lower().startswith("qwen") else ""
+        self.model_family = model_family(kind)
         self._tokenizer: Any = None
         self._model: Any = None
         self._fast: Any = None  # a fastpath.FastDecoder when the fast path serves this model
@@ -151,8 +151,7 @@ class TransformersLLM(LLM):
             raise ModelUnavailable(f"Could not load the weights of {self.model_id}: {_first_line(exc)}") from exc
         model.eval()
         self.max_context = self.max_context or _context_length(cfg)
-        if str(getattr(cfg, "model_type", "")).startswith("qwen"):
-            self.model_family = "qwen"
+        self.model_family = model_family(str(getattr(cfg, "model_type", ""))) or self.model_family
         eos: list[int] = []
         for ids in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id,
                     *(_single_token(tokenizer, t) for t in CHAT_END_TOKENS)):
@@ -192,7 +191,7 @@ class TransformersLLM(LLM):
             return False
         tokenizer = self._load_tokenizer()
         self.max_context = fast.max_seq
-        self.model_family = "qwen" if fast.shape.naming.startswith("qwen") else self.model_family
+        self.model_family = model_family(fast.shape.naming) or self.model_family
         eos: list[int] = []
         for ids in (getattr(cfg, "eos_token_id", None), tokenizer.eos_token_id,
                     *(_single_token(tokenizer, t) for t in CHAT_END_TOKENS)):

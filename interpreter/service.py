@@ -1,0 +1,370 @@
+"""The conversation service: every front end (browser UI, JSON API chat, OpenAI-compatible
+endpoint, terminal, MCP) runs its turns through one of these, and keeps no map of its own.
+
+It owns the model (loaded in the background; ``model_error`` says why there is none), the
+conversations, keyed by a name the front end chooses (``web:<tab>``, ``openai:<user>``, a session
+id...), and their sandbox sessions: ``session`` is the one place a conversation's session is found,
+started, or replaced after the sandbox reaped it. A conversation runs one turn at a time (a second
+one is ``TurnBusy``, worded the same for everyone); ``stop_turn`` stops the model and interrupts the
+kernel; uploads go through the workspace's API off the event loop and are announced to the model
+with the next question; ``save``/``load`` move a conversation as JSON, its files included;
+conversations idle past the TTL with no session left are forgotten. Observers (``/metrics``) see
+every event and every turn of every front end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol
+
+from sandbox import JupyboxError, Session, SessionClosed, SessionManager
+from sandbox.workspace import Workspace, WorkspaceFile
+
+from .conversation import Conversation
+from .errors import ModelUnavailable, TurnBusy
+from .events import Event
+from .formats import get_format
+from .llm import LLM, ModelSettings
+from .loop import Interpreter, InterpreterSettings
+
+log = logging.getLogger(__name__)
+
+
+class Observer(Protocol):
+    """Told of every event of every turn, and of each turn's end (``ui.metrics.Metrics`` is one)."""
+
+    def observe_event(self, event: Event, source: str) -> None: ...
+
+    def observe_turn(self, outcome: str, seconds: float, source: str) -> None: ...
+
+
+@dataclass
+class Chat:
+    """A live conversation: its data, the front end it belongs to, and its turn."""
+
+    key: str
+    source: str  # web | api | openai | terminal | mcp: the label observers count by
+    conversation: Conversation
+    pending: list[str] = field(default_factory=list)  # uploaded, to be announced with the next question
+    turn: Turn | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    bound: bool = False  # its session was handed in (an API session): when that goes, so does the chat
+    format_asked: str | None = None  # fixed, with the model's default, at the first question
+
+    @property
+    def busy(self) -> bool:
+        return self.turn is not None and not self.turn.done
+
+
+class Turn:
+    """One question in a task of its own, its events queued for whoever reads them. The task
+    outlives a reader that leaves: closing ``events()`` early stops the turn (model and kernel)."""
+
+    def __init__(self, chat: Chat) -> None:
+        self.chat = chat
+        self.cancel = asyncio.Event()
+        self.done = False
+        self.finish_reason: str | None = None
+        self.usage: dict[str, int] = {"prompt_tokens": 0, "completion_tokens": 0}
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+
+    async def events(self) -> AsyncIterator[Event]:
+        try:
+            while (event := await self._queue.get()) is not None:
+                yield event
+        finally:
+            if not self.done:
+                self.cancel.set()
+
+    def stop(self) -> None:
+        self.cancel.set()
+
+
+class ConversationService:
+    def __init__(self, manager: SessionManager, model: ModelSettings | LLM | None = None,
+                 settings: InterpreterSettings | None = None, *, idle_ttl_s: float | None = None) -> None:
+        self.manager = manager
+        self.models = model if isinstance(model, ModelSettings) else ModelSettings()
+        self.settings = settings or InterpreterSettings()
+        self.llm: LLM | None = model if isinstance(model, LLM) else None
+        self.model_error: str | None = None if self.llm is not None else "No model is configured."
+        self.model_loading = False
+        self.observers: list[Observer] = []
+        self.idle_ttl_s = idle_ttl_s if idle_ttl_s is not None else manager.settings.idle_ttl_s
+        self._chats: dict[str, Chat] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._given_model = isinstance(model, LLM)
+        manager.on_reap = self._session_reaped
+
+    # -- life cycle -------------------------------------------------------------------------
+    async def start(self, load_model: bool = True) -> None:
+        """Start the sandbox, then the model: a local one loads in the background (minutes), and
+        until then (for good, when it cannot load) ``llm`` is None and ``model_error`` says why."""
+        await self.manager.start()
+        self.spawn(self._sweep())
+        if self.llm is not None or not load_model:
+            return
+        try:
+            llm = await asyncio.to_thread(self.models.create)
+        except Exception as exc:  # noqa: BLE001 - a model that cannot be made must not stop the service
+            self._model_failed(exc)
+            return
+        if getattr(llm, "load", None) is None:
+            self.llm, self.model_error = llm, None
+            return
+        self.model_loading = True
+        self.model_error = f"The model {self.model_name} is still loading; ask again in a minute."
+        self.spawn(self._load(llm))
+
+    async def load_model(self) -> None:
+        """Make and load the model now (the terminal waits for it; the server does not)."""
+        if self.llm is None:
+            llm = await asyncio.to_thread(self.models.create)
+            load = getattr(llm, "load", None)
+            if load is not None:
+                await load()
+            self.llm, self.model_error = llm, None
+
+    async def _load(self, llm: LLM) -> None:
+        try:
+            await llm.load()  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001
+            self._model_failed(exc)
+            await llm.close()
+        else:
+            self.llm, self.model_error = llm, None
+            log.info("model %s is ready", self.model_name)
+        finally:
+            self.model_loading = False
+
+    def _model_failed(self, exc: Exception) -> None:
+        detail = str(exc) if isinstance(exc, JupyboxError) else f"{type(exc).__name__}: {exc}"
+        log.debug("the model could not be loaded", exc_info=exc)
+        self.model_error = (
+            f"The model is not available ({detail}). Configure one: pass --openai-base-url URL "
+            "--openai-model NAME (or set OPENAI_BASE_URL / OPENAI_MODEL) for an OpenAI-compatible server "
+            "such as vLLM, or --model PATH (JUPYBOX_MODEL) for a local checkpoint on a GPU. "
+            "Code execution and files work without a model.")
+        log.warning("%s", self.model_error)
+
+    @property
+    def model_name(self) -> str:
+        return getattr(self.llm, "model", None) or self.models.name
+
+    def require_model(self) -> LLM:
+        if self.llm is None:
+            raise ModelUnavailable(self.model_error or "no model is configured")
+        return self.llm
+
+    def spawn(self, coro: Any) -> asyncio.Task:
+        """A task the service owns: kept referenced, cancelled by ``stop``."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.manager.shutdown()
+        self._chats.clear()
+        if self.llm is not None and not self._given_model:
+            await self.llm.close()
+
+    # -- conversations and their sessions ---------------------------------------------------
+    def get(self, key: str) -> Chat | None:
+        return self._chats.get(key)
+
+    def chats(self) -> list[Chat]:
+        return list(self._chats.values())
+
+    def by_session(self, session_id: str) -> Chat | None:
+        return next((c for c in self._chats.values() if c.conversation.session_id == session_id), None)
+
+    def open(self, key: str, source: str, *, session_id: str | None = None, fmt: str | None = None) -> Chat:
+        """The conversation named ``key``, made when there is none. ``session_id`` binds it to a
+        session the caller made (it then ends with that session); the format is fixed here."""
+        chat = self._chats.get(key)
+        if chat is None:
+            conv = Conversation(format="", session_id=session_id)
+            chat = self._chats[key] = Chat(key, source, conv, bound=session_id is not None,
+                                           format_asked=fmt or self.models.format)
+        chat.last_used = time.monotonic()
+        return chat
+
+    async def session(self, chat: Chat) -> tuple[Session, str | None]:
+        """The chat's open session, started when it has none. The note says, in words, when an
+        earlier session had gone (reaped after idling): its files and variables with it."""
+        sid = chat.conversation.session_id
+        note = None
+        if sid is not None:
+            try:
+                session = self.manager.get(sid)
+                session.touch()
+                return session, None
+            except SessionClosed:
+                if chat.bound:
+                    self.forget(chat.key)
+                    raise
+                note = ("Your previous session was closed after being idle; a fresh one was started "
+                        "(earlier files and variables are gone).")
+        session = await self.manager.create()
+        chat.conversation.session_id = session.id
+        chat.pending.clear()
+        return session, note
+
+    async def workspace(self, key: str) -> Workspace | None:
+        """The workspace of the conversation's open session, or None (no session, or it is gone)."""
+        chat = self._chats.get(key)
+        sid = chat.conversation.session_id if chat else None
+        try:
+            return self.manager.get(sid).workspace if sid else None
+        except SessionClosed:
+            return None
+
+    def forget(self, key: str) -> Chat | None:
+        """Drop the conversation (its turn is stopped); its session stays open."""
+        chat = self._chats.pop(key, None)
+        if chat is not None and chat.turn is not None:
+            chat.turn.stop()
+        return chat
+
+    async def close(self, key: str) -> None:
+        """Drop the conversation and close its session (files and variables go)."""
+        chat = self.forget(key)
+        sid = chat.conversation.session_id if chat else None
+        if sid is not None:
+            try:
+                await self.manager.close(sid)
+            except SessionClosed:
+                pass
+
+    def _session_reaped(self, session_id: str) -> None:
+        chat = self.by_session(session_id)
+        if chat is not None and chat.bound:
+            self.forget(chat.key)
+
+    async def _sweep(self) -> None:
+        """Forget conversations idle past the TTL whose session is gone (tabs never closed, users
+        who went away); one with an open session lives as long as the sandbox keeps it."""
+        while True:
+            await asyncio.sleep(min(max(self.idle_ttl_s / 4, 0.5), 60))
+            now = time.monotonic()
+            for chat in list(self._chats.values()):
+                sid = chat.conversation.session_id
+                open_ = sid is not None and any(s.id == sid for s in self.manager.list())
+                if not chat.busy and not open_ and now - chat.last_used > self.idle_ttl_s:
+                    self._chats.pop(chat.key, None)
+
+    # -- files ------------------------------------------------------------------------------
+    async def upload(self, key: str, source: str, name: str, data: bytes | BinaryIO) -> tuple[WorkspaceFile, str | None]:
+        """Store a file in the conversation's workspace (off the event loop), to be announced to
+        the model with the next question; the note as for ``session``."""
+        chat = self.open(key, source)
+        session, note = await self.session(chat)
+        stored = await asyncio.to_thread(session.workspace.write, name, data)
+        if stored.path not in chat.pending:
+            chat.pending.append(stored.path)
+        return stored, note
+
+    # -- turns ------------------------------------------------------------------------------
+    async def turn(self, key: str, source: str, question: str, settings: InterpreterSettings | None = None,
+                   *, close_after: bool = False) -> Turn:
+        """Start a turn. What can fail before it runs raises, so a front end can answer with a
+        status: ``ModelUnavailable`` (no model), ``TurnBusy`` (one is running), ``FormatError``,
+        and the sandbox's errors when no session can be had (``CapacityError``...); everything
+        after is an event. ``close_after`` closes the conversation and its session once the turn
+        has ended (a one-off question)."""
+        llm = self.require_model()
+        chat = self.open(key, source)
+        if chat.busy:
+            raise TurnBusy("this conversation is still answering the previous question: wait for it, or stop it")
+        if not chat.conversation.messages:
+            chat.conversation.format = get_format(chat.format_asked, llm, (settings or self.settings).model).name
+        interpreter = Interpreter(llm, chat.conversation.format, settings or self.settings)
+        turn = chat.turn = Turn(chat)  # busy from here: a second caller waiting below is refused
+        try:
+            session, note = await self.session(chat)
+        except BaseException:
+            chat.turn = None
+            if close_after:
+                await self.close(key)
+            raise
+        turn.task = self.spawn(self._run(chat, turn, interpreter, session, note, question, close_after))
+        return turn
+
+    def stop_turn(self, key: str) -> bool:
+        """Stop the conversation's running turn (the model and the kernel); False when none runs."""
+        chat = self._chats.get(key)
+        if chat is None or not chat.busy:
+            return False
+        chat.turn.stop()  # type: ignore[union-attr]
+        return True
+
+    async def _run(self, chat: Chat, turn: Turn, interpreter: Interpreter, session: Session, note: str | None,
+                   question: str, close_after: bool) -> None:
+        t0, outcome = time.monotonic(), "error"
+
+        def emit(event: Event) -> None:
+            for observer in self.observers:
+                observer.observe_event(event, chat.source)
+            turn._queue.put_nowait(event)
+
+        try:
+            if note:
+                emit(Event("notice", text=note))
+            announce, chat.pending = chat.pending, []
+            async for event in interpreter.run(chat.conversation, session, question, cancel=turn.cancel,
+                                               announce=announce):
+                chat.last_used = time.monotonic()
+                if event.type == "usage" and event.data:
+                    turn.usage = {k: int(event.data.get(k) or 0) for k in turn.usage}
+                if event.type in ("answer", "error"):
+                    outcome = event.type
+                    turn.finish_reason = (event.data or {}).get("finish_reason")
+                emit(event)
+        except JupyboxError as exc:
+            emit(Event("error", text=str(exc)))
+        except Exception:
+            log.exception("a turn of %s failed", chat.key)
+            emit(Event("error", text="internal error: the server's log has the details"))
+        finally:
+            turn.done = True
+            chat.last_used = time.monotonic()
+            for observer in self.observers:
+                observer.observe_turn(outcome, time.monotonic() - t0, chat.source)
+            turn._queue.put_nowait(None)
+            if close_after:
+                await self.close(chat.key)
+
+    # -- save and load ----------------------------------------------------------------------
+    async def save(self, key: str, with_files: bool = True) -> dict[str, Any]:
+        """The conversation as JSON, with its workspace's files unless told otherwise."""
+        chat = self._chats.get(key)
+        if chat is None:
+            raise SessionClosed(f"no conversation {key!r}")
+        files: dict[str, bytes] = {}
+        ws = await self.workspace(key) if with_files else None
+        if ws is not None:
+            files = await asyncio.to_thread(lambda: {f.path: ws.read(f.path) for f in ws.list()})
+        return chat.conversation.to_dict(files)
+
+    async def load(self, key: str, source: str, data: dict[str, Any]) -> Chat:
+        """A saved conversation under ``key``, in a new session holding its files (variables are
+        not restored: the model is told so by the cells' absence)."""
+        conv, files = Conversation.from_dict(data)
+        conv.id, conv.session_id = uuid.uuid4().hex[:12], None
+        await self.close(key)
+        chat = self._chats[key] = Chat(key, source, conv)
+        session, _ = await self.session(chat)
+        for name, content in files.items():
+            await asyncio.to_thread(session.workspace.write, name, content)
+        return chat
