@@ -63,8 +63,12 @@ def run_eval(model: ScriptedModel, out: Path, home: Path, *extra: str, judge: Sc
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("ev")  # short: Unix socket paths are limited to 107 bytes
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    folder = tmp_path_factory.mktemp("ev")  # short: Unix socket paths are limited to 107 bytes
+    yield folder
+    # a run killed by a test leaves its containers and mounted workspaces: removed as a user would
+    subprocess.run([JUPYBOX, "sandbox", "cleanup"], env=dict(os.environ, JUPYBOX_HOME=str(folder),
+                   JUPYBOX_INSTANCE="eval-tests"), capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,10 @@ loopback: what a script (or the browser) can do, each call in the caller's own s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+import httpx
 
 import nbformat
 from gradio_client import Client, handle_file
@@ -42,6 +45,9 @@ def test_api_upload_ask_files_notebook_and_new_session(web_server: WebServer) ->
     assert f"销售表共有 {len(rows)} 行，总销量 {units} 件。" in text
     assert "pd.read_csv('sales.csv')" in text
     assert "sales.csv" in json.dumps(web_server.model.history[-2], ensure_ascii=False)  # announced
+    metrics = httpx.get(web_server.url + "metrics", timeout=30).text  # the page's turns are counted too
+    assert re.search(r'^jupybox_chat_turns_total\{outcome="answer",source="web"\} [1-9]', metrics, re.M), metrics
+    assert re.search(r'^jupybox_model_tokens_total\{kind="completion"\} [1-9]', metrics, re.M)
 
     notebook_path = client.predict(api_name="/notebook")
     nb = nbformat.read(notebook_path, as_version=4)

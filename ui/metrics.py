@@ -12,8 +12,9 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class Metrics:
-    """What the server counts. ``observe_execution`` for every finished execution (API or chat),
-    ``observe_event`` for every interpreter event a chat turn streams."""
+    """What the server counts. ``observe_execution`` for every finished execution (API or chat);
+    as an observer of the conversation service, ``observe_event`` and ``observe_turn`` for every
+    event and turn of every front end (labelled by its source: web, api, openai, mcp...)."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -33,6 +34,8 @@ class Metrics:
                                       ["source"], buckets=DURATION_BUCKETS, registry=r)
         self.tokens = Counter("jupybox_model_tokens", "Model tokens, by kind (prompt, completion)",
                               ["kind"], registry=r)
+        for kind in ("prompt", "completion"):  # the series exist from the start, at 0
+            self.tokens.labels(kind)
         self.failures = Counter("jupybox_request_failures", "API requests answered with an error, by HTTP status",
                                 ["status"], registry=r)
 
