@@ -1,6 +1,6 @@
 # jupybox images. Build the sandbox (what the docker backend runs) with:
 #   docker build --target sandbox -t jupybox-sandbox:latest .
-# or from Python: sandbox.image.build_image(), which also caches by content and finds a base image
+# or from Python: sandbox.build.build_image(), which also caches by content and finds a base image
 # on hosts that cannot pull one.
 #
 # BASE_IMAGE needs a Debian bookworm userland with python3 (3.11) and apt: the official

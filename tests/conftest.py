@@ -40,7 +40,7 @@ def docker_daemon() -> None:
 
 @pytest.fixture(scope="session")
 def sandbox_image(docker_daemon: None) -> str:
-    from sandbox.image import build_image
+    from sandbox.build import build_image
 
     tag = build_image()
     # The exact image of this tree, for settings made here and for CLIs and servers started as

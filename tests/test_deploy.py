@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from sandbox.image import build_image
+from sandbox.build import build_image
 from tests.conftest import ROOT
 
 # A cold cache builds both images first (minutes); warm, the module takes about a minute.
@@ -277,7 +277,7 @@ def test_a_restarted_app_removes_the_sandboxes_a_killed_one_left(deployment: Dep
 
 def test_the_app_image_hash_covers_what_it_installs_and_nothing_else() -> None:
     from sandbox.errors import SandboxError
-    from sandbox.image import _app_sources
+    from sandbox.build import _app_sources
 
     names = {p.relative_to(ROOT).as_posix() for p in _app_sources(ROOT)}
     assert {"Dockerfile", "pyproject.toml", "deploy/entrypoint.sh", "ui/serve.py", "sandbox/session.py",

@@ -169,7 +169,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
         print(DEMO_CODE)
         return await run_code(args, DEMO_CODE, False, 60.0)
     if args.command == "sandbox" and args.action == "build-image":
-        from sandbox.image import build_image
+        from sandbox.build import build_image
 
         tag = await asyncio.to_thread(build_image, target=args.target, base_image=args.base_image, force=args.force,
                                       on_log=lambda line: print(line, file=sys.stderr))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import FormatError
 from ..llm.base import LLM, model_family
-from .base import Action, Format, GenerationOptions, Step
+from .base import Action, Format, Step
 from .fenced import FencedFormat
 from .react import ReactFormat
 from .tools import ToolsFormat
@@ -34,4 +34,4 @@ def get_format(name: str | None, llm: LLM | type[LLM], model: str | None = None)
     return fmt
 
 
-__all__ = ["FORMATS", "Action", "Format", "GenerationOptions", "Step", "get_format"]
+__all__ = ["FORMATS", "Action", "Format", "Step", "get_format"]

@@ -1,4 +1,5 @@
-"""Build the sandbox image the docker backend runs: once per content, even without a registry.
+"""Build the sandbox image the docker backend runs (what goes into it is in ``sandbox/image/``):
+once per content, even without a registry.
 
 ``build_image()`` builds the ``sandbox`` target of the top-level ``Dockerfile`` and tags it twice:
 ``jupybox-sandbox:<hash>``, where the hash covers everything that goes into the image (the
