@@ -105,7 +105,7 @@ def test_unknown_image_says_how_to_build_it(docker_daemon: None, cli_env: dict[s
 def test_sigterm_stops_exec_and_removes_its_container(sandbox_image: str, cli_env: dict[str, str]) -> None:
     env = {**cli_env, "JUPYBOX_INSTANCE": "cli-sigterm"}
     before = set(containers_of("cli-sigterm"))
-    proc = subprocess.Popen([JUPYBOX, "exec", "import time; time.sleep(60)"], env=env,
+    proc = subprocess.Popen([JUPYBOX, "exec", "import time; print('running', flush=True); time.sleep(60)"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -114,7 +114,7 @@ def test_sigterm_stops_exec_and_removes_its_container(sandbox_image: str, cli_en
             assert time.monotonic() < deadline, "no container appeared within 60 s"
             time.sleep(0.2)
         (cid,) = new
-        time.sleep(1.5)  # let the kernel start and the code begin to sleep
+        assert proc.stdout.readline() == "running\n"  # the kernel runs the code: now it sleeps
         assert proc.poll() is None
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)

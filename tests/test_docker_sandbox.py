@@ -61,18 +61,20 @@ async def test_stream_yields_outputs_as_they_come_and_a_cancel_stops_only_its_ow
 
 async def test_a_run_stopped_while_waiting_for_its_turn_never_runs(docker_manager: SessionManager) -> None:
     session = await docker_manager.create()
-    holder = asyncio.ensure_future(session.execute("import time\ntime.sleep(2)\nprint('first done')", timeout=30))
-    await asyncio.sleep(0.3)
+    running = asyncio.Event()
+    holder = asyncio.ensure_future(session.execute(
+        "import time\nprint('first running', flush=True)\ntime.sleep(2)\nprint('first done')", timeout=30,
+        on_output=lambda out: running.set()))
+    await asyncio.wait_for(running.wait(), 30)  # the first caller's code runs: the kernel is taken
     cancel = asyncio.Event()
 
     async def queued() -> list:
         return [item async for item in session.stream("flag = 'ran'\nprint('second ran')", timeout=30, cancel=cancel)]
 
     second = asyncio.ensure_future(queued())
-    await asyncio.sleep(0.3)
     cancel.set()  # pressed Stop while the first caller's code still runs
     items = await asyncio.wait_for(second, 30)
-    assert (await holder).stdout == "first done\n"  # the other caller's run was not interrupted
+    assert (await holder).stdout == "first running\nfirst done\n"  # the other caller's run was not interrupted
     assert len(items) == 1 and items[0].status is ExecutionStatus.ERROR and "nothing was executed" in items[0].reason
     assert (await session.execute("print(globals().get('flag'))")).stdout == "None\n"
     await docker_manager.close(session.id)
@@ -82,8 +84,10 @@ async def test_the_run_after_a_cancelled_one_is_not_lost(docker_manager: Session
     """A caller that cancels its execution leaves the kernel still stopping it; a request that
     arrives meanwhile is dropped by the kernel unrun (an 'aborted' reply), and is sent again."""
     session = await docker_manager.create()
-    first = asyncio.ensure_future(session.execute("import time\nprint('go', flush=True)\ntime.sleep(60)"))
-    await asyncio.sleep(1.5)
+    running = asyncio.Event()
+    first = asyncio.ensure_future(session.execute("import time\nprint('go', flush=True)\ntime.sleep(60)",
+                                                  on_output=lambda out: running.set()))
+    await asyncio.wait_for(running.wait(), 30)  # the code runs
     session.interrupt(first)
     first.cancel()
     ex = await asyncio.wait_for(session.execute("1 + 1"), 30)
