@@ -23,6 +23,7 @@ from .config import Limits, SandboxSettings
 from .errors import SandboxError, SessionClosed, WorkspaceError
 from .kernel import KernelClient, OutputCollector, OutputCallback, RawResult, sockets_ready, write_connection_file
 from .models import Execution, ExecutionStatus, ImageFile, Output
+from .relay import KernelRelay
 from .workspace import Workspace, remove_tree
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class Session:
         self._closed = False
         self._figures = 0
         self._own_filesystem = own_filesystem  # the workspace is a mounted image sized to its quota
+        self._connection_info: dict | None = None  # the host side of the running kernel's connection
+        self._relays: set[KernelRelay] = set()  # notebook clients attached to the running kernel
 
     @property
     def closed(self) -> bool:
@@ -66,7 +69,7 @@ class Session:
     def busy(self) -> bool:
         """An execution is running or waiting; callers doing longer work (a chat turn) call
         ``touch()`` so the idle reaper leaves the session alone."""
-        return self._lock.locked()
+        return self._lock.locked() or any(r.running for r in self._relays)
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -109,6 +112,7 @@ class Session:
             await asyncio.sleep(0.01)
         self._client = KernelClient(info)
         await self._client.connect(max(deadline - time.monotonic(), 5.0))
+        self._connection_info = info
         self._needs_restart = False
 
     def _spec_base(self) -> KernelSpec:
@@ -121,6 +125,9 @@ class Session:
         )
 
     async def _stop_kernel(self) -> None:
+        for relay in list(self._relays):  # they were attached to this kernel: their clients reconnect
+            relay.end("the session closed" if self._closed else "the kernel was restarted; variables are lost")
+        self._connection_info = None
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -167,6 +174,29 @@ class Session:
     def _check_open(self) -> None:
         if self._closed:
             raise SessionClosed(f"session {self.id} is closed: create a new session")
+
+    # -- raw kernel messages (notebook front ends) -------------------------------------------
+    async def attach(self, allow_stdin: bool = True) -> KernelRelay:
+        """A relay of raw kernel messages for one outside client, on sockets of its own; it ends
+        when this kernel is replaced or the session closes. ``allow_stdin``: ``input()`` asks the
+        client (a person is there) instead of failing."""
+        async with self._lock:
+            self._check_open()
+            if self._needs_restart or self._client is None:
+                await self._restart()
+            assert self._connection_info is not None
+            relay = KernelRelay(self, self._connection_info, self.limits, allow_stdin=allow_stdin)
+            await relay.open(self.settings.start_timeout_s)
+            self._relays.add(relay)
+        self.touch()
+        return relay
+
+    def _detach(self, relay: KernelRelay) -> None:
+        self._relays.discard(relay)
+
+    async def kernel_alive(self) -> bool:
+        handle = self._handle
+        return handle is not None and await self.backend.is_alive(handle)
 
     # -- execution --------------------------------------------------------------------------
     async def execute(self, code: str, timeout: float | None = None,
