@@ -120,6 +120,9 @@ def lab(jupybox: Jupybox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     home = tmp_path_factory.mktemp("lab")
     for d in ("config", "data", "runtime", "root", "settings", "workspaces"):
         (home / d).mkdir()
+    news = home / "settings" / "@jupyterlab" / "apputils-extension"
+    news.mkdir(parents=True)
+    (news / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))  # and do not ask
     (home / "config" / "jupyter_server_config.json").write_text(json.dumps({
         "LabApp": {"news_url": None, "extension_manager": "readonly",
                    "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate"},
@@ -357,3 +360,90 @@ def test_refusals_leave_the_kernel_working(jupybox: Jupybox) -> None:
         assert re.search(r"jupybox_kernel_messages_refused_total [1-9]", metrics)
         assert jc.delete(f"/api/kernels/{kernel_id}").status_code == 204
         assert jc.delete(f"/api/sessions/{other}").status_code == 204
+
+
+# -- JupyterLab in a browser -------------------------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"
+NOTEBOOK_CELLS = [
+    "import os, socket\nprint('uid', os.getuid())\ntry:\n    socket.create_connection(('pypi.org', 443), timeout=5)\n"
+    "    print('network: reachable')\nexcept OSError as exc:\n    print('network: none,', type(exc).__name__)",
+    "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.show()",
+    "x = 41",
+    "while True:\n    pass",
+    "print('x + 1 =', x + 1)",
+]
+
+
+def _notebook(cells: list[str]) -> str:
+    return json.dumps({"nbformat": 4, "nbformat_minor": 5, "metadata": {
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        "cells": [{"cell_type": "code", "id": f"c{i}", "metadata": {}, "execution_count": None, "outputs": [],
+                   "source": src} for i, src in enumerate(cells)]})
+
+
+@pytest.mark.slow
+def test_jupyterlab_in_a_browser_runs_cells_in_the_sandbox(jupybox: Jupybox, lab: Lab) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (lab.root / "sandbox.ipynb").write_text(_notebook(NOTEBOOK_CELLS))
+    blocked: list[str] = []
+
+    def guard(route: Any) -> None:
+        host = re.sub(r"^\w+://([^/:]+).*$", r"\1", route.request.url)
+        if host in ("127.0.0.1", "localhost") or route.request.url.startswith(("data:", "blob:")):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    with sync_playwright() as pw, jupybox.client() as jc:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.route("**/*", guard)
+        try:
+            page.goto(f"{lab.url}/lab/tree/sandbox.ipynb?token={LAB_TOKEN}")
+            cells = page.locator(".jp-Notebook .jp-CodeCell")
+            expect(cells).to_have_count(len(NOTEBOOK_CELLS), timeout=120_000)
+            expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1, timeout=120_000)
+            kernels = jc.get("/api/kernels").json()
+            assert len(kernels) == 1, kernels
+            sid = kernels[0]["jupybox"]["session"]
+            assert containers(f"jupybox.session={sid}")
+
+            def output(i: int) -> Any:
+                return cells.nth(i).locator(".jp-OutputArea-output")
+
+            cells.nth(0).locator(".jp-InputArea-editor").click()
+            page.keyboard.press("Shift+Enter")
+            expect(output(0)).to_contain_text("uid 1000", timeout=60_000)
+            expect(output(0)).to_contain_text("network: none")
+            page.keyboard.press("Shift+Enter")
+            expect(output(1).locator("img")).to_be_visible(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "outputs.png"))
+            page.keyboard.press("Shift+Enter")
+            expect(cells.nth(2).locator(".jp-InputPrompt")).to_contain_text("[3]", timeout=60_000)
+            page.keyboard.press("Shift+Enter")
+            expect(cells.nth(3).locator(".jp-InputPrompt")).to_contain_text("[*]", timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "running.png"))
+            page.locator("[data-command='notebook:interrupt-kernel']").first.click()
+            expect(output(3)).to_contain_text("KeyboardInterrupt", timeout=60_000)
+            page.keyboard.press("Shift+Enter")
+            expect(output(4)).to_contain_text("x + 1 = 42", timeout=60_000)  # interrupted, variables kept
+            page.screenshot(path=str(ARTIFACTS / "notebook.png"), full_page=True)
+
+            page.locator(".lm-MenuBar-itemLabel", has_text="Kernel").click()
+            page.locator(".lm-Menu-itemLabel", has_text="Shut Down Kernel").click()
+            deadline = time.monotonic() + 60
+            while containers(f"jupybox.session={sid}"):
+                assert time.monotonic() < deadline, "the kernel's container is still there after Lab shut it down"
+                time.sleep(0.2)
+            assert jc.get("/api/kernels").json() == [] and jc.get(f"/api/sessions/{sid}").status_code == 404
+            page.screenshot(path=str(ARTIFACTS / "shut-down.png"))
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+    assert not blocked, f"the page tried to reach outside this machine: {blocked}"
