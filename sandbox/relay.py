@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import zmq
 import zmq.asyncio
@@ -51,6 +51,7 @@ MAX_BUFFERS = 64
 MAX_ID_CHARS = 256
 QUEUE_MESSAGES = 64  # kernel messages held for a slow client; past it ZMQ's own small queues fill
 LIVENESS_CHECK_S = 1.0  # while a request runs and the kernel is silent, how often to ask if it lives
+EndCause = Literal["client", "restart", "close", "failure"]  # who ended a relay
 _restarts: set[asyncio.Task] = set()  # kernel restarts a relay started; referenced until done
 
 
@@ -151,6 +152,7 @@ class KernelRelay:
         self.budget = RelayBudget(limits)
         self.dropped_messages = 0  # kernel messages dropped: unsigned, malformed or oversized
         self.end_reason: str | None = None
+        self.ended_by: EndCause | None = None
         self._info = connection_info
         self._auth = hmac.new(connection_info["key"].encode(), digestmod=hashlib.sha256)
         self._identity = uuid.uuid4().hex.encode()
@@ -200,11 +202,11 @@ class KernelRelay:
             raise
         self._pump = asyncio.create_task(self._run())
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: str, cause: EndCause = "client") -> None:
         """Stop relaying (idempotent); ``receive`` returns ``None`` once the queue is read."""
         if self._closed:
             return
-        self._closed, self.end_reason = True, reason
+        self._closed, self.end_reason, self.ended_by = True, reason, cause
         if self._pump is not None and self._pump is not asyncio.current_task():
             self._pump.cancel()
         self._close_sockets()
@@ -299,7 +301,7 @@ class KernelRelay:
         except Exception:  # a socket closed under us, a bug: the client reconnects
             if not self._closed:
                 log.exception("kernel relay of session %s failed", self.session.id)
-                self.end("the relay failed; see the server log")
+                self.end("the relay failed; see the server log", "failure")
 
     def _parse(self, channel: str, frames: list[zmq.Frame]) -> KernelMessage | None:
         """A verified message, or ``None`` (dropped, counted): the kernel is hostile."""
@@ -361,4 +363,4 @@ class KernelRelay:
         task.add_done_callback(_restarts.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception() and log.warning(
             "restarting the dead kernel of session %s failed: %s", self.session.id, t.exception()))
-        self.end("the kernel died; it was restarted, variables are lost")
+        self.end("the kernel died; it was restarted, variables are lost", "restart")

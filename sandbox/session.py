@@ -126,7 +126,10 @@ class Session:
 
     async def _stop_kernel(self) -> None:
         for relay in list(self._relays):  # they were attached to this kernel: their clients reconnect
-            relay.end("the session closed" if self._closed else "the kernel was restarted; variables are lost")
+            if self._closed:
+                relay.end("the session was closed", "close")
+            else:
+                relay.end("the kernel was restarted; variables are lost", "restart")
         self._connection_info = None
         if self._client is not None:
             self._client.close()

@@ -311,6 +311,19 @@ def test_v1_protocol_direct_with_the_output_budget(jupybox: Jupybox) -> None:
                     "                   parent=k.get_parent('shell'))")
                 text = text_of(out)
                 assert "over the session's output budget" in text and len(text) < 400_000
+                await ch.execute("doomed = 1")
+                await ch.send(ch.session.msg("execute_request", {"code": "import os\nos._exit(3)", "silent": False}),
+                              "shell")
+                states = []
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    while True:
+                        m = await ch.recv()
+                        if m["msg_type"] == "status":
+                            states.append(m["content"]["execution_state"])
+                assert states[-1] == "autorestarting" and closed.value.rcvd.code == 1012
+            async with connect(jupybox.ws, kernel_id, TOKEN, v1=True) as ws:  # as clients do: reconnect
+                _, out = await Channels(ws, v1=True).execute("print('doomed' in globals())")
+                assert text_of(out) == "False\n"
 
         asyncio.run(talk())
         assert jc.delete(f"/api/kernels/{kernel_id}").status_code == 204

@@ -214,6 +214,8 @@ async def channels(ws: WebSocket, kernel_id: str) -> None:
         await _pass_messages(ws, relay, record, kernels.metrics, v1)
     finally:
         record.connections -= 1
+        if not relay.running and record.state == "busy":  # the idle that ends its last request went unread
+            record.state = "idle"
         relay.end("the client left")
 
 
@@ -286,5 +288,4 @@ async def _kernel_to_client(ws: WebSocket, relay: KernelRelay, record: KernelRec
         except (WebSocketDisconnect, RuntimeError):
             return None, ""
         metrics.kernel_messages.labels("to_client").inc()
-    reason = relay.end_reason or "the kernel connection ended"
-    return (CLOSE_GOING_AWAY if "closed" in reason else CLOSE_RESTART), reason
+    return (CLOSE_GOING_AWAY if relay.ended_by == "close" else CLOSE_RESTART), relay.end_reason or "ended"
