@@ -50,6 +50,7 @@ MAX_CLIENT_MESSAGE_BYTES = 8 << 20  # a cell, a comm message with its buffers: f
 MAX_BUFFERS = 64
 MAX_ID_CHARS = 256
 QUEUE_MESSAGES = 64  # kernel messages held for a slow client; past it ZMQ's own small queues fill
+SHUTDOWN_GRACE_S = 10.0  # a kernel still alive this long after a client's shutdown request stays
 LIVENESS_CHECK_S = 1.0  # while a request runs and the kernel is silent, how often to ask if it lives
 EndCause = Literal["client", "restart", "close", "failure"]  # who ended a relay
 _restarts: set[asyncio.Task] = set()  # kernel restarts a relay started; referenced until done
@@ -159,7 +160,7 @@ class KernelRelay:
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._queue: asyncio.Queue[KernelMessage | None] = asyncio.Queue(QUEUE_MESSAGES)
         self._own: set[str] = set()  # ids of the relay's own requests (the nudges): never forwarded
-        self._running: dict[str, float] = {}  # execute requests not answered yet -> when sent
+        self._running: dict[str, float] = {}  # execute requests not answered yet -> when sent (negated: shutdowns)
         self._pump: asyncio.Task | None = None
         self._closed = False
 
@@ -191,14 +192,19 @@ class KernelRelay:
         deadline, wait = time.monotonic() + timeout, 0.02
         try:
             while True:  # ask again, less and less often, until an answer on iopub shows we have joined
+                if self._closed:
+                    raise SandboxError(f"the kernel went away while connecting ({self.end_reason}): connect again")
                 await self._send_own("kernel_info_request")
                 if await self._sockets["iopub"].poll(int(wait * 1000)):
                     break
                 wait = min(wait * 2, 1.0)
                 if time.monotonic() > deadline:
                     raise SandboxError(f"the kernel did not answer within {timeout:.0f} s")
-        except BaseException:
-            self._close_sockets()
+        except BaseException as exc:
+            ended_meanwhile = self._closed
+            self.end("it never opened", "failure")
+            if ended_meanwhile and isinstance(exc, Exception) and not isinstance(exc, SandboxError):
+                raise SandboxError(f"the kernel went away while connecting ({self.end_reason}): connect again") from exc
             raise
         self._pump = asyncio.create_task(self._run())
 
@@ -234,6 +240,8 @@ class KernelRelay:
         if msg.msg_type == "execute_request":
             self._running[msg.msg_id] = time.monotonic()
             self.budget.new_request(msg.msg_id)
+        elif msg.msg_type == "shutdown_request":  # the kernel exits: watched like a request, then replaced
+            self._running[msg.msg_id] = -time.monotonic()
         self.session.touch()
         await self._sockets[msg.channel].send_multipart(frames)
 
@@ -290,6 +298,9 @@ class KernelRelay:
                     if self._running and not await self.session.kernel_alive():
                         await self._kernel_died()
                         return
+                    for msg_id, sent in list(self._running.items()):  # a shutdown the kernel survived
+                        if sent < 0 and time.monotonic() + sent > SHUTDOWN_GRACE_S:
+                            del self._running[msg_id]
                     continue
                 for sock in ready:
                     frames = await sock.recv_multipart(copy=False)
@@ -330,7 +341,7 @@ class KernelRelay:
         parent = msg.parent_id
         if parent in self._own:  # the answers to our nudges (a few per relay)
             return
-        if parent in self._running and (msg.msg_type == "execute_reply" or
+        if self._running.get(parent, -1) > 0 and (msg.msg_type == "execute_reply" or
                                         (msg.msg_type == "status" and msg.content.get("execution_state") == "idle")):
             del self._running[parent]
         keep, first_drop = self.budget.admit(msg)

@@ -183,14 +183,16 @@ class Session:
         """A relay of raw kernel messages for one outside client, on sockets of its own; it ends
         when this kernel is replaced or the session closes. ``allow_stdin``: ``input()`` asks the
         client (a person is there) instead of failing."""
-        async with self._lock:
-            self._check_open()
-            if self._needs_restart or self._client is None:
-                await self._restart()
-            assert self._connection_info is not None
-            relay = KernelRelay(self, self._connection_info, self.limits, allow_stdin=allow_stdin)
-            await relay.open(self.settings.start_timeout_s)
-            self._relays.add(relay)
+        self._check_open()
+        if self._needs_restart or self._connection_info is None or not await self.kernel_alive():
+            async with self._lock:  # behind a running execution, which may restart the kernel itself
+                self._check_open()
+                if self._needs_restart or self._connection_info is None or not await self.kernel_alive():
+                    await self._restart()
+        assert self._connection_info is not None
+        relay = KernelRelay(self, self._connection_info, self.limits, allow_stdin=allow_stdin)
+        self._relays.add(relay)  # before it opens: a restart meanwhile ends it, and open() says so
+        await relay.open(self.settings.start_timeout_s)
         self.touch()
         return relay
 

@@ -322,6 +322,15 @@ def test_v1_protocol_direct_with_the_output_budget(jupybox: Jupybox) -> None:
                             states.append(m["content"]["execution_state"])
                 assert states[-1] == "autorestarting" and closed.value.rcvd.code == 1012
             async with connect(jupybox.ws, kernel_id, TOKEN, v1=True) as ws:  # as clients do: reconnect
+                ch = Channels(ws, v1=True)
+                _, out = await ch.execute("print('doomed' in globals()); doomed = 2")
+                assert text_of(out) == "False\n"
+                await ch.send(ch.session.msg("shutdown_request", {"restart": False}), "control")  # a client's own
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    while True:
+                        await ch.recv()
+                assert closed.value.rcvd.code == 1012
+            async with connect(jupybox.ws, kernel_id, TOKEN, v1=True) as ws:
                 _, out = await Channels(ws, v1=True).execute("print('doomed' in globals())")
                 assert text_of(out) == "False\n"
 
@@ -419,7 +428,9 @@ def test_jupyterlab_in_a_browser_runs_cells_in_the_sandbox(jupybox: Jupybox, lab
             page.goto(f"{lab.url}/lab/tree/sandbox.ipynb?token={LAB_TOKEN}")
             cells = page.locator(".jp-Notebook .jp-CodeCell")
             expect(cells).to_have_count(len(NOTEBOOK_CELLS), timeout=120_000)
-            expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1, timeout=120_000)
+            # the status bar names the kernel once Lab has it: "Python 3 (jupybox sandbox, docker) | Idle"
+            expect(page.locator("#jp-main-statusbar")).to_contain_text(re.compile(r"jupybox sandbox.*\| Idle"),
+                                                                       timeout=120_000)
             kernels = jc.get("/api/kernels").json()
             assert len(kernels) == 1, kernels
             sid = kernels[0]["jupybox"]["session"]
