@@ -36,7 +36,8 @@ class Session:
     """Stateful: a variable set in one execution is there in the next, until a restart."""
 
     def __init__(self, backend: Backend, settings: SandboxSettings, owner: str, folder: Path,
-                 session_id: str | None = None, limits: Limits | None = None, own_filesystem: bool = False) -> None:
+                 session_id: str | None = None, limits: Limits | None = None, own_filesystem: bool = False,
+                 isolation: str | None = None) -> None:
         self.id = session_id or uuid.uuid4().hex[:12]
         self.backend = backend
         self.settings = settings
@@ -60,6 +61,7 @@ class Session:
         self._own_filesystem = own_filesystem  # the workspace is a mounted image sized to its quota
         self._connection_info: dict | None = None  # the host side of the running kernel's connection
         self._relays: set[KernelRelay] = set()  # notebook clients attached to the running kernel
+        self.isolation = isolation  # one of the backend's isolations(), or None for its default
 
     @property
     def closed(self) -> bool:
@@ -117,7 +119,7 @@ class Session:
 
     def _spec_base(self) -> KernelSpec:
         lim = self.limits
-        return KernelSpec(limits=lim, 
+        return KernelSpec(limits=lim, isolation=self.isolation,
             session_id=self.id, owner=self.owner, runtime_dir=self.runtime_dir,
             workspace_dir=self.workspace.root,
             env={"JUPYBOX_OUTPUT_LIMIT": str(lim.output_bytes), "JUPYBOX_IMAGE_LIMIT": str(lim.max_image_bytes),

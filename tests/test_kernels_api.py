@@ -31,6 +31,7 @@ from jupyter_client.session import Session
 from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1, serialize_msg_to_ws_v1
 
 from tests.conftest import ROOT
+from tests.test_gvisor import gvisor_runtime  # noqa: F401 - the fixture that registers gVisor with Docker
 
 TOKEN = "kernels-token-1"
 LAB_TOKEN = "lab-token-1"
@@ -336,6 +337,29 @@ def test_v1_protocol_direct_with_the_output_budget(jupybox: Jupybox) -> None:
 
         asyncio.run(talk())
         assert jc.delete(f"/api/kernels/{kernel_id}").status_code == 204
+
+
+def test_a_notebook_kernel_can_ask_for_gvisor(gvisor_runtime: str, jupybox: Jupybox) -> None:  # noqa: F811
+    """With gVisor registered, the specs offer it beside the default, and its kernel runs there."""
+    with jupybox.client() as jc:
+        specs = jc.get("/api/kernelspecs").json()
+        assert specs["default"] == "python3" and "gVisor" not in specs["kernelspecs"]["python3"]["spec"]["display_name"]
+        assert specs["kernelspecs"]["python3-gvisor"]["spec"]["display_name"] == "Python 3 (jupybox sandbox, docker, gVisor)"
+        kernel = jc.post("/api/kernels", json={"name": "python3-gvisor"}).json()
+        assert kernel["name"] == "python3-gvisor"
+        sid = kernel["jupybox"]["session"]
+        inspect = subprocess.run(["docker", "inspect", f"jupybox-{sid}"], capture_output=True, text=True, check=True)
+        assert json.loads(inspect.stdout)[0]["HostConfig"]["Runtime"] == "runsc"
+
+        async def talk() -> None:
+            async with connect(jupybox.ws, kernel["id"], TOKEN, v1=True) as ws:
+                _, out = await Channels(ws, v1=True).execute(
+                    "import subprocess\nprint('Starting gVisor' in subprocess.run(['dmesg'], capture_output=True, "
+                    "text=True).stdout)")
+                assert text_of(out) == "True\n"
+
+        asyncio.run(talk())
+        assert jc.delete(f"/api/kernels/{kernel['id']}").status_code == 204
 
 
 def test_refusals_leave_the_kernel_working(jupybox: Jupybox) -> None:

@@ -40,7 +40,8 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api")
-KERNEL_NAME = "python3"  # the name notebooks already carry, so they open on the sandbox unchanged
+KERNEL_NAME = "python3"  # the server's default sandbox: the name notebooks carry, so they open on it unchanged
+ISOLATION_KERNELS = {"runsc": ("python3-gvisor", "gVisor")}  # a backend's other isolations -> (name, label)
 STATES = frozenset({"starting", "idle", "busy", "restarting", "autorestarting", "dead"})
 CLOSE_TOO_BIG, CLOSE_POLICY, CLOSE_BAD_DATA, CLOSE_GOING_AWAY, CLOSE_RESTART = 1009, 1008, 1007, 1001, 1012
 
@@ -59,6 +60,7 @@ class StartKernelRequest(BaseModel):
 class KernelRecord:
     id: str
     session_id: str
+    name: str = KERNEL_NAME
     state: str = "idle"  # the last execution_state the kernel published to a client
     connections: int = 0
 
@@ -71,23 +73,45 @@ class Kernels:
         self.manager = manager
         self.metrics = metrics
         self._records: dict[str, KernelRecord] = {}
+        self._isolations: dict[str, str | None] | None = None  # kernel name -> isolation, once asked
 
-    def spec(self) -> dict[str, Any]:
+    async def flavours(self) -> dict[str, str | None]:
+        """Kernel name -> the isolation its sessions ask for: the server's default sandbox, and each
+        stronger one the backend offers besides (gVisor where the Docker daemon has it)."""
+        if self._isolations is not None:
+            return self._isolations
+        try:
+            extra = await self.manager.backend.isolations()
+        except JupyboxError as exc:  # the daemon is unwell: offer the default, ask again next time
+            log.warning("could not list the sandbox's isolations: %s", exc)
+            extra = []
+        found = {KERNEL_NAME: None, **{ISOLATION_KERNELS[i][0]: i for i in extra if i in ISOLATION_KERNELS}}
+        if len(found) > 1:  # kept once found; until then asked again (gVisor may be registered later)
+            self._isolations = found
+        return found
+
+    def spec(self, name: str, isolation: str | None) -> dict[str, Any]:
         settings = self.manager.settings
-        flavour = {"runsc": "gVisor"}.get(settings.docker_runtime or "", settings.docker_runtime or "")
-        where = f"{settings.backend}{', ' + flavour if flavour else ''}"
-        return {"name": KERNEL_NAME, "resources": {}, "spec": {
+        runtime = isolation or settings.docker_runtime
+        label = ISOLATION_KERNELS.get(runtime or "", (None, runtime))[1]
+        return {"name": name, "resources": {}, "spec": {
             "argv": [], "env": {}, "language": "python", "interrupt_mode": "signal",
-            "display_name": f"Python 3 (jupybox sandbox, {where})",
-            "metadata": {"jupybox": {"backend": settings.backend, "runtime": settings.docker_runtime,
+            "display_name": f"Python 3 (jupybox sandbox, {settings.backend}{', ' + label if label else ''})",
+            "metadata": {"jupybox": {"backend": settings.backend, "runtime": runtime,
                                      "memory_mb": settings.limits.memory_mb, "cpus": settings.limits.cpus}}}}
 
+    async def specs(self) -> dict[str, dict[str, Any]]:
+        return {name: self.spec(name, isolation) for name, isolation in (await self.flavours()).items()}
+
     async def start(self, name: str | None) -> tuple[KernelRecord, Session]:
-        if name not in (None, "", KERNEL_NAME):
-            raise HTTPException(404, f"no kernel spec {name!r}: this server offers {KERNEL_NAME!r} (see /api/kernelspecs)")
-        session = await self.manager.create()
+        flavours = await self.flavours()
+        name = name or KERNEL_NAME
+        if name not in flavours:
+            raise HTTPException(404, f"no kernel spec {name!r}: this server offers {', '.join(flavours)} "
+                                     "(see /api/kernelspecs)")
+        session = await self.manager.create(isolation=flavours[name])
         self.metrics.sessions_created.inc()
-        record = KernelRecord(str(uuid.uuid4()), session.id)
+        record = KernelRecord(str(uuid.uuid4()), session.id, name)
         self._records[record.id] = record
         return record, session
 
@@ -122,7 +146,7 @@ def model(record: KernelRecord, session: Session) -> dict[str, Any]:
     gateway client parses)."""
     last = time.time() - (time.monotonic() - session.last_used)
     stamp = datetime.datetime.fromtimestamp(last, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return {"id": record.id, "name": KERNEL_NAME, "last_activity": stamp,
+    return {"id": record.id, "name": record.name, "last_activity": stamp,
             "execution_state": record.state,
             "connections": record.connections, "jupybox": {"session": session.id}}
 
@@ -140,14 +164,15 @@ def install(app: FastAPI, manager: SessionManager, metrics: Metrics) -> None:
 # -- REST --------------------------------------------------------------------------------------
 @router.get("/kernelspecs", summary="Kernel specs (Jupyter Server API)")
 async def list_kernelspecs(request: Request) -> dict[str, Any]:
-    return {"default": KERNEL_NAME, "kernelspecs": {KERNEL_NAME: kernels_of(request).spec()}}
+    return {"default": KERNEL_NAME, "kernelspecs": await kernels_of(request).specs()}
 
 
 @router.get("/kernelspecs/{name}", summary="One kernel spec (Jupyter Server API)")
 async def get_kernelspec(request: Request, name: str) -> dict[str, Any]:
-    if name != KERNEL_NAME:
-        raise HTTPException(404, f"no kernel spec {name!r}: this server offers {KERNEL_NAME!r}")
-    return kernels_of(request).spec()
+    specs = await kernels_of(request).specs()
+    if name not in specs:
+        raise HTTPException(404, f"no kernel spec {name!r}: this server offers {', '.join(specs)}")
+    return specs[name]
 
 
 @router.get("/kernels", summary="Running kernels (Jupyter Server API)")
