@@ -243,7 +243,10 @@ class KernelRelay:
         elif msg.msg_type == "shutdown_request":  # the kernel exits: watched like a request, then replaced
             self._running[msg.msg_id] = -time.monotonic()
         self.session.touch()
-        await self._sockets[msg.channel].send_multipart(frames)
+        try:
+            await self._sockets[msg.channel].send_multipart(frames)
+        except zmq.ZMQError as exc:  # ended while sending (a restart closed the sockets)
+            raise SandboxError(f"this connection to the kernel ended: {self.end_reason or exc}") from None
 
     def _checked(self, msg: KernelMessage) -> KernelMessage:
         if msg.channel not in CLIENT_CHANNELS:
