@@ -69,8 +69,9 @@ class Session:
 
     @property
     def busy(self) -> bool:
-        """An execution is running or waiting; callers doing longer work (a chat turn) call
-        ``touch()`` so the idle reaper leaves the session alone."""
+        """An execution is running or waiting, or a notebook client's request runs (``attach``);
+        callers doing longer work (a chat turn) call ``touch()`` so the idle reaper leaves the
+        session alone."""
         return self._lock.locked() or any(r.running for r in self._relays)
 
     def touch(self) -> None:
