@@ -4,8 +4,10 @@
 
 Without ``--url`` it starts ``jupybox serve`` in a child process (free loopback port, the sandbox
 backend configured by ``JUPYBOX_*``, no model needed) and first measures, in the same run, the
-baseline the API adds to: the same execution called on a session directly, without HTTP. It prints
-latencies (p50 / p95 / max) and counts errors; it never asserts timings.
+baseline the API adds to: the same execution called on a session directly, without HTTP. Beside
+the JSON API's execute of ``1+1`` it times the same round trip through the Jupyter kernels API's
+channels websocket (v1 wire format, execute request to reply and idle), interleaved in one run.
+It prints latencies (p50 / p95 / max) and counts errors; it never asserts timings.
 """
 
 from __future__ import annotations
@@ -21,10 +23,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import websockets
+
+from sandbox.relay import KernelMessage
+from ui.kernel_wire import V1_PROTOCOL, decode_v1, encode_v1
 
 CODE = "total = sum(i * i for i in range({n}))\nprint(total)"
 
@@ -113,6 +120,55 @@ async def _one_client_over_http(client: httpx.AsyncClient, figures: Figures, rou
         await client.delete(f"/api/sessions/{sid}")
 
 
+WS_FIGURE = "1+1: kernels API websocket (v1), 1 kernel alone"
+JSON_FIGURE = "1+1: JSON API execute (HTTP), 1 session alone"
+
+
+async def _websocket_beside_json(client: httpx.AsyncClient, url: str, token: str | None, figures: Figures,
+                                 rounds: int) -> None:
+    """``1+1`` through the channels websocket and through ``/execute``, taking turns, same server."""
+    sid = (await client.post("/api/sessions")).raise_for_status().json()["id"]
+    kid = (await client.post("/api/kernels", json={"name": "python3"})).raise_for_status().json()["id"]
+    headers = {"Authorization": f"token {token}"} if token else {}
+    ws_url = "ws" + url[len("http"):] + f"/api/kernels/{kid}/channels"
+    try:
+        async with websockets.connect(ws_url, additional_headers=headers, subprotocols=[V1_PROTOCOL],
+                                      max_size=None, open_timeout=120) as ws:
+            for _ in range(rounds * 2):
+                t0 = time.perf_counter()
+                r = await client.post(f"/api/sessions/{sid}/execute", json={"code": "1+1"})
+                figures.add(JSON_FIGURE, time.perf_counter() - t0)
+                if r.status_code != 200 or r.json()["outputs"][0]["data"]["text/plain"] != "2":
+                    figures.errors.append(f"json 1+1: HTTP {r.status_code} {r.text[:200]}")
+                t0 = time.perf_counter()
+                result = await _execute_over_websocket(ws, "1+1")
+                figures.add(WS_FIGURE, time.perf_counter() - t0)
+                if result != "2":
+                    figures.errors.append(f"websocket 1+1: got {result!r}")
+    finally:
+        await client.delete(f"/api/kernels/{kid}")
+        await client.delete(f"/api/sessions/{sid}")
+
+
+async def _execute_over_websocket(ws: Any, code: str) -> str | None:
+    """Send an execute request; wait for its reply and its idle; the result's text/plain."""
+    msg_id = uuid.uuid4().hex
+    header = {"msg_id": msg_id, "msg_type": "execute_request", "session": "bench", "username": "bench",
+              "version": "5.3", "date": "1970-01-01T00:00:00Z"}
+    await ws.send(encode_v1(KernelMessage("shell", header, content={
+        "code": code, "silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": False})))
+    result, replied, idle = None, False, False
+    while not (replied and idle):
+        msg = decode_v1(await asyncio.wait_for(ws.recv(), 120))
+        if msg.parent_id != msg_id:
+            continue
+        replied = replied or msg.msg_type == "execute_reply"
+        idle = idle or (msg.msg_type == "status" and msg.content.get("execution_state") == "idle")
+        if msg.msg_type == "execute_result":
+            result = msg.content["data"].get("text/plain")
+    return result
+
+
 async def _worker(client: httpx.AsyncClient, figures: Figures, index: int, rounds: int, start: asyncio.Event,
                   concurrency: int) -> None:
     t0 = time.perf_counter()
@@ -147,6 +203,7 @@ async def run(url: str, token: str | None, sessions: int, rounds: int, figures: 
     limits = httpx.Limits(max_connections=sessions + 8, max_keepalive_connections=sessions + 8)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=limits) as client:
         await _one_client_over_http(client, figures, rounds)
+        await _websocket_beside_json(client, url, token, figures, rounds)
         start = asyncio.Event()
         workers = [asyncio.create_task(_worker(client, figures, i, rounds, start, sessions)) for i in range(sessions)]
         while len(figures.samples.get(f"create session, {sessions} concurrent", [])) + len(figures.errors) < sessions:
@@ -189,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             if not r["figure"].startswith("wall"):
                 print(f"{r['figure']:<50} {r['n']:>5} {r['p50_ms']:>9.1f} {r['p95_ms']:>9.1f} {r['max_ms']:>9.1f}")
+        p50 = {r["figure"]: r["p50_ms"] for r in rows}
+        if WS_FIGURE in p50 and JSON_FIGURE in p50:
+            print(f"1+1 round trip, websocket / JSON API (p50): {p50[WS_FIGURE] / p50[JSON_FIGURE]:.2f}")
         print(f"errors: {len(figures.errors)}")
         for e in figures.errors[:10]:
             print(f"  {e}")

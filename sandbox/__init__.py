@@ -16,6 +16,7 @@ from .errors import (
     ImageNotFound,
     JupyboxError,
     LimitsError,
+    KernelMessageRefused,
     QuotaExceeded,
     SandboxError,
     SessionClosed,
@@ -26,13 +27,15 @@ from .models import Execution, ExecutionStatus, ImageFile, Output
 
 if TYPE_CHECKING:
     from .manager import SessionManager
+    from .relay import KernelMessage, KernelRelay
     from .session import Session
     from .workspace import Workspace, WorkspaceFile
 
 # Imported on first use: the kernel client's libraries (ZeroMQ, Jupyter's) stay unloaded for code
 # that only needs the errors or the result model.
 _LAZY = {"SessionManager": ".manager", "Session": ".session", "Workspace": ".workspace",
-         "WorkspaceFile": ".workspace"}
+         "WorkspaceFile": ".workspace",
+         "KernelRelay": ".relay", "KernelMessage": ".relay"}
 
 
 def __getattr__(name: str) -> Any:
@@ -52,6 +55,9 @@ __all__ = [
     "ImageFile",
     "ImageNotFound",
     "JupyboxError",
+    "KernelMessageRefused",
+    "KernelRelay",
+    "KernelMessage",
     "Limits",
     "LimitsError",
     "Output",

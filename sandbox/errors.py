@@ -10,9 +10,11 @@ infrastructure around the code::
     │   ├── SessionClosed            the session was closed (or reaped) and cannot execute any more
     │   └── CapacityError            the manager is at its session limit
     ├── LimitsError                  requested resource limits are invalid or above the server's
-    └── WorkspaceError               a file operation on a session workspace was refused
-        ├── WorkspacePathError       the name escapes the workspace (``..``, absolute, NUL, symlink)
-        └── QuotaExceeded            a file or the workspace total is over its size limit
+    ├── WorkspaceError               a file operation on a session workspace was refused
+    │   ├── WorkspacePathError       the name escapes the workspace (``..``, absolute, NUL, symlink)
+    │   └── QuotaExceeded            a file or the workspace total is over its size limit
+    └── KernelMessageRefused         a client's raw kernel message was malformed or not allowed
+        └── KernelMessageTooLarge    ... or over the size limit
 
 Lower-layer exceptions (``docker.errors``, ``zmq``, ``OSError``) are translated into these at the
 boundary, so callers never need to import a backend's library.
@@ -59,3 +61,12 @@ class WorkspacePathError(WorkspaceError):
 
 class QuotaExceeded(WorkspaceError):
     """A file, or the workspace as a whole, is larger than allowed."""
+
+
+class KernelMessageRefused(JupyboxError):
+    """A client's raw kernel message (the Jupyter kernels API) was not sent: malformed, on a channel
+    a client may not use, or over the size limit."""
+
+
+class KernelMessageTooLarge(KernelMessageRefused):
+    """A client's raw kernel message is over the size limit."""

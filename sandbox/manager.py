@@ -127,9 +127,10 @@ class SessionManager:
         return removed
 
     # -- sessions ---------------------------------------------------------------------------
-    async def create(self, limits: Limits | None = None) -> Session:
-        """A ready session: from the warm pool when one is there (and ``limits`` are the default),
-        else started now with ``limits``."""
+    async def create(self, limits: Limits | None = None, isolation: str | None = None) -> Session:
+        """A ready session: from the warm pool when one is there (and ``limits`` and ``isolation``
+        are the default), else started now with them. ``isolation``: one of the backend's
+        ``isolations()`` (e.g. ``runsc``), checked by the caller."""
         if not self._started:
             await self.start()
         if self._closing:
@@ -142,10 +143,10 @@ class SessionManager:
                 f"{len(self._sessions)} sessions are open, the limit is {self.settings.max_sessions}: "
                 "close idle sessions or raise max_sessions"
             )
-        custom = limits is not None and limits != self.settings.limits
+        custom = (limits is not None and limits != self.settings.limits) or isolation is not None
         session = self._pool.pop(0) if self._pool and not custom else None
         if session is None:
-            wanted = limits if custom else self.settings.limits
+            wanted = limits or self.settings.limits
             while self._pool and not self._memory_fits(wanted.memory_mb):
                 await self._pool.pop().close()  # warm sessions give way to one that is asked for
             if not self._memory_fits(wanted.memory_mb):
@@ -156,7 +157,7 @@ class SessionManager:
                     "JUPYBOX_MEMORY_BUDGET_MB")
             self._starting.append(wanted)
             try:
-                session = await self._new_session(limits if custom else None)
+                session = await self._new_session(limits if limits != self.settings.limits else None, isolation)
             finally:
                 self._starting.remove(wanted)
             if self._closing:  # shut down while it started: do not hand out an unmanaged kernel
@@ -167,13 +168,13 @@ class SessionManager:
         self._schedule_refill()
         return session
 
-    async def _new_session(self, limits: Limits | None = None) -> Session:
+    async def _new_session(self, limits: Limits | None = None, isolation: str | None = None) -> Session:
         sid = uuid.uuid4().hex[:12]
         folder = self.sessions_dir / sid
         folder.mkdir(parents=True)
         (folder / "owner").write_text(self.owner)  # read by a later process's orphan cleanup
         session = Session(self.backend, self.settings, self.owner, folder, sid, limits,
-                          own_filesystem=self.loop_workspaces)
+                          own_filesystem=self.loop_workspaces, isolation=isolation)
         await session.start()
         return session
 

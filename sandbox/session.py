@@ -23,6 +23,7 @@ from .config import Limits, SandboxSettings
 from .errors import SandboxError, SessionClosed, WorkspaceError
 from .kernel import KernelClient, OutputCollector, OutputCallback, RawResult, sockets_ready, write_connection_file
 from .models import Execution, ExecutionStatus, ImageFile, Output
+from .relay import KernelRelay
 from .workspace import Workspace, remove_tree
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ class Session:
     """Stateful: a variable set in one execution is there in the next, until a restart."""
 
     def __init__(self, backend: Backend, settings: SandboxSettings, owner: str, folder: Path,
-                 session_id: str | None = None, limits: Limits | None = None, own_filesystem: bool = False) -> None:
+                 session_id: str | None = None, limits: Limits | None = None, own_filesystem: bool = False,
+                 isolation: str | None = None) -> None:
         self.id = session_id or uuid.uuid4().hex[:12]
         self.backend = backend
         self.settings = settings
@@ -57,6 +59,9 @@ class Session:
         self._closed = False
         self._figures = 0
         self._own_filesystem = own_filesystem  # the workspace is a mounted image sized to its quota
+        self._connection_info: dict | None = None  # the host side of the running kernel's connection
+        self._relays: set[KernelRelay] = set()  # notebook clients attached to the running kernel
+        self.isolation = isolation  # one of the backend's isolations(), or None for its default
 
     @property
     def closed(self) -> bool:
@@ -64,9 +69,10 @@ class Session:
 
     @property
     def busy(self) -> bool:
-        """An execution is running or waiting; callers doing longer work (a chat turn) call
-        ``touch()`` so the idle reaper leaves the session alone."""
-        return self._lock.locked()
+        """An execution is running or waiting, or a notebook client's request runs (``attach``);
+        callers doing longer work (a chat turn) call ``touch()`` so the idle reaper leaves the
+        session alone."""
+        return self._lock.locked() or any(r.running for r in self._relays)
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -103,6 +109,7 @@ class Session:
         self._client = KernelClient(info)
         await self._client.connect(max(deadline - time.monotonic(), 5.0))
         await asyncio.to_thread(self._lock_runtime_dir)
+        self._connection_info = info
         self._needs_restart = False
 
     def _fresh_runtime_dir(self, kernel_rt: str) -> dict:
@@ -135,7 +142,7 @@ class Session:
 
     def _spec_base(self) -> KernelSpec:
         lim = self.limits
-        return KernelSpec(limits=lim, 
+        return KernelSpec(limits=lim, isolation=self.isolation,
             session_id=self.id, owner=self.owner, runtime_dir=self.runtime_dir,
             workspace_dir=self.workspace.root,
             env={"JUPYBOX_OUTPUT_LIMIT": str(lim.output_bytes), "JUPYBOX_IMAGE_LIMIT": str(lim.max_image_bytes),
@@ -143,6 +150,12 @@ class Session:
         )
 
     async def _stop_kernel(self) -> None:
+        for relay in list(self._relays):  # they were attached to this kernel: their clients reconnect
+            if self._closed:
+                relay.end("the session was closed", "close")
+            else:
+                relay.end("the kernel was restarted; variables are lost", "restart")
+        self._connection_info = None
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -189,6 +202,31 @@ class Session:
     def _check_open(self) -> None:
         if self._closed:
             raise SessionClosed(f"session {self.id} is closed: create a new session")
+
+    # -- raw kernel messages (notebook front ends) -------------------------------------------
+    async def attach(self, allow_stdin: bool = True) -> KernelRelay:
+        """A relay of raw kernel messages for one outside client, on sockets of its own; it ends
+        when this kernel is replaced or the session closes. ``allow_stdin``: ``input()`` asks the
+        client (a person is there) instead of failing."""
+        self._check_open()
+        if self._needs_restart or self._connection_info is None or not await self.kernel_alive():
+            async with self._lock:  # behind a running execution, which may restart the kernel itself
+                self._check_open()
+                if self._needs_restart or self._connection_info is None or not await self.kernel_alive():
+                    await self._restart()
+        assert self._connection_info is not None
+        relay = KernelRelay(self, self._connection_info, self.limits, allow_stdin=allow_stdin)
+        self._relays.add(relay)  # before it opens: a restart meanwhile ends it, and open() says so
+        await relay.open(self.settings.start_timeout_s)
+        self.touch()
+        return relay
+
+    def _detach(self, relay: KernelRelay) -> None:
+        self._relays.discard(relay)
+
+    async def kernel_alive(self) -> bool:
+        handle = self._handle
+        return handle is not None and await self.backend.is_alive(handle)
 
     # -- execution --------------------------------------------------------------------------
     async def execute(self, code: str, timeout: float | None = None,

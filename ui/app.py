@@ -36,7 +36,7 @@ from sandbox import (
     WorkspacePathError,
 )
 
-from . import api, openai_compat
+from . import api, kernels_api, openai_compat
 from .metrics import Metrics
 from .middleware import BodyLimit, LoopbackHostOnly, SameOrigin, SecurityHeaders, TokenAuth, error_body
 from .services import Services
@@ -170,6 +170,7 @@ def create_app(services: Services, ui: bool = True) -> FastAPI:
         return Response(metrics.render(), media_type=metrics.content_type)
 
     app.include_router(api.router, tags=["api"])
+    kernels_api.install(app, services.manager, metrics)
     app.include_router(openai_compat.router, tags=["openai"])
 
     @app.api_route("/api/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)

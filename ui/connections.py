@@ -3,8 +3,8 @@
 uvicorn starts no timer until a first response: a client that opens a connection and sends half a
 request head is held for as long as it likes, and so are a thousand such clients. ``BoundedH11``
 closes a connection whose request head has not arrived ``header_timeout_s`` after it opened (or
-after the previous response), and closes new connections on arrival while ``max_connections`` are
-open. Request bodies that stall are the body limit's business (``ui.middleware.BodyLimit``).
+after the previous response; a websocket, once upgraded, is left alone), and closes new
+connections on arrival while ``max_connections`` are open. Request bodies that stall are the body limit's business (``ui.middleware.BodyLimit``).
 """
 
 from __future__ import annotations
@@ -36,8 +36,16 @@ class BoundedH11(H11Protocol):
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_overdue)
 
     def _head_overdue(self) -> None:
+        if self.transport.get_protocol() is not self:  # upgraded to a websocket: not ours any more
+            return
         if self.cycle is None or self.cycle.response_complete:  # no request is being answered
             self.transport.close()
+
+    def handle_websocket_upgrade(self, event: Any) -> None:
+        if self._head_timer is not None:  # the head arrived; the websocket has its own pings
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().handle_websocket_upgrade(event)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -36,6 +36,11 @@ class Metrics:
                               ["kind"], registry=r)
         for kind in ("prompt", "completion"):  # the series exist from the start, at 0
             self.tokens.labels(kind)
+        self.kernel_messages = Counter("jupybox_kernel_messages", "Jupyter messages relayed between notebook "
+                                       "clients and kernels, by direction (to_kernel, to_client)",
+                                       ["direction"], registry=r)
+        self.kernel_messages_refused = Counter("jupybox_kernel_messages_refused", "Notebook clients' messages "
+                                               "refused (malformed, oversized, not allowed)", registry=r)
         self.failures = Counter("jupybox_request_failures", "API requests answered with an error, by HTTP status",
                                 ["status"], registry=r)
 

@@ -5,6 +5,7 @@ Authentication (when ``ServeSettings.api_token`` is set): every path but ``/heal
 token, given as one of
 
 - ``Authorization: Bearer <token>`` — API clients; the OpenAI client's ``api_key`` is sent this way;
+- ``Authorization: token <token>`` — the same, as Jupyter clients send it (the kernels API);
 - the ``jupybox_token`` cookie — set by the server (HttpOnly, SameSite=Strict), so the browser UI's
   own requests carry it;
 - ``GET /?token=<token>`` — open the UI once this way: the answer sets the cookie and redirects
@@ -49,6 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .metrics import Metrics
 
 TOKEN_COOKIE = "jupybox_token"
+AUTH_SCHEMES = frozenset({"bearer", "token"})  # token: what Jupyter clients send (a gateway's, VS Code's)
 OPEN_PATHS = frozenset({"/healthz"})
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 BODY_LIMIT = 16 << 20  # any request body but an upload's
@@ -106,10 +108,16 @@ def error_body(path: str, status: int, message: str) -> dict[str, Any]:
 
 async def refuse(scope: Scope, receive: Receive, send: Send, metrics: Metrics, status: int, message: str,
                  headers: dict[str, str] | None = None) -> None:
-    """Answer from a middleware: a JSON error for HTTP, close code 1008 for a websocket."""
+    """Answer from a middleware: a JSON error, also to a websocket handshake where the server can
+    send one (else close code 1008, which the server answers with a 403)."""
     metrics.failures.labels(str(status)).inc()
-    if scope["type"] == "websocket":
+    if scope["type"] == "websocket" and "websocket.http.response" not in scope.get("extensions", {}):
         await send({"type": "websocket.close", "code": 1008})
+        return
+    if scope["type"] == "websocket":  # the handshake is answered with the same JSON error as HTTP
+        body = JSONResponse(error_body(scope["path"], status, message), status_code=status, headers=headers)
+        await send({"type": "websocket.http.response.start", "status": status, "headers": body.raw_headers})
+        await send({"type": "websocket.http.response.body", "body": body.body})
         return
     response = JSONResponse(error_body(scope["path"], status, message), status_code=status, headers=headers)
     await response(scope, receive, send)
@@ -136,8 +144,8 @@ class TokenAuth:
                 await self._redeem(scope, receive, send, query)
                 return
         headers = Headers(scope=scope)
-        auth = headers.get("authorization", "")
-        supplied = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        scheme, _, credentials = headers.get("authorization", "").partition(" ")
+        supplied = credentials.strip() if scheme.lower() in AUTH_SCHEMES else None
         if supplied is None:
             supplied = cookie_parser(headers.get("cookie", "")).get(TOKEN_COOKIE) or None
         if supplied is None or not self._valid(supplied):

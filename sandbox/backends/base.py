@@ -26,6 +26,7 @@ class KernelSpec:
     limits: Limits = field(default_factory=Limits)  # this session's limits
     boot_args: list[str] = field(default_factory=list)  # arguments for kernel_boot.py (kernel paths)
     env: dict[str, str] = field(default_factory=dict)
+    isolation: str | None = None  # one of the backend's ``isolations()``; None: the backend's default
 
 
 @dataclass
@@ -55,6 +56,12 @@ class Backend(abc.ABC):
     async def check(self) -> None:
         """Called once by the manager before the first session; raises ``BackendUnavailable`` with
         what to do when this host cannot run the backend. Default: nothing to check."""
+
+    async def isolations(self) -> list[str]:
+        """Called by front ends that let a user choose: the isolations a session may ask for in
+        ``KernelSpec.isolation`` besides the default (docker: gVisor's ``runsc`` where the daemon
+        has it). Default: none."""
+        return []
 
     @abc.abstractmethod
     async def start(self, spec: KernelSpec) -> KernelHandle:

@@ -78,6 +78,11 @@ class DockerBackend(Backend):
                     f"(known: {', '.join(info.get('Runtimes', {}))}); see the README's gVisor section"
                 )
 
+    async def isolations(self) -> list[str]:
+        """``runsc`` when the daemon has gVisor registered and it is not the default already."""
+        info = await self._call(self._docker().info)
+        return [r for r in ("runsc",) if r in info.get("Runtimes", {}) and r != self.settings.docker_runtime]
+
     async def start(self, spec: KernelSpec) -> KernelHandle:
         from docker.types import Ulimit
 
@@ -113,7 +118,7 @@ class DockerBackend(Backend):
                 str(spec.workspace_dir): {"bind": self.workspace_mount, "mode": "rw"},
             },
             labels={LABEL: "1", f"{LABEL}.session": spec.session_id, f"{LABEL}.owner": spec.owner},
-            runtime=self.settings.docker_runtime,
+            runtime=spec.isolation or self.settings.docker_runtime,
             # the kernel can write to its stdout file descriptor directly: keep the daemon's log small
             log_config={"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
         ))

@@ -1,0 +1,96 @@
+"""The session's raw-message relay (what the Jupyter kernels API stands on), on the real docker
+sandbox: it shares a kernel with the JSON API without either losing messages, drops what a hostile
+kernel forges, refuses what a client may not send, and ends with its kernel."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from sandbox import KernelMessage, KernelMessageRefused, KernelRelay, SessionManager
+
+
+def request(msg_type: str, content: dict, channel: str = "shell") -> KernelMessage:
+    header = {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, "session": "tests", "username": "tests",
+              "version": "5.3", "date": "2026-01-01T00:00:00.000000Z"}
+    return KernelMessage(channel, header, content=content)
+
+
+async def replies_to(relay: KernelRelay, msg: KernelMessage) -> list[KernelMessage]:
+    """The relay's messages for ``msg`` up to its execute reply and its idle."""
+    seen, replied, idle = [], False, False
+    while not (replied and idle):
+        m = await relay.receive()
+        assert m is not None, relay.end_reason
+        if m.parent_id == msg.msg_id:
+            seen.append(m)
+            replied = replied or m.msg_type == "execute_reply"
+            idle = idle or (m.msg_type == "status" and m.content.get("execution_state") == "idle")
+    return seen
+
+
+def execute(code: str) -> KernelMessage:
+    return request("execute_request", {"code": code, "silent": False, "store_history": True,
+                                       "user_expressions": {}, "allow_stdin": False})
+
+
+async def test_a_relay_and_the_json_api_share_a_kernel(docker_manager: SessionManager) -> None:
+    session = await docker_manager.create()
+    relay = await session.attach()
+    slow = execute("import time\ntime.sleep(0.5)\nprint('from the notebook')")
+    await relay.send(slow)
+    assert session.busy  # a notebook's running cell keeps the idle reaper away
+    ex = await session.execute("print('from the API')")  # queued in the kernel behind the cell
+    assert ex.ok and ex.stdout == "from the API\n"
+    seen = await replies_to(relay, slow)
+    assert [m.content["text"] for m in seen if m.msg_type == "stream"] == ["from the notebook\n"]
+    assert not relay.running and not session.busy
+    await docker_manager.close(session.id)
+    assert relay.closed and relay.ended_by == "close"
+    while await relay.receive() is not None:  # what was queued, then the end
+        pass
+
+
+async def test_what_a_hostile_kernel_forges_is_dropped(docker_manager: SessionManager) -> None:
+    session = await docker_manager.create()
+    relay = await session.attach()
+    forge = execute(
+        "import hmac, hashlib, json\n"
+        "k = get_ipython().kernel\n"
+        "parent = json.dumps(k.get_parent('shell')['header'], default=str).encode()\n"
+        "def signed(content):\n"
+        "    parts = [json.dumps({'msg_id': 'f', 'msg_type': 'stream', 'session': 'k'}).encode(), parent, b'{}', content]\n"
+        "    sig = hmac.new(k.session.key, b''.join(parts), hashlib.sha256).hexdigest().encode()\n"
+        "    return [b'stream', b'<IDS|MSG>', sig, *parts]\n"
+        "k.iopub_socket.send_multipart([b'stream', b'<IDS|MSG>', b'0' * 64, b'{}', parent, b'{}', b'{}'])\n"
+        "k.iopub_socket.send_multipart(signed(b'[1, 2]'))\n"
+        "k.iopub_socket.send_multipart(signed(b'{\"name\": \"stdout\", \"text\": NaN}'))\n"
+        "k.iopub_socket.send_multipart(signed(b'{\"name\": \"stdout\", \"text\": \"signed and sound\\\\n\"}'))\n")
+    await relay.send(forge)
+    seen = await replies_to(relay, forge)
+    assert [m.content["text"] for m in seen if m.msg_type == "stream"] == ["signed and sound\n"]
+    assert relay.dropped_messages == 3
+    await docker_manager.close(session.id)
+
+
+async def test_a_client_cannot_send_what_it_should_not(docker_manager: SessionManager) -> None:
+    session = await docker_manager.create()
+    relay = await session.attach(allow_stdin=False)
+    bad = [request("stream", {}, channel="iopub"), request("execute_request", {}, channel="hb"),
+           KernelMessage("shell", {"msg_type": "execute_request"}),
+           KernelMessage("shell", {"msg_id": "x" * 300, "msg_type": "kernel_info_request", "session": "s"}),
+           KernelMessage("shell", request("kernel_info_request", {}).header, content=[]),  # type: ignore[arg-type]
+           KernelMessage("shell", request("kernel_info_request", {}).header, buffers=[b""] * 65),
+           request("execute_request", {"code": "x", "n": float("nan")})]
+    for msg in bad:
+        with pytest.raises(KernelMessageRefused):
+            await relay.send(msg)
+    asks = execute("input('name? ')")
+    asks.content["allow_stdin"] = True  # this relay was opened without stdin: input() fails at once
+    await relay.send(asks)
+    seen = await replies_to(relay, asks)
+    assert any(m.msg_type == "error" and "StdinNotImplementedError" in m.content["ename"] for m in seen)
+    await session.restart()  # a fresh kernel: this relay's client must reconnect
+    assert relay.closed and relay.ended_by == "restart"
+    await docker_manager.close(session.id)
