@@ -19,13 +19,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
-from sandbox import JupyboxError, Session, SessionClosed, SessionManager
+from sandbox import Execution, JupyboxError, Session, SessionClosed, SessionManager
 from sandbox.workspace import Workspace, WorkspaceFile
 
-from .conversation import Conversation
+from .conversation import Cell, Conversation
 from .errors import ModelUnavailable, TurnBusy
 from .events import Event
 from .formats import get_format
@@ -274,6 +275,29 @@ class ConversationService:
         if stored.path not in chat.pending:
             chat.pending.append(stored.path)
         return stored, note
+
+    # -- code without a model ---------------------------------------------------------------
+    async def execute(self, chat: Chat, code: str, timeout: float | None = None,
+                      cancel: asyncio.Event | None = None) -> AsyncIterator[Event]:
+        """Run ``code`` in the chat's session as the person (or agent) wrote it, no model involved:
+        a ``notice`` when the session had to be replaced, each ``output``, then the ``execution``,
+        which becomes a cell of the conversation and is counted by the observers. Closing the
+        iterator early, or setting ``cancel``, interrupts the code (variables are kept)."""
+        session, note = await self.session(chat)
+        if note:
+            yield Event("notice", text=note)
+        async with aclosing(session.stream(code, timeout, cancel)) as items:
+            async for item in items:
+                chat.last_used = time.monotonic()
+                if isinstance(item, Execution):
+                    chat.conversation.cells.append(Cell(code, item))
+                    chat.conversation.timeline.append(("cell", len(chat.conversation.cells) - 1))
+                    event = Event("execution", execution=item)
+                    for observer in self.observers:
+                        observer.observe_event(event, chat.source)
+                else:
+                    event = Event("output", output=item)
+                yield event
 
     # -- turns ------------------------------------------------------------------------------
     async def turn(self, key: str, source: str, question: str, settings: InterpreterSettings | None = None,

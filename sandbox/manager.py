@@ -67,6 +67,7 @@ class SessionManager:
         self._closing = False
         self._starting: list[Limits] = []  # sessions create() is starting, counted against the caps
         self._warming = 0  # warm-pool sessions being started, counted against the memory budget
+        self._closes: set[asyncio.Future] = set()  # closes under way, waited for by shutdown
         self.on_reap = on_reap  # told the id of each session the idle reaper closes
         self.settings.limits.check()
         self.memory_budget_mb = self.settings.memory_budget()
@@ -200,7 +201,12 @@ class SessionManager:
         session = self._sessions.pop(session_id, None)
         if session is None:
             raise SessionClosed(f"no open session {session_id!r}")
-        await session.close()
+        # in a task of its own, so that a shutdown meanwhile waits for it before closing the backend
+        # (and a caller cancelled half-way does not leave a container behind)
+        closing = asyncio.ensure_future(session.close())
+        self._closes.add(closing)
+        closing.add_done_callback(self._closes.discard)
+        await asyncio.shield(closing)
 
     # -- warm pool and reaper ---------------------------------------------------------------
     def _schedule_refill(self) -> None:
@@ -255,6 +261,6 @@ class SessionManager:
         sessions = list(self._sessions.values()) + self._pool
         self._sessions.clear()
         self._pool.clear()
-        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        await asyncio.gather(*(s.close() for s in sessions), *self._closes, return_exceptions=True)
         await self.backend.close()
         self._started = False

@@ -22,7 +22,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
+from mcp.server.transport_security import TransportSecuritySettings
 from starlette.exceptions import HTTPException
+from starlette.routing import Route
 
 from interpreter import FormatError, ModelCancelled, ModelError, ModelUnavailable, TurnBusy
 from sandbox import (
@@ -38,7 +41,8 @@ from sandbox import (
 
 from . import api, kernels_api, openai_compat
 from .metrics import Metrics
-from .middleware import BodyLimit, LoopbackHostOnly, SameOrigin, SecurityHeaders, TokenAuth, error_body
+from .mcp import JupyboxMcp, McpSessions
+from .middleware import BODY_LIMIT, BodyLimit, LoopbackHostOnly, SameOrigin, SecurityHeaders, TokenAuth, error_body
 from .services import Services
 from .web_guard import GradioGate, UploadCache, UploadRefused
 
@@ -137,15 +141,30 @@ def mount_placeholder(app: FastAPI, reason: str) -> None:
         return HTMLResponse(UI_MISSING_PAGE.format(reason=reason))
 
 
+def mcp_session_manager(services: Services) -> McpSessions:
+    """The MCP sessions of ``/mcp``. The SDK's own Host/Origin check is off: the server's middleware
+    does it for every route; its sessions idle out with the sandbox's TTL."""
+    settings = services.settings
+    files_url = f"http://{settings.host}:{settings.port}/api/sessions"
+    return McpSessions(
+        JupyboxMcp(services.service, files_url=files_url), json_response=False, stateless=False,
+        session_idle_timeout=settings.sandbox.idle_ttl_s,
+        security_settings=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+        max_request_body_size=BODY_LIMIT, max_sessions=settings.sandbox.max_sessions * 4)
+
+
 def create_app(services: Services, ui: bool = True) -> FastAPI:
     """The server's app on ``services``; starting the app (its lifespan) starts them. ``ui=False``
     leaves the browser UI out (``/`` then says so): API-only deployments and tests."""
+
+    mcp_sessions = mcp_session_manager(services)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await services.start()
         try:
-            yield
+            async with mcp_sessions.run():  # MCP sessions end (and close their sandboxes) before the service
+                yield
         finally:
             await services.stop()
 
@@ -172,6 +191,8 @@ def create_app(services: Services, ui: bool = True) -> FastAPI:
     app.include_router(api.router, tags=["api"])
     kernels_api.install(app, services.manager, metrics)
     app.include_router(openai_compat.router, tags=["openai"])
+    # MCP over streamable HTTP, behind the same middleware as every route (token, Host, Origin, body limits)
+    app.router.routes.append(Route("/mcp", StreamableHTTPASGIApp(mcp_sessions), methods=["GET", "POST", "DELETE"]))
 
     @app.api_route("/api/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)

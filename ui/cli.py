@@ -1,6 +1,7 @@
 """The ``jupybox`` command line.
 
 Subcommands: ``exec`` (run code in a fresh sandbox session), ``serve`` (the browser UI and HTTP API),
+``mcp`` (the sandbox as MCP tools over stdio),
 ``demo``, ``sandbox build-image`` / ``sandbox cleanup``, ``bench sandbox``, ``bench model``. Errors are printed as one
 sentence with a next step; no traceback reaches the user (``--debug`` shows it).
 """
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ui.serve import add_serve_flags
 
     add_serve_flags(p)
+    _add_sandbox_flags(p)
+
+    p = sub.add_parser("mcp", help="the sandbox as MCP tools over stdio, for a desktop or IDE agent")
+    add_model_flags(p)
     _add_sandbox_flags(p)
 
     p = sub.add_parser("eval", help="the Qwen code-interpreter benchmark: executable rate, GSM8K and plot accuracy")
@@ -161,6 +166,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from ui import terminal
 
         return await getattr(terminal, args.command)(args, _settings(args))
+    if args.command == "mcp":
+        from ui.terminal import serve_mcp
+
+        return await serve_mcp(args, _settings(args))
     if args.command == "serve":
         from ui.serve import sandbox_overrides, serve
 

@@ -196,3 +196,19 @@ def _read_line() -> str | None:
         return input("\nyou> ")
     except EOFError:
         return None
+
+
+async def serve_mcp(args: argparse.Namespace, settings: SandboxSettings) -> int:
+    """``jupybox mcp``: the MCP tools over stdin/stdout for one agent, on a sandbox manager of its
+    own; every sandbox is closed when the agent hangs up (or on SIGTERM). A model is loaded only
+    when one is configured (then the ``ask`` tool appears)."""
+    from ui.mcp import JupyboxMcp
+
+    models = ModelSettings.from_args(args)
+    service = ConversationService(SessionManager(settings), models, interpreter_settings(args))
+    try:
+        await service.start(load_model=models.configured)
+        await JupyboxMcp(service, handshake_only=False).run_stdio()
+    finally:
+        await service.stop()
+    return 0

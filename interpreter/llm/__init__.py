@@ -53,6 +53,11 @@ class ModelSettings:
         return cls.from_env(**flags)
 
     @property
+    def configured(self) -> bool:
+        """Whether a model was asked for (else the default local one is only a suggestion)."""
+        return self.remote or self.model is not None
+
+    @property
     def remote(self) -> bool:
         return self.openai_base_url is not None
 
