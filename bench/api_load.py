@@ -6,7 +6,8 @@ Without ``--url`` it starts ``jupybox serve`` in a child process (free loopback 
 backend configured by ``JUPYBOX_*``, no model needed) and first measures, in the same run, the
 baseline the API adds to: the same execution called on a session directly, without HTTP. Beside
 the JSON API's execute of ``1+1`` it times the same round trip through the Jupyter kernels API's
-channels websocket (v1 wire format, execute request to reply and idle), interleaved in one run.
+channels websocket (v1 wire format, execute request to reply and idle) and through an MCP
+``run_python`` call (the SDK's client over streamable HTTP), interleaved in one run.
 It prints latencies (p50 / p95 / max) and counts errors; it never asserts timings.
 """
 
@@ -24,6 +25,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +125,7 @@ async def _one_client_over_http(client: httpx.AsyncClient, figures: Figures, rou
 
 WS_FIGURE = "1+1: kernels API websocket (v1), 1 kernel alone"
 JSON_FIGURE = "1+1: JSON API execute (HTTP), 1 session alone"
+MCP_FIGURE = "1+1: MCP run_python (streamable HTTP), 1 session"
 
 
 async def _websocket_beside_json(client: httpx.AsyncClient, url: str, token: str | None, figures: Figures,
@@ -133,7 +137,8 @@ async def _websocket_beside_json(client: httpx.AsyncClient, url: str, token: str
     ws_url = "ws" + url[len("http"):] + f"/api/kernels/{kid}/channels"
     try:
         async with websockets.connect(ws_url, additional_headers=headers, subprotocols=[V1_PROTOCOL],
-                                      max_size=None, open_timeout=120) as ws:
+                                      max_size=None, open_timeout=120) as ws, _mcp_client(url, token) as mcp:
+            await mcp.call_tool("run_python", {"code": "1+1"})  # its sandbox starts here, not in the figure
             for _ in range(rounds * 2):
                 t0 = time.perf_counter()
                 r = await client.post(f"/api/sessions/{sid}/execute", json={"code": "1+1"})
@@ -145,9 +150,27 @@ async def _websocket_beside_json(client: httpx.AsyncClient, url: str, token: str
                 figures.add(WS_FIGURE, time.perf_counter() - t0)
                 if result != "2":
                     figures.errors.append(f"websocket 1+1: got {result!r}")
+                t0 = time.perf_counter()
+                answer = await mcp.call_tool("run_python", {"code": "1+1"})
+                figures.add(MCP_FIGURE, time.perf_counter() - t0)
+                if answer.is_error or answer.content[0].text.strip() != "2":
+                    figures.errors.append(f"mcp 1+1: got {answer.content[0].text[:200]!r}")
     finally:
         await client.delete(f"/api/kernels/{kid}")
         await client.delete(f"/api/sessions/{sid}")
+
+
+@asynccontextmanager
+async def _mcp_client(url: str, token: str | None) -> AsyncIterator[Any]:
+    """The MCP SDK's own client on the server's ``/mcp`` (one MCP session for the whole run)."""
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(120, read=300)) as http:
+        async with Client(streamable_http_client(f"{url}/mcp", http_client=http)) as client:
+            yield client
 
 
 async def _execute_over_websocket(ws: Any, code: str) -> str | None:
@@ -249,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         p50 = {r["figure"]: r["p50_ms"] for r in rows}
         if WS_FIGURE in p50 and JSON_FIGURE in p50:
             print(f"1+1 round trip, websocket / JSON API (p50): {p50[WS_FIGURE] / p50[JSON_FIGURE]:.2f}")
+        if MCP_FIGURE in p50 and JSON_FIGURE in p50:
+            p95 = {r["figure"]: r["p95_ms"] for r in rows}
+            print(f"1+1 round trip, MCP minus JSON API: p50 {p50[MCP_FIGURE] - p50[JSON_FIGURE]:+.1f} ms, "
+                  f"p95 {p95[MCP_FIGURE] - p95[JSON_FIGURE]:+.1f} ms")
         print(f"errors: {len(figures.errors)}")
         for e in figures.errors[:10]:
             print(f"  {e}")
