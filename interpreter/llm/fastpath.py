@@ -22,6 +22,8 @@ to ``generate``.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from interpreter.llm.gptq_pack import (DEQUANTIZE_MIN_ROWS, Int4Weight, PackedInt4, UnsupportedQuantization, cat_rows,
-                                       from_gptq, quantize)
+                                       fit_group, from_gptq, quantize)
+
+log = logging.getLogger(__name__)
 
 BUCKET = 512  # attended-length granularity of the decode step's CUDA graphs
 
@@ -173,8 +177,13 @@ class Projection(torch.nn.Module):
                  dtype: torch.dtype, quantize_to: str | None = None, group: int = 128) -> None:
         super().__init__()
         if quantize_to == "int4" and isinstance(w, torch.Tensor):
-            w = quantize(w.to(device), group)
-        self.packed = PackedInt4(w, device) if isinstance(w, Int4Weight) else None
+            fitted = fit_group(int(w.shape[1]), group)
+            if fitted is None:
+                log.info("a %dx%d weight has no 4-bit group size that divides its input: kept in %s",
+                         *w.shape, dtype)
+            else:
+                w = quantize(w.to(device), fitted)
+        self.packed = int4_layer(w, device) if isinstance(w, Int4Weight) else None
         self.register_buffer("weight", None if self.packed is not None else w.to(device, dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
 
@@ -183,6 +192,21 @@ class Projection(torch.nn.Module):
             return F.linear(x, self.weight, self.bias)
         y = self.packed(x)
         return y if self.bias is None else y + self.bias
+
+
+def int4_layer(w: Int4Weight, device: torch.device) -> torch.nn.Module:
+    """The layer that runs a 4-bit weight: on a GPU the Triton kernel (``int4_gemv``), unless Triton
+    is missing, the weight's shape does not fit it, its check at load fails, or
+    ``JUPYBOX_INT4_KERNEL=torch`` asks for PyTorch's own int4 kernel (``gptq_pack.PackedInt4``)."""
+    if device.type == "cuda" and os.environ.get("JUPYBOX_INT4_KERNEL", "triton") != "torch":
+        from interpreter.llm import int4_gemv
+
+        if int4_gemv.available() and int4_gemv.supports(*w.shape, w.group):
+            try:
+                return int4_gemv.TritonInt4(w.q, w.scales_zeros, w.group, device)
+            except int4_gemv.Int4GemvUnavailable as exc:
+                log.warning("%s: PyTorch's int4 kernel runs this weight instead", exc)
+    return PackedInt4(w, device)
 
 
 class Layer(torch.nn.Module):
