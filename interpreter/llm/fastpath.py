@@ -64,9 +64,13 @@ class DecoderShape:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> DecoderShape:
         kind = str(cfg.get("model_type", ""))
-        scaling = cfg.get("rope_scaling") or {}
+        # transformers 5 writes rope_theta and the scaling type into rope_parameters; older configs
+        # have rope_theta and rope_scaling at the top level
+        rope = cfg.get("rope_parameters") or {}
+        scaling = cfg.get("rope_scaling") or rope
         if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
             raise FastPathUnsupported(f"rope scaling {scaling} is not implemented by the fast path")
+        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
         if kind == "qwen":
             heads = int(cfg["num_attention_heads"])
             return cls(vocab=int(cfg["vocab_size"]), d_model=int(cfg["hidden_size"]), n_layers=int(cfg["num_hidden_layers"]),
@@ -81,7 +85,7 @@ class DecoderShape:
             return cls(vocab=int(cfg["vocab_size"]), d_model=int(cfg["hidden_size"]), n_layers=int(cfg["num_hidden_layers"]),
                        n_heads=heads, n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
                        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads), ffn=int(cfg["intermediate_size"]),
-                       rope_theta=float(cfg.get("rope_theta", 10000.0)), eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                       rope_theta=theta, eps=float(cfg.get("rms_norm_eps", 1e-6)),
                        qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias")),
                        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                        max_context=int(cfg.get("max_position_embeddings", 8192)))
