@@ -19,9 +19,9 @@ pytest.importorskip("triton", reason="the int4 kernel needs Triton (`pip install
 from interpreter.llm import int4_gemv  # noqa: E402
 from interpreter.llm.gptq_pack import fit_group, quantize  # noqa: E402
 
-# each case: n_out, n_in, group, block_n, warps, splits
-CASES = [(96, 256, 128, 128, 1, 1), (200, 512, 64, 128, 1, 3), (960, 576, 32, 256, 2, 4),
-         (64, 1024, 128, 128, 1, 8), (136, 384, 128, 256, 2, 2)]
+# each case: n_out, n_in, group, block_n, warps, step, splits
+CASES = [(96, 256, 128, 128, 1, 1, 1), (200, 512, 64, 128, 1, 2, 3), (960, 576, 32, 256, 2, 2, 4),
+         (64, 1024, 128, 128, 1, 2, 8), (136, 384, 128, 256, 2, 1, 2)]
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -30,12 +30,12 @@ SCRIPT = textwrap.dedent("""
     from interpreter.llm.gptq_pack import quantize
     out = []
     gen = torch.Generator().manual_seed(0)
-    for n_out, n_in, group, block_n, warps, splits in json.loads(sys.argv[1]):
+    for n_out, n_in, group, block_n, warps, step, splits in json.loads(sys.argv[1]):
         w = quantize(torch.randn(n_out, n_in, generator=gen) * 0.02, group)
         packed = int4_gemv.pack(w.q, w.scales_zeros, group)
         x = (torch.randn(n_in, generator=gen) * 3).to(torch.bfloat16)
         ref = w.dequantize(torch.float64) @ x.double()
-        parts = int4_gemv.launch(x, packed, int4_gemv.GemvConfig(block_n, warps, splits))
+        parts = int4_gemv.launch(x, packed, int4_gemv.GemvConfig(block_n, warps, step, splits))
         got = parts.double().sum(0)
         out.append({"shape": list(parts.shape), "rel_err": float((got - ref).norm() / ref.norm())})
     # the layer: one row through the operator a compiled step calls, several rows through the
@@ -58,7 +58,7 @@ def test_the_kernel_computes_the_dequantized_product_under_the_interpreter() -> 
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     for case, got in zip(CASES, result["cases"]):
-        assert got["shape"] == [case[5], case[0]]  # one row of partial sums per split
+        assert got["shape"] == [case[6], case[0]]  # one row of partial sums per split
         assert got["rel_err"] < 1e-6, (case, got)  # float32 accumulation of exact products
     assert result["one_row"] < 1e-2 and result["one_shape"] == [1, 192]  # bf16 activations in, float32 out
     assert result["rows"] < 1e-2
@@ -93,5 +93,5 @@ def test_launch_shapes_cover_every_weight_of_a_7b_model() -> None:
         assert configs, (n_out, n_in)
         for c in configs:
             blocks = -(-n_out // c.block_n)
-            assert c.splits <= n_in // group and blocks * c.splits <= 8 * 132
+            assert c.splits * c.step <= n_in // group and blocks * c.splits <= 8 * 132
             assert c.block_n >= 128 * c.warps  # every thread holds whole rows: no reduction across warps

@@ -199,10 +199,12 @@ class Projection(torch.nn.Module):
 
 
 def int4_layer(w: Int4Weight, device: torch.device) -> torch.nn.Module:
-    """The layer that runs a 4-bit weight: on a GPU the Triton kernel (``int4_gemv``), unless Triton
-    is missing, the weight's shape does not fit it, its check at load fails, or
-    ``JUPYBOX_INT4_KERNEL=torch`` asks for PyTorch's own int4 kernel (``gptq_pack.PackedInt4``)."""
-    if device.type == "cuda" and os.environ.get("JUPYBOX_INT4_KERNEL", "triton") != "torch":
+    """The layer that runs a 4-bit weight: PyTorch's own int4 kernel (``gptq_pack.PackedInt4``), or
+    with ``JUPYBOX_INT4_KERNEL=triton`` on a GPU this project's Triton kernel (``int4_gemv``) where
+    Triton is there, the weight's shape fits and its check at load passes. The Triton kernel alone
+    reads weights 1.16x as fast, but a decode step around it runs slower (see docs/performance.md),
+    so it is not the default."""
+    if device.type == "cuda" and os.environ.get("JUPYBOX_INT4_KERNEL", "torch") == "triton":
         from interpreter.llm import int4_gemv
 
         if int4_gemv.available() and int4_gemv.supports(*w.shape, w.group):

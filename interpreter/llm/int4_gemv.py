@@ -20,8 +20,8 @@ columns per scale:
 
 Split-K: programs also split the input dimension so that a small projection still fills the GPU;
 each writes its partial sums to row ``split`` of a float32 ``[splits, n_out]`` result, which the
-caller sums (inside a compiled step that sum fuses into whatever follows). The block shape, warps
-and splits are chosen per weight shape by timing (``tune``) and cached.
+caller sums (inside a compiled step that sum fuses into whatever follows). The block shape, warps,
+groups per loop step and splits are chosen per weight shape by timing (``tune``) and cached.
 """
 
 from __future__ import annotations
@@ -49,11 +49,12 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """One launch shape: ``block_n`` output columns per program, ``warps`` per program, ``splits``
-    programs along the input dimension."""
+    """One launch shape: ``block_n`` output columns per program, ``warps`` per program, ``step``
+    groups per loop iteration, ``splits`` programs along the input dimension."""
 
     block_n: int = 256
     warps: int = 2
+    step: int = 1
     splits: int = 4
 
 
@@ -69,14 +70,12 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(xp_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K8, groups_per_split, magic,
-                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, STEP: tl.constexpr):
         """out[split, n] = sum over this split's groups g of
         s[g, n] * sum_k(x_k q[k, n]) + (z[g, n] - 8 s[g, n]) * xsum[g].
 
-        The next group's weights are loaded before this group's arithmetic (a software pipeline in
-        registers: Triton pipelines only loads that feed a dot), so memory and arithmetic overlap
-        within a program. ``magic`` is MAGIC passed at run time: held in a register,
-        ``(w & mask) | magic`` is one three-input logic instruction (two immediates would take two)."""
+        ``magic`` is MAGIC passed at run time: held in a register, ``(w & mask) | magic`` is one
+        three-input logic instruction (two immediates would take two)."""
         R: tl.constexpr = GROUP // 8  # packed rows of a group
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
@@ -86,33 +85,32 @@ if triton is not None:
         first = split * groups_per_split
         last = tl.minimum(first + groups_per_split, K8 * 8 // GROUP)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        w_next = tl.load(w_ptr + (first * R + rows)[:, None] * N + n[None, :], mask=(first < last) & n_ok[None, :],
-                         other=0)
-        for g in range(first, last):
-            w = w_next
-            w_next = tl.load(w_ptr + ((g + 1) * R + rows)[:, None] * N + n[None, :],
-                             mask=(g + 1 < last) & n_ok[None, :], other=0)
-            r = g * R + rows
-            # plane j holds x[8r + j] * 16**-j for j < 5 (nibble j masked in place is q * 16**j)
-            # and x[8r + j] * 16**-(j - 3) for j >= 5 (nibbles 5..7, shifted down by 12 bits once),
-            # so every nibble costs one logic op, one add and one multiply-add
-            x0 = tl.load(xp_ptr + r)
-            f0 = ((w & 15) | magic).to(tl.float32, bitcast=True) - 8388608.0
-            part = f0 * x0[:, None]
-            for j in tl.static_range(1, 5):
-                xj = tl.load(xp_ptr + j * K8 + r)
-                fj = ((w & (15 << (4 * j))) | magic).to(tl.float32, bitcast=True) - 8388608.0
-                part = tl.fma(fj, xj[:, None], part)
-            hi = w >> 12
-            for j in tl.static_range(5, 8):
-                xj = tl.load(xp_ptr + j * K8 + r)
-                fj = ((hi & (15 << (4 * (j - 3)))) | magic).to(tl.float32, bitcast=True) - 8388608.0
-                part = tl.fma(fj, xj[:, None], part)
-            dot = tl.sum(part, axis=0)
-            s = tl.load(s_ptr + g * N + n, mask=n_ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g * N + n, mask=n_ok, other=0.0).to(tl.float32)
-            xs = tl.load(xsum_ptr + g)
-            acc += s * dot + (z - 8.0 * s) * xs
+        for g0 in range(first, last, STEP):
+            for t in tl.static_range(STEP):
+                g = g0 + t
+                ok = g < last
+                r = g * R + rows
+                w = tl.load(w_ptr + r[:, None] * N + n[None, :], mask=ok & n_ok[None, :], other=0)
+                # plane j holds x[8r + j] * 16**-j for j < 5 (nibble j masked in place is q * 16**j)
+                # and x[8r + j] * 16**-(j - 3) for j >= 5 (nibbles 5..7, shifted down by 12 bits once),
+                # so every nibble costs one logic op, one add and one multiply-add
+                x0 = tl.load(xp_ptr + r, mask=ok, other=0.0)
+                f0 = ((w & 15) | magic).to(tl.float32, bitcast=True) - 8388608.0
+                part = f0 * x0[:, None]
+                for j in tl.static_range(1, 5):
+                    xj = tl.load(xp_ptr + j * K8 + r, mask=ok, other=0.0)
+                    fj = ((w & (15 << (4 * j))) | magic).to(tl.float32, bitcast=True) - 8388608.0
+                    part = tl.fma(fj, xj[:, None], part)
+                hi = w >> 12
+                for j in tl.static_range(5, 8):
+                    xj = tl.load(xp_ptr + j * K8 + r, mask=ok, other=0.0)
+                    fj = ((hi & (15 << (4 * (j - 3)))) | magic).to(tl.float32, bitcast=True) - 8388608.0
+                    part = tl.fma(fj, xj[:, None], part)
+                dot = tl.sum(part, axis=0)
+                s = tl.load(s_ptr + g * N + n, mask=ok & n_ok, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + g * N + n, mask=ok & n_ok, other=0.0).to(tl.float32)
+                xs = tl.load(xsum_ptr + g, mask=ok, other=0.0)
+                acc += s * dot + (z - 8.0 * s) * xs
         tl.store(out_ptr + split * N + n, acc, mask=n_ok)
 
 
@@ -192,7 +190,7 @@ def launch_planes(planes: torch.Tensor, sums: torch.Tensor, words: torch.Tensor,
     out = torch.empty((config.splits, n_out), dtype=torch.float32, device=words.device)
     grid = (triton.cdiv(n_out, config.block_n), config.splits)
     _gemv_kernel[grid](planes, sums, words, scales, zeros, out, n_out, k8, per_split, MAGIC, GROUP=group,
-                       BLOCK_N=config.block_n, num_warps=config.warps)
+                       BLOCK_N=config.block_n, STEP=config.step, num_warps=config.warps)
     return out
 
 
@@ -200,13 +198,13 @@ if triton is not None:
 
     @torch.library.custom_op("jupybox::int4_gemv", mutates_args=())
     def _gemv_op(planes: torch.Tensor, sums: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
-                 zeros: torch.Tensor, group: int, block_n: int, warps: int, splits: int) -> torch.Tensor:
+                 zeros: torch.Tensor, group: int, block_n: int, warps: int, step: int, splits: int) -> torch.Tensor:
         """The kernel as an operator a compiled step keeps whole (and a CUDA graph replays)."""
-        return launch_planes(planes, sums, words, scales, zeros, group, GemvConfig(block_n, warps, splits))
+        return launch_planes(planes, sums, words, scales, zeros, group, GemvConfig(block_n, warps, step, splits))
 
     @_gemv_op.register_fake
     def _(planes: torch.Tensor, sums: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-          group: int, block_n: int, warps: int, splits: int) -> torch.Tensor:
+          group: int, block_n: int, warps: int, step: int, splits: int) -> torch.Tensor:
         return words.new_empty((splits, words.shape[1]), dtype=torch.float32)
 
 
@@ -214,16 +212,19 @@ if triton is not None:
 def candidates(n_out: int, n_in: int, group: int, processors: int) -> list[GemvConfig]:
     """Launch shapes worth timing: blocks of 128 columns per warp or more (Triton then lays a warp's
     threads along the columns, so each thread holds whole groups of rows and the reduction over rows
-    stays in its registers), at most 4 columns a thread (8, with the next group's weights held too,
-    spills registers), and splits that put one to eight programs on each multiprocessor: fewer
-    splits give each program more groups to pipeline, more give the GPU more programs."""
+    stays in its registers), one or two groups per loop step, and splits that put one to eight
+    programs on each multiprocessor."""
     groups = n_in // group
     out = []
-    for block_n, warps in ((128, 1), (256, 2), (512, 4)):
+    for block_n, warps in ((128, 1), (256, 1), (256, 2), (512, 2), (512, 4)):
         blocks = -(-n_out // block_n)
-        splits = [s for s in (1, 2, 4, 8, 16, 32, 64) if s <= groups and blocks * s <= 8 * processors]
-        fill = [s for s in splits if blocks * s >= processors // 2] or splits[-1:]
-        out += [GemvConfig(block_n, warps, s) for s in fill[:4]]
+        splits = [s for s in (1, 2, 4, 8, 16, 32) if s <= groups and blocks * s <= 8 * processors]
+        fill = [s for s in splits if blocks * s >= processors] or splits[-1:]
+        for step in (1, 2):
+            # a thread holds step * group / 8 rows of block_n / (32 * warps) words: more than 128
+            # spills registers (seen in the compiler's report at block_n 512, 2 warps, step 2)
+            if step * group // 8 * block_n // (32 * warps) <= 128:
+                out += [GemvConfig(block_n, warps, step, s) for s in fill[:3] if groups >= s * step]
     return out
 
 
@@ -297,7 +298,7 @@ def tune(w: PackedGemvWeight) -> GemvConfig:
         except TypeError:
             pass
     if device.type != "cuda":
-        _TUNED[key] = GemvConfig(block_n=128, warps=1, splits=1)
+        _TUNED[key] = GemvConfig(block_n=128, warps=1, step=1, splits=1)
         return _TUNED[key]
     processors = torch.cuda.get_device_properties(device).multi_processor_count
     times = time_configs(w, candidates(n_out, n_in, w.group, processors))
@@ -363,7 +364,7 @@ class TritonInt4(torch.nn.Module):
             planes, sums = activation_planes(x2[0], self.group, self.plane_scale)
             c = self.config
             parts = torch.ops.jupybox.int4_gemv(planes, sums, self.words, self.scales, self.zeros, self.group,
-                                                c.block_n, c.warps, c.splits)
+                                                c.block_n, c.warps, c.step, c.splits)
             y = parts.sum(0, keepdim=True)
         else:
             y = x2.to(torch.bfloat16) @ _unpacker(self.words.is_cuda)(self.words, self.scales, self.zeros, self.group,
