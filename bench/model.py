@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -230,7 +231,8 @@ def run_model_bench(args: Any) -> int:
     report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(), "gpu": props.name, "gpu_memory_gb": props.total_memory / 1e9,
         "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-        "model": args.model or args.shape, "tokens": tokens, "card": CARD}
+        "model": args.model or args.shape, "tokens": tokens, "card": CARD,
+        "int4_kernel": os.environ.get("JUPYBOX_INT4_KERNEL", "torch")}
 
     def save() -> None:
         if args.out:
@@ -285,7 +287,8 @@ def _bound(report: dict[str, Any], label: str, decoder: Any, tokens: list[int]) 
 def render(r: dict[str, Any]) -> str:
     lines = [f"jupybox bench model — {r['model']}, {r['gpu']}, torch {r['torch']} (CUDA {r['cuda']}), "
              f"transformers {r['transformers']}, {r['date']}",
-             f"device-to-device copy: {r['copy_bandwidth_tb_s']:.2f} TB/s (read + write)"]
+             f"device-to-device copy: {r['copy_bandwidth_tb_s']:.2f} TB/s (read + write); int4 kernel: "
+             f"{r.get('int4_kernel', 'torch')} (JUPYBOX_INT4_KERNEL)"]
     from bench.model_check import render_checks
 
     lines += render_checks(r.get("check", {}))

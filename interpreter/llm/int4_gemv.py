@@ -1,0 +1,384 @@
+"""The fast path's batch-1 int4 matrix-vector product: a Triton kernel that streams 4-bit weights
+at close to the GPU's copy bandwidth.
+
+Why its own kernel: decoding one token multiplies one activation row by every weight once, so its
+speed is the rate at which weights leave memory. PyTorch's ``_weight_int4pack_mm`` reads int4
+weights at well under half the bandwidth a bf16 matrix product gets from cuBLAS; at these sizes the
+4-bit values must be turned into floats at ~10 per clock per multiprocessor, which a conversion
+instruction cannot do, so this kernel never converts: it ORs each nibble into the mantissa of the
+float 2**23 and subtracts 2**23 (one logic op and one add), and the activation is pre-scaled by
+16**-j so that nibbles need no shift to their low bits.
+
+Weight layout (made once at load by ``pack``), for a ``[n_out, n_in]`` weight with ``group`` input
+columns per scale:
+
+* ``words``: ``int32 [n_in // 8, n_out]``; bits ``4j..4j+3`` of word ``(r, n)`` hold ``q[n, 8r + j]``
+  (0..15). Output columns are contiguous, so a warp's 16-byte loads cover whole 128-byte lines.
+* ``scales``, ``zeros``: ``bf16 [n_in // group, n_out]``: the weight is ``(q - 8) * scale + zero``
+  (the canonical form of ``gptq_pack``), so ``y = scale * sum(x * q) + (zero - 8 * scale) * sum(x)``
+  per group, and the inner loop is one fused multiply-add per weight.
+
+Split-K: programs also split the input dimension so that a small projection still fills the GPU;
+each writes its partial sums to row ``split`` of a float32 ``[splits, n_out]`` result, which the
+caller sums (inside a compiled step that sum fuses into whatever follows). The block shape, warps,
+groups per loop step and splits are chosen per weight shape by timing (``tune``) and cached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAGIC = 0x4B000000  # the bits of the float 2**23: OR-ing a value below 2**23 into them adds it
+
+try:  # Triton ships with CUDA builds of PyTorch; without it the fast path keeps PyTorch's kernel
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None  # type: ignore[assignment]
+
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One launch shape: ``block_n`` output columns per program, ``warps`` per program, ``step``
+    groups per loop iteration, ``splits`` programs along the input dimension."""
+
+    block_n: int = 256
+    warps: int = 2
+    step: int = 1
+    splits: int = 4
+
+
+class Int4GemvUnavailable(RuntimeError):
+    """No Triton here, or its kernel disagrees with the dequantized weight on this GPU."""
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(xp_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K8, groups_per_split, magic,
+                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, STEP: tl.constexpr):
+        """out[split, n] = sum over this split's groups g of
+        s[g, n] * sum_k(x_k q[k, n]) + (z[g, n] - 8 s[g, n]) * xsum[g].
+
+        ``magic`` is MAGIC passed at run time: held in a register, ``(w & mask) | magic`` is one
+        three-input logic instruction (two immediates would take two)."""
+        R: tl.constexpr = GROUP // 8  # packed rows of a group
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        rows = tl.arange(0, R)
+        first = split * groups_per_split
+        last = tl.minimum(first + groups_per_split, K8 * 8 // GROUP)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for g0 in range(first, last, STEP):
+            for t in tl.static_range(STEP):
+                g = g0 + t
+                ok = g < last
+                r = g * R + rows
+                w = tl.load(w_ptr + r[:, None] * N + n[None, :], mask=ok & n_ok[None, :], other=0)
+                # plane j holds x[8r + j] * 16**-j for j < 5 (nibble j masked in place is q * 16**j)
+                # and x[8r + j] * 16**-(j - 3) for j >= 5 (nibbles 5..7, shifted down by 12 bits once),
+                # so every nibble costs one logic op, one add and one multiply-add
+                x0 = tl.load(xp_ptr + r, mask=ok, other=0.0)
+                f0 = ((w & 15) | magic).to(tl.float32, bitcast=True) - 8388608.0
+                part = f0 * x0[:, None]
+                for j in tl.static_range(1, 5):
+                    xj = tl.load(xp_ptr + j * K8 + r, mask=ok, other=0.0)
+                    fj = ((w & (15 << (4 * j))) | magic).to(tl.float32, bitcast=True) - 8388608.0
+                    part = tl.fma(fj, xj[:, None], part)
+                hi = w >> 12
+                for j in tl.static_range(5, 8):
+                    xj = tl.load(xp_ptr + j * K8 + r, mask=ok, other=0.0)
+                    fj = ((hi & (15 << (4 * (j - 3)))) | magic).to(tl.float32, bitcast=True) - 8388608.0
+                    part = tl.fma(fj, xj[:, None], part)
+                dot = tl.sum(part, axis=0)
+                s = tl.load(s_ptr + g * N + n, mask=ok & n_ok, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + g * N + n, mask=ok & n_ok, other=0.0).to(tl.float32)
+                xs = tl.load(xsum_ptr + g, mask=ok, other=0.0)
+                acc += s * dot + (z - 8.0 * s) * xs
+        tl.store(out_ptr + split * N + n, acc, mask=n_ok)
+
+
+@dataclass
+class PackedGemvWeight:
+    """A weight in the kernel's layout (see the module docstring)."""
+
+    words: torch.Tensor  # int32 [n_in // 8, n_out]
+    scales: torch.Tensor  # bf16 [n_in // group, n_out]
+    zeros: torch.Tensor  # bf16 [n_in // group, n_out]
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.words.shape[1]), int(self.words.shape[0]) * 8
+
+
+def supports(n_out: int, n_in: int, group: int) -> bool:
+    """Whether the kernel takes this weight: the group a power of two from 8 up, dividing ``n_in``."""
+    return group >= 8 and group & (group - 1) == 0 and n_in % group == 0 and n_out > 0
+
+
+def pack(q: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> PackedGemvWeight:
+    """The kernel's layout of a canonical 4-bit weight (``q`` uint8 ``[n_out, n_in]`` in 0..15,
+    ``scales_zeros`` ``[n_in // group, n_out, 2]``), on ``q``'s device."""
+    n_out, n_in = q.shape
+    if not supports(n_out, n_in, group):
+        raise Int4GemvUnavailable(f"a {n_out}x{n_in} weight in groups of {group} does not fit the int4 kernel")
+    nibbles = q.t().reshape(n_in // 8, 8, n_out).to(torch.int64)  # [r, j, n] = q[n, 8r + j]
+    shifts = (torch.arange(8, device=q.device, dtype=torch.int64) * 4).view(1, 8, 1)
+    words = (nibbles << shifts).sum(1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    sz = scales_zeros.to(torch.bfloat16)
+    return PackedGemvWeight(words, sz[..., 0].contiguous(), sz[..., 1].contiguous(), group)
+
+
+def unpack_dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """The weight transposed, ``[n_in, n_out]`` in ``dtype``, from the packed form (for prompts:
+    many rows are faster as a 16-bit matrix product over the weight unpacked once for the call)."""
+    k8, n_out = words.shape
+    shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32).view(1, 8, 1)
+    q = ((words.unsqueeze(1) >> shifts) & 0xF).view(k8 * 8 // group, group, n_out).float()
+    full = (q - 8) * scales.float().unsqueeze(1) + zeros.float().unsqueeze(1)
+    return full.view(k8 * 8, n_out).to(dtype)
+
+
+def plane_scales(device: torch.device | str) -> torch.Tensor:
+    """What each activation plane is multiplied by (see ``activation_planes``)."""
+    return torch.tensor([16.0 ** -e for e in (0, 1, 2, 3, 4, 2, 3, 4)], device=device)
+
+
+def activation_planes(x: torch.Tensor, group: int, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[n_in]`` as the kernel reads it: eight float32 planes ``[8, n_in // 8]``, plane ``j``
+    holding ``x[8r + j]`` times ``16**-j`` (``j < 5``) or ``16**-(j - 3)`` (exact: powers of two), and
+    the per-group sums of ``x``.
+    Plain tensor operations, so that inside a compiled step they fuse into the producer of ``x``."""
+    xf = x.float()
+    planes = (xf.view(-1, 8) * scale).t().contiguous()
+    return planes, xf.view(-1, group).sum(-1)
+
+
+def launch(x: torch.Tensor, w: PackedGemvWeight, config: GemvConfig) -> torch.Tensor:
+    """The float32 partial products ``[config.splits, n_out]`` of one activation row ``x`` ``[n_in]``
+    (their sum over the first dimension is ``x @ W.T``)."""
+    planes, sums = activation_planes(x, w.group, plane_scales(x.device))
+    return launch_planes(planes, sums, w.words, w.scales, w.zeros, w.group, config)
+
+
+def launch_planes(planes: torch.Tensor, sums: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
+                  zeros: torch.Tensor, group: int, config: GemvConfig) -> torch.Tensor:
+    if triton is None:
+        raise Int4GemvUnavailable("the int4 kernel needs Triton (it comes with CUDA builds of PyTorch)")
+    k8, n_out = words.shape
+    groups = k8 * 8 // group
+    per_split = -(-groups // config.splits)
+    out = torch.empty((config.splits, n_out), dtype=torch.float32, device=words.device)
+    grid = (triton.cdiv(n_out, config.block_n), config.splits)
+    _gemv_kernel[grid](planes, sums, words, scales, zeros, out, n_out, k8, per_split, MAGIC, GROUP=group,
+                       BLOCK_N=config.block_n, STEP=config.step, num_warps=config.warps)
+    return out
+
+
+if triton is not None:
+
+    @torch.library.custom_op("jupybox::int4_gemv", mutates_args=())
+    def _gemv_op(planes: torch.Tensor, sums: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor, group: int, block_n: int, warps: int, step: int, splits: int) -> torch.Tensor:
+        """The kernel as an operator a compiled step keeps whole (and a CUDA graph replays)."""
+        return launch_planes(planes, sums, words, scales, zeros, group, GemvConfig(block_n, warps, step, splits))
+
+    @_gemv_op.register_fake
+    def _(planes: torch.Tensor, sums: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+          group: int, block_n: int, warps: int, step: int, splits: int) -> torch.Tensor:
+        return words.new_empty((splits, words.shape[1]), dtype=torch.float32)
+
+
+# -- choosing a launch shape per weight shape ---------------------------------------------------------
+def candidates(n_out: int, n_in: int, group: int, processors: int) -> list[GemvConfig]:
+    """Launch shapes worth timing: blocks of 128 columns per warp or more (Triton then lays a warp's
+    threads along the columns, so each thread holds whole groups of rows and the reduction over rows
+    stays in its registers), one or two groups per loop step, and splits that put one to eight
+    programs on each multiprocessor."""
+    groups = n_in // group
+    out = []
+    for block_n, warps in ((128, 1), (256, 1), (256, 2), (512, 2), (512, 4)):
+        blocks = -(-n_out // block_n)
+        splits = [s for s in (1, 2, 4, 8, 16, 32) if s <= groups and blocks * s <= 8 * processors]
+        fill = [s for s in splits if blocks * s >= processors] or splits[-1:]
+        for step in (1, 2):
+            # a thread holds step * group / 8 rows of block_n / (32 * warps) words: more than 128
+            # spills registers (seen in the compiler's report at block_n 512, 2 warps, step 2)
+            if step * group // 8 * block_n // (32 * warps) <= 128:
+                out += [GemvConfig(block_n, warps, step, s) for s in fill[:3] if groups >= s * step]
+    return out
+
+
+def _cache_file() -> Path:
+    return Path(os.environ.get("JUPYBOX_HOME") or Path.home() / ".cache" / "jupybox") / "int4_gemv.json"
+
+
+_TUNED: dict[str, GemvConfig] = {}
+
+
+def _key(device: torch.device, n_out: int, n_in: int, group: int) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{name}|triton {getattr(triton, '__version__', '-')}|{n_out}x{n_in}/{group}"
+
+
+def time_configs(w: PackedGemvWeight, configs: list[GemvConfig], copies: int | None = None,
+                 repeats: int = 5) -> dict[GemvConfig, float]:
+    """Seconds per product for each config, weights streamed from memory: the product runs over
+    enough copies of the weight to overflow the L2 cache, replayed as one CUDA graph."""
+    device = w.words.device
+    n_out, n_in = w.shape
+    size = w.words.numel() * 4 + w.scales.numel() * 4
+    if copies is None:
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+        copies = max(2, -(-3 * l2 // size))
+    weights = [w] + [PackedGemvWeight(w.words.clone(), w.scales.clone(), w.zeros.clone(), w.group)
+                     for _ in range(copies - 1)]
+    planes, sums = activation_planes(torch.randn(n_in, device=device, dtype=torch.bfloat16), w.group,
+                                     plane_scales(device))
+    out: dict[GemvConfig, float] = {}
+    for config in configs:
+        try:
+            for v in weights[:2]:  # compile and load the kernel outside the graph
+                launch_planes(planes, sums, v.words, v.scales, v.zeros, v.group, config)
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(repeats):
+                    for v in weights:
+                        launch_planes(planes, sums, v.words, v.scales, v.zeros, v.group, config)
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            out[config] = start.elapsed_time(end) / 1e3 / (repeats * len(weights))
+            del graph
+        except Exception as exc:  # a shape this GPU or Triton refuses: not a candidate
+            log.info("int4 kernel config %s failed for %dx%d: %s", config, n_out, n_in, exc)
+    return out
+
+
+def tune(w: PackedGemvWeight) -> GemvConfig:
+    """The fastest launch shape for this weight's shape on this GPU: timed once, then read from
+    memory or from a small JSON cache in ``$JUPYBOX_HOME`` (default ``~/.cache/jupybox``)."""
+    device = w.words.device
+    n_out, n_in = w.shape
+    key = _key(device, n_out, n_in, w.group)
+    if key in _TUNED:
+        return _TUNED[key]
+    path = _cache_file()
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    if isinstance(saved.get(key), dict):
+        try:
+            _TUNED[key] = GemvConfig(**saved[key])
+            return _TUNED[key]
+        except TypeError:
+            pass
+    if device.type != "cuda":
+        _TUNED[key] = GemvConfig(block_n=128, warps=1, step=1, splits=1)
+        return _TUNED[key]
+    processors = torch.cuda.get_device_properties(device).multi_processor_count
+    times = time_configs(w, candidates(n_out, n_in, w.group, processors))
+    if not times:
+        raise Int4GemvUnavailable(f"no launch shape of the int4 kernel ran for a {n_out}x{n_in} weight")
+    best = min(times, key=times.__getitem__)
+    log.info("int4 kernel for %dx%d: %s, %.1f us", n_out, n_in, best, times[best] * 1e6)
+    _TUNED[key] = best
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        saved[key] = asdict(best)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError as exc:  # a read-only home: tune again next time
+        log.info("could not cache the int4 kernel's launch shapes in %s: %s", path, exc)
+    return best
+
+
+# -- the layer ----------------------------------------------------------------------------------------
+class TritonInt4(torch.nn.Module):
+    """A bias-free linear layer with 4-bit weights in this kernel's layout: one row (decoding) runs
+    the kernel; more rows (a prompt) multiply by the weight unpacked to bf16 for that call."""
+
+    def __init__(self, q: torch.Tensor, scales_zeros: torch.Tensor, group: int, device: torch.device | str,
+                 config: GemvConfig | None = None) -> None:
+        super().__init__()
+        w = pack(q.to(device), scales_zeros.to(device), group)
+        self.n_out, self.n_in = w.shape
+        self.group = group
+        self.register_buffer("words", w.words)
+        self.register_buffer("scales", w.scales)
+        self.register_buffer("zeros", w.zeros)
+        self.register_buffer("plane_scale", plane_scales(device))
+        self.config = config or tune(w)
+        self._check(q.to(device), scales_zeros.to(device))
+
+    @property
+    def packed(self) -> PackedGemvWeight:
+        return PackedGemvWeight(self.words, self.scales, self.zeros, self.group)
+
+    def _check(self, q: torch.Tensor, scales_zeros: torch.Tensor) -> None:
+        """One product against the dequantized weight, so that a kernel this GPU or Triton version
+        computes wrongly is refused at load rather than answering garbage."""
+        gen = torch.Generator(device=q.device).manual_seed(0)
+        x = torch.randn(self.n_in, device=q.device, generator=gen).to(torch.bfloat16)
+        from interpreter.llm.gptq_pack import Int4Weight
+
+        ref = Int4Weight(q, scales_zeros, self.group).dequantize(torch.float32) @ x.float()
+        got = launch(x, self.packed, self.config).sum(0)
+        err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+        if not err < 1e-4:
+            raise Int4GemvUnavailable(f"the int4 kernel is off by {err:.1e} (relative) on a {self.n_out}x{self.n_in} weight")
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight ``[n_out, n_in]`` in ``dtype``."""
+        return _unpacker(self.words.is_cuda)(self.words, self.scales, self.zeros, self.group, dtype).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, dtype = x.shape[:-1], x.dtype
+        x2 = x.reshape(-1, self.n_in)
+        if x2.shape[0] == 1:
+            planes, sums = activation_planes(x2[0], self.group, self.plane_scale)
+            c = self.config
+            parts = torch.ops.jupybox.int4_gemv(planes, sums, self.words, self.scales, self.zeros, self.group,
+                                                c.block_n, c.warps, c.step, c.splits)
+            y = parts.sum(0, keepdim=True)
+        else:
+            y = x2.to(torch.bfloat16) @ _unpacker(self.words.is_cuda)(self.words, self.scales, self.zeros, self.group,
+                                                                      torch.bfloat16)
+        return y.to(dtype).reshape(*lead, self.n_out)
+
+
+_COMPILED: list[Any] = []
+
+
+def _unpacker(cuda: bool) -> Any:
+    """On a GPU, one fused kernel per weight shape rather than a few full-size temporaries."""
+    if not cuda:
+        return unpack_dequantize
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(unpack_dequantize, dynamic=False))
+    return _COMPILED[0]

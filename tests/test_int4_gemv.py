@@ -1,0 +1,97 @@
+"""The fast path's Triton int4 matrix-vector kernel, run on the CPU by Triton's interpreter
+(``TRITON_INTERPRET=1``): the very kernel source the GPU compiles, checked against the dequantized
+weight on shapes that exercise every mask (columns past the last block, splits past the last group,
+odd group counts). Its speed is measured on a GPU by ``python -m bench.int4_gemv``, never here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton", reason="the int4 kernel needs Triton (`pip install 'jupybox[dev]'` brings it)")
+
+from interpreter.llm import int4_gemv  # noqa: E402
+from interpreter.llm.gptq_pack import fit_group, quantize  # noqa: E402
+
+# each case: n_out, n_in, group, block_n, warps, step, splits
+CASES = [(96, 256, 128, 128, 1, 1, 1), (200, 512, 64, 128, 1, 2, 3), (960, 576, 32, 256, 2, 2, 4),
+         (64, 1024, 128, 128, 1, 2, 8), (136, 384, 128, 256, 2, 1, 2)]
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from interpreter.llm import int4_gemv
+    from interpreter.llm.gptq_pack import quantize
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for n_out, n_in, group, block_n, warps, step, splits in json.loads(sys.argv[1]):
+        w = quantize(torch.randn(n_out, n_in, generator=gen) * 0.02, group)
+        packed = int4_gemv.pack(w.q, w.scales_zeros, group)
+        x = (torch.randn(n_in, generator=gen) * 3).to(torch.bfloat16)
+        ref = w.dequantize(torch.float64) @ x.double()
+        parts = int4_gemv.launch(x, packed, int4_gemv.GemvConfig(block_n, warps, step, splits))
+        got = parts.double().sum(0)
+        out.append({"shape": list(parts.shape), "rel_err": float((got - ref).norm() / ref.norm())})
+    # the layer: one row through the operator a compiled step calls, several rows through the
+    # weight unpacked for the call
+    w = quantize(torch.randn(192, 256, generator=gen) * 0.02, 128)
+    layer = int4_gemv.TritonInt4(w.q, w.scales_zeros, 128, "cpu")
+    x = torch.randn(5, 256, generator=gen)
+    ref = x.double() @ w.dequantize(torch.float64).t()
+    one = layer(x[:1]).double()
+    many = layer(x.to(torch.bfloat16)).double()
+    print(json.dumps({"cases": out, "one_row": float((one - ref[:1]).norm() / ref[:1].norm()),
+                      "rows": float((many - ref).norm() / ref.norm()), "one_shape": list(one.shape)}))
+""")
+
+
+def test_the_kernel_computes_the_dequantized_product_under_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for case, got in zip(CASES, result["cases"]):
+        assert got["shape"] == [case[6], case[0]]  # one row of partial sums per split
+        assert got["rel_err"] < 1e-6, (case, got)  # float32 accumulation of exact products
+    assert result["one_row"] < 1e-2 and result["one_shape"] == [1, 192]  # bf16 activations in, float32 out
+    assert result["rows"] < 1e-2
+
+
+def test_layout_round_trips_and_the_activation_planes_are_exact() -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = quantize(torch.randn(40, 256, generator=gen), 64)
+    packed = int4_gemv.pack(w.q, w.scales_zeros, 64)
+    assert packed.words.shape == (32, 40) and packed.words.dtype == torch.int32 and packed.shape == (40, 256)
+    dense = int4_gemv.unpack_dequantize(packed.words, packed.scales, packed.zeros, 64, torch.float32)
+    assert torch.equal(dense.t(), w.dequantize(torch.float32))
+    x = torch.randn(256, generator=gen).to(torch.bfloat16)
+    planes, sums = int4_gemv.activation_planes(x, 64, int4_gemv.plane_scales("cpu"))
+    exponents = torch.tensor([0, 1, 2, 3, 4, 2, 3, 4])
+    assert torch.equal(planes * (16.0 ** exponents)[:, None], x.float().view(-1, 8).t())  # powers of two: exact
+    assert torch.allclose(sums, x.float().view(4, 64).sum(-1))
+
+
+def test_shapes_the_kernel_refuses_and_group_sizes_that_fit() -> None:
+    assert int4_gemv.supports(4096, 4096, 128) and int4_gemv.supports(960, 576, 64)
+    assert not int4_gemv.supports(960, 576, 128) and not int4_gemv.supports(64, 96, 48)
+    with pytest.raises(int4_gemv.Int4GemvUnavailable, match="does not fit"):
+        int4_gemv.pack(torch.zeros(8, 96, dtype=torch.uint8), torch.zeros(2, 8, 2), 48)
+    assert fit_group(4096) == 128 and fit_group(576) == 64 and fit_group(1536, 64) == 64 and fit_group(100) is None
+
+
+def test_launch_shapes_cover_every_weight_of_a_7b_model() -> None:
+    for n_out, n_in in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (960, 576)):
+        group = fit_group(n_in)
+        configs = int4_gemv.candidates(n_out, n_in, group, processors=132)
+        assert configs, (n_out, n_in)
+        for c in configs:
+            blocks = -(-n_out // c.block_n)
+            assert c.splits * c.step <= n_in // group and blocks * c.splits <= 8 * 132
+            assert c.block_n >= 128 * c.warps  # every thread holds whole rows: no reduction across warps

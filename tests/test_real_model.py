@@ -1,0 +1,35 @@
+"""The fast path on a real checkpoint: SmolLM2-135M-Instruct (Llama architecture, grouped-query
+attention, tied embeddings) in float32 on the CPU gives plain ``generate``'s greedy tokens one for
+one. The same check in bf16 and int4 on a GPU is ``jupybox bench model --check smollm2``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers", reason="the transformers backend needs `pip install 'jupybox[local]'`")
+
+from interpreter.llm import fastpath  # noqa: E402
+from tests.real_model import smollm2  # noqa: E402,F401  (a fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def test_fast_path_greedy_equals_generate_on_real_weights(smollm2: Path) -> None:  # noqa: F811
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    messages = [{"role": "user", "content": "Write a Python function that reverses a string."}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    n = 24
+    plain = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    decoder = fastpath.load_checkpoint(smollm2, device="cpu", dtype=torch.float32)
+    assert decoder.shape.tie_embeddings and decoder.shape.n_kv_heads < decoder.shape.n_heads
+    assert decoder.shape.rope_theta == model.config.rope_parameters["rope_theta"] != 10000.0
+    fast = list(decoder.generate(prompt[0].tolist(), n))
+    assert fast == plain
+    assert "def " in tokenizer.decode(plain)  # a real model's answer, not noise
