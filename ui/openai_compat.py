@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -26,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from interpreter import Event, get_format
+from interpreter import Event, InterpreterSettings, get_format
 from interpreter.formats.base import Format, ProseStream
 
 from .api import SSE_HEADERS, Edge, services_of, sse
@@ -54,7 +55,8 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(Edge):
-    # Clients send many sampling options; they are accepted, and the server's settings apply.
+    # Clients send many options; the sampling ones below apply to the interpreter's model (each
+    # generation, within the server's own maximum of new tokens), the others are accepted and ignored.
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
@@ -62,6 +64,18 @@ class ChatCompletionRequest(Edge):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="keeps one sandbox session and conversation per user")
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1, description="new tokens per generation, at most the server's")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
+
+    def settings(self, server: InterpreterSettings) -> InterpreterSettings:
+        """The server's settings with the sampling this request asks for."""
+        asked = self.max_completion_tokens or self.max_tokens
+        return replace(server, temperature=server.temperature if self.temperature is None else self.temperature,
+                       top_p=self.top_p or server.top_p, seed=server.seed if self.seed is None else self.seed,
+                       max_tokens=min(asked, server.max_tokens) if asked else server.max_tokens)
 
 
 class MarkdownTranscript:
@@ -153,7 +167,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
     chat = service.open(key, "openai")
     fresh = not chat.conversation.messages
     try:
-        turn = await service.turn(key, "openai", _question(body.messages, fresh), close_after=not body.user)
+        turn = await service.turn(key, "openai", _question(body.messages, fresh), body.settings(service.settings),
+                                  close_after=not body.user)
     except BaseException:
         if not body.user:
             await service.close(key)
