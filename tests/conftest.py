@@ -7,13 +7,14 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from sandbox import SandboxSettings, SessionManager
 from sandbox.config import SANDBOX_IMAGE
+from tests.scripted_model import ScriptedModel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,3 +71,12 @@ async def docker_manager(sandbox_image: str, jb_home: Path) -> AsyncIterator[Ses
 def jupybox_containers() -> list[str]:
     out = subprocess.run(["docker", "ps", "-aq", "--filter", "label=jupybox"], capture_output=True, text=True)
     return out.stdout.split()
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[ScriptedModel]:
+    """The scripted model (the suite's only fake) on loopback, shared by a module's tests; a
+    module that needs one per test defines its own."""
+    m = ScriptedModel().start()
+    yield m
+    m.stop()

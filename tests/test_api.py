@@ -89,13 +89,6 @@ def owner_containers(owner: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def model() -> Iterator[ScriptedModel]:
-    m = ScriptedModel().start()
-    yield m
-    m.stop()
-
-
-@pytest.fixture(scope="module")
 def server(sandbox_image: str, jb_home: Path, model: ScriptedModel) -> Iterator[ServerThread]:
     services = Services(serve_settings(jb_home / "api", "api-tests", model, api_token=TOKEN, upload_limit_mb=1))
     srv = ServerThread(services).start()

@@ -34,13 +34,6 @@ JUPYBOX = str(Path(sys.executable).parent / "jupybox")
 
 
 @pytest.fixture(scope="module")
-def model() -> Iterator[ScriptedModel]:
-    m = ScriptedModel().start()
-    yield m
-    m.stop()
-
-
-@pytest.fixture(scope="module")
 def server(sandbox_image: str, jb_home: Path, model: ScriptedModel) -> Iterator[Server]:
     settings = ServeSettings(sandbox=docker_settings(jb_home / "mcp", instance="mcp-tests"), api_token=TOKEN,
                              model=scripted_settings(model))

@@ -21,13 +21,6 @@ SQUARES = "print(sum(i * i for i in range(12)))"
 
 
 @pytest.fixture(scope="module")
-def model() -> Iterator[ScriptedModel]:
-    m = ScriptedModel().start()
-    yield m
-    m.stop()
-
-
-@pytest.fixture(scope="module")
 def server(sandbox_image: str, jb_home: Path, model: ScriptedModel) -> Iterator[ServerThread]:
     srv = ServerThread(Services(serve_settings(jb_home / "oa", "api-tests-openai", model, api_token=KEY))).start()
     yield srv

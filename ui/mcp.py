@@ -42,7 +42,7 @@ from sandbox import Execution, JupyboxError
 from sandbox.models import clip
 from sandbox.workspace import split_name
 
-from .mcp_tools import TOOLS, ToolArgs, ToolError
+from .mcp_tools import SCHEMAS, TOOLS, ToolArgs, ToolError
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,9 @@ class JupyboxMcp:
         return types.ListToolsResult(tools=[t for t in TOOLS if with_model or t.name != "ask"])
 
     async def _call_tool(self, ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
-        handler = getattr(self, f"_tool_{params.name}", None)
-        if handler is None or (params.name == "ask" and self.service.llm is None):
+        if params.name not in SCHEMAS or (params.name == "ask" and self.service.llm is None):
             raise MCPError(types.INVALID_PARAMS, f"no tool {params.name!r}: list_tools names them")
+        handler = getattr(self, f"_tool_{params.name}")
         try:
             args = ToolArgs.parse(params.name, params.arguments or {})
             return await handler(ctx, args)
