@@ -67,6 +67,8 @@ class SessionManager:
         self._closing = False
         self._starting = 0  # sessions being started by create(), counted against max_sessions
         self.on_reap = on_reap  # told the id of each session the idle reaper closes
+        # a backend that places sessions on other machines keeps a warm pool per machine itself
+        self.pool_size = 0 if self.backend.places_sessions else self.settings.pool_size
         self.loop_workspaces = self._loop_workspaces()
 
     def _loop_workspaces(self) -> bool:
@@ -75,6 +77,8 @@ class SessionManager:
         if choice not in ("auto", "loop", "plain"):
             raise SandboxError(f"workspace_fs={choice!r}: choose auto, loop or plain")
         if choice == "plain" or (choice == "auto" and self.settings.backend == "local"):
+            return False
+        if self.backend.places_sessions:  # each machine decides for the workspaces it holds
             return False
         reason = diskfs.unavailable()
         if reason is None:
@@ -103,7 +107,7 @@ class SessionManager:
             log.info("removed %d orphaned sandbox(es)", removed)
         self._started = True
         self._reaper = asyncio.create_task(self._reap_idle())
-        if self.settings.pool_size:
+        if self.pool_size:
             await self._fill_pool()
 
     async def cleanup_orphans(self) -> int:
@@ -151,6 +155,8 @@ class SessionManager:
 
     async def _new_session(self, limits: Limits | None = None) -> Session:
         sid = uuid.uuid4().hex[:12]
+        if self.backend.places_sessions:
+            return await self.backend.open_session(sid, limits or self.settings.limits)
         folder = self.sessions_dir / sid
         folder.mkdir(parents=True)
         (folder / "owner").write_text(self.owner)  # read by a later process's orphan cleanup
@@ -176,11 +182,11 @@ class SessionManager:
 
     # -- warm pool and reaper ---------------------------------------------------------------
     def _schedule_refill(self) -> None:
-        if self.settings.pool_size and (self._refill is None or self._refill.done()) and not self._closing:
+        if self.pool_size and (self._refill is None or self._refill.done()) and not self._closing:
             self._refill = asyncio.create_task(self._fill_pool())
 
     async def _fill_pool(self) -> None:
-        while len(self._pool) < self.settings.pool_size and not self._closing:
+        while len(self._pool) < self.pool_size and not self._closing:
             if len(self._sessions) + len(self._pool) >= self.settings.max_sessions:
                 return
             try:
