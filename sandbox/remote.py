@@ -65,12 +65,13 @@ def unwrap(exc: BaseException, node: str) -> BaseException:
 class RemoteSession:
     """A session whose kernel and files live on a cluster node (see the module docstring)."""
 
-    def __init__(self, actor: Any, session_id: str, limits: Limits, node: str, node_id: str,
+    def __init__(self, actor: Any, session_id: str, limits: Limits, node: str, node_id: str, pid: int,
                  lost_reason: Callable[[str, str], str], on_close: Callable[[RemoteSession], None]) -> None:
         self.id = session_id
         self.limits = limits
         self.node = node  # the node's jupybox name
         self.node_id = node_id  # Ray's id of it
+        self.pid = pid  # the actor's process on the node
         self.created = time.time()
         self.last_used = time.monotonic()
         self.executions = 0

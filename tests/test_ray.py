@@ -91,17 +91,33 @@ async def manager(ray_cluster: LocalCluster, sandbox_image: str, jb_home: Path) 
         yield m
 
 
-async def test_sessions_land_on_every_node_keep_their_state_and_their_containers_say_where(
+async def test_twelve_sessions_run_at_once_spread_evenly_keep_their_state_and_fill_the_cluster(
         manager: SessionManager, ray_cluster: LocalCluster) -> None:
-    sessions = await asyncio.gather(*(manager.create() for _ in range(3)))
-    assert {s.node for s in sessions} == {ray_cluster.name(r) for r in ("head", "w1", "w2")}
-    for i, s in enumerate(sessions):
-        assert (await s.execute(f"x = {i} * 10")).ok
-    for i, s in enumerate(sessions):
-        ex = await s.execute("x + 1")
-        assert ex.ok and ex.results[0].data["text/plain"] == str(i * 10 + 1)
-        assert [c["session"] for c in containers(s.node)].count(s.id) == 1  # its node's label, and no other's
-    await asyncio.gather(*(manager.close(s.id) for s in sessions))
+    sessions = await asyncio.gather(*(manager.create() for _ in range(3 * SLOTS)))
+    try:
+        # least loaded first: four on each node, and each container's label names the session's node
+        assert sorted(collections.Counter(s.node for s in sessions).values()) == [SLOTS] * 3
+        assert {s.node for s in sessions} == {ray_cluster.name(r) for r in ("head", "w1", "w2")}
+        for s in sessions:
+            assert [c["session"] for c in containers(s.node)].count(s.id) == 1
+        await asyncio.gather(*(s.execute(f"x = {i}") for i, s in enumerate(sessions)))
+        results = await asyncio.gather(*(s.execute("import time; time.sleep(0.5); x * 3") for s in sessions))
+        assert [r.results[0].data["text/plain"] for r in results] == [str(i * 3) for i in range(len(sessions))]
+        with pytest.raises(CapacityError, match="all 12 sandbox slots"):  # the API's 429
+            await manager.create()
+        # the sandbox still has no network: not even the cluster's own ports on this host
+        gcs_port = int(ray_cluster.cluster.address.rsplit(":", 1)[1])
+        probe = await sessions[0].execute(
+            "import socket\n"
+            "for host in ('127.0.0.1', 'pypi.org'):\n"
+            "    try:\n"
+            f"        socket.create_connection((host, {gcs_port} if host[0] == '1' else 443), timeout=3)\n"
+            "        print(host, 'reached')\n"
+            "    except OSError as exc:\n"
+            "        print(host, 'refused', type(exc).__name__)")
+        assert "reached" not in probe.stdout and probe.stdout.count("refused") == 2, probe.stdout
+    finally:
+        await asyncio.gather(*(manager.close(s.id) for s in sessions))
     assert not any(containers(ray_cluster.name(r)) for r in ("head", "w1", "w2"))
 
 
@@ -175,19 +191,6 @@ async def test_outputs_stream_as_they_come_and_interrupts_reach_a_running_execut
     await manager.close(s.id)
 
 
-async def test_twelve_sessions_run_at_once_spread_evenly_and_a_full_cluster_is_a_capacity_error(
-        manager: SessionManager) -> None:
-    sessions = await asyncio.gather(*(manager.create() for _ in range(3 * SLOTS)))
-    try:
-        assert sorted(collections.Counter(s.node for s in sessions).values()) == [SLOTS] * 3
-        results = await asyncio.gather(*(s.execute(f"import time; time.sleep(0.5); {i} * 3") for i, s in enumerate(sessions)))
-        assert [r.results[0].data["text/plain"] for r in results] == [str(i * 3) for i in range(len(sessions))]
-        with pytest.raises(CapacityError, match="all 12 sandbox slots"):
-            await manager.create()
-    finally:
-        await asyncio.gather(*(manager.close(s.id) for s in sessions))
-
-
 async def test_a_lost_node_takes_only_its_sessions_and_its_successor_removes_what_they_left(
         manager: SessionManager, ray_cluster: LocalCluster) -> None:
     sessions = await asyncio.gather(*(manager.create() for _ in range(3)))
@@ -234,8 +237,10 @@ def test_sigterm_to_a_server_on_the_cluster_leaves_no_container(ray_cluster: Loc
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "JUPYBOX_", "RAY_ADDRESS"))}
     env.update(JUPYBOX_IMAGE=sandbox_image, JUPYBOX_HOME=str(tmp_path), JUPYBOX_INSTANCE="ray-serve",
                HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    # a model URL that is never called (no chat here): the server loads no local model
     proc = subprocess.Popen([sys.executable, "-m", "ui.cli", "serve", "--port", str(port), "--backend", "ray",
-                             "--ray-address", ray_cluster.cluster.address],
+                             "--ray-address", ray_cluster.cluster.address, "--openai-model", "unused",
+                             "--openai-base-url", f"http://127.0.0.1:{port}/unused/v1"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 WATCH_S = 2.0  # how often the node list is read
 PREPARE_TIMEOUT_S = 120.0
-STALE_READS = 8  # reads of the free slots, a quarter second apart, before a full cluster is believed
+RELEASE_LAG_S = 3.0  # how long a closed session's slot may still count as taken in the cluster's view
 
 
 @dataclass
@@ -60,6 +61,7 @@ class RayBackend(Backend):
         self.sessions: dict[str, RemoteSession] = {}  # handed out, not closed
         self._starting: collections.Counter[str] = collections.Counter()  # per node id
         self._deaths: dict[str, str] = {}  # node id -> why Ray lost it
+        self._released: dict[str, list[float]] = collections.defaultdict(list)  # node id -> when slots were freed
         self._watcher: asyncio.Task | None = None
         self._preparing: dict[str, asyncio.Task] = {}
         self._closing = False
@@ -199,10 +201,16 @@ class RayBackend(Backend):
         return sum(1 for s in self.sessions.values() if s.node_id == node_id)
 
     def _room(self, node: SandboxNode, free: dict[str, int]) -> int:
-        """Free slots on ``node``: the cluster's count (which sees other servers' sessions, a
-        moment late) capped by what this server alone leaves (which sees its own at once)."""
+        """Free slots on ``node``. This server knows its own sessions at once; the cluster's count
+        is needed for other servers' sessions, but lags: it may not yet hold a session just
+        started, or may still hold one just closed. So: the slots, less ours, less what the
+        cluster counts beyond ours and beyond those we freed a moment ago."""
+        now = time.monotonic()
+        recent = self._released[node.id] = [t for t in self._released[node.id] if now - t < RELEASE_LAG_S]
         ours = self._load(node.id) + len(node.warm) + self._starting[node.id]
-        return min(free.get(node.id, 0), node.slots - ours)
+        used = node.slots - free.get(node.id, 0)
+        others = max(0, used - ours - len(recent))
+        return node.slots - ours - others
 
     def _take_warm(self) -> RemoteSession | None:
         holders = [n for n in self.nodes.values() if n.warm and n.ready]
@@ -220,14 +228,9 @@ class RayBackend(Backend):
         if not ready:
             problems = "; ".join(f"{n.name}: {n.problem}" for n in self.nodes.values() if n.problem)
             raise BackendUnavailable("no node of the Ray cluster can run sandboxes" + (f" ({problems})" if problems else ""))
-        for attempt in range(STALE_READS):
-            free = await asyncio.to_thread(cluster.free_slots)
-            room = {n.id: self._room(n, free) for n in ready}
-            best = max(ready, key=lambda n: (room[n.id], -self._load(n.id)))
-            ours_free = sum(n.slots - self._load(n.id) - len(n.warm) - self._starting[n.id] for n in ready)
-            if room[best.id] > 0 or ours_free <= 0:
-                break
-            await asyncio.sleep(0.25)  # slots this server freed a moment ago may not be counted yet
+        free = await asyncio.to_thread(cluster.free_slots)
+        room = {n.id: self._room(n, free) for n in ready}
+        best = max(ready, key=lambda n: (room[n.id], -self._load(n.id)))
         if room[best.id] > 0:
             self._starting[best.id] += 1
             return best
@@ -296,7 +299,7 @@ class RayBackend(Backend):
             self._starting[node.id] -= 1
         where = self.nodes.get(info["node_id"])
         name = where.name if where is not None else info["node"]
-        return RemoteSession(actor, sid, limits, name, info["node_id"], self.lost_reason, self._forget)
+        return RemoteSession(actor, sid, limits, name, info["node_id"], info["pid"], self.lost_reason, self._forget)
 
     async def _await(self, ref: Any, node: str) -> Any:
         try:
@@ -317,4 +320,7 @@ class RayBackend(Backend):
             ray.kill(actor)
 
     def _forget(self, session: RemoteSession) -> None:
+        """A session closed (or a warm one dropped): its slot is free again."""
         self.sessions.pop(session.id, None)
+        if not session.lost:
+            self._released[session.node_id].append(time.monotonic())
