@@ -56,16 +56,17 @@ class LocalCluster:
         return {"node_ip_address": "127.0.0.1", "num_cpus": 1, "resources": {SLOT: SLOTS},
                 "env_vars": {"JUPYBOX_NODE": self.name(role), "JUPYBOX_HOME": str(self.home(role))}}
 
-    def add(self, role: str) -> None:
-        self.workers[role] = self.cluster.add_node(**self.node_args(role))
+    def add(self, role: str, wait: bool = True) -> None:
+        self.workers[role] = self.cluster.add_node(wait=wait, **self.node_args(role))
 
 
-def containers(node: str) -> list[dict[str, str]]:
-    """The containers labelled as belonging to ``node``, running or not."""
-    out = subprocess.run(["docker", "ps", "-a", "--filter", f"label={NODE_LABEL}={node}", "--format",
-                          '{{.ID}} {{.Label "jupybox.session"}} {{.Label "jupybox.node"}}'],
+def containers(node: str | None = None) -> list[dict[str, str]]:
+    """The containers labelled as belonging to ``node`` (to any node of this run: None), running or not."""
+    out = subprocess.run(["docker", "ps", "-a", "--filter", f"label={NODE_LABEL}" + (f"={node}" if node else ""),
+                          "--format", '{{.ID}} {{.Label "jupybox.session"}} {{.Label "jupybox.node"}}'],
                          capture_output=True, text=True, check=True).stdout
-    return [dict(zip(("id", "session", "node"), line.split())) for line in out.splitlines()]
+    found = [dict(zip(("id", "session", "node"), line.split())) for line in out.splitlines()]
+    return [c for c in found if c["node"].startswith(f"{PREFIX}-")]
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,9 @@ def ray_cluster(sandbox_image: str, tmp_path_factory: pytest.TempPathFactory) ->
     tc = LocalCluster(None, tmp_path_factory.mktemp("ray"), {})
     tc.cluster = Cluster(initialize_head=True, head_node_args={**tc.node_args("head"), "include_dashboard": False})
     try:
-        tc.add("w1")
-        tc.add("w2")
+        tc.add("w1", wait=False)  # both start at once
+        tc.add("w2", wait=False)
+        tc.cluster.wait_for_nodes()
         yield tc
     finally:
         ray.shutdown()
@@ -229,8 +231,15 @@ async def test_a_lost_node_takes_only_its_sessions_and_its_successor_removes_wha
     await asyncio.gather(*(manager.close(s.id) for s in [*sessions, *fresh]))
 
 
-def test_sigterm_to_a_server_on_the_cluster_leaves_no_container(ray_cluster: LocalCluster, sandbox_image: str,
-                                                               tmp_path: Path) -> None:
+def test_a_server_keeps_a_warm_session_per_node_and_sigterm_leaves_no_container(
+        ray_cluster: LocalCluster, sandbox_image: str, tmp_path: Path) -> None:
+    roles = ("head", "w1", "w2")
+
+    def per_node() -> dict[str, list[str]]:
+        found = containers()
+        return {r: [c["session"] for c in found if c["node"] == ray_cluster.name(r)] for r in roles}
+
+    assert per_node() == {r: [] for r in roles}  # the other tests closed theirs
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -239,29 +248,25 @@ def test_sigterm_to_a_server_on_the_cluster_leaves_no_container(ray_cluster: Loc
                HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     # a model URL that is never called (no chat here): the server loads no local model
     proc = subprocess.Popen([sys.executable, "-m", "ui.cli", "serve", "--port", str(port), "--backend", "ray",
-                             "--ray-address", ray_cluster.cluster.address, "--openai-model", "unused",
-                             "--openai-base-url", f"http://127.0.0.1:{port}/unused/v1"],
+                             "--ray-address", ray_cluster.cluster.address, "--pool-size", "1",
+                             "--openai-model", "unused", "--openai-base-url", f"http://127.0.0.1:{port}/unused/v1"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
+        deadline = time.monotonic() + 180
+        while not all(len(found) == 1 for found in per_node().values()):  # one warm session on each node
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, per_node()
             time.sleep(0.2)
+        warm = {s for found in per_node().values() for s in found}
+        assert httpx.get(f"{url}/healthz").status_code == 200
         with httpx.Client(base_url=url, timeout=120) as c:
             sid = c.post("/api/sessions").json()["id"]
+            assert sid in warm  # handed out from a pool, not started now
             ex = c.post(f"/api/sessions/{sid}/execute", json={"code": "print(2 ** 10)"}).json()
             assert ex["outputs"][0]["text"] == "1024\n"
-        node = next(c["node"] for r in ("head", "w1", "w2") for c in containers(ray_cluster.name(r))
-                    if c["session"] == sid)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0, out
-    assert [c for c in containers(node) if c["session"] == sid] == []
+    assert per_node() == {r: [] for r in roles}  # the session, the warm ones and any refill: all gone

@@ -63,7 +63,9 @@ class RayBackend(Backend):
         self._deaths: dict[str, str] = {}  # node id -> why Ray lost it
         self._released: dict[str, list[float]] = collections.defaultdict(list)  # node id -> when slots were freed
         self._watcher: asyncio.Task | None = None
-        self._preparing: dict[str, asyncio.Task] = {}
+        self._pool_changed = asyncio.Event()  # a warm session was added, or a start for a pool ended
+        self._warm_starting = 0  # sessions being started for the pools
+        self._waiting = 0  # callers waiting for one of them
         self._closing = False
         self._actor_class: Any = None
         self._prepare_task: Any = None
@@ -107,7 +109,7 @@ class RayBackend(Backend):
         """A started session on the least loaded node: a warm one when ``limits`` are the default."""
         if self._watcher is None:  # the manager starts us through cleanup_orphans; be safe anyway
             await self.cleanup_orphans(None)
-        if limits == self.settings.limits and (warm := self._take_warm()) is not None:
+        if limits == self.settings.limits and (warm := await self._warm_session()) is not None:
             return warm
         node = await self._pick()
         session = await self._start_on(node, session_id, limits)
@@ -117,8 +119,7 @@ class RayBackend(Backend):
     async def close(self) -> None:
         """Stop watching, close the warm sessions. Ray stays connected for this process's next manager."""
         self._closing = True
-        tasks = [t for t in (self._watcher, *self._preparing.values(),
-                             *(n.refill for n in self.nodes.values())) if t is not None]
+        tasks = [t for t in (self._watcher, *(n.refill for n in self.nodes.values())) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -212,6 +213,18 @@ class RayBackend(Backend):
         others = max(0, used - ours - len(recent))
         return node.slots - ours - others
 
+    async def _warm_session(self) -> RemoteSession | None:
+        """A warm session: one ready, or one a pool is about to have (sooner than a cold start),
+        as long as there are fewer callers waiting than warm sessions on their way."""
+        while (session := self._take_warm()) is None and self._waiting < self._warm_starting:
+            self._pool_changed.clear()
+            self._waiting += 1
+            try:
+                await self._pool_changed.wait()
+            finally:
+                self._waiting -= 1
+        return session
+
     def _take_warm(self) -> RemoteSession | None:
         holders = [n for n in self.nodes.values() if n.warm and n.ready]
         if not holders:
@@ -254,16 +267,21 @@ class RayBackend(Backend):
             if self._room(node, free) <= 0:
                 return  # full: the next hand-out tries again
             self._starting[node.id] += 1
+            self._warm_starting += 1
             try:
                 session = await self._start_on(node, None, self.settings.limits)
             except SandboxError as exc:
                 log.warning("warm pool of node %s: could not start a session: %s", node.name, exc)
                 return
+            finally:
+                self._warm_starting -= 1
+                self._pool_changed.set()
             target = self.nodes.get(session.node_id)
             if target is None or self._closing:
                 await session.close()
                 return
             target.warm.append(session)
+            self._pool_changed.set()
 
     async def _start_on(self, node: SandboxNode, session_id: str | None, limits: Limits) -> RemoteSession:
         """Start a session's actor, pinned softly to ``node`` (where the caller reserved a slot in
