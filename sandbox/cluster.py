@@ -13,8 +13,12 @@ Everything here calls Ray's blocking client API: call it through ``asyncio.to_th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SLOT = "jupybox_sandbox"  # the custom resource a node offers, one unit per session
 OBJECT_STORE_BYTES = 128 << 20  # a one-node Ray started here moves small messages only
+REACH_TIMEOUT_S = 5.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -53,12 +58,26 @@ def import_ray(address: str | None) -> Any:
     return ray
 
 
+def _reachable(address: str) -> None:
+    """Fail fast on an address where nothing listens: Ray itself retries such a one for minutes."""
+    parts = urlsplit(f"//{address}")
+    if parts.hostname is None or parts.port is None:
+        raise BackendUnavailable(f"--ray-address {address!r}: give the head's GCS address as host:port (e.g. 10.0.0.1:6379)")
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        raise BackendUnavailable(f"nothing answers at {address} ({exc.strerror or exc}): is the Ray head running there "
+                                 "(`ray start --head`), and is this its address (`ray status` on it)?") from None
+
+
 def connect(address: str | None, slots: int) -> bool:
     """Join the cluster at ``address``, or start a one-node Ray on loopback offering ``slots``
     sandbox slots. Returns whether this call connected (False: this process already had Ray)."""
     ray = import_ray(address)
     if ray.is_initialized():
         return False
+    if address and address != "auto":
+        _reachable(address)
     common: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     try:
         if address:
@@ -106,3 +125,26 @@ def free_slots() -> dict[str, int]:
     from ray._private.state import available_resources_per_node
 
     return {node: int(res.get(SLOT, 0)) for node, res in available_resources_per_node().items()}
+
+
+async def in_daemon_thread(fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+    """``fn(*args)`` in a daemon thread, awaited for at most ``timeout`` seconds. For Ray's start-up
+    calls, which can block for minutes: a daemon thread never keeps the process from exiting on
+    SIGTERM, as a thread of ``asyncio.to_thread``'s pool would."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not done.done():
+            done.set_result(value) if ok else done.set_exception(value)
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task
+            loop.call_soon_threadsafe(settle, False, exc)
+        else:
+            loop.call_soon_threadsafe(settle, True, result)
+
+    threading.Thread(target=run, name=f"jupybox-{getattr(fn, '__name__', 'ray')}", daemon=True).start()
+    return await asyncio.wait_for(done, timeout)

@@ -270,3 +270,16 @@ def test_a_server_keeps_a_warm_session_per_node_and_sigterm_leaves_no_container(
         out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0, out
     assert per_node() == {r: [] for r in roles}  # the session, the warm ones and any refill: all gone
+
+
+def test_a_wrong_cluster_address_is_one_sentence_with_the_fix_at_once(tmp_path: Path) -> None:
+    env = {**os.environ, "JUPYBOX_HOME": str(tmp_path)}
+    jupybox = str(Path(sys.executable).parent / "jupybox")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # a port where nothing listens (Ray alone would retry for minutes)
+        free = sock.getsockname()[1]
+    for address, says in ((f"127.0.0.1:{free}", "nothing answers at"), ("head-without-port", "host:port")):
+        proc = subprocess.run([jupybox, "exec", "--backend", "ray", "--ray-address", address, "1"],
+                              capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr

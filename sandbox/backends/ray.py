@@ -34,6 +34,8 @@ from .base import Backend, KernelHandle, KernelSpec
 log = logging.getLogger(__name__)
 
 WATCH_S = 2.0  # how often the node list is read
+CONNECT_TIMEOUT_S = 120.0  # joining a cluster, or starting a one-node Ray here
+CALL_TIMEOUT_S = 30.0  # one question to the cluster's control store
 PREPARE_TIMEOUT_S = 120.0
 RELEASE_LAG_S = 3.0  # how long a closed session's slot may still count as taken in the cluster's view
 
@@ -73,14 +75,20 @@ class RayBackend(Backend):
     # -- the seam ---------------------------------------------------------------------------
     async def check(self) -> None:
         """Join the cluster (or start a one-node Ray here) and find its sandbox nodes."""
-        await asyncio.to_thread(cluster.connect, self.settings.ray_address, self.settings.max_sessions)
+        try:
+            await cluster.in_daemon_thread(cluster.connect, self.settings.ray_address, self.settings.max_sessions,
+                                           timeout=CONNECT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise BackendUnavailable(f"Ray did not {'answer at ' + self.settings.ray_address if self.settings.ray_address else 'start'} "
+                                     f"within {CONNECT_TIMEOUT_S:.0f} s: see `ray status` there, and Ray's logs "
+                                     "under /tmp/ray/session_latest/logs") from None
         import ray
 
         from ..node import SessionHost, prepare_node
 
         self._actor_class = ray.remote(SessionHost)
         self._prepare_task = ray.remote(prepare_node)
-        found = await asyncio.to_thread(cluster.nodes)
+        found = await self._ask(cluster.nodes)
         if not any(n.alive and n.slots for n in found.values()):
             raise BackendUnavailable(
                 f"no node of the Ray cluster at {self.settings.ray_address or 'this host'} offers sandbox slots: "
@@ -140,7 +148,7 @@ class RayBackend(Backend):
 
     async def _refresh(self) -> int:
         """Follow the node list: forget lost nodes (their sessions are lost), prepare new ones."""
-        found = await asyncio.to_thread(cluster.nodes)
+        found = await self._ask(cluster.nodes)
         for node_id in list(self.nodes):
             state = found.get(node_id)
             if state is None or not state.alive:
@@ -241,7 +249,7 @@ class RayBackend(Backend):
         if not ready:
             problems = "; ".join(f"{n.name}: {n.problem}" for n in self.nodes.values() if n.problem)
             raise BackendUnavailable("no node of the Ray cluster can run sandboxes" + (f" ({problems})" if problems else ""))
-        free = await asyncio.to_thread(cluster.free_slots)
+        free = await self._ask(cluster.free_slots)
         room = {n.id: self._room(n, free) for n in ready}
         best = max(ready, key=lambda n: (room[n.id], -self._load(n.id)))
         if room[best.id] > 0:
@@ -263,7 +271,7 @@ class RayBackend(Backend):
 
     async def _fill(self, node: SandboxNode) -> None:
         while len(node.warm) < self.settings.pool_size and node.ready and not self._closing:
-            free = await asyncio.to_thread(cluster.free_slots)
+            free = await self._ask(cluster.free_slots)
             if self._room(node, free) <= 0:
                 return  # full: the next hand-out tries again
             self._starting[node.id] += 1
@@ -329,6 +337,15 @@ class RayBackend(Backend):
             if isinstance(err, JupyboxError) and type(err) is not SandboxError:
                 raise type(err)(f"on cluster node {node!r}: {err}") from None
             raise err from None
+
+    @staticmethod
+    async def _ask(question: Any) -> Any:
+        """One blocking question to the cluster (``cluster.nodes``, ``cluster.free_slots``)."""
+        try:
+            return await cluster.in_daemon_thread(question, timeout=CALL_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise SandboxError(f"the Ray cluster's head did not answer within {CALL_TIMEOUT_S:.0f} s: "
+                               "see `ray status` on it") from None
 
     @staticmethod
     def _kill(actor: Any) -> None:
