@@ -93,6 +93,13 @@ async def manager(ray_cluster: LocalCluster, sandbox_image: str, jb_home: Path) 
         yield m
 
 
+async def _last(items: AsyncIterator[Output | Execution]) -> Execution:
+    async with aclosing(items):
+        found = [item async for item in items]
+    assert isinstance(found[-1], Execution)
+    return found[-1]
+
+
 async def test_twelve_sessions_run_at_once_spread_evenly_keep_their_state_and_fill_the_cluster(
         manager: SessionManager, ray_cluster: LocalCluster) -> None:
     sessions = await asyncio.gather(*(manager.create() for _ in range(3 * SLOTS)))
@@ -100,11 +107,19 @@ async def test_twelve_sessions_run_at_once_spread_evenly_keep_their_state_and_fi
         # least loaded first: four on each node, and each container's label names the session's node
         assert sorted(collections.Counter(s.node for s in sessions).values()) == [SLOTS] * 3
         assert {s.node for s in sessions} == {ray_cluster.name(r) for r in ("head", "w1", "w2")}
-        for s in sessions:
-            assert [c["session"] for c in containers(s.node)].count(s.id) == 1
+        labelled = {c["session"]: c["node"] for c in containers()}
+        assert all(labelled[s.id] == s.node for s in sessions)
         await asyncio.gather(*(s.execute(f"x = {i}") for i, s in enumerate(sessions)))
-        results = await asyncio.gather(*(s.execute("import time; time.sleep(0.5); x * 3") for s in sessions))
-        assert [r.results[0].data["text/plain"] for r in results] == [str(i * 3) for i in range(len(sessions))]
+
+        # all twelve run at once: each prints, then waits in its kernel until interrupted
+        streams = [s.stream("print(x * 3, flush=True)\nimport time\ntime.sleep(300)", timeout=600) for s in sessions]
+        firsts = await asyncio.gather(*(anext(it) for it in streams))
+        assert [o.text for o in firsts] == [f"{i * 3}\n" for i in range(len(sessions))]  # state kept
+        assert all(s.busy for s in sessions)
+        for s in sessions:
+            s.interrupt()
+        lasts = await asyncio.gather(*(_last(it) for it in streams))
+        assert all(ex.error is not None and ex.error.ename == "KeyboardInterrupt" for ex in lasts)
         with pytest.raises(CapacityError, match="all 12 sandbox slots"):  # the API's 429
             await manager.create()
         # the sandbox still has no network: not even the cluster's own ports on this host
