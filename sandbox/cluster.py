@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import socket
 import threading
 from collections.abc import Callable
@@ -127,24 +128,47 @@ def free_slots() -> dict[str, int]:
     return {node: int(res.get(SLOT, 0)) for node, res in available_resources_per_node().items()}
 
 
-async def in_daemon_thread(fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
-    """``fn(*args)`` in a daemon thread, awaited for at most ``timeout`` seconds. For Ray's start-up
-    calls, which can block for minutes: a daemon thread never keeps the process from exiting on
-    SIGTERM, as a thread of ``asyncio.to_thread``'s pool would."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[Any] = loop.create_future()
+class _RayThread:
+    """One daemon thread for Ray's blocking client calls, started once and kept for the life of
+    the process. Kept, because Ray starts a one-node cluster's processes with a parent-death
+    signal, which Linux sends when the *thread* that started them ends (so a pool thread or a
+    short-lived one would take the cluster down with it); a daemon, because Ray may block for
+    minutes and must never keep the process from exiting on SIGTERM."""
 
-    def settle(ok: bool, value: Any) -> None:
-        if not done.done():
-            done.set_result(value) if ok else done.set_exception(value)
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], Callable[[bool, Any], None]]] = (
+            queue.SimpleQueue())
+        threading.Thread(target=self._serve, name="jupybox-ray", daemon=True).start()
 
-    def run() -> None:
-        try:
-            result = fn(*args)
-        except BaseException as exc:  # handed to the awaiting task
-            loop.call_soon_threadsafe(settle, False, exc)
-        else:
-            loop.call_soon_threadsafe(settle, True, result)
+    def _serve(self) -> None:
+        while True:
+            fn, args, reply = self._calls.get()
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the awaiting task
+                reply(False, exc)
+            else:
+                reply(True, result)
 
-    threading.Thread(target=run, name=f"jupybox-{getattr(fn, '__name__', 'ray')}", daemon=True).start()
-    return await asyncio.wait_for(done, timeout)
+    async def call(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float) -> Any:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+
+        def settle(ok: bool, value: Any) -> None:
+            if not done.done():
+                done.set_result(value) if ok else done.set_exception(value)
+
+        self._calls.put((fn, args, lambda ok, value: loop.call_soon_threadsafe(settle, ok, value)))
+        return await asyncio.wait_for(done, timeout)
+
+
+_ray_thread: _RayThread | None = None
+
+
+async def call(fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+    """``fn(*args)`` (one of the blocking calls above) on the Ray thread, awaited for at most
+    ``timeout`` seconds (``asyncio.TimeoutError`` after that; the call itself goes on)."""
+    global _ray_thread
+    if _ray_thread is None:
+        _ray_thread = _RayThread()
+    return await _ray_thread.call(fn, args, timeout)

@@ -298,3 +298,13 @@ def test_a_wrong_cluster_address_is_one_sentence_with_the_fix_at_once(tmp_path: 
                               capture_output=True, text=True, env=env, timeout=60)
         assert proc.returncode == 2 and says in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_without_a_cluster_address_exec_starts_a_one_node_ray_on_loopback(sandbox_image: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(JUPYBOX_HOME=str(tmp_path), JUPYBOX_IMAGE=sandbox_image, JUPYBOX_NODE=f"{PREFIX}-local")
+    jupybox = str(Path(sys.executable).parent / "jupybox")
+    proc = subprocess.run([jupybox, "exec", "--backend", "ray", "print(6 * 7)"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "42 1000\n", proc.stdout + proc.stderr
+    assert containers(f"{PREFIX}-local") == []  # closed on the way out, like any session

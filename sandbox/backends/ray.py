@@ -37,6 +37,7 @@ WATCH_S = 2.0  # how often the node list is read
 CONNECT_TIMEOUT_S = 120.0  # joining a cluster, or starting a one-node Ray here
 CALL_TIMEOUT_S = 30.0  # one question to the cluster's control store
 PREPARE_TIMEOUT_S = 120.0
+RETRY_PREPARE_S = 30.0  # a node that could not run sandboxes (no image yet, say) is checked again this often
 RELEASE_LAG_S = 3.0  # how long a closed session's slot may still count as taken in the cluster's view
 
 
@@ -49,6 +50,7 @@ class SandboxNode:
     name: str = "?"  # its jupybox name, known once prepared
     ready: bool = False
     problem: str | None = None
+    prepared: float = 0.0  # when it was last prepared (monotonic)
     warm: list[RemoteSession] = field(default_factory=list)
     refill: asyncio.Task | None = None
 
@@ -76,8 +78,8 @@ class RayBackend(Backend):
     async def check(self) -> None:
         """Join the cluster (or start a one-node Ray here) and find its sandbox nodes."""
         try:
-            await cluster.in_daemon_thread(cluster.connect, self.settings.ray_address, self.settings.max_sessions,
-                                           timeout=CONNECT_TIMEOUT_S)
+            await cluster.call(cluster.connect, self.settings.ray_address, self.settings.max_sessions,
+                               timeout=CONNECT_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise BackendUnavailable(f"Ray did not {'answer at ' + self.settings.ray_address if self.settings.ray_address else 'start'} "
                                      f"within {CONNECT_TIMEOUT_S:.0f} s: see `ray status` there, and Ray's logs "
@@ -156,12 +158,15 @@ class RayBackend(Backend):
         new = [n for n in found.values() if n.alive and n.slots and n.id not in self.nodes]
         for state in new:
             self.nodes[state.id] = SandboxNode(state.id, state.slots)
-        reports = await asyncio.gather(*(self._prepare(self.nodes[s.id]) for s in new))
+        due = [self.nodes[s.id] for s in new]
+        due += [n for n in self.nodes.values() if n.problem and time.monotonic() - n.prepared > RETRY_PREPARE_S]
+        reports = await asyncio.gather(*(self._prepare(n) for n in due))
         return sum(reports)
 
     async def _prepare(self, node: SandboxNode) -> int:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        node.prepared = time.monotonic()
         ref = self._prepare_task.options(
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node.id, soft=False),
         ).remote(self.settings)
@@ -342,7 +347,7 @@ class RayBackend(Backend):
     async def _ask(question: Any) -> Any:
         """One blocking question to the cluster (``cluster.nodes``, ``cluster.free_slots``)."""
         try:
-            return await cluster.in_daemon_thread(question, timeout=CALL_TIMEOUT_S)
+            return await cluster.call(question, timeout=CALL_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise SandboxError(f"the Ray cluster's head did not answer within {CALL_TIMEOUT_S:.0f} s: "
                                "see `ray status` on it") from None
