@@ -251,13 +251,21 @@ class SessionHost:
     async def write(self, name: str, data: bytes) -> WorkspaceFile:
         return await self._files_call(self._open().workspace.write, name, data)
 
-    async def upload_begin(self, name: str) -> str:
-        split_name(name)  # a bad name is refused before any data moves
+    async def upload_begin(self, name: str, size_hint: int | None = None) -> str:
+        """A handle for ``upload_chunk``; a bad name, or a ``size_hint`` over the quotas, is
+        refused before any data moves."""
+        split_name(name)
         if len(self._uploads) >= MAX_UPLOADS:
             raise WorkspaceError(f"{MAX_UPLOADS} uploads into this session are already running: wait for one to end")
+        if size_hint is not None:
+            await self._files_call(self._check_room, name, size_hint)
         handle = f"u{next(self._ids)}"
         self._uploads[handle] = _Upload(self._open(), name, self._writers)
         return handle
+
+    def _check_room(self, name: str, size: int) -> None:
+        workspace = self._open().workspace
+        workspace._check_quota(name, size, workspace.usage() - (workspace._size_of(name) or 0))
 
     async def upload_chunk(self, handle: str, chunk: bytes | None) -> WorkspaceFile | None:
         """One chunk (at most ``CHUNK`` bytes); None ends the file and returns it. A refused

@@ -173,6 +173,23 @@ async def test_a_plot_and_files_cross_the_cluster_in_chunks_within_the_quotas(ma
     assert {f.path for f in await asyncio.to_thread(s.workspace.list)} == names
     with pytest.raises(WorkspacePathError):
         await asyncio.to_thread(s.workspace.write, "../escape.txt", b"x")
+
+    def upload_in_parts(name: str, parts: list[bytes], size_hint: int | None = None, fail: bool = False) -> Any:
+        with s.workspace.writer(name, size_hint) as out:  # as the API streams an upload
+            for part in parts:
+                out.write(part)
+            if fail:
+                raise ConnectionError("the client went away")
+            return out.commit()
+
+    parts = [bytes([i]) * 700_000 for i in range(3)]  # pieces of any size, sent on in chunks
+    assert (await asyncio.to_thread(upload_in_parts, "parts.bin", parts)).size == 2_100_000
+    assert await asyncio.to_thread(download, "parts.bin") == b"".join(parts)
+    with pytest.raises(ConnectionError):
+        await asyncio.to_thread(upload_in_parts, "gone.bin", parts, None, True)
+    with pytest.raises(QuotaExceeded):  # refused before any data moves
+        await asyncio.to_thread(upload_in_parts, "big.bin", [], 5_000_000)
+    assert not {"gone.bin", "big.bin"} & {f.path for f in await asyncio.to_thread(s.workspace.list)}
     await manager.close(s.id)
 
 

@@ -1,7 +1,7 @@
 """Sessions spread over the nodes of a Ray cluster, each in the docker backend of its node.
 
 Each session is a Ray actor (``sandbox.node.SessionHost``) holding one ``jupybox_sandbox`` slot
-on its node; the server keeps a ``RemoteSession`` proxy (``sandbox.remote``). Ray places,
+on its node; the server keeps a ``RemoteSession`` proxy (``sandbox.remote_session``). Ray places,
 supervises and connects; this backend only chooses the node and keeps the warm sessions:
 
 - Placement: the node with the most free slots (least loaded first), pinned softly, so Ray
@@ -28,7 +28,8 @@ from typing import Any
 from .. import cluster
 from ..config import Limits, SandboxSettings
 from ..errors import BackendUnavailable, CapacityError, JupyboxError, SandboxError
-from ..remote import NodeLost, RemoteSession, unwrap
+from ..remote import NodeLost, unwrap
+from ..remote_session import RemoteSession
 from .base import Backend, KernelHandle, KernelSpec
 
 log = logging.getLogger(__name__)
