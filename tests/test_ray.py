@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sandbox import (CapacityError, Execution, ExecutionStatus, Limits, Output, QuotaExceeded, SandboxSettings,
+from sandbox import (CapacityError, Execution, ExecutionStatus, Output, QuotaExceeded, SandboxSettings,
                      SessionClosed, SessionManager, WorkspacePathError)
 from sandbox.cluster import SLOT, import_ray
 from sandbox.diskfs import mounts_under
