@@ -304,6 +304,37 @@ def test_a_server_keeps_a_warm_session_per_node_and_sigterm_leaves_no_container(
     assert per_node() == {r: [] for r in roles}  # the session, the warm ones and any refill: all gone
 
 
+def test_a_killed_server_leaves_containers_that_the_next_start_removes(
+        ray_cluster: LocalCluster, sandbox_image: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(JUPYBOX_HOME=str(tmp_path), JUPYBOX_IMAGE=sandbox_image)
+    jupybox = str(Path(sys.executable).parent / "jupybox")
+    address = ["--backend", "ray", "--ray-address", ray_cluster.cluster.address]
+    proc = subprocess.Popen([jupybox, "exec", *address, "import time; time.sleep(120)"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (found := containers()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no session started"
+            time.sleep(0.2)
+        (left,) = found
+        owner = subprocess.run(["docker", "inspect", "-f", '{{index .Config.Labels "jupybox.owner"}}', left["id"]],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        actor_pid = int(owner.split(".")[-2])  # the session's actor process on its node
+    finally:
+        proc.kill()  # no clean-up of its own: SIGKILL
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{actor_pid}").exists():  # Ray ends a dead server's actors
+        assert time.monotonic() < deadline, "the actor outlived its server"
+        time.sleep(0.1)
+    assert containers() == found  # its container is left behind...
+    cleanup = subprocess.run([jupybox, "sandbox", "cleanup", *address], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert cleanup.returncode == 0 and "removed 1 orphaned" in cleanup.stdout, cleanup.stdout + cleanup.stderr
+    assert containers() == []  # ...until a server (here the cleanup command) starts and prepares the nodes
+
+
 def test_a_wrong_cluster_address_is_one_sentence_with_the_fix_at_once(tmp_path: Path) -> None:
     env = {**os.environ, "JUPYBOX_HOME": str(tmp_path)}
     jupybox = str(Path(sys.executable).parent / "jupybox")
