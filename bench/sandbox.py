@@ -293,6 +293,10 @@ def render(r: dict[str, Any]) -> str:
 async def run_sandbox_bench(settings: SandboxSettings, runs: int = 10, max_sessions: int = 40,
                             as_json: bool = False) -> int:
     """Measure and print; the exit code says only whether the benchmark ran, never whether targets were met."""
+    if settings.backend == "ray":  # a cluster: measured beside the direct docker backend instead
+        from .cluster import run_cluster_bench
+
+        return await run_cluster_bench(settings, runs, max_sessions, as_json)
     result = await measure(settings, runs, max_sessions)
     print(json.dumps(result) if as_json else render(result))
     return 0

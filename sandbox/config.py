@@ -60,7 +60,7 @@ def default_home() -> Path:
 
 @dataclass
 class SandboxSettings:
-    backend: str = "docker"  # docker | bwrap | local
+    backend: str = "docker"  # docker | bwrap | local | ray
     image: str = SANDBOX_IMAGE
     docker_runtime: str | None = None  # e.g. "runsc" for gVisor
     limits: Limits = field(default_factory=Limits)
@@ -79,6 +79,8 @@ class SandboxSettings:
     memory_budget_mb: int | None = None
     # each workspace its own size-capped filesystem (see sandbox/diskfs.py): auto | loop | plain
     workspace_fs: str = "auto"
+    # backend "ray": the cluster to join (host:port of its head); None starts a one-node Ray on loopback
+    ray_address: str | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> SandboxSettings:
@@ -103,6 +105,8 @@ class SandboxSettings:
             values["workspace_fs"] = env["JUPYBOX_WORKSPACE_FS"]
         if env.get("JUPYBOX_MEMORY_BUDGET_MB"):
             values["memory_budget_mb"] = int(env["JUPYBOX_MEMORY_BUDGET_MB"])
+        if env.get("RAY_ADDRESS"):
+            values["ray_address"] = env["RAY_ADDRESS"]
         limits = {}
         for name, conv in (("memory_mb", int), ("cpus", float), ("pids", int)):
             key = f"JUPYBOX_{name.upper()}"

@@ -75,6 +75,8 @@ class SessionManager:
             raise SandboxError(f"one session's memory limit ({self.settings.limits.memory_mb} MiB) is more than the "
                                f"memory budget of all sessions ({self.memory_budget_mb} MiB): lower --memory-mb "
                                "or raise JUPYBOX_MEMORY_BUDGET_MB")
+        # a backend that places sessions on other machines keeps a warm pool per machine itself
+        self.pool_size = 0 if self.backend.places_sessions else self.settings.pool_size
         self.loop_workspaces = self._loop_workspaces()
 
     def _loop_workspaces(self) -> bool:
@@ -83,6 +85,8 @@ class SessionManager:
         if choice not in ("auto", "loop", "plain"):
             raise SandboxError(f"workspace_fs={choice!r}: choose auto, loop or plain")
         if choice == "plain" or (choice == "auto" and self.settings.backend == "local"):
+            return False
+        if self.backend.places_sessions:  # each machine decides for the workspaces it holds
             return False
         reason = diskfs.unavailable()
         if reason is None:
@@ -111,7 +115,7 @@ class SessionManager:
             log.info("removed %d orphaned sandbox(es)", removed)
         self._started = True
         self._reaper = asyncio.create_task(self._reap_idle())
-        if self.settings.pool_size:
+        if self.pool_size:
             await self._fill_pool()
 
     async def cleanup_orphans(self) -> int:
@@ -171,6 +175,10 @@ class SessionManager:
 
     async def _new_session(self, limits: Limits | None = None, isolation: str | None = None) -> Session:
         sid = uuid.uuid4().hex[:12]
+        if self.backend.places_sessions:
+            if isolation is not None:
+                raise SandboxError(f"sessions on a cluster run their nodes' own isolation, not {isolation!r}")
+            return await self.backend.open_session(sid, limits or self.settings.limits)
         folder = self.sessions_dir / sid
         folder.mkdir(parents=True)
         (folder / "owner").write_text(self.owner)  # read by a later process's orphan cleanup
@@ -186,6 +194,8 @@ class SessionManager:
         return sum(s.limits.memory_mb for s in held) + starting
 
     def _memory_fits(self, memory_mb: int) -> bool:
+        if self.backend.places_sessions:  # the sessions live on other machines: their nodes' slots bound them
+            return True
         return self._memory_committed() + memory_mb <= self.memory_budget_mb
 
     def get(self, session_id: str) -> Session:
@@ -210,11 +220,11 @@ class SessionManager:
 
     # -- warm pool and reaper ---------------------------------------------------------------
     def _schedule_refill(self) -> None:
-        if self.settings.pool_size and (self._refill is None or self._refill.done()) and not self._closing:
+        if self.pool_size and (self._refill is None or self._refill.done()) and not self._closing:
             self._refill = asyncio.create_task(self._fill_pool())
 
     async def _fill_pool(self) -> None:
-        while len(self._pool) < self.settings.pool_size and not self._closing:
+        while len(self._pool) < self.pool_size and not self._closing:
             if len(self._sessions) + len(self._pool) >= self.settings.max_sessions:
                 return
             if not self._memory_fits(self.settings.limits.memory_mb):

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/svg+xml": "svg", "image/gif": "gif"}
 MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes
+ALIVE_CHECK_S = 0.25  # while a kernel starts, how often its process is checked
 
 
 class Session:
@@ -99,12 +100,17 @@ class Session:
         spec.boot_args = ["-f", f"{kernel_rt}/kernel.json", "--HistoryManager.enabled=False"]
         self._handle = await self.backend.start(spec)
         deadline = time.monotonic() + self.settings.start_timeout_s
+        alive_checked = time.monotonic()
         while not sockets_ready(rt):
             if time.monotonic() > deadline:
                 raise SandboxError(f"the kernel did not start within {self.settings.start_timeout_s:.0f} s")
-            if not await self.backend.is_alive(self._handle):
-                reason = await self.backend.exit_reason(self._handle)
-                raise SandboxError(f"the kernel failed to start: {reason}")
+            # asking the daemon is costly: many sessions starting at once would keep it (and the
+            # CPUs) busy answering, so the socket files are polled often and the process rarely
+            if time.monotonic() - alive_checked > ALIVE_CHECK_S:
+                if not await self.backend.is_alive(self._handle):
+                    reason = await self.backend.exit_reason(self._handle)
+                    raise SandboxError(f"the kernel failed to start: {reason}")
+                alive_checked = time.monotonic()
             await asyncio.sleep(0.01)
         self._client = KernelClient(info)
         await self._client.connect(max(deadline - time.monotonic(), 5.0))

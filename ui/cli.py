@@ -37,7 +37,10 @@ df["sales"].sum()
 
 
 def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["docker", "bwrap", "local"], help="how the kernel is isolated (default: docker)")
+    p.add_argument("--backend", choices=["docker", "bwrap", "local", "ray"],
+                   help="how the kernel is isolated (default: docker); ray: docker sandboxes on the nodes of a Ray cluster")
+    p.add_argument("--ray-address", help="with --backend ray: the cluster's head, host:port (env RAY_ADDRESS); "
+                                         "without it a one-node Ray starts on this host, bound to loopback")
     p.add_argument("--runtime", dest="docker_runtime", help="Docker runtime, e.g. runsc for gVisor")
     p.add_argument("--image", help="sandbox image (default: jupybox-sandbox:latest)")
     p.add_argument("--unsafe-local", action="store_true", help="allow the local backend, which has NO isolation")
@@ -45,7 +48,7 @@ def _add_sandbox_flags(p: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace, **extra: Any) -> SandboxSettings:
     return SandboxSettings.from_env(
-        backend=args.backend, docker_runtime=args.docker_runtime, image=args.image,
+        backend=args.backend, docker_runtime=args.docker_runtime, image=args.image, ray_address=args.ray_address,
         allow_unsafe_local=args.unsafe_local or None, **extra,
     )
 

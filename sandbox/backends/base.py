@@ -39,6 +39,9 @@ class KernelHandle:
 
 class Backend(abc.ABC):
     name: ClassVar[str]
+    #: The backend places whole sessions on other machines (a cluster): the manager asks it for
+    #: sessions with ``open_session`` and leaves warm pools to it; ``start``/``stop`` are unused.
+    places_sessions: ClassVar[bool] = False
     #: Where the kernel sees its runtime folder and its workspace. ``None`` means the host paths.
     runtime_mount: ClassVar[str | None] = "/run/jupybox"
     workspace_mount: ClassVar[str | None] = "/mnt/data"
@@ -86,6 +89,12 @@ class Backend(abc.ABC):
         """Called once at manager start-up: remove what dead jupybox processes left behind.
         ``is_orphan_owner(owner) -> bool``. Returns how many things were removed."""
         return 0
+
+    async def open_session(self, session_id: str, limits: Limits) -> Any:
+        """Called by the manager instead of building a local ``Session`` when ``places_sessions``:
+        a started session, with ``Session``'s interface, living wherever the backend put it.
+        Raises ``CapacityError`` when there is no room anywhere."""
+        raise NotImplementedError(f"the {self.name} backend starts kernels here; it does not place sessions")
 
     async def close(self) -> None:
         """Called at manager shutdown after every session is stopped."""

@@ -29,9 +29,12 @@ NOFILE = 4096  # open files per process in the sandbox (soft and hard)
 class DockerBackend(Backend):
     name = "docker"
 
-    def __init__(self, settings: SandboxSettings) -> None:
+    def __init__(self, settings: SandboxSettings, labels: dict[str, str] | None = None) -> None:
+        """``labels`` scope this backend (a cluster node's name): every container it starts carries
+        them, and its orphan clean-up only considers containers that carry them."""
         super().__init__(settings)
         self._client: Any = None
+        self.labels = dict(labels or {})
 
     def _docker(self) -> Any:
         if self._client is None:
@@ -117,7 +120,7 @@ class DockerBackend(Backend):
                 str(spec.runtime_dir): {"bind": self.runtime_mount, "mode": "rw"},
                 str(spec.workspace_dir): {"bind": self.workspace_mount, "mode": "rw"},
             },
-            labels={LABEL: "1", f"{LABEL}.session": spec.session_id, f"{LABEL}.owner": spec.owner},
+            labels={LABEL: "1", f"{LABEL}.session": spec.session_id, f"{LABEL}.owner": spec.owner, **self.labels},
             runtime=spec.isolation or self.settings.docker_runtime,
             # the kernel can write to its stdout file descriptor directly: keep the daemon's log small
             log_config={"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
@@ -180,7 +183,8 @@ class DockerBackend(Backend):
     async def cleanup_orphans(self, is_orphan_owner: Callable[[str], bool]) -> int:
         client = self._docker()
         # sparse: one list call, no inspect per container (which races with others removing theirs)
-        containers = await self._call(client.containers.list, all=True, sparse=True, filters={"label": LABEL})
+        wanted = [LABEL, *(f"{k}={v}" for k, v in self.labels.items())]
+        containers = await self._call(client.containers.list, all=True, sparse=True, filters={"label": wanted})
         removed = 0
         for c in containers:
             labels = c.attrs.get("Labels") or {}

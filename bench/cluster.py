@@ -1,0 +1,163 @@
+"""``jupybox bench sandbox --backend ray``: the hidden cost of the cluster backend, next to the
+direct docker backend measured in the same run. Figures, never pass/fail.
+
+Both backends run the same phases: cold start, warm acquire (a pool of ``POOL_SIZE``; per node on
+the cluster), the round-trip of ``1+1`` (one session of each open at once, calls alternating so
+that noise hits both), and a burst of sessions created at once (sessions per second, each counted
+once it answered). The actor's own memory is read from its process when it runs on this host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from sandbox import SandboxSettings, SessionManager
+
+from .sandbox import POOL_SIZE, cold_starts, execute_ok, percentile, timed
+
+log = logging.getLogger(__name__)
+
+BURST = 8  # sessions created at once, at most
+TARGET_RATIO, TARGET_EXTRA_MS = 1.3, 1.5  # round-trip: at most 1.3x the direct backend, or +1.5 ms
+
+
+def warm_count(manager: SessionManager) -> int:
+    """Warm sessions ready: the manager's pool, or the thinnest node pool of a cluster (read-only)."""
+    backend: Any = manager.backend
+    if backend.places_sessions:
+        return min((len(n.warm) for n in backend.nodes.values() if n.ready), default=0)
+    return len(manager._pool)
+
+
+async def _warm(manager: SessionManager, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while warm_count(manager) < POOL_SIZE:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the warm pool did not fill within {timeout:.0f} s; see the logs (--debug)")
+        await asyncio.sleep(0.02)
+
+
+async def warm_acquires(settings: SandboxSettings, runs: int) -> list[float]:
+    samples = []
+    async with SessionManager(dataclasses.replace(settings, pool_size=POOL_SIZE)) as manager:
+        for _ in range(runs):
+            await _warm(manager, settings.start_timeout_s * POOL_SIZE)
+            elapsed, session = await timed(manager.create)
+            try:
+                await execute_ok(session)
+            finally:
+                await manager.close(session.id)
+            samples.append(elapsed)
+        await _warm(manager, settings.start_timeout_s * POOL_SIZE)  # no refill left starting at shutdown
+    return samples
+
+
+async def paired_roundtrips(ours: SessionManager, base: SessionManager, n: int, warmup: int = 10
+                            ) -> tuple[list[float], list[float]]:
+    a, b = await ours.create(), await base.create()
+    try:
+        times: tuple[list[float], list[float]] = ([], [])
+        for i in range(warmup + n):
+            pair = [(a, times[0]), (b, times[1])]
+            for session, out in pair if i % 2 else reversed(pair):
+                elapsed, _ = await timed(lambda: execute_ok(session))
+                if i >= warmup:
+                    out.append(elapsed)
+        return times
+    finally:
+        await asyncio.gather(ours.close(a.id), base.close(b.id))
+
+
+async def burst(manager: SessionManager, count: int) -> float:
+    """Sessions per second: ``count`` created at once, each counted once it answered ``1+1``."""
+
+    async def one() -> Any:
+        session = await manager.create()
+        await execute_ok(session)
+        return session
+
+    t0 = time.perf_counter()
+    sessions = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+    elapsed = time.perf_counter() - t0
+    opened = [s for s in sessions if not isinstance(s, BaseException)]
+    await asyncio.gather(*(manager.close(s.id) for s in opened), return_exceptions=True)
+    for failure in (s for s in sessions if isinstance(s, BaseException)):
+        log.warning("burst: a session failed: %s", failure)
+    return len(opened) / elapsed
+
+
+def _rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+async def measure(settings: SandboxSettings, runs: int, max_sessions: int) -> dict[str, Any]:
+    runs = max(runs, 1)
+    docker = dataclasses.replace(settings, backend="docker", pool_size=0)
+    ray = dataclasses.replace(settings, pool_size=0)
+    f: dict[str, Any] = {}
+    async with SessionManager(ray) as rm, SessionManager(docker) as dm:
+        nodes = [n for n in rm.backend.nodes.values() if n.ready]  # type: ignore[attr-defined]
+        for name, manager in (("ray", rm), ("docker", dm)):
+            cold = await cold_starts(manager, runs)
+            f[f"{name}_cold_start_p50_s"] = percentile(cold, 0.5)
+        theirs, base = await paired_roundtrips(rm, dm, max(50, min(200, runs * 10)))
+        for name, samples in (("ray", theirs), ("docker", base)):
+            f[f"{name}_roundtrip_p50_ms"] = percentile(samples, 0.5) * 1e3
+            f[f"{name}_roundtrip_p95_ms"] = percentile(samples, 0.95) * 1e3
+        probe = await rm.create()
+        f["actor_rss_mib"] = _rss_mib(probe.pid)
+        await rm.close(probe.id)
+        count = max(1, min(max_sessions, BURST, sum(n.slots for n in nodes)))
+        for name, manager in (("ray", rm), ("docker", dm)):
+            f[f"{name}_sessions_per_s"] = await burst(manager, count)
+    for name, s in (("ray", ray), ("docker", docker)):
+        warm = await warm_acquires(s, runs)
+        f[f"{name}_warm_acquire_p50_ms"] = percentile(warm, 0.5) * 1e3
+    f["roundtrip_ratio_p50"] = f["ray_roundtrip_p50_ms"] / f["docker_roundtrip_p50_ms"]
+    f["roundtrip_extra_p50_ms"] = f["ray_roundtrip_p50_ms"] - f["docker_roundtrip_p50_ms"]
+    met = f["roundtrip_ratio_p50"] <= TARGET_RATIO or f["roundtrip_extra_p50_ms"] <= TARGET_EXTRA_MS
+    return {"backend": "ray", "cluster": settings.ray_address or "one node on this host", "nodes": len(nodes),
+            "slots": sum(n.slots for n in nodes), "runs": runs, "roundtrips": len(theirs), "burst": count,
+            "figures": f, "targets": {"roundtrip": {"target": f"<= {TARGET_RATIO}x or +{TARGET_EXTRA_MS} ms",
+                                                   "met": met}}}
+
+
+def render(r: dict[str, Any]) -> str:
+    f = r["figures"]
+    rss = f"{f['actor_rss_mib']:.0f} MiB" if f["actor_rss_mib"] else "n/a (its node is another host)"
+    rows = [
+        ("cold start p50", f"{f['ray_cold_start_p50_s']:.2f} s", f"{f['docker_cold_start_p50_s']:.2f} s"),
+        (f"warm acquire p50 (pool {POOL_SIZE})", f"{f['ray_warm_acquire_p50_ms']:.2f} ms",
+         f"{f['docker_warm_acquire_p50_ms']:.2f} ms"),
+        ("round-trip 1+1 p50", f"{f['ray_roundtrip_p50_ms']:.2f} ms", f"{f['docker_roundtrip_p50_ms']:.2f} ms"),
+        ("round-trip 1+1 p95", f"{f['ray_roundtrip_p95_ms']:.2f} ms", f"{f['docker_roundtrip_p95_ms']:.2f} ms"),
+        (f"sessions created per second ({r['burst']} at once)", f"{f['ray_sessions_per_s']:.2f}",
+         f"{f['docker_sessions_per_s']:.2f}"),
+        ("memory of one session's actor process", rss, "-"),
+    ]
+    lines = [f"jupybox sandbox benchmark: backend ray ({r['cluster']}: {r['nodes']} node(s), {r['slots']} slots) "
+             f"beside docker, {r['runs']} samples per figure, {r['roundtrips']} round-trips each",
+             f"{'figure':<44} {'ray':<22} {'docker (same run)':<20}", "-" * 86]
+    lines += [f"{a:<44} {b:<22} {c}" for a, b, c in rows]
+    lines.append(f"round-trip ray / docker (p50): {f['roundtrip_ratio_p50']:.2f}x, "
+                 f"{f['roundtrip_extra_p50_ms']:+.2f} ms; target {r['targets']['roundtrip']['target']}: "
+                 f"{'met' if r['targets']['roundtrip']['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+async def run_cluster_bench(settings: SandboxSettings, runs: int, max_sessions: int, as_json: bool) -> int:
+    result = await measure(settings, runs, max_sessions)
+    print(json.dumps(result) if as_json else render(result))
+    return 0
