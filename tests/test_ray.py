@@ -297,6 +297,8 @@ def test_a_server_keeps_a_warm_session_per_node_and_sigterm_leaves_no_container(
             assert sid in warm  # handed out from a pool, not started now
             ex = c.post(f"/api/sessions/{sid}/execute", json={"code": "print(2 ** 10)"}).json()
             assert ex["outputs"][0]["text"] == "1024\n"
+            r = c.post("/api/kernels", json={"name": "python3"})  # notebook kernels: this host's sandboxes only
+            assert r.status_code == 501 and "--backend ray" in r.json()["error"]
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)
