@@ -19,43 +19,12 @@ from typing import Any
 
 from sandbox import SandboxSettings, SessionManager
 
-from .sandbox import POOL_SIZE, cold_starts, execute_ok, percentile, timed
+from .sandbox import POOL_SIZE, cold_starts, execute_ok, percentile, timed, warm_acquires
 
 log = logging.getLogger(__name__)
 
 BURST = 8  # sessions created at once, at most
 TARGET_RATIO, TARGET_EXTRA_MS = 1.3, 1.5  # round-trip: at most 1.3x the direct backend, or +1.5 ms
-
-
-def warm_count(manager: SessionManager) -> int:
-    """Warm sessions ready: the manager's pool, or the thinnest node pool of a cluster (read-only)."""
-    backend: Any = manager.backend
-    if backend.places_sessions:
-        return min((len(n.warm) for n in backend.nodes.values() if n.ready), default=0)
-    return len(manager._pool)
-
-
-async def _warm(manager: SessionManager, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while warm_count(manager) < POOL_SIZE:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the warm pool did not fill within {timeout:.0f} s; see the logs (--debug)")
-        await asyncio.sleep(0.02)
-
-
-async def warm_acquires(settings: SandboxSettings, runs: int) -> list[float]:
-    samples = []
-    async with SessionManager(dataclasses.replace(settings, pool_size=POOL_SIZE)) as manager:
-        for _ in range(runs):
-            await _warm(manager, settings.start_timeout_s * POOL_SIZE)
-            elapsed, session = await timed(manager.create)
-            try:
-                await execute_ok(session)
-            finally:
-                await manager.close(session.id)
-            samples.append(elapsed)
-        await _warm(manager, settings.start_timeout_s * POOL_SIZE)  # no refill left starting at shutdown
-    return samples
 
 
 async def paired_roundtrips(ours: SessionManager, base: SessionManager, n: int, warmup: int = 10

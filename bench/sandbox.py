@@ -111,9 +111,17 @@ async def cold_starts(manager: SessionManager, runs: int) -> list[float]:
     return samples
 
 
+def warm_count(manager: SessionManager) -> int:
+    """Warm sessions ready: the manager's pool, or the thinnest node pool of a cluster (read-only)."""
+    backend: Any = manager.backend
+    if backend.places_sessions:
+        return min((len(n.warm) for n in backend.nodes.values() if n.ready), default=0)
+    return len(manager._pool)
+
+
 async def _pool_full(manager: SessionManager, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while len(manager._pool) < manager.settings.pool_size:  # the manager's own pool, read-only
+    while warm_count(manager) < POOL_SIZE:
         if time.monotonic() > deadline:
             raise SandboxError(f"the warm pool did not fill within {timeout:.0f} s; see the logs (--debug)")
         await asyncio.sleep(0.02)
