@@ -56,6 +56,7 @@ class Chat:
     last_used: float = field(default_factory=time.monotonic)
     bound: bool = False  # its session was handed in (an API session): when that goes, so does the chat
     format_asked: str | None = None  # fixed, with the model's default, at the first question
+    starting: asyncio.Lock = field(default_factory=asyncio.Lock)  # one session start at a time
 
     @property
     def busy(self) -> bool:
@@ -204,23 +205,24 @@ class ConversationService:
     async def session(self, chat: Chat) -> tuple[Session, str | None]:
         """The chat's open session, started when it has none. The note says, in words, when an
         earlier session had gone (reaped after idling): its files and variables with it."""
-        sid = chat.conversation.session_id
-        note = None
-        if sid is not None:
-            try:
-                session = self.manager.get(sid)
-                session.touch()
-                return session, None
-            except SessionClosed:
-                if chat.bound:
-                    self.forget(chat.key)
-                    raise
-                note = ("Your previous session was closed after being idle; a fresh one was started "
-                        "(earlier files and variables are gone).")
-        session = await self.manager.create()
-        chat.conversation.session_id = session.id
-        chat.pending.clear()
-        return session, note
+        async with chat.starting:  # two callers at once (an upload and a question) start one session
+            sid = chat.conversation.session_id
+            note = None
+            if sid is not None:
+                try:
+                    session = self.manager.get(sid)
+                    session.touch()
+                    return session, None
+                except SessionClosed:
+                    if chat.bound:
+                        self.forget(chat.key)
+                        raise
+                    note = ("Your previous session was closed after being idle; a fresh one was started "
+                            "(earlier files and variables are gone).")
+            session = await self.manager.create()
+            chat.conversation.session_id = session.id
+            chat.pending.clear()
+            return session, note
 
     async def workspace(self, key: str) -> Workspace | None:
         """The workspace of the conversation's open session, or None (no session, or it is gone)."""

@@ -307,3 +307,11 @@ def test_the_notebook_of_a_saved_conversation_is_valid(tmp_path: Path) -> None:
     conv.save(tmp_path / "c.json")
     loaded, _ = Conversation.load(tmp_path / "c.json")
     nbformat.validate(loaded.to_notebook())
+
+
+async def test_callers_at_once_share_one_new_session(service: ConversationService) -> None:
+    chat = service.open("together", SOURCE)
+    got = await asyncio.gather(*(service.session(chat) for _ in range(3)))
+    assert len({session.id for session, _ in got}) == 1
+    assert len([s for s in service.manager.list() if s.id == got[0][0].id]) == 1
+    await service.close("together")
