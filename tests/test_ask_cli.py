@@ -73,6 +73,16 @@ def test_missing_model_gives_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("jupybox: ")
 
 
+def test_json_ends_with_an_error_event_when_no_turn_can_run(tmp_path: Path) -> None:
+    """A program reading --json gets why on stdout too, not only a message on stderr."""
+    proc = subprocess.run([JUPYBOX, "ask", "hi", "--json", "--model", str(tmp_path / "no-such-model")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["type"] for e in events] == ["error"] and "no-such-model" in events[0]["text"]
+    assert proc.stderr == f"jupybox: {events[0]['text']}\n"
+
+
 def test_a_format_the_backend_cannot_serve_is_refused_before_loading(tmp_path: Path) -> None:
     proc = subprocess.run([JUPYBOX, "ask", "hi", "--format", "tools", "--model", str(tmp_path / "no-such-model")],
                           capture_output=True, text=True, timeout=120)

@@ -69,6 +69,7 @@ def test_jupybox_ask_with_a_real_model(sandbox_image: str, smollm2: Path, tmp_pa
                            str(MAX_TOKENS), "--max-executions", "1", "--notebook", str(tmp_path / "c.ipynb"),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600, env=env)
     events = [json.loads(line) for line in proc.stdout.splitlines()]  # every line is an event: --json is clean
+    assert "usage" in [e["type"] for e in events], f"no turn ran (exit {proc.returncode}): {proc.stderr[-3000:]}"
     cells = check_turn(events)
     assert proc.returncode == (0 if events[-1]["type"] == "answer" else 1)
     check_notebook(nbformat.read(str(tmp_path / "c.ipynb"), as_version=4), cells)
