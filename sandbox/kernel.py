@@ -38,9 +38,9 @@ SOCKET_NAME = "kernel"
 OutputCallback = Callable[[Output], Any]
 
 
-def write_connection_file(runtime_dir: Path, kernel_runtime_path: str) -> dict[str, Any]:
+def write_connection_file(runtime_dir: Path, kernel_runtime_path: str, host_path: Path | None = None) -> dict[str, Any]:
     """Write ``kernel.json`` for the kernel (ipc sockets under ``kernel_runtime_path``) and return
-    the host-side connection info (the same sockets under ``runtime_dir``)."""
+    the host-side connection info (the same sockets under ``host_path``, by default ``runtime_dir``)."""
     info: dict[str, Any] = {
         "transport": "ipc",
         "ip": f"{kernel_runtime_path}/{SOCKET_NAME}",
@@ -51,7 +51,7 @@ def write_connection_file(runtime_dir: Path, kernel_runtime_path: str) -> dict[s
     }
     path = runtime_dir / "kernel.json"
     path.write_text(json.dumps(info))
-    return {**info, "ip": str(runtime_dir / SOCKET_NAME)}
+    return {**info, "ip": str((host_path or runtime_dir) / SOCKET_NAME)}
 
 
 def sockets_ready(runtime_dir: Path) -> bool:

@@ -12,6 +12,8 @@ import base64
 import contextlib
 import logging
 import os
+import stat
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,6 +35,23 @@ MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes
 ALIVE_CHECK_S = 0.25  # while a kernel starts, how often its process is checked
 
 
+def socket_alias(name: str, target: Path) -> Path:
+    """A short path to a runtime folder whose own path is too long for the kernel's Unix sockets
+    (a deep ``JUPYBOX_HOME``): a symlink in a folder of this user's under the temp directory,
+    refused unless that folder is private to this user, so no one else can plant or swap links."""
+    base = Path(tempfile.gettempdir()) / f"jupybox-{os.geteuid()}"
+    with contextlib.suppress(FileExistsError):
+        base.mkdir(mode=0o700)
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise SandboxError(f"{base} holds short links to kernels' socket folders and must be a folder private to "
+                           "this user: remove it, or set JUPYBOX_HOME to a shorter path")
+    link = base / name
+    link.unlink(missing_ok=True)
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
 class Session:
     """Stateful: a variable set in one execution is there in the next, until a restart."""
 
@@ -45,6 +64,7 @@ class Session:
         self.owner = owner
         self.folder = folder
         self.runtime_dir = folder / "run"
+        self._socket_dir = self.runtime_dir  # where this host connects: a short alias if that path is too long
         owner_ids = (settings.sandbox_uid, settings.sandbox_gid) if os.geteuid() == 0 else None
         self.limits = limits or settings.limits
         self.workspace = Workspace(folder / "data", self.limits, owner_ids)
@@ -92,9 +112,13 @@ class Session:
 
     async def _start_kernel(self) -> None:
         rt = self.runtime_dir
-        if len(str(rt)) + 12 > MAX_SOCKET_PATH:
+        if len(str(rt)) + 12 > MAX_SOCKET_PATH and self._socket_dir == rt:
+            self._socket_dir = await asyncio.to_thread(socket_alias, f"{os.getpid()}-{self.id}", rt)
+        if len(str(self._socket_dir)) + 12 > MAX_SOCKET_PATH:
             raise SandboxError(f"the runtime folder {rt} is too long for Unix sockets: set JUPYBOX_HOME to a shorter path")
         kernel_rt, _ = self.backend.kernel_paths(self._spec_base())
+        if kernel_rt == str(rt):  # a kernel on this host's filesystem binds where this host connects
+            kernel_rt = str(self._socket_dir)
         info = await asyncio.to_thread(self._fresh_runtime_dir, kernel_rt)
         spec = self._spec_base()
         spec.boot_args = ["-f", f"{kernel_rt}/kernel.json", "--HistoryManager.enabled=False"]
@@ -127,7 +151,7 @@ class Session:
         if rt.exists() or rt.is_symlink():
             raise SandboxError(f"the runtime folder {rt} could not be cleared for a new kernel")
         rt.mkdir(parents=True, mode=0o700)
-        info = write_connection_file(rt, kernel_rt)
+        info = write_connection_file(rt, kernel_rt, self._socket_dir)
         if self._owner_ids:
             os.chown(rt, *self._owner_ids)
             os.chown(rt / "kernel.json", *self._owner_ids)
@@ -201,6 +225,8 @@ class Session:
                 pass
         await self._stop_kernel()
         await asyncio.to_thread(remove_tree, self.runtime_dir)
+        if self._socket_dir != self.runtime_dir:
+            self._socket_dir.unlink(missing_ok=True)
         if not keep_workspace:
             await asyncio.to_thread(diskfs.release, self.folder)
             await asyncio.to_thread(remove_tree, self.folder)

@@ -10,7 +10,9 @@ import os
 import resource
 import socket
 import subprocess
+import tempfile
 from contextlib import aclosing
+from pathlib import Path
 
 import pytest
 
@@ -377,3 +379,23 @@ async def test_idle_sessions_are_reaped_and_reported(sandbox_image: str, jb_home
             ["docker", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True).stdout
     finally:
         await manager.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["docker", "local"])
+async def test_a_deep_home_gets_short_socket_links(sandbox_image: str, tmp_path, backend: str) -> None:
+    """Unix socket paths are limited to 107 bytes: a deep JUPYBOX_HOME (a CI's temp folder) still
+    runs kernels, through a private short link that goes when the session does."""
+    home = tmp_path / ("deep-" * 16)
+    settings = dataclasses.replace(docker_settings(home, instance="deep-home"), backend=backend, allow_unsafe_local=True)
+    async with SessionManager(settings) as manager:
+        session = await manager.create()
+        assert len(str(session.runtime_dir / "kernel-1")) > 107
+        await session.execute("x = 6 * 7")
+        await session.restart()
+        ex = await session.execute("x = 7 * 6; print(x)")
+        assert ex.status == ExecutionStatus.OK and ex.stdout == "42\n"
+        links = list(Path(tempfile.gettempdir(), f"jupybox-{os.geteuid()}").glob(f"*-{session.id}"))
+        assert [link.resolve() for link in links] == [session.runtime_dir.resolve()]
+        assert oct(os.stat(links[0].parent).st_mode & 0o777) == "0o700"
+        await manager.close(session.id)
+        assert not links[0].is_symlink()

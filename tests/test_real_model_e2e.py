@@ -73,8 +73,8 @@ def test_jupybox_ask_with_a_real_model(sandbox_image: str, smollm2: Path, tmp_pa
     cells = check_turn(events)
     assert proc.returncode == (0 if events[-1]["type"] == "answer" else 1)
     check_notebook(nbformat.read(str(tmp_path / "c.ipynb"), as_version=4), cells)
-    # quiet by default: no progress bars or library warnings around the events
-    assert "Warning" not in proc.stderr and "%|" not in proc.stderr, proc.stderr[-2000:]
+    # quiet by default: no progress bars or library warnings around the events (torch, torchao, transformers)
+    assert proc.stderr == "", proc.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

@@ -224,6 +224,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TORCH_LOGS", "-all")  # torch sets its loggers' levels from this when imported
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # kernels it cannot load on this machine
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|torchao|transformers|accelerate|optimum)")
