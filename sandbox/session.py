@@ -35,6 +35,13 @@ MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes
 ALIVE_CHECK_S = 0.25  # while a kernel starts, how often its process is checked
 
 
+def _image_mime(out: Output) -> str | None:
+    """The image type of a result or display output that carries one, which is saved as a file."""
+    if out.kind not in ("result", "display") or not out.data:
+        return None
+    return next((m for m in IMAGE_EXT if m in out.data), None)
+
+
 def socket_alias(name: str, target: Path) -> Path:
     """A short path to a runtime folder whose own path is too long for the kernel's Unix sockets
     (a deep ``JUPYBOX_HOME``): a symlink in a folder of this user's under the temp directory,
@@ -368,15 +375,14 @@ class Session:
             duration_s=round(time.monotonic() - t0, 4), truncated=raw.dropped,
             state_lost=state_lost, reason=reason,
         )
-        execution.images = await asyncio.to_thread(self._save_images, raw.outputs)  # file IO off the loop
+        if any(_image_mime(out) for out in raw.outputs):  # most runs have none: no thread hop for them
+            execution.images = await asyncio.to_thread(self._save_images, raw.outputs)  # file IO off the loop
         return execution
 
     def _save_images(self, outputs: list[Output]) -> list[ImageFile]:
         saved: list[ImageFile] = []
         for out in outputs:
-            if out.kind not in ("result", "display") or not out.data:
-                continue
-            mime = next((m for m in IMAGE_EXT if m in out.data), None)
+            mime = _image_mime(out)
             if mime is None:
                 continue
             raw = out.data[mime]
