@@ -158,3 +158,23 @@ def test_the_page_itself_cannot_smuggle_a_host_path(web_server: WebServer, host_
     assert status[0] == 400 and SECRET not in status[1]
     assert secret_anywhere(web_server) == []
 
+
+
+def test_uploads_whose_files_are_gone_are_forgotten(tmp_path: Path) -> None:
+    """Gradio records every upload's path and removes the file after an hour, never the record: the
+    guard forgets the gone ones whenever it measures the folder (before each upload), so a server
+    that runs for months keeps a record the size of what is on disk."""
+    from ui.web_guard import UploadCache, UploadRefused
+
+    cache = UploadCache(tmp_path / "ui")
+    kept, gone = cache.folder / "a" / "kept.csv", cache.folder / "b" / "gone.csv"
+    for f in (kept, gone):
+        f.parent.mkdir()
+        f.write_bytes(b"a,b\n1,2\n")
+        cache.recorded.add(str(f))
+    gone.unlink()
+    assert cache.usage() == kept.stat().st_size
+    assert cache.recorded == {str(kept)}
+    cache.check(str(kept))
+    with pytest.raises(UploadRefused):
+        cache.check(str(gone))

@@ -69,7 +69,12 @@ class UploadCache:
         self.folder = self.folder.resolve()
 
     def usage(self) -> int:
-        """Bytes of the regular files below the folder (walked without following symlinks)."""
+        """Bytes of the regular files below the folder (walked without following symlinks). Uploads
+        whose files are gone (Gradio removes them after an hour) are forgotten on the way, so the
+        record of a long-running server stays the size of what is actually there."""
+        for path in list(self.recorded):  # one C-level copy: safe while Gradio's threads add to it
+            if not os.path.lexists(path):
+                self.recorded.discard(path)
         total, stack = 0, [str(self.folder)]
         while stack:
             try:
