@@ -22,6 +22,7 @@ from typing import Any
 
 from sandbox import Execution, JupyboxError, SandboxSettings, Session, SessionManager
 from sandbox.models import Output
+from interpreter.events import Event
 from ui.terminal import add_model_flags
 
 log = logging.getLogger("jupybox")
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     except JupyboxError as exc:
         if args.debug:
             raise
+        if args.command in ("ask", "chat") and args.json:  # their event stream ends with an event, whatever happened
+            print(json.dumps(Event("error", text=str(exc)).to_dict(), ensure_ascii=False), flush=True)
         print(f"jupybox: {exc}", file=sys.stderr)
         return 2
     except (asyncio.CancelledError, KeyboardInterrupt):

@@ -14,14 +14,13 @@ import contextlib
 import json
 import shutil
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 
 from interpreter import ConversationService, Event, InterpreterSettings, ModelSettings, get_format
 from interpreter.llm import DEFAULT_MODEL
 from sandbox import SandboxSettings, SessionManager
-from sandbox.errors import JupyboxError
 from sandbox.workspace import WorkspaceFile
 
 KEY, SOURCE = "terminal", "terminal"
@@ -152,26 +151,8 @@ async def run_turn(service: ConversationService, question: str, printer: Printer
     return last
 
 
-@contextlib.contextmanager
-def failures_as_events(printer: Printer) -> Iterator[None]:
-    """With ``--json`` every run's stream ends with an event a program can read: a failure outside
-    a turn (the model does not load, a sandbox cannot start, an upload is refused) is an ``error``
-    event on stdout too, besides the message on stderr."""
-    try:
-        yield
-    except JupyboxError as exc:
-        if printer.as_json:
-            printer(Event("error", text=str(exc)))
-        raise
-
-
 async def ask(args: argparse.Namespace, settings: SandboxSettings) -> int:
     printer = Printer(args.json)
-    with failures_as_events(printer):
-        return await _ask(args, settings, printer)
-
-
-async def _ask(args: argparse.Namespace, settings: SandboxSettings, printer: Printer) -> int:
     async with open_service(args, settings) as service:
         service.open(KEY, SOURCE)
         uploaded = await upload(service, args.file)
@@ -182,11 +163,6 @@ async def _ask(args: argparse.Namespace, settings: SandboxSettings, printer: Pri
 
 async def chat(args: argparse.Namespace, settings: SandboxSettings) -> int:
     printer = Printer(args.json)
-    with failures_as_events(printer):
-        return await _chat(args, settings, printer)
-
-
-async def _chat(args: argparse.Namespace, settings: SandboxSettings, printer: Printer) -> int:
     async with open_service(args, settings) as service:
         service.open(KEY, SOURCE)
         uploaded = await upload(service, args.file)
