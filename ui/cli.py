@@ -20,9 +20,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from interpreter.events import Event
 from sandbox import Execution, JupyboxError, SandboxSettings, Session, SessionManager
 from sandbox.models import Output
-from interpreter.events import Event
 from ui.terminal import add_model_flags
 
 log = logging.getLogger("jupybox")
