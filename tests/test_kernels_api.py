@@ -28,7 +28,8 @@ import pytest
 import websockets
 from jupyter_client.jsonutil import json_default
 from jupyter_client.session import Session
-from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1, serialize_msg_to_ws_v1
+from jupyter_server.services.kernels.connection.base import (deserialize_binary_message, deserialize_msg_from_ws_v1,
+                                                             serialize_binary_message, serialize_msg_to_ws_v1)
 
 from sandbox.config import SANDBOX_UID
 from tests.conftest import ROOT
@@ -158,7 +159,11 @@ class Channels:
 
     async def send(self, msg: dict[str, Any], channel: str) -> None:
         if self.v1:
-            await self.ws.send(serialize_msg_to_ws_v1(msg, channel, self.session.pack))
+            parts = [self.session.pack(msg[k]) for k in ("header", "parent_header", "metadata", "content")]
+            await self.ws.send(serialize_msg_to_ws_v1([*parts, *msg.get("buffers", [])], channel))
+        elif msg.get("buffers"):  # the legacy format's binary frame: offsets, the JSON, the buffers
+            await self.ws.send(serialize_binary_message(json.loads(json.dumps({**msg, "channel": channel},
+                                                                              default=json_default)) | {"buffers": msg["buffers"]}))
         else:
             await self.ws.send(json.dumps({**msg, "channel": channel}, default=json_default))
 
@@ -168,7 +173,10 @@ class Channels:
             channel, parts = deserialize_msg_from_ws_v1(raw)
             header, parent, metadata, content = (json.loads(p) for p in parts[:4])
             return {"channel": channel, "header": header, "parent_header": parent, "metadata": metadata,
-                    "content": content, "msg_type": header["msg_type"]}
+                    "content": content, "msg_type": header["msg_type"], "buffers": [bytes(b) for b in parts[4:]]}
+        if isinstance(raw, bytes):
+            msg = deserialize_binary_message(raw)
+            return {**msg, "buffers": [bytes(b) for b in msg["buffers"]]}
         return json.loads(raw)
 
     async def request(self, msg_type: str, content: dict[str, Any], channel: str = "shell",
@@ -335,6 +343,36 @@ def test_v1_protocol_direct_with_the_output_budget(jupybox: Jupybox) -> None:
             async with connect(jupybox.ws, kernel_id, TOKEN, v1=True) as ws:
                 _, out = await Channels(ws, v1=True).execute("print('doomed' in globals())")
                 assert text_of(out) == "False\n"
+
+        asyncio.run(talk())
+        assert jc.delete(f"/api/kernels/{kernel_id}").status_code == 204
+
+
+@pytest.mark.parametrize("v1", [True, False], ids=["v1", "legacy"])
+def test_binary_buffers_cross_both_ways(jupybox: Jupybox, v1: bool) -> None:
+    """Widgets send arrays as binary buffers of comm messages: in the v1 format's frame and the
+    legacy format's binary frame, client to kernel and back, byte for byte."""
+    with jupybox.client() as jc:
+        kernel_id = jc.post("/api/kernels", json={"name": "python3"}).json()["id"]
+
+        async def talk() -> None:
+            async with connect(jupybox.ws, kernel_id, TOKEN, v1=v1) as ws:
+                ch = Channels(ws, v1=v1)
+                reply, _ = await ch.execute(
+                    "def _mirror(comm, msg):\n"
+                    "    comm.on_msg(lambda m: comm.send({'sizes': [len(bytes(b)) for b in m['buffers']]},\n"
+                    "                                    buffers=[bytes(b)[::-1] for b in m['buffers']]))\n"
+                    "get_ipython().kernel.comm_manager.register_target('jupybox-mirror', _mirror)")
+                assert reply["content"]["status"] == "ok", reply["content"]
+                comm_id = uuid.uuid4().hex
+                await ch.send(ch.session.msg("comm_open", {"comm_id": comm_id, "target_name": "jupybox-mirror",
+                                                           "data": {}}), "shell")
+                sent = [bytes(range(256)) * 40, b"\x00", b"\xff\xfe{not json"]
+                await ch.send(ch.session.msg("comm_msg", {"comm_id": comm_id, "data": {}}) | {"buffers": sent}, "shell")
+                while not ((m := await ch.recv())["msg_type"] == "comm_msg" and m["content"]["comm_id"] == comm_id):
+                    pass
+                assert m["content"]["data"] == {"sizes": [len(b) for b in sent]}
+                assert m["buffers"] == [b[::-1] for b in sent]
 
         asyncio.run(talk())
         assert jc.delete(f"/api/kernels/{kernel_id}").status_code == 204
