@@ -162,8 +162,7 @@ class Channels:
             parts = [self.session.pack(msg[k]) for k in ("header", "parent_header", "metadata", "content")]
             await self.ws.send(serialize_msg_to_ws_v1([*parts, *msg.get("buffers", [])], channel))
         elif msg.get("buffers"):  # the legacy format's binary frame: offsets, the JSON, the buffers
-            await self.ws.send(serialize_binary_message(json.loads(json.dumps({**msg, "channel": channel},
-                                                                              default=json_default)) | {"buffers": msg["buffers"]}))
+            await self.ws.send(serialize_binary_message({**msg, "channel": channel}))  # dates: its json_default
         else:
             await self.ws.send(json.dumps({**msg, "channel": channel}, default=json_default))
 
