@@ -78,9 +78,7 @@ def _calls(kind: str, weights: list[Any], x: Any, config: Any = None) -> list[Ca
     from interpreter.llm import int4_gemv
 
     if kind == "triton":
-        planes, sums = int4_gemv.activation_planes(x[0], GROUP, int4_gemv.plane_scales(x.device))
-        return [lambda w=w: int4_gemv.launch_planes(planes, sums, w.words, w.scales, w.zeros, GROUP, config)
-                for w in weights]
+        return [lambda w=w: int4_gemv.launch_words(x[0], w.words, w.scales, w.zeros, GROUP, config) for w in weights]
     if kind == "torch_int4":
         return [lambda w=w: torch.ops.aten._weight_int4pack_mm(x, w[0], GROUP, w[1]) for w in weights]
     return [lambda w=w: F.linear(x, w) for w in weights]

@@ -59,23 +59,24 @@ def test_the_kernel_computes_the_dequantized_product_under_the_interpreter() -> 
     result = json.loads(done.stdout.strip().splitlines()[-1])
     for case, got in zip(CASES, result["cases"]):
         assert got["shape"] == [case[6], case[0]]  # one row of partial sums per split
-        assert got["rel_err"] < 1e-6, (case, got)  # float32 accumulation of exact products
+        # float32 accumulation of exact products riding on 128 or 2048 times the activation: about 13
+        # bits kept, far finer than the bf16 result (2**-9)
+        assert got["rel_err"] < 2e-4, (case, got)
     assert result["one_row"] < 1e-2 and result["one_shape"] == [1, 192]  # bf16 activations in, float32 out
     assert result["rows"] < 1e-2
 
 
-def test_layout_round_trips_and_the_activation_planes_are_exact() -> None:
+def test_layout_round_trips_and_the_nibble_constants_are_exact() -> None:
     gen = torch.Generator().manual_seed(1)
     w = quantize(torch.randn(40, 256, generator=gen), 64)
     packed = int4_gemv.pack(w.q, w.scales_zeros, 64)
     assert packed.words.shape == (32, 40) and packed.words.dtype == torch.int32 and packed.shape == (40, 256)
     dense = int4_gemv.unpack_dequantize(packed.words, packed.scales, packed.zeros, 64, torch.float32)
     assert torch.equal(dense.t(), w.dequantize(torch.float32))
-    x = torch.randn(256, generator=gen).to(torch.bfloat16)
-    planes, sums = int4_gemv.activation_planes(x, 64, int4_gemv.plane_scales("cpu"))
-    exponents = torch.tensor([0, 1, 2, 3, 4, 2, 3, 4])
-    assert torch.equal(planes * (16.0 ** exponents)[:, None], x.float().view(-1, 8).t())  # powers of two: exact
-    assert torch.allclose(sums, x.float().view(4, 64).sum(-1))
+    # a nibble at bits 16..19 OR-ed into the float 128 reads as 128 + q, at bits 12..15 into 2048 as 2048 + q
+    q = torch.arange(16, dtype=torch.int32)
+    assert torch.equal(((q << 16) | int4_gemv.M128).view(torch.float32), 128 + q.float())
+    assert torch.equal(((q << 12) | int4_gemv.M2048).view(torch.float32), 2048 + q.float())
 
 
 def test_shapes_the_kernel_refuses_and_group_sizes_that_fit() -> None:

@@ -147,6 +147,21 @@ def int4_layer(w: Int4Weight, device: torch.device) -> torch.nn.Module:
     return PackedInt4(w, device)
 
 
+def attention_splits(shape: DecoderShape, device: torch.device) -> int:
+    """Chunks per head for the decode step's attention kernel (``decode_attention``), or 0 for SDPA:
+    on a CPU, where Triton is missing or the head shape does not fit, or with
+    ``JUPYBOX_DECODE_ATTENTION=sdpa``. One count for every attended length (the compiled step is
+    shared by all of them); a chunk past the current position costs one early return."""
+    if device.type != "cuda" or os.environ.get("JUPYBOX_DECODE_ATTENTION", "triton") == "sdpa":
+        return 0
+    from interpreter.llm import decode_attention as kernel
+
+    if not kernel.supports(shape.n_heads, shape.n_kv_heads, shape.head_dim):
+        return 0
+    processors = torch.cuda.get_device_properties(device).multi_processor_count
+    return kernel.chunk_count(shape.max_context, shape.n_kv_heads, processors, kernel.BLOCK_POSITIONS)
+
+
 class Layer(torch.nn.Module):
     def __init__(self, w: Mapping[str, Any], shape: DecoderShape, max_seq: int, device: torch.device,
                  dtype: torch.dtype, quantize_to: str | None, group: int) -> None:
@@ -193,6 +208,11 @@ class FastDecoder(torch.nn.Module):
         self._pool: Any = None
         self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._attention_splits = attention_splits(shape, self.device)
+        if self._attention_splits:
+            from interpreter.llm.decode_attention import decode_attention
+
+            self._attend = decode_attention
 
     @property
     def _rope_dtype(self) -> torch.dtype:
@@ -292,9 +312,11 @@ class FastDecoder(torch.nn.Module):
         for layer in self.layers:
             q, _, _ = self._qkv(layer, x, pos)
             keys, values = layer.k_cache[:, :length], layer.v_cache[:, :length]
-            # SDPA, as the prefill and the plain path use: scores and softmax accumulate in float32
-            attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                                  attn_mask=visible, enable_gqa=s.n_kv_heads != s.n_heads)
+            if self._attention_splits:  # the split-length kernel: reads only positions 0..pos
+                attn = self._attend(q[0], keys, values, pos, self._attention_splits)
+            else:  # SDPA, as the prefill and the plain path use: scores and softmax in float32
+                attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
+                                                      attn_mask=visible, enable_gqa=s.n_kv_heads != s.n_heads)
             x = x + layer.o(attn.reshape(1, -1))
             x = self._mlp(layer, x)
         return self.lm_head(self._rms(x, self.norm)).float()[0]
