@@ -56,8 +56,7 @@ def profile(kernel: str, layers: int, position: int, steps: int = 20) -> dict[st
     busy = sum(k[1] for k in kernels) * layers / 1e3
     del decoder
     torch.cuda.empty_cache()
-    return {"kernel": kernel, "attention": os.environ.get("JUPYBOX_DECODE_ATTENTION", "triton"),
-            "position": position, "layers": layers, "step_ms": step_ms, "kernels_busy_ms": busy,
+    return {"kernel": kernel, "position": position, "layers": layers, "step_ms": step_ms, "kernels_busy_ms": busy,
             "kernels_per_step": sum(k[2] for k in kernels) * layers,
             "per_layer_us": [{"name": n[:90], "us": t, "count": c} for n, t, c in kernels[:25]]}
 
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
     for r in results:
-        print(f"{r['kernel']} (attention: {r['attention']}), position {r['position']}: {r['layers']} layers, step {r['step_ms']:.3f} ms (graph replay), "
+        print(f"{r['kernel']}, position {r['position']}: {r['layers']} layers, step {r['step_ms']:.3f} ms (graph replay), "
               f"kernels busy {r['kernels_busy_ms']:.3f} ms, {r['kernels_per_step']:.0f} kernels a step")
         for k in r["per_layer_us"][:14]:
             print(f"  {k['us']:8.1f} us/layer  x{k['count']:.2f}  {k['name']}")

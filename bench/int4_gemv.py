@@ -1,6 +1,6 @@
-"""``python -m bench.int4_gemv``: the fast path's int4 matrix-vector kernel alone, beside PyTorch's
-``_weight_int4pack_mm`` and cuBLAS in bf16, at the Qwen-7B layer shapes, batch 1, against the
-copy bound measured in the same run. Figures, never pass/fail.
+"""``python -m bench.int4_gemv``: the fast path's matrix-vector kernels alone (int4, and bf16), beside
+PyTorch's ``_weight_int4pack_mm`` and cuBLAS in bf16, at the Qwen-7B layer shapes, batch 1, against
+the copy bound measured in the same run. Figures, never pass/fail.
 
 Every product reads weights that are not in the L2 cache (each kernel runs over enough distinct
 copies of its weight), launches are replayed from CUDA graphs (as the decode step replays them), and
@@ -24,6 +24,7 @@ from typing import Any
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 GROUP = 128
 LAYERS = 32
+KINDS = ("triton", "torch_int4", "cublas_bf16", "triton_bf16")
 
 
 def _time_graph(calls: list[Callable[[], Any]], repeats: int = 7) -> float:
@@ -78,14 +79,21 @@ def _calls(kind: str, weights: list[Any], x: Any, config: Any = None) -> list[Ca
     from interpreter.llm import int4_gemv
 
     if kind == "triton":
-        return [lambda w=w: int4_gemv.launch_words(x[0], w.words, w.scales, w.zeros, GROUP, config) for w in weights]
+        counts = [int4_gemv.counters(w.shape[0], config, x.device) for w in weights]
+        return [lambda w=w, c=c: int4_gemv.launch_words(x[0], w.words, w.scales, w.zeros, GROUP, config, c)
+                for w, c in zip(weights, counts)]
+    if kind == "triton_bf16":
+        from interpreter.llm import bf16_gemv
+
+        counts = [bf16_gemv.counters(w.shape[0], config, x.device) for w in weights]
+        return [lambda w=w, c=c: bf16_gemv.launch(x[0], w, config, c) for w, c in zip(weights, counts)]
     if kind == "torch_int4":
         return [lambda w=w: torch.ops.aten._weight_int4pack_mm(x, w[0], GROUP, w[1]) for w in weights]
     return [lambda w=w: F.linear(x, w) for w in weights]
 
 
 def _bytes(kind: str, n_out: int, n_in: int) -> int:
-    if kind == "cublas_bf16":
+    if kind in ("cublas_bf16", "triton_bf16"):
         return n_out * n_in * 2
     return n_out * n_in // 2 + (n_in // GROUP) * n_out * 4  # 4-bit values, bf16 scale and zero per group
 
@@ -132,8 +140,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row: dict[str, Any] = {"n_out": n_out, "n_in": n_in, "triton_config": dataclasses.asdict(best),
                                "triton_configs_tried": len(times),
                                "triton_config_times_us": {str(c): t * 1e6 for c, t in sorted(times.items(), key=lambda kv: kv[1])[:8]}}
-        for kind in ("triton", "torch_int4", "cublas_bf16"):
-            t = _time_graph(_calls(kind, weights[kind], xin, best)) / copies
+        from interpreter.llm import bf16_gemv
+
+        bf_times, _ = bf16_gemv.time_shape(weights["cublas_bf16"][0],
+                                           bf16_gemv.candidates(n_out, n_in, props.multi_processor_count))
+        best_bf = min(bf_times, key=bf_times.__getitem__)
+        row["triton_bf16_config"] = dataclasses.asdict(best_bf)
+        weights["triton_bf16"] = weights["cublas_bf16"]
+        model_weights[name]["triton_bf16"] = weights["cublas_bf16"][:LAYERS]
+        for kind in KINDS:
+            t = _time_graph(_calls(kind, weights[kind], xin, best_bf if kind == "triton_bf16" else best)) / copies
             row[f"{kind}_us"] = t * 1e6
             row[f"{kind}_gb_s"] = _bytes(kind, n_out, n_in) / t / 1e9
         report["shapes"][name] = row
@@ -142,11 +158,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     xs = {name: (x if n_in == 4096 else torch.randn(1, n_in, device="cuda").to(torch.bfloat16))
           for name, (_, n_in) in SHAPES.items()}
     model: dict[str, Any] = {}
-    for kind in ("triton", "torch_int4", "cublas_bf16"):
+    from interpreter.llm import bf16_gemv
+
+    for kind in KINDS:
         calls = []
         for layer in range(LAYERS):
             for name in SHAPES:
-                config = int4_gemv.GemvConfig(**report["shapes"][name]["triton_config"]) if kind == "triton" else None
+                config = (int4_gemv.GemvConfig(**report["shapes"][name]["triton_config"]) if kind == "triton" else
+                          bf16_gemv.Bf16Config(**report["shapes"][name]["triton_bf16_config"]) if kind == "triton_bf16"
+                          else None)
                 calls += _calls(kind, [model_weights[name][kind][layer]], xs[name], config)
         t = _time_graph(calls)
         size = LAYERS * sum(_bytes(kind, *shape) for shape in SHAPES.values())
@@ -161,17 +181,21 @@ def render(r: dict[str, Any]) -> str:
              f"triton {r['triton']}, {r['date']}",
              f"device-to-device copy: {bw:.0f} GB/s (read + write); int4 error vs dequantized weight: "
              f"triton {r['check']['triton_rel_err']:.1e}, torch {r['check']['torch_int4_rel_err']:.1e}",
-             f"{'shape':22}{'triton us':>10}{'GB/s':>7}{'torch int4 us':>14}{'GB/s':>7}{'cuBLAS bf16 us':>15}{'GB/s':>7}  triton config"]
+             f"{'shape':22}{'triton us':>10}{'GB/s':>7}{'torch int4 us':>14}{'GB/s':>7}{'cuBLAS bf16 us':>15}{'GB/s':>7}"
+             f"{'triton bf16 us':>15}{'GB/s':>7}  triton int4 / bf16 config"]
     for name, s in r["shapes"].items():
         lines.append(f"{name + ' ' + str(s['n_in']) + '->' + str(s['n_out']):22}{s['triton_us']:10.1f}{s['triton_gb_s']:7.0f}"
                      f"{s['torch_int4_us']:14.1f}{s['torch_int4_gb_s']:7.0f}{s['cublas_bf16_us']:15.1f}"
-                     f"{s['cublas_bf16_gb_s']:7.0f}  {s['triton_config']}")
+                     f"{s['cublas_bf16_gb_s']:7.0f}{s['triton_bf16_us']:15.1f}{s['triton_bf16_gb_s']:7.0f}"
+                     f"  {s['triton_config']} / {s['triton_bf16_config']}")
     m = r["model"]
     lines.append(f"{'32 layers, one token':22}{m['triton']['ms'] * 1e3:10.0f}{m['triton']['gb_s']:7.0f}"
                  f"{m['torch_int4']['ms'] * 1e3:14.0f}{m['torch_int4']['gb_s']:7.0f}"
-                 f"{m['cublas_bf16']['ms'] * 1e3:15.0f}{m['cublas_bf16']['gb_s']:7.0f}")
+                 f"{m['cublas_bf16']['ms'] * 1e3:15.0f}{m['cublas_bf16']['gb_s']:7.0f}"
+                 f"{m['triton_bf16']['ms'] * 1e3:15.0f}{m['triton_bf16']['gb_s']:7.0f}")
     lines.append(f"ratio to the copy bandwidth, 32 layers: triton {m['triton']['gb_s'] / bw:.2f}, torch int4 "
-                 f"{m['torch_int4']['gb_s'] / bw:.2f}, cuBLAS bf16 {m['cublas_bf16']['gb_s'] / bw:.2f}; "
+                 f"{m['torch_int4']['gb_s'] / bw:.2f}, cuBLAS bf16 {m['cublas_bf16']['gb_s'] / bw:.2f}, triton bf16 "
+                 f"{m['triton_bf16']['gb_s'] / bw:.2f}; "
                  f"triton / torch int4 speed {m['torch_int4']['ms'] / m['triton']['ms']:.2f}x")
     return "\n".join(lines)
 

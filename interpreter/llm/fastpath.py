@@ -110,7 +110,7 @@ class Projection(torch.nn.Module):
     """``x @ W.T + b`` with W in the compute dtype or packed 4-bit."""
 
     def __init__(self, w: torch.Tensor | Int4Weight, bias: torch.Tensor | None, device: torch.device,
-                 dtype: torch.dtype, quantize_to: str | None = None, group: int = 128) -> None:
+                 dtype: torch.dtype, quantize_to: str | None = None, group: int = 128, own_kernel: bool = True) -> None:
         super().__init__()
         if quantize_to == "int4" and isinstance(w, torch.Tensor):
             fitted = fit_group(int(w.shape[1]), group)
@@ -122,12 +122,31 @@ class Projection(torch.nn.Module):
         self.packed = int4_layer(w, device) if isinstance(w, Int4Weight) else None
         self.register_buffer("weight", None if self.packed is not None else w.to(device, dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
+        self.gemv = bf16_kernel(self.weight) if own_kernel and self.weight is not None else None
+        self.register_buffer("counts", None if self.gemv is None else
+                             torch.zeros(-(-self.weight.shape[0] // self.gemv.block_n), dtype=torch.int32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None and x.numel() == x.shape[-1]:  # one row: the decode step
+            c = self.gemv
+            y = torch.ops.jupybox.bf16_gemv(x.reshape(-1), self.weight, self.counts, c.block_n, c.block_k, c.warps,
+                                            c.splits).to(x.dtype).view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         y = self.packed(x)
         return y if self.bias is None else y + self.bias
+
+
+def bf16_kernel(weight: torch.Tensor) -> Any:
+    """The launch shape of this project's bf16 matrix-vector kernel (``bf16_gemv``) for a 16-bit
+    weight on a GPU, where it beat cuBLAS for this shape when timed; None keeps cuBLAS (also on a
+    CPU, without Triton, or with ``JUPYBOX_BF16_KERNEL=cublas``)."""
+    if weight.device.type != "cuda" or os.environ.get("JUPYBOX_BF16_KERNEL", "auto") == "cublas":
+        return None
+    from interpreter.llm import bf16_gemv
+
+    return bf16_gemv.tune(weight) if bf16_gemv.supports(weight) else None
 
 
 def int4_layer(w: Int4Weight, device: torch.device) -> torch.nn.Module:
@@ -145,21 +164,6 @@ def int4_layer(w: Int4Weight, device: torch.device) -> torch.nn.Module:
             except int4_gemv.Int4GemvUnavailable as exc:
                 log.warning("%s: PyTorch's int4 kernel runs this weight instead", exc)
     return PackedInt4(w, device)
-
-
-def attention_splits(shape: DecoderShape, device: torch.device) -> int:
-    """Chunks per head for the decode step's attention kernel (``decode_attention``), or 0 for SDPA:
-    on a CPU, where Triton is missing or the head shape does not fit, or with
-    ``JUPYBOX_DECODE_ATTENTION=sdpa``. One count for every attended length (the compiled step is
-    shared by all of them); a chunk past the current position costs one early return."""
-    if device.type != "cuda" or os.environ.get("JUPYBOX_DECODE_ATTENTION", "triton") == "sdpa":
-        return 0
-    from interpreter.llm import decode_attention as kernel
-
-    if not kernel.supports(shape.n_heads, shape.n_kv_heads, shape.head_dim):
-        return 0
-    processors = torch.cuda.get_device_properties(device).multi_processor_count
-    return kernel.chunk_count(shape.max_context, shape.n_kv_heads, processors, kernel.BLOCK_POSITIONS)
 
 
 class Layer(torch.nn.Module):
@@ -189,7 +193,8 @@ class FastDecoder(torch.nn.Module):
         outer = outer_weights(src, shape)
         self.register_buffer("embed", outer["embed"].to(self.device, dtype))
         self.register_buffer("norm", outer["norm"].to(self.device, dtype))
-        self.lm_head = Projection(outer["lm_head"], None, self.device, dtype)
+        # the lm_head keeps cuBLAS: it streams 1.2 GB a token at the copy bandwidth already
+        self.lm_head = Projection(outer["lm_head"], None, self.device, dtype, own_kernel=False)
         self.layers = torch.nn.ModuleList(
             Layer(layer_weights(src, shape, i, quant or {}), shape, self.max_seq, self.device, dtype, quantize_to, group)
             for i in range(shape.n_layers))
@@ -208,11 +213,6 @@ class FastDecoder(torch.nn.Module):
         self._pool: Any = None
         self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._attention_splits = attention_splits(shape, self.device)
-        if self._attention_splits:
-            from interpreter.llm.decode_attention import decode_attention
-
-            self._attend = decode_attention
 
     @property
     def _rope_dtype(self) -> torch.dtype:
@@ -312,11 +312,9 @@ class FastDecoder(torch.nn.Module):
         for layer in self.layers:
             q, _, _ = self._qkv(layer, x, pos)
             keys, values = layer.k_cache[:, :length], layer.v_cache[:, :length]
-            if self._attention_splits:  # the split-length kernel: reads only positions 0..pos
-                attn = self._attend(q[0], keys, values, pos, self._attention_splits)
-            else:  # SDPA, as the prefill and the plain path use: scores and softmax in float32
-                attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                                      attn_mask=visible, enable_gqa=s.n_kv_heads != s.n_heads)
+            # SDPA, as the prefill and the plain path use: scores and softmax accumulate in float32
+            attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
+                                                  attn_mask=visible, enable_gqa=s.n_kv_heads != s.n_heads)
             x = x + layer.o(attn.reshape(1, -1))
             x = self._mlp(layer, x)
         return self.lm_head(self._rms(x, self.norm)).float()[0]

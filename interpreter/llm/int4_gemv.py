@@ -20,8 +20,9 @@ columns per scale:
   per group, and the inner loop is one fused multiply-add per weight.
 
 Split-K: programs also split the input dimension so that a small projection still fills the GPU;
-each writes its partial sums to row ``split`` of a float32 ``[splits, n_out]`` result, which the
-caller sums (inside a compiled step that sum fuses into whatever follows). The block shape, warps,
+the last program of a column block to finish adds the splits' partial sums in a fixed order
+(``split_k_finish``), so one launch gives the float32 result and the same input always gives the
+same bits. The block shape, warps,
 groups per loop step and splits are chosen per weight shape by timing (``tune``) and cached.
 """
 
@@ -75,7 +76,30 @@ if triton is not None:
         return (v << 16).to(tl.float32, bitcast=True), (v & -65536).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K8, groups_per_split, m128, m2048,
+    def split_k_finish(acc, n, n_ok, part_ptr, count_ptr, out_ptr, N):
+        """The end of a split-K program (grid ``(column blocks, splits)``): with one split, store
+        ``acc``; otherwise store it as this split's partial sums, and let the last program of the
+        column block to arrive (an atomic count) add every split's partials in split order (so the
+        result does not depend on which came last) and store the sum, then reset the count for the
+        next launch. One launch, no reduction kernel after it, and the partials never leave the L2."""
+        splits = tl.num_programs(1)
+        if splits == 1:
+            tl.store(out_ptr + n, acc, mask=n_ok)
+        else:
+            block = tl.program_id(0)
+            tl.store(part_ptr + tl.program_id(1) * N + n, acc, mask=n_ok)
+            tl.debug_barrier()  # every thread's partials are written before the count says so
+            arrived = tl.atomic_add(count_ptr + block, 1, sem="acq_rel", scope="gpu")
+            tl.debug_barrier()
+            if arrived == splits - 1:
+                total = tl.zeros_like(acc)
+                for k in range(splits):  # in split order: the same bits whichever program came last
+                    total += tl.load(part_ptr + k * N + n, mask=n_ok, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + n, total, mask=n_ok)
+                tl.atomic_xchg(count_ptr + block, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, part_ptr, count_ptr, out_ptr, N, K8, groups_per_split, m128, m2048,
                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, STEP: tl.constexpr):
         """out[split, n] = sum over this split's groups g of
         s[g, n] * sum_k(x_k q[k, n]) + (z[g, n] - 8 s[g, n]) * sum_k(x_k).
@@ -127,7 +151,7 @@ if triton is not None:
                 s = tl.load(s_ptr + g * N + n, mask=ok & n_ok, other=0.0).to(tl.float32)
                 z = tl.load(z_ptr + g * N + n, mask=ok & n_ok, other=0.0).to(tl.float32)
                 acc += s * dot + (z - 8.0 * s) * (x_lo + x_hi)
-        tl.store(out_ptr + split * N + n, acc, mask=n_ok)
+        split_k_finish(acc, n, n_ok, part_ptr, count_ptr, out_ptr, N)
 
 
 @dataclass
@@ -177,39 +201,48 @@ def unpack_dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 M128, M2048 = 0x43000000, 0x45000000  # the bits of the floats 128 and 2048
 
 
-def launch(x: torch.Tensor, w: PackedGemvWeight, config: GemvConfig) -> torch.Tensor:
-    """The float32 partial products ``[config.splits, n_out]`` of one activation row ``x`` ``[n_in]``
-    (their sum over the first dimension is ``x @ W.T``)."""
-    return launch_words(x, w.words, w.scales, w.zeros, w.group, config)
+def counters(n_out: int, config: GemvConfig, device: torch.device | str) -> torch.Tensor:
+    """The zeroed arrival counts a launch of ``config`` needs (one per column block); every launch
+    leaves them at zero, so one buffer serves every launch of one weight, one at a time."""
+    return torch.zeros(-(-n_out // config.block_n), dtype=torch.int32, device=device)
+
+
+def launch(x: torch.Tensor, w: PackedGemvWeight, config: GemvConfig, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T`` in float32 ``[n_out]`` for one activation row ``x`` ``[n_in]`` (taken in bf16)."""
+    if counts is None:
+        counts = counters(w.shape[0], config, w.words.device)
+    return launch_words(x, w.words, w.scales, w.zeros, w.group, config, counts)
 
 
 def launch_words(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
-                 config: GemvConfig) -> torch.Tensor:
+                 config: GemvConfig, counts: torch.Tensor) -> torch.Tensor:
     if triton is None:
         raise Int4GemvUnavailable("the int4 kernel needs Triton (it comes with CUDA builds of PyTorch)")
     k8, n_out = words.shape
     groups = k8 * 8 // group
     per_split = -(-groups // config.splits)
-    out = torch.empty((config.splits, n_out), dtype=torch.float32, device=words.device)
+    parts = torch.empty((config.splits, n_out), dtype=torch.float32, device=words.device)
+    out = torch.empty(n_out, dtype=torch.float32, device=words.device)
     grid = (triton.cdiv(n_out, config.block_n), config.splits)
     pairs = x.to(torch.bfloat16).contiguous().view(torch.int32)
-    _gemv_kernel[grid](pairs, words, scales, zeros, out, n_out, k8, per_split, M128, M2048, GROUP=group,
-                       BLOCK_N=config.block_n, STEP=config.step, num_warps=config.warps)
+    _gemv_kernel[grid](pairs, words, scales, zeros, parts, counts, out, n_out, k8, per_split, M128, M2048,
+                       GROUP=group, BLOCK_N=config.block_n, STEP=config.step, num_warps=config.warps)
     return out
 
 
 if triton is not None:
 
     @torch.library.custom_op("jupybox::int4_gemv", mutates_args=())
-    def _gemv_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
-                 block_n: int, warps: int, step: int, splits: int) -> torch.Tensor:
-        """The kernel as an operator a compiled step keeps whole (and a CUDA graph replays)."""
-        return launch_words(x, words, scales, zeros, group, GemvConfig(block_n, warps, step, splits))
+    def _gemv_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 counts: torch.Tensor, group: int, block_n: int, warps: int, step: int, splits: int) -> torch.Tensor:
+        """The kernel as an operator a compiled step keeps whole (and a CUDA graph replays).
+        ``counts`` is zero before and after every launch, so it is not declared as mutated."""
+        return launch_words(x, words, scales, zeros, group, GemvConfig(block_n, warps, step, splits), counts)
 
     @_gemv_op.register_fake
-    def _(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
-          block_n: int, warps: int, step: int, splits: int) -> torch.Tensor:
-        return words.new_empty((splits, words.shape[1]), dtype=torch.float32)
+    def _(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, counts: torch.Tensor,
+          group: int, block_n: int, warps: int, step: int, splits: int) -> torch.Tensor:
+        return words.new_empty((words.shape[1],), dtype=torch.float32)
 
 
 # -- choosing a launch shape per weight shape ---------------------------------------------------------
@@ -239,9 +272,34 @@ def _cache_file() -> Path:
 _TUNED: dict[str, GemvConfig] = {}
 
 
-def _key(device: torch.device, n_out: int, n_in: int, group: int) -> str:
+def read_cache() -> dict[str, Any]:
+    """The launch shapes timed earlier on this machine (``$JUPYBOX_HOME/int4_gemv.json``)."""
+    try:
+        saved = json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def write_cache(key: str, value: Any) -> None:
+    """Add one entry to the cache file (atomically); a read-only home only means timing again."""
+    path = _cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        saved = read_cache()
+        saved[key] = value
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError as exc:
+        log.info("could not cache the kernels' launch shapes in %s: %s", path, exc)
+
+
+def cache_key(device: torch.device, what: str) -> str:
+    """A cache entry's name: the GPU, the Triton version and ``what`` was timed (the kernel, its
+    version and the weight's shape): a new kernel version is timed afresh."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"{name}|triton {getattr(triton, '__version__', '-')}|{n_out}x{n_in}/{group}"
+    return f"{name}|triton {getattr(triton, '__version__', '-')}|{what}"
 
 
 def time_configs(w: PackedGemvWeight, configs: list[GemvConfig], copies: int | None = None,
@@ -260,14 +318,15 @@ def time_configs(w: PackedGemvWeight, configs: list[GemvConfig], copies: int | N
     out: dict[GemvConfig, float] = {}
     for config in configs:
         try:
-            for v in weights[:2]:  # compile and load the kernel outside the graph
-                launch_words(x, v.words, v.scales, v.zeros, v.group, config)
+            counts = [counters(n_out, config, device) for _ in weights]
+            for v, c in zip(weights[:2], counts):  # compile and load the kernel outside the graph
+                launch_words(x, v.words, v.scales, v.zeros, v.group, config, c)
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 for _ in range(repeats):
-                    for v in weights:
-                        launch_words(x, v.words, v.scales, v.zeros, v.group, config)
+                    for v, c in zip(weights, counts):
+                        launch_words(x, v.words, v.scales, v.zeros, v.group, config, c)
             graph.replay()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -286,14 +345,10 @@ def tune(w: PackedGemvWeight) -> GemvConfig:
     memory or from a small JSON cache in ``$JUPYBOX_HOME`` (default ``~/.cache/jupybox``)."""
     device = w.words.device
     n_out, n_in = w.shape
-    key = _key(device, n_out, n_in, w.group)
+    key = cache_key(device, f"int4 v2 {n_out}x{n_in}/{w.group}")
     if key in _TUNED:
         return _TUNED[key]
-    path = _cache_file()
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        saved = {}
+    saved = read_cache()
     if isinstance(saved.get(key), dict):
         try:
             _TUNED[key] = GemvConfig(**saved[key])
@@ -310,14 +365,7 @@ def tune(w: PackedGemvWeight) -> GemvConfig:
     best = min(times, key=times.__getitem__)
     log.info("int4 kernel for %dx%d: %s, %.1f us", n_out, n_in, best, times[best] * 1e6)
     _TUNED[key] = best
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        saved[key] = asdict(best)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
-        tmp.replace(path)
-    except OSError as exc:  # a read-only home: tune again next time
-        log.info("could not cache the int4 kernel's launch shapes in %s: %s", path, exc)
+    write_cache(key, asdict(best))
     return best
 
 
@@ -336,6 +384,7 @@ class TritonInt4(torch.nn.Module):
         self.register_buffer("scales", w.scales)
         self.register_buffer("zeros", w.zeros)
         self.config = config or tune(w)
+        self.register_buffer("counts", counters(self.n_out, self.config, device))
         self._check(q.to(device), scales_zeros.to(device))
 
     @property
@@ -350,7 +399,7 @@ class TritonInt4(torch.nn.Module):
         from interpreter.llm.gptq_pack import Int4Weight
 
         ref = Int4Weight(q, scales_zeros, self.group).dequantize(torch.float32) @ x.float()
-        got = launch(x, self.packed, self.config).sum(0)
+        got = launch(x, self.packed, self.config, self.counts)
         err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
         if not err < 1e-3:  # the kernel keeps about 13 bits, the bf16 result 9
             raise Int4GemvUnavailable(f"the int4 kernel is off by {err:.1e} (relative) on a {self.n_out}x{self.n_in} weight")
@@ -364,9 +413,8 @@ class TritonInt4(torch.nn.Module):
         x2 = x.reshape(-1, self.n_in)
         if x2.shape[0] == 1:
             c = self.config
-            parts = torch.ops.jupybox.int4_gemv(x2[0], self.words, self.scales, self.zeros, self.group,
-                                                c.block_n, c.warps, c.step, c.splits)
-            y = parts.sum(0, keepdim=True)
+            y = torch.ops.jupybox.int4_gemv(x2[0], self.words, self.scales, self.zeros, self.counts, self.group,
+                                            c.block_n, c.warps, c.step, c.splits).unsqueeze(0)
         else:
             y = x2.to(torch.bfloat16) @ _unpacker(self.words.is_cuda)(self.words, self.scales, self.zeros, self.group,
                                                                       torch.bfloat16)

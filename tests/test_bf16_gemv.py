@@ -1,0 +1,64 @@
+"""The fast path's Triton bf16 matrix-vector kernel, run on the CPU by Triton's interpreter
+(``TRITON_INTERPRET=1``): the very kernel source the GPU compiles, checked against a float64
+product on shapes that exercise every mask (rows past the last block, a last tile cut short,
+several splits added by the last program to finish), twice over the same counters (they must be
+back at zero, and the bits the same). Its speed is measured on a GPU by ``python -m bench.int4_gemv``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton", reason="the kernel needs Triton (`pip install 'jupybox[dev]'` brings it)")
+
+from interpreter.llm import bf16_gemv  # noqa: E402
+
+# each case: n_out, n_in, block_n, block_k, warps, splits
+CASES = [(40, 256, 16, 256, 4, 1), (37, 800, 8, 256, 4, 3), (64, 1024, 32, 256, 4, 4), (20, 528, 16, 512, 4, 2)]
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from interpreter.llm import bf16_gemv
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for n_out, n_in, block_n, block_k, warps, splits in json.loads(sys.argv[1]):
+        w = torch.randn(n_out, n_in, generator=gen).to(torch.bfloat16)
+        x = torch.randn(n_in, generator=gen).to(torch.bfloat16)
+        config = bf16_gemv.Bf16Config(block_n, block_k, warps, splits)
+        counts = bf16_gemv.counters(n_out, config, "cpu")
+        first = bf16_gemv.launch(x, w, config, counts)
+        again = bf16_gemv.launch(x, w, config, counts)
+        ref = w.double() @ x.double()
+        out.append({"shape": list(first.shape), "rel_err": float((first.double() - ref).norm() / ref.norm()),
+                    "same": bool(torch.equal(first, again)), "counts": int(counts.abs().sum())})
+    print(json.dumps(out))
+""")
+
+
+def test_the_kernel_computes_the_product_under_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for case, got in zip(CASES, json.loads(done.stdout.strip().splitlines()[-1])):
+        assert got["shape"] == [case[0]] and got["same"] and got["counts"] == 0, (case, got)
+        assert got["rel_err"] < 1e-6, (case, got)  # exact bf16 products added in float32
+
+
+def test_launch_shapes_fill_the_gpu_for_every_projection_of_a_7b_model() -> None:
+    for n_out, n_in in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)):
+        configs = bf16_gemv.candidates(n_out, n_in, processors=132)
+        assert configs, (n_out, n_in)
+        for c in configs:
+            blocks = -(-n_out // c.block_n)
+            assert blocks * c.splits <= 8 * 132 and c.splits <= -(-n_in // c.block_k)
+    assert bf16_gemv.supports(torch.zeros(8, 64, dtype=torch.bfloat16))
+    assert not bf16_gemv.supports(torch.zeros(8, 60, dtype=torch.bfloat16))  # 16-byte loads stay aligned
+    assert not bf16_gemv.supports(torch.zeros(8, 64))  # float32 keeps cuBLAS
