@@ -79,9 +79,7 @@ def _calls(kind: str, weights: list[Any], x: Any, config: Any = None) -> list[Ca
     from interpreter.llm import int4_gemv
 
     if kind == "triton":
-        counts = [int4_gemv.counters(w.shape[0], config, x.device) for w in weights]
-        return [lambda w=w, c=c: int4_gemv.launch_words(x[0], w.words, w.scales, w.zeros, GROUP, config, c)
-                for w, c in zip(weights, counts)]
+        return [lambda w=w: int4_gemv.launch_words(x[0], w.words, w.scales, w.zeros, GROUP, config) for w in weights]
     if kind == "triton_bf16":
         from interpreter.llm import bf16_gemv
 

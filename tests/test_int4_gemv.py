@@ -35,12 +35,9 @@ SCRIPT = textwrap.dedent("""
         packed = int4_gemv.pack(w.q, w.scales_zeros, group)
         x = (torch.randn(n_in, generator=gen) * 3).to(torch.bfloat16)
         ref = w.dequantize(torch.float64) @ x.double()
-        config = int4_gemv.GemvConfig(block_n, warps, step, splits)
-        counts = int4_gemv.counters(n_out, config, "cpu")
-        first = int4_gemv.launch(x, packed, config, counts)
-        again = int4_gemv.launch(x, packed, config, counts)  # the counts are back at zero: same bits
-        out.append({"shape": list(first.shape), "rel_err": float((first.double() - ref).norm() / ref.norm()),
-                    "same": bool(torch.equal(first, again)), "counts": int(counts.abs().sum())})
+        parts = int4_gemv.launch(x, packed, int4_gemv.GemvConfig(block_n, warps, step, splits))
+        got = parts.double().sum(0)
+        out.append({"shape": list(parts.shape), "rel_err": float((got - ref).norm() / ref.norm())})
     # the layer: one row through the operator a compiled step calls, several rows through the
     # weight unpacked for the call
     w = quantize(torch.randn(192, 256, generator=gen) * 0.02, 128)
@@ -61,7 +58,7 @@ def test_the_kernel_computes_the_dequantized_product_under_the_interpreter() -> 
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     for case, got in zip(CASES, result["cases"]):
-        assert got["shape"] == [case[0]] and got["same"] and got["counts"] == 0, (case, got)
+        assert got["shape"] == [case[6], case[0]]  # one row of partial sums per split
         # float32 accumulation of exact products riding on 128 or 2048 times the activation: about 13
         # bits kept, far finer than the bf16 result (2**-9)
         assert got["rel_err"] < 2e-4, (case, got)

@@ -4,7 +4,7 @@ projections, used for a weight shape only where it beat cuBLAS on this GPU when 
 Why: decoding one token reads every weight once, so a projection's speed is the rate at which its
 weight leaves memory. cuBLAS streams the large projections of a 7B model at close to the copy
 bandwidth, but splits the small ones (4096 outputs) over the input dimension and adds the parts in
-a second kernel; this kernel adds them in the same launch (``int4_gemv.split_k_finish``: the last
+a second kernel; this kernel adds them in the same launch (``split_k_finish``: the last
 program of a column block adds every split's partial sums, in split order, so results are
 deterministic). Each program reads a ``block_n x block_k`` tile of the row-major weight per loop
 step (16-byte loads along the input dimension) and keeps float32 products per lane, reduced once.
@@ -47,6 +47,29 @@ class Bf16Config:
 if triton is not None:
 
     @triton.jit
+    def split_k_finish(acc, n, n_ok, part_ptr, count_ptr, out_ptr, N):
+        """The end of a split-K program (grid ``(column blocks, splits)``): with one split, store
+        ``acc``; otherwise store it as this split's partial sums, and let the last program of the
+        column block to arrive (an atomic count) add every split's partials in split order (so the
+        result does not depend on which came last) and store the sum, then reset the count for the
+        next launch. One launch, no reduction kernel after it, and the partials never leave the L2."""
+        splits = tl.num_programs(1)
+        if splits == 1:
+            tl.store(out_ptr + n, acc, mask=n_ok)
+        else:
+            block = tl.program_id(0)
+            tl.store(part_ptr + tl.program_id(1) * N + n, acc, mask=n_ok)
+            tl.debug_barrier()  # every thread's partials are written before the count says so
+            arrived = tl.atomic_add(count_ptr + block, 1, sem="acq_rel", scope="gpu")
+            tl.debug_barrier()
+            if arrived == splits - 1:
+                total = tl.zeros_like(acc)
+                for k in range(splits):  # in split order: the same bits whichever program came last
+                    total += tl.load(part_ptr + k * N + n, mask=n_ok, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + n, total, mask=n_ok)
+                tl.atomic_xchg(count_ptr + block, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, part_ptr, count_ptr, out_ptr, N, K, k_per_split,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -63,7 +86,7 @@ if triton is not None:
             w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_ptr + k, mask=k_ok, other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        int4_gemv.split_k_finish(tl.sum(acc, axis=1), n, n_ok, part_ptr, count_ptr, out_ptr, N)
+        split_k_finish(tl.sum(acc, axis=1), n, n_ok, part_ptr, count_ptr, out_ptr, N)
 
     @torch.library.custom_op("jupybox::bf16_gemv", mutates_args=())
     def _gemv_op(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, block_n: int, block_k: int,
