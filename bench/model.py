@@ -232,7 +232,8 @@ def run_model_bench(args: Any) -> int:
         "date": datetime.date.today().isoformat(), "gpu": props.name, "gpu_memory_gb": props.total_memory / 1e9,
         "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
         "model": args.model or args.shape, "tokens": tokens, "card": CARD,
-        "int4_kernel": os.environ.get("JUPYBOX_INT4_KERNEL", "torch")}
+        "int4_kernel": os.environ.get("JUPYBOX_INT4_KERNEL", "torch"),
+        "bf16_kernel": os.environ.get("JUPYBOX_BF16_KERNEL", "auto")}
 
     def save() -> None:
         if args.out:
@@ -288,7 +289,8 @@ def render(r: dict[str, Any]) -> str:
     lines = [f"jupybox bench model — {r['model']}, {r['gpu']}, torch {r['torch']} (CUDA {r['cuda']}), "
              f"transformers {r['transformers']}, {r['date']}",
              f"device-to-device copy: {r['copy_bandwidth_tb_s']:.2f} TB/s (read + write); int4 kernel: "
-             f"{r.get('int4_kernel', 'torch')} (JUPYBOX_INT4_KERNEL)"]
+             f"{r.get('int4_kernel', 'torch')} (JUPYBOX_INT4_KERNEL); bf16 kernel: {r.get('bf16_kernel', 'cublas')} "
+             f"(JUPYBOX_BF16_KERNEL)"]
     from bench.model_check import render_checks
 
     lines += render_checks(r.get("check", {}))
