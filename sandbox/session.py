@@ -53,10 +53,27 @@ def socket_alias(name: str, target: Path) -> Path:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
         raise SandboxError(f"{base} holds short links to kernels' socket folders and must be a folder private to "
                            "this user: remove it, or set JUPYBOX_HOME to a shorter path")
+    _prune_links(base)
     link = base / name
     link.unlink(missing_ok=True)
     link.symlink_to(target, target_is_directory=True)
     return link
+
+
+def _prune_links(base: Path) -> None:
+    """Remove the links that processes which no longer run left behind (one that crashed cannot
+    remove its own). A link is named ``<pid>-<session>`` after the process that made it, so a live
+    process's links, restarting sessions included, are never touched."""
+    for link in base.iterdir():
+        pid, _, rest = link.name.partition("-")
+        if not (pid.isdigit() and rest) or not link.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            link.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's: not ours to judge
+            continue
 
 
 class Session:

@@ -381,6 +381,29 @@ async def test_idle_sessions_are_reaped_and_reported(sandbox_image: str, jb_home
         await manager.shutdown()
 
 
+def test_short_socket_links_of_processes_gone_are_pruned(tmp_path) -> None:
+    """A process that crashed leaves its short links behind: the next link made removes those of
+    processes that no longer run, and no live process's link."""
+    from sandbox.session import socket_alias
+
+    done = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True)
+    dead_pid = int(done.stdout)  # that shell has exited
+    base = Path(tempfile.gettempdir(), f"jupybox-{os.geteuid()}")
+    base.mkdir(mode=0o700, exist_ok=True)
+    (tmp_path / "run").mkdir()
+    stale = base / f"{dead_pid}-stale{os.getpid()}"
+    stale.symlink_to(tmp_path / "gone", target_is_directory=True)
+    live = socket_alias(f"{os.getpid()}-live", tmp_path / "run")
+    try:
+        assert not stale.is_symlink()
+        fresh = socket_alias(f"{os.getpid()}-second", tmp_path / "run")
+        assert live.is_symlink() and fresh.is_symlink()  # this process runs: its links stay
+        fresh.unlink()
+    finally:
+        live.unlink(missing_ok=True)
+        stale.unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("backend", ["docker", "local"])
 async def test_a_deep_home_gets_short_socket_links(sandbox_image: str, tmp_path, backend: str) -> None:
     """Unix socket paths are limited to 107 bytes: a deep JUPYBOX_HOME (a CI's temp folder) still
