@@ -138,25 +138,6 @@ def candidates(n_out: int, n_in: int, processors: int) -> list[Bf16Config]:
     return out
 
 
-def _time(calls: list[Any], repeats: int = 5) -> float:
-    """Seconds per call, replayed as one CUDA graph."""
-    for call in calls[:2]:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            for call in calls:
-                call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / (repeats * len(calls))
-
-
 def time_shape(weight: torch.Tensor, configs: list[Bf16Config]) -> tuple[dict[Bf16Config, float], float]:
     """Seconds per product for each config and for cuBLAS, the weight streamed from memory (enough
     copies of it to overflow the L2 cache)."""
@@ -170,10 +151,11 @@ def time_shape(weight: torch.Tensor, configs: list[Bf16Config]) -> tuple[dict[Bf
     for config in configs:
         try:
             counts = [counters(weight.shape[0], config, device) for _ in weights]
-            times[config] = _time([lambda w=w, c=c: launch(x, w, config, c) for w, c in zip(weights, counts)])
+            times[config] = int4_gemv.graph_seconds([lambda w=w, c=c: launch(x, w, config, c)
+                                                      for w, c in zip(weights, counts)])
         except Exception as exc:  # a shape this GPU or Triton refuses: not a candidate
             log.info("bf16 kernel config %s failed for %s: %s", config, tuple(weight.shape), exc)
-    cublas = _time([lambda w=w: F.linear(row, w) for w in weights])
+    cublas = int4_gemv.graph_seconds([lambda w=w: F.linear(row, w) for w in weights])
     return times, cublas
 
 

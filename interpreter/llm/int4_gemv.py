@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,26 @@ def cache_key(device: torch.device, what: str) -> str:
     return f"{name}|triton {getattr(triton, '__version__', '-')}|{what}"
 
 
+def graph_seconds(calls: list[Callable[[], Any]], repeats: int = 5) -> float:
+    """Seconds per call of ``calls``, captured ``repeats`` times over in one CUDA graph (as a
+    decode step replays kernels) and replayed once; the first two run before, to compile."""
+    for call in calls[:2]:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            for call in calls:
+                call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / (repeats * len(calls))
+
+
 def time_configs(w: PackedGemvWeight, configs: list[GemvConfig], copies: int | None = None,
                  repeats: int = 5) -> dict[GemvConfig, float]:
     """Seconds per product for each config, weights streamed from memory: the product runs over
@@ -289,22 +310,8 @@ def time_configs(w: PackedGemvWeight, configs: list[GemvConfig], copies: int | N
     out: dict[GemvConfig, float] = {}
     for config in configs:
         try:
-            for v in weights[:2]:  # compile and load the kernel outside the graph
-                launch_words(x, v.words, v.scales, v.zeros, v.group, config)
-            torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(repeats):
-                    for v in weights:
-                        launch_words(x, v.words, v.scales, v.zeros, v.group, config)
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            out[config] = start.elapsed_time(end) / 1e3 / (repeats * len(weights))
-            del graph
+            out[config] = graph_seconds([lambda v=v: launch_words(x, v.words, v.scales, v.zeros, v.group, config)
+                                         for v in weights], repeats)
         except Exception as exc:  # a shape this GPU or Triton refuses: not a candidate
             log.info("int4 kernel config %s failed for %dx%d: %s", config, n_out, n_in, exc)
     return out
