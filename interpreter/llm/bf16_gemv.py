@@ -2,12 +2,13 @@
 projections, used for a weight shape only where it beat cuBLAS on this GPU when timed.
 
 Why: decoding one token reads every weight once, so a projection's speed is the rate at which its
-weight leaves memory. cuBLAS streams the large projections of a 7B model at close to the copy
-bandwidth, but splits the small ones (4096 outputs) over the input dimension and adds the parts in
-a second kernel; this kernel adds them in the same launch (``split_k_finish``: the last
-program of a column block adds every split's partial sums, in split order, so results are
-deterministic). Each program reads a ``block_n x block_k`` tile of the row-major weight per loop
-step (16-byte loads along the input dimension) and keeps float32 products per lane, reduced once.
+weight leaves memory. cuBLAS reads a 7B model's projections at 0.89 of the copy bandwidth on an
+H200, and splits the small ones (4096 outputs) over the input dimension, adding the parts in a
+second kernel; this kernel read them at 0.96 there, with no split (docs/performance.md). Each
+program reads a ``block_n x block_k`` tile of the row-major weight per loop step (16-byte loads
+along the input dimension) and keeps float32 products per lane, reduced once. Where the tuner does
+split a product, the parts are added in the same launch (``split_k_finish``: the last program of a
+column block adds every split's partial sums, in split order, so results are deterministic).
 
 Launch shapes are timed per weight shape beside cuBLAS (``tune``) and cached with the int4 kernel's
 in ``$JUPYBOX_HOME/int4_gemv.json``; a shape where cuBLAS was faster keeps cuBLAS.
@@ -72,6 +73,7 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, part_ptr, count_ptr, out_ptr, N, K, k_per_split,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[n] = sum_k w[n, k] x[k] over this program's rows and its split of the inputs."""
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -116,8 +118,10 @@ def launch(x: torch.Tensor, weight: torch.Tensor, config: Bf16Config, counts: to
     n_out, n_in = weight.shape
     per_split = -(-n_in // config.splits)
     per_split = -(-per_split // config.block_k) * config.block_k  # whole tiles: aligned loads
-    parts = torch.empty((config.splits, n_out), dtype=torch.float32, device=weight.device)
     out = torch.empty(n_out, dtype=torch.float32, device=weight.device)
+    # with one split there are no partial sums: the kernel never touches ``parts``
+    parts = out if config.splits == 1 else torch.empty((config.splits, n_out), dtype=torch.float32,
+                                                       device=weight.device)
     grid = (triton.cdiv(n_out, config.block_n), config.splits)
     _gemv_kernel[grid](x.to(weight.dtype).contiguous(), weight, parts, counts, out, n_out, n_in, per_split,
                        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.warps)
