@@ -38,7 +38,13 @@ SCRIPT = textwrap.dedent("""
         ref = w.double() @ x.double()
         out.append({"shape": list(first.shape), "rel_err": float((first.double() - ref).norm() / ref.norm()),
                     "same": bool(torch.equal(first, again)), "counts": int(counts.abs().sum())})
-    print(json.dumps(out))
+    # the check at load: the kernel agrees with the reference product; a kernel that answers
+    # garbage (here: zeros) is refused
+    w = torch.randn(24, 64, generator=gen).to(torch.bfloat16)
+    config = bf16_gemv.Bf16Config(8, 64, 2, 1)
+    right = bf16_gemv.agrees(w, config)
+    bf16_gemv.launch = lambda x, weight, config, counts: torch.zeros(weight.shape[0])
+    print(json.dumps({"cases": out, "agrees": right, "garbage_agrees": bf16_gemv.agrees(w, config)}))
 """)
 
 
@@ -47,7 +53,9 @@ def test_the_kernel_computes_the_product_under_the_interpreter() -> None:
     done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], capture_output=True, text=True, env=env,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    for case, got in zip(CASES, json.loads(done.stdout.strip().splitlines()[-1])):
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["agrees"] and not result["garbage_agrees"]
+    for case, got in zip(CASES, result["cases"]):
         assert got["shape"] == [case[0]] and got["same"] and got["counts"] == 0, (case, got)
         assert got["rel_err"] < 1e-6, (case, got)  # exact bf16 products added in float32
 

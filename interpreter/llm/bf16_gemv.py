@@ -128,6 +128,20 @@ def launch(x: torch.Tensor, weight: torch.Tensor, config: Bf16Config, counts: to
     return out
 
 
+def agrees(weight: torch.Tensor, config: Bf16Config) -> bool:
+    """One product of this weight against cuBLAS's, so that a kernel this GPU or Triton version
+    computes wrongly is refused at load rather than answering garbage."""
+    gen = torch.Generator(device=weight.device).manual_seed(0)
+    x = torch.randn(weight.shape[1], device=weight.device, generator=gen).to(weight.dtype)
+    got = launch(x, weight, config, counters(weight.shape[0], config, weight.device))
+    ref = F.linear(x[None], weight)[0].float()
+    err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+    if not err < 1e-2:  # both add exact products in float32; cuBLAS's result is rounded to 16 bits
+        log.warning("the bf16 kernel is off by %.1e (relative) on a %dx%d weight: cuBLAS runs it", err, *weight.shape)
+        return False
+    return True
+
+
 def candidates(n_out: int, n_in: int, processors: int) -> list[Bf16Config]:
     """Tiles of 8 to 32 rows by 256 or 512 inputs, and the splits that put one to eight programs
     on each multiprocessor."""

@@ -146,7 +146,8 @@ def bf16_kernel(weight: torch.Tensor) -> Any:
         return None
     from interpreter.llm import bf16_gemv
 
-    return bf16_gemv.tune(weight) if bf16_gemv.supports(weight) else None
+    config = bf16_gemv.tune(weight) if bf16_gemv.supports(weight) else None
+    return config if config is not None and bf16_gemv.agrees(weight, config) else None
 
 
 def int4_layer(w: Int4Weight, device: torch.device) -> torch.nn.Module:
