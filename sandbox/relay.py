@@ -52,6 +52,7 @@ MAX_ID_CHARS = 256
 QUEUE_MESSAGES = 64  # kernel messages held for a slow client; past it ZMQ's own small queues fill
 SHUTDOWN_GRACE_S = 10.0  # a kernel still alive this long after a client's shutdown request stays
 LIVENESS_CHECK_S = 1.0  # while a request runs and the kernel is silent, how often to ask if it lives
+IDLE_LIVENESS_S = 3.0  # with nothing running, how often (Jupyter Server's restarter polls every 3 s too)
 EndCause = Literal["client", "restart", "close", "failure"]  # who ended a relay
 _restarts: set[asyncio.Task] = set()  # kernel restarts a relay started; referenced until done
 
@@ -294,13 +295,19 @@ class KernelRelay:
         for name in ("iopub", "shell", "control", "stdin"):
             poller.register(self._sockets[name], zmq.POLLIN)
             names[self._sockets[name]] = name
+        checked = time.monotonic()
         try:
             while not self._closed:
                 ready = dict(await poller.poll(int(LIVENESS_CHECK_S * 1000)))
                 if not ready:
-                    if self._running and not await self.session.kernel_alive():
-                        await self._kernel_died()
-                        return
+                    # a kernel can die at any time, also some seconds after a shutdown request it
+                    # answered: asked every second while a request runs, every few when idle
+                    now = time.monotonic()
+                    if self._running or now - checked >= IDLE_LIVENESS_S:
+                        checked = now
+                        if await self._kernel_gone():
+                            await self._kernel_died()
+                            return
                     for msg_id, sent in list(self._running.items()):  # a shutdown the kernel survived
                         if sent < 0 and time.monotonic() + sent > SHUTDOWN_GRACE_S:
                             del self._running[msg_id]
@@ -364,6 +371,16 @@ class KernelRelay:
         return {"msg_id": f"jupybox-{uuid.uuid4().hex}", "msg_type": msg_type, "session": self._identity.decode(),
                 "username": "jupybox", "version": "5.3",
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())}
+
+    async def _kernel_gone(self) -> bool:
+        """The kernel is dead, seen twice half a second apart (one failed look at the container,
+        a daemon's hiccup, must not cost a notebook its variables), and this relay still stands."""
+        for attempt in range(2):
+            if attempt:
+                await asyncio.sleep(0.5)
+            if self._closed or await self.session.kernel_alive():
+                return False
+        return not self._closed
 
     async def _kernel_died(self) -> None:
         """Tell the client as Jupyter servers do (``autorestarting``), then give the session a

@@ -4,6 +4,7 @@ kernel forges, refuses what a client may not send, and ends with its kernel."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -50,6 +51,31 @@ async def test_a_relay_and_the_json_api_share_a_kernel(docker_manager: SessionMa
     assert relay.closed and relay.ended_by == "close"
     while await relay.receive() is not None:  # what was queued, then the end
         pass
+
+
+async def test_a_kernel_that_dies_late_after_a_shutdown_request_is_still_noticed(
+        docker_manager: SessionManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that answers a client's shutdown request and exits only after the relay stopped
+    waiting for it (slow under load; here the wait is cut to nothing) is still found dead: the
+    client is told ``autorestarting`` and the session gets a fresh kernel."""
+    from sandbox import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "SHUTDOWN_GRACE_S", 0.0)
+    session = await docker_manager.create()
+    relay = await session.attach()
+    slow_exit = execute("import atexit, time\natexit.register(time.sleep, 4)")  # exits 4 s after its answer
+    await relay.send(slow_exit)
+    await replies_to(relay, slow_exit)
+    await relay.send(request("shutdown_request", {"restart": False}, channel="control"))
+    states = []
+    while (m := await asyncio.wait_for(relay.receive(), 30)) is not None:
+        if m.msg_type == "status":
+            states.append(m.content["execution_state"])
+    assert states[-1] == "autorestarting" and relay.ended_by == "restart", (states, relay.end_reason)
+    await asyncio.gather(*relay_module._restarts)  # the relay restarts the kernel in the background
+    ex = await session.execute("print(6 * 7)")  # the fresh kernel
+    assert ex.ok and ex.stdout == "42\n"
+    await docker_manager.close(session.id)
 
 
 async def test_what_a_hostile_kernel_forges_is_dropped(docker_manager: SessionManager) -> None:
