@@ -3,12 +3,15 @@ taken from the cache), session managers on real backends. Nothing here is mocked
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,6 +69,17 @@ def docker_settings(home: Path, **kw: object) -> SandboxSettings:
 async def docker_manager(sandbox_image: str, jb_home: Path) -> AsyncIterator[SessionManager]:
     async with SessionManager(docker_settings(jb_home, instance="tests")) as manager:
         yield manager
+
+
+def run_under_triton_interpreter(script: str, arg: object) -> Any:
+    """Run ``script`` (given ``arg`` as JSON in ``sys.argv[1]``) in a fresh Python under Triton's CPU
+    interpreter, the only way a GPU kernel's own source runs here, and return the JSON it prints
+    last. A fresh process, because Triton reads ``TRITON_INTERPRET`` when a kernel is defined."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(arg)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def jupybox_containers() -> list[str]:

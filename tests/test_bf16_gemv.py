@@ -6,10 +6,6 @@ back at zero, and the bits the same). Its speed is measured on a GPU by ``python
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,6 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="the kernel needs Triton (`pip install 'jupybox[dev]'` brings it)")
 
 from interpreter.llm import bf16_gemv  # noqa: E402
+from tests.conftest import run_under_triton_interpreter  # noqa: E402
 
 # each case: n_out, n_in, block_n, block_k, warps, splits
 CASES = [(40, 256, 16, 256, 4, 1), (37, 800, 8, 256, 4, 3), (64, 1024, 32, 256, 4, 4), (20, 528, 16, 512, 4, 2)]
@@ -49,11 +46,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_the_kernel_computes_the_product_under_the_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_under_triton_interpreter(SCRIPT, CASES)
     assert result["agrees"] and not result["garbage_agrees"]
     for case, got in zip(CASES, result["cases"]):
         assert got["shape"] == [case[0]] and got["same"] and got["counts"] == 0, (case, got)

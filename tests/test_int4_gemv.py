@@ -5,10 +5,6 @@ odd group counts). Its speed is measured on a GPU by ``python -m bench.int4_gemv
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,6 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="the int4 kernel needs Triton (`pip install 'jupybox[dev]'` brings it)")
 
 from interpreter.llm import int4_gemv  # noqa: E402
+from tests.conftest import run_under_triton_interpreter  # noqa: E402
 from interpreter.llm.gptq_pack import fit_group, quantize  # noqa: E402
 
 # each case: n_out, n_in, group, block_n, warps, step, splits
@@ -52,11 +49,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_the_kernel_computes_the_dequantized_product_under_the_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_under_triton_interpreter(SCRIPT, CASES)
     for case, got in zip(CASES, result["cases"]):
         assert got["shape"] == [case[6], case[0]]  # one row of partial sums per split
         # float32 accumulation of exact products riding on 128 or 2048 times the activation: about 13
