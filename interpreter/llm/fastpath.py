@@ -123,8 +123,12 @@ class Projection(torch.nn.Module):
         self.register_buffer("weight", None if self.packed is not None else w.to(device, dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         self.gemv = bf16_kernel(self.weight) if own_kernel and self.weight is not None else None
-        self.register_buffer("counts", None if self.gemv is None else
-                             torch.zeros(-(-self.weight.shape[0] // self.gemv.block_n), dtype=torch.int32, device=device))
+        counts = None
+        if self.gemv is not None:
+            from interpreter.llm import bf16_gemv
+
+            counts = bf16_gemv.counters(self.weight.shape[0], self.gemv, device)
+        self.register_buffer("counts", counts)  # the kernel's split-K arrival counts (zero between launches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemv is not None and x.numel() == x.shape[-1]:  # one row: the decode step
