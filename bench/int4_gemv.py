@@ -79,7 +79,7 @@ def _calls(kind: str, weights: list[Any], x: Any, config: Any = None) -> list[Ca
     from interpreter.llm import int4_gemv
 
     if kind == "triton":
-        return [lambda w=w: int4_gemv.launch_words(x[0], w.words, w.scales, w.zeros, GROUP, config) for w in weights]
+        return int4_gemv.product_calls(x[0], weights, config)
     if kind == "triton_bf16":
         from interpreter.llm import bf16_gemv
 

@@ -233,7 +233,8 @@ def run_model_bench(args: Any) -> int:
         "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
         "model": args.model or args.shape, "tokens": tokens, "card": CARD,
         "int4_kernel": os.environ.get("JUPYBOX_INT4_KERNEL", "torch"),
-        "bf16_kernel": os.environ.get("JUPYBOX_BF16_KERNEL", "auto")}
+        "bf16_kernel": os.environ.get("JUPYBOX_BF16_KERNEL", "auto"),
+        "programmatic_launch": os.environ.get("JUPYBOX_PDL", "1") != "0"}
 
     def save() -> None:
         if args.out:
@@ -290,7 +291,8 @@ def render(r: dict[str, Any]) -> str:
              f"transformers {r['transformers']}, {r['date']}",
              f"device-to-device copy: {r['copy_bandwidth_tb_s']:.2f} TB/s (read + write); int4 kernel: "
              f"{r.get('int4_kernel', 'torch')} (JUPYBOX_INT4_KERNEL); bf16 kernel: {r.get('bf16_kernel', 'cublas')} "
-             f"(JUPYBOX_BF16_KERNEL)"]
+             f"(JUPYBOX_BF16_KERNEL); programmatic launch: {'on' if r.get('programmatic_launch') else 'off'} "
+             f"(JUPYBOX_PDL)"]
     from bench.model_check import render_checks
 
     lines += render_checks(r.get("check", {}))

@@ -35,13 +35,35 @@ SCRIPT = textwrap.dedent("""
         ref = w.double() @ x.double()
         out.append({"shape": list(first.shape), "rel_err": float((first.double() - ref).norm() / ref.norm()),
                     "same": bool(torch.equal(first, again)), "counts": int(counts.abs().sum())})
+    # silu(gate) * up at the end of the kernel, over a weight whose gate and up rows alternate,
+    # against the unfused model's arithmetic (each step rounded to the weight's dtype). In float16:
+    # the interpreter truncates float32 to bf16 where a GPU rounds to nearest
+    glu = []
+    for n_half, n_in, block_n, block_k, warps in ((40, 256, 16, 256, 4), (37, 528, 8, 512, 4)):
+        w = torch.randn(2 * n_half, n_in, generator=gen).to(torch.float16)
+        x = torch.randn(n_in, generator=gen).to(torch.float16)
+        config = bf16_gemv.Bf16Config(block_n, block_k, warps, 1)
+        got = bf16_gemv.launch(x, bf16_gemv.interleave(w), config, bf16_gemv.counters(2 * n_half, config, "cpu"),
+                               glu=True)
+        gate, up = (w.double() @ x.double()).to(torch.float16).chunk(2)
+        ref = torch.nn.functional.silu(gate) * up
+        glu.append({"shape": list(got.shape), "dtype": str(got.dtype),
+                    "rel_err": float((got.double() - ref.double()).norm() / ref.double().norm()),
+                    "equal": float((got == ref).float().mean())})
+    try:
+        bf16_gemv.launch(x, w, bf16_gemv.Bf16Config(16, 256, 4, 2), bf16_gemv.counters(2 * n_half, config, "cpu"),
+                         glu=True)
+        split_glu = "accepted"
+    except ValueError as exc:
+        split_glu = str(exc)
     # the check at load: the kernel agrees with the reference product; a kernel that answers
     # garbage (here: zeros) is refused
     w = torch.randn(24, 64, generator=gen).to(torch.bfloat16)
     config = bf16_gemv.Bf16Config(8, 64, 2, 1)
-    right = bf16_gemv.agrees(w, config)
+    right = bf16_gemv.agrees(w, config) and bf16_gemv.agrees(w.half(), config, glu=True)
     bf16_gemv.launch = lambda x, weight, config, counts: torch.zeros(weight.shape[0])
-    print(json.dumps({"cases": out, "agrees": right, "garbage_agrees": bf16_gemv.agrees(w, config)}))
+    print(json.dumps({"cases": out, "agrees": right, "garbage_agrees": bf16_gemv.agrees(w, config), "glu": glu,
+                      "split_glu": split_glu}))
 """)
 
 
@@ -51,6 +73,12 @@ def test_the_kernel_computes_the_product_under_the_interpreter() -> None:
     for case, got in zip(CASES, result["cases"]):
         assert got["shape"] == [case[0]] and got["same"] and got["counts"] == 0, (case, got)
         assert got["rel_err"] < 1e-6, (case, got)  # exact bf16 products added in float32
+    for got, n_half in zip(result["glu"], (40, 37)):
+        assert got["shape"] == [n_half] and got["dtype"] == "torch.float16", got
+        # the same roundings as the unfused model; a float32 sum in another order may land one
+        # float16 step apart now and then
+        assert got["rel_err"] < 1e-3 and got["equal"] > 0.8, got
+    assert "cannot end in silu(gate) * up" in result["split_glu"]  # the partial sums of splits are not gate/up
 
 
 def test_launch_shapes_fill_the_gpu_for_every_projection_of_a_7b_model() -> None:

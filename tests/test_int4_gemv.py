@@ -16,9 +16,11 @@ from interpreter.llm import int4_gemv  # noqa: E402
 from tests.conftest import run_under_triton_interpreter  # noqa: E402
 from interpreter.llm.gptq_pack import fit_group, quantize  # noqa: E402
 
-# each case: n_out, n_in, group, block_n, warps, step, splits
-CASES = [(96, 256, 128, 128, 1, 1, 1), (200, 512, 64, 128, 1, 2, 3), (960, 576, 32, 256, 2, 2, 4),
-         (64, 1024, 128, 128, 1, 2, 8), (136, 384, 128, 256, 2, 1, 2)]
+# each case: n_out, n_in, group, block_n, warps, step, splits, finish (the kernel adds the splits)
+CASES = [(96, 256, 128, 128, 1, 1, 1, False), (200, 512, 64, 128, 1, 2, 3, False), (960, 576, 32, 256, 2, 2, 4, False),
+         (64, 1024, 128, 128, 1, 2, 8, False), (136, 384, 128, 256, 2, 1, 2, False),
+         (200, 512, 64, 128, 1, 2, 3, True), (960, 576, 32, 256, 2, 2, 4, True),
+         (136, 2048, 128, 128, 1, 1, 16, True)]  # 16 splits of 128 columns: added 8 at a time
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -27,14 +29,18 @@ SCRIPT = textwrap.dedent("""
     from interpreter.llm.gptq_pack import quantize
     out = []
     gen = torch.Generator().manual_seed(0)
-    for n_out, n_in, group, block_n, warps, step, splits in json.loads(sys.argv[1]):
+    for n_out, n_in, group, block_n, warps, step, splits, finish in json.loads(sys.argv[1]):
         w = quantize(torch.randn(n_out, n_in, generator=gen) * 0.02, group)
         packed = int4_gemv.pack(w.q, w.scales_zeros, group)
         x = (torch.randn(n_in, generator=gen) * 3).to(torch.bfloat16)
         ref = w.dequantize(torch.float64) @ x.double()
-        parts = int4_gemv.launch(x, packed, int4_gemv.GemvConfig(block_n, warps, step, splits))
+        config = int4_gemv.GemvConfig(block_n, warps, step, splits, finish)
+        counts = int4_gemv.counters(n_out, config, "cpu")
+        parts = int4_gemv.launch(x, packed, config, counts)
+        again = int4_gemv.launch(x, packed, config, counts)
         got = parts.double().sum(0)
-        out.append({"shape": list(parts.shape), "rel_err": float((got - ref).norm() / ref.norm())})
+        out.append({"shape": list(parts.shape), "rel_err": float((got - ref).norm() / ref.norm()),
+                    "same": bool(torch.equal(parts, again)), "counts": int(counts.abs().sum())})
     # the layer: one row through the operator a compiled step calls, several rows through the
     # weight unpacked for the call
     w = quantize(torch.randn(192, 256, generator=gen) * 0.02, 128)
@@ -51,7 +57,9 @@ SCRIPT = textwrap.dedent("""
 def test_the_kernel_computes_the_dequantized_product_under_the_interpreter() -> None:
     result = run_under_triton_interpreter(SCRIPT, CASES)
     for case, got in zip(CASES, result["cases"]):
-        assert got["shape"] == [case[6], case[0]]  # one row of partial sums per split
+        # one row of partial sums per split, or their sum where the kernel adds them
+        assert got["shape"] == [1 if case[7] else case[6], case[0]], (case, got)
+        assert got["same"] and got["counts"] == 0, (case, got)  # the same bits again; counts back at zero
         # float32 accumulation of exact products riding on 128 or 2048 times the activation: about 13
         # bits kept, far finer than the bf16 result (2**-9)
         assert got["rel_err"] < 2e-4, (case, got)

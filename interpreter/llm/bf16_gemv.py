@@ -7,23 +7,22 @@ H200, and splits the small ones (4096 outputs) over the input dimension, adding 
 second kernel; this kernel read them at 0.96 there, with no split (docs/performance.md). Each
 program reads a ``block_n x block_k`` tile of the row-major weight per loop step (16-byte loads
 along the input dimension) and keeps float32 products per lane, reduced once. Where the tuner does
-split a product, the parts are added in the same launch (``split_k_finish``: the last program of a
-column block adds every split's partial sums, in split order, so results are deterministic).
+split a product, the parts are added in the same launch (``gemv.split_k_finish``: the last program
+of a column block adds every split's partial sums in a fixed order, so results are deterministic).
 
 Launch shapes are timed per weight shape beside cuBLAS (``tune``) and cached with the int4 kernel's
-in ``$JUPYBOX_HOME/int4_gemv.json``; a shape where cuBLAS was faster keeps cuBLAS.
+in ``$JUPYBOX_HOME/gemv.json``; a shape where cuBLAS was faster keeps cuBLAS.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from interpreter.llm import int4_gemv
+from interpreter.llm import gemv
 
 log = logging.getLogger(__name__)
 
@@ -48,32 +47,17 @@ class Bf16Config:
 if triton is not None:
 
     @triton.jit
-    def split_k_finish(acc, n, n_ok, part_ptr, count_ptr, out_ptr, N):
-        """The end of a split-K program (grid ``(column blocks, splits)``): with one split, store
-        ``acc``; otherwise store it as this split's partial sums, and let the last program of the
-        column block to arrive (an atomic count) add every split's partials in split order (so the
-        result does not depend on which came last) and store the sum, then reset the count for the
-        next launch. One launch, no reduction kernel after it, and the partials never leave the L2."""
-        splits = tl.num_programs(1)
-        if splits == 1:
-            tl.store(out_ptr + n, acc, mask=n_ok)
-        else:
-            block = tl.program_id(0)
-            tl.store(part_ptr + tl.program_id(1) * N + n, acc, mask=n_ok)
-            tl.debug_barrier()  # every thread's partials are written before the count says so
-            arrived = tl.atomic_add(count_ptr + block, 1, sem="acq_rel", scope="gpu")
-            tl.debug_barrier()
-            if arrived == splits - 1:
-                total = tl.zeros_like(acc)
-                for k in range(splits):  # in split order: the same bits whichever program came last
-                    total += tl.load(part_ptr + k * N + n, mask=n_ok, other=0.0, cache_modifier=".cg")
-                tl.store(out_ptr + n, total, mask=n_ok)
-                tl.atomic_xchg(count_ptr + block, 0, sem="relaxed", scope="gpu")
-
-    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, part_ptr, count_ptr, out_ptr, N, K, k_per_split,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[n] = sum_k w[n, k] x[k] over this program's rows and its split of the inputs."""
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr,
+                     PDL: tl.constexpr, GLU: tl.constexpr):
+        """out[n] = sum_k w[n, k] x[k] over this program's rows and its split of the inputs. With
+        ``PDL`` (a programmatic dependent launch) the first weight tile is read while the kernel
+        before this one may still run (weights never change); the activation, which that kernel
+        writes, only after ``gdc_wait``.
+
+        With ``GLU`` (one split) the weight's rows are gate and up rows in turn, and the kernel
+        stores ``silu(gate) * up`` in the weight's dtype: ``N / 2`` outputs, rounded as the
+        unfused model rounds them, with no kernel of their own."""
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -82,24 +66,46 @@ if triton is not None:
         start = split * k_per_split
         end = tl.minimum(start + k_per_split, K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(start, end, BLOCK_K):
+        first = start
+        if PDL:
+            k = start + kk
+            k_ok = k < end
+            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            gemv.tl_cuda.gdc_wait()
+            x = tl.load(x_ptr + k, mask=k_ok, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            first = start + BLOCK_K
+        for k0 in range(first, end, BLOCK_K):
             k = k0 + kk
             k_ok = k < end
             w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_ptr + k, mask=k_ok, other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        split_k_finish(tl.sum(acc, axis=1), n, n_ok, part_ptr, count_ptr, out_ptr, N)
+        if PDL:  # every read is done: the next kernel may start (and wait for this one's stores)
+            gemv.tl_cuda.gdc_launch_dependents()
+        if GLU:
+            dtype = out_ptr.dtype.element_ty
+            gate, up = tl.split(tl.reshape(tl.sum(acc, axis=1), [BLOCK_N // 2, 2]))
+            gate = gate.to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+            up = up.to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+            m = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            tl.store(out_ptr + m, (act * up).to(dtype, fp_downcast_rounding="rtne"), mask=m < N // 2)
+        else:
+            gemv.split_k_finish(tl.sum(acc, axis=1), n, n_ok, part_ptr, count_ptr, out_ptr, N, SPLITS, CHUNK)
 
     @torch.library.custom_op("jupybox::bf16_gemv", mutates_args=())
     def _gemv_op(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, block_n: int, block_k: int,
-                 warps: int, splits: int) -> torch.Tensor:
+                 warps: int, splits: int, glu: bool) -> torch.Tensor:
         """The kernel as an operator a compiled step keeps whole (and a CUDA graph replays).
         ``counts`` is zero before and after every launch, so it is not declared as mutated."""
-        return launch(x, weight, Bf16Config(block_n, block_k, warps, splits), counts)
+        return launch(x, weight, Bf16Config(block_n, block_k, warps, splits), counts, glu)
 
     @_gemv_op.register_fake
     def _(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, block_n: int, block_k: int, warps: int,
-          splits: int) -> torch.Tensor:
+          splits: int, glu: bool) -> torch.Tensor:
+        if glu:
+            return weight.new_empty((weight.shape[0] // 2,))
         return weight.new_empty((weight.shape[0],), dtype=torch.float32)
 
 
@@ -110,31 +116,60 @@ def supports(weight: torch.Tensor) -> bool:
 
 
 def counters(n_out: int, config: Bf16Config, device: torch.device | str) -> torch.Tensor:
-    return torch.zeros(-(-n_out // config.block_n), dtype=torch.int32, device=device)
+    return gemv.counters(-(-n_out // config.block_n), device)
 
 
-def launch(x: torch.Tensor, weight: torch.Tensor, config: Bf16Config, counts: torch.Tensor) -> torch.Tensor:
-    """``weight @ x`` in float32 ``[n_out]`` for one activation row ``x`` ``[n_in]``."""
+def glu_fits(weight: torch.Tensor, config: Bf16Config) -> bool:
+    """Whether a launch can end in ``silu(gate) * up`` (``launch(glu=True)``): one split, and
+    gate/up row pairs that no block boundary cuts."""
+    return config.splits == 1 and config.block_n % 2 == 0 and weight.shape[0] % 2 == 0
+
+
+def interleave(gate_up: torch.Tensor) -> torch.Tensor:
+    """A ``[gate; up]`` weight with its rows taken in turn (gate 0, up 0, gate 1, ...), as a
+    ``glu`` launch reads it."""
+    n2, n_in = gate_up.shape
+    return gate_up.view(2, n2 // 2, n_in).transpose(0, 1).reshape(n2, n_in).contiguous()
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, config: Bf16Config, counts: torch.Tensor,
+           glu: bool = False) -> torch.Tensor:
+    """``weight @ x`` in float32 ``[n_out]`` for one activation row ``x`` ``[n_in]``; with ``glu``
+    (an ``interleave``-d weight, ``glu_fits``) ``silu(gate) * up`` ``[n_out / 2]`` in the weight's
+    dtype."""
     n_out, n_in = weight.shape
+    if glu and not glu_fits(weight, config):
+        raise ValueError(f"a {n_out}x{n_in} product in {config} cannot end in silu(gate) * up")
     per_split = -(-n_in // config.splits)
     per_split = -(-per_split // config.block_k) * config.block_k  # whole tiles: aligned loads
-    out = torch.empty(n_out, dtype=torch.float32, device=weight.device)
+    out = (torch.empty(n_out // 2, dtype=weight.dtype, device=weight.device) if glu
+           else torch.empty(n_out, dtype=torch.float32, device=weight.device))
     # with one split there are no partial sums: the kernel never touches ``parts``
     parts = out if config.splits == 1 else torch.empty((config.splits, n_out), dtype=torch.float32,
                                                        device=weight.device)
     grid = (triton.cdiv(n_out, config.block_n), config.splits)
+    pdl = gemv.programmatic_launch(weight.device)
     _gemv_kernel[grid](x.to(weight.dtype).contiguous(), weight, parts, counts, out, n_out, n_in, per_split,
-                       BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.warps)
+                       BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLITS=config.splits,
+                       CHUNK=gemv.finish_chunk(config.splits, config.block_n, config.warps), PDL=pdl, GLU=glu,
+                       num_warps=config.warps, launch_pdl=pdl)
     return out
 
 
-def agrees(weight: torch.Tensor, config: Bf16Config) -> bool:
-    """One product of this weight against cuBLAS's, so that a kernel this GPU or Triton version
+def agrees(weight: torch.Tensor, config: Bf16Config, glu: bool = False) -> bool:
+    """One product of this weight against cuBLAS's (with ``glu``, of its ``interleave``-d form
+    against ``silu(gate) * up`` of cuBLAS's product), so that a kernel this GPU or Triton version
     computes wrongly is refused at load rather than answering garbage."""
     gen = torch.Generator(device=weight.device).manual_seed(0)
     x = torch.randn(weight.shape[1], device=weight.device, generator=gen).to(weight.dtype)
-    got = launch(x, weight, config, counters(weight.shape[0], config, weight.device))
-    ref = F.linear(x[None], weight)[0].float()
+    ref = F.linear(x[None], weight)[0]
+    if glu:
+        got = launch(x, interleave(weight), config, counters(weight.shape[0], config, weight.device), glu=True).float()
+        gate, up = ref.chunk(2)
+        ref = F.silu(gate) * up
+    else:
+        got = launch(x, weight, config, counters(weight.shape[0], config, weight.device))
+    ref = ref.float()
     err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
     if not err < 1e-2:  # both add exact products in float32; cuBLAS's result is rounded to 16 bits
         log.warning("the bf16 kernel is off by %.1e (relative) on a %dx%d weight: cuBLAS runs it", err, *weight.shape)
@@ -169,11 +204,11 @@ def time_shape(weight: torch.Tensor, configs: list[Bf16Config]) -> tuple[dict[Bf
     for config in configs:
         try:
             counts = [counters(weight.shape[0], config, device) for _ in weights]
-            times[config] = int4_gemv.graph_seconds([lambda w=w, c=c: launch(x, w, config, c)
+            times[config] = gemv.graph_seconds([lambda w=w, c=c: launch(x, w, config, c)
                                                       for w, c in zip(weights, counts)])
         except Exception as exc:  # a shape this GPU or Triton refuses: not a candidate
             log.info("bf16 kernel config %s failed for %s: %s", config, tuple(weight.shape), exc)
-    cublas = int4_gemv.graph_seconds([lambda w=w: F.linear(row, w) for w in weights])
+    cublas = gemv.graph_seconds([lambda w=w: F.linear(row, w) for w in weights])
     return times, cublas
 
 
@@ -184,10 +219,10 @@ def tune(weight: torch.Tensor) -> Bf16Config | None:
     """The fastest launch shape for this weight's shape on this GPU, or None where cuBLAS was
     faster: timed once, then read from memory or the cache file."""
     n_out, n_in = weight.shape
-    key = int4_gemv.cache_key(weight.device, f"bf16 v1 {n_out}x{n_in} {str(weight.dtype).removeprefix('torch.')}")
+    key = gemv.cache_key(weight.device, f"bf16 v2 {n_out}x{n_in} {str(weight.dtype).removeprefix('torch.')}")
     if key in _TUNED:
         return _TUNED[key]
-    saved = int4_gemv.read_cache()
+    saved = gemv.read_cache()
     if key in saved:
         entry = saved[key]
         try:
@@ -203,6 +238,6 @@ def tune(weight: torch.Tensor) -> Bf16Config | None:
              times.get(best, float("nan")) * 1e6 if best else float("nan"), cublas * 1e6,
              "kernel" if choice else "cuBLAS")
     _TUNED[key] = choice
-    int4_gemv.write_cache(key, {"config": asdict(choice) if choice else None,
+    gemv.write_cache(key, {"config": asdict(choice) if choice else None,
                                 "kernel_us": times[best] * 1e6 if best else None, "cublas_us": cublas * 1e6})
     return choice

@@ -107,10 +107,12 @@ QWEN_7B = DecoderShape(vocab=151936, d_model=4096, n_layers=32, n_heads=32, n_kv
 
 # -- modules ---------------------------------------------------------------------------------------
 class Projection(torch.nn.Module):
-    """``x @ W.T + b`` with W in the compute dtype or packed 4-bit."""
+    """``x @ W.T + b`` with W in the compute dtype or packed 4-bit. A ``glu`` projection's weight
+    is ``[gate; up]`` and it is called through ``glu()``."""
 
     def __init__(self, w: torch.Tensor | Int4Weight, bias: torch.Tensor | None, device: torch.device,
-                 dtype: torch.dtype, quantize_to: str | None = None, group: int = 128, own_kernel: bool = True) -> None:
+                 dtype: torch.dtype, quantize_to: str | None = None, group: int = 128, own_kernel: bool = True,
+                 glu: bool = False) -> None:
         super().__init__()
         if quantize_to == "int4" and isinstance(w, torch.Tensor):
             fitted = fit_group(int(w.shape[1]), group)
@@ -124,22 +126,42 @@ class Projection(torch.nn.Module):
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         self.gemv = bf16_kernel(self.weight) if own_kernel and self.weight is not None else None
         counts = None
+        self.interleaved = False  # gate and up rows in turn: the decode kernel ends in silu(gate) * up
         if self.gemv is not None:
             from interpreter.llm import bf16_gemv
 
             counts = bf16_gemv.counters(self.weight.shape[0], self.gemv, device)
+            if (glu and bias is None and bf16_gemv.glu_fits(self.weight, self.gemv)
+                    and bf16_gemv.agrees(self.weight, self.gemv, glu=True)):
+                self.weight = bf16_gemv.interleave(self.weight)
+                self.interleaved = True
         self.register_buffer("counts", counts)  # the kernel's split-K arrival counts (zero between launches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.interleaved:
+            raise RuntimeError("an interleaved [gate; up] projection is called through glu()")
         if self.gemv is not None and x.numel() == x.shape[-1]:  # one row: the decode step
             c = self.gemv
             y = torch.ops.jupybox.bf16_gemv(x.reshape(-1), self.weight, self.counts, c.block_n, c.block_k, c.warps,
-                                            c.splits).to(x.dtype).view(*x.shape[:-1], -1)
+                                            c.splits, False).to(x.dtype).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         y = self.packed(x)
         return y if self.bias is None else y + self.bias
+
+    def glu(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of a ``[gate; up]`` projection: on the decode step of an interleaved
+        weight, inside the matrix-vector kernel."""
+        if not self.interleaved:
+            gate, up = self(x).chunk(2, dim=-1)
+            return F.silu(gate) * up
+        if x.numel() == x.shape[-1]:
+            c = self.gemv
+            return torch.ops.jupybox.bf16_gemv(x.reshape(-1), self.weight, self.counts, c.block_n, c.block_k, c.warps,
+                                               c.splits, True).to(x.dtype).view(*x.shape[:-1], -1)
+        pairs = F.linear(x, self.weight).unflatten(-1, (-1, 2))
+        return F.silu(pairs[..., 0]) * pairs[..., 1]
 
 
 def bf16_kernel(weight: torch.Tensor) -> Any:
@@ -179,7 +201,7 @@ class Layer(torch.nn.Module):
         self.register_buffer("mlp_norm", w["mlp_norm"].to(device, dtype))
         self.qkv = Projection(w["qkv"], w["qkv_bias"], device, dtype, quantize_to, group)
         self.o = Projection(w["o"], None, device, dtype, quantize_to, group)
-        self.gate_up = Projection(w["gate_up"], None, device, dtype, quantize_to, group)
+        self.gate_up = Projection(w["gate_up"], None, device, dtype, quantize_to, group, glu=True)
         self.down = Projection(w["down"], None, device, dtype, quantize_to, group)
         cache = (shape.n_kv_heads, max_seq, shape.head_dim)
         self.register_buffer("k_cache", torch.zeros(cache, device=device, dtype=dtype))
@@ -213,7 +235,16 @@ class FastDecoder(torch.nn.Module):
         self.use_graphs = self.device.type == "cuda" if compile is None else compile
         self._step: Callable[..., torch.Tensor] = self._decode
         if self.use_graphs:
-            self._step = torch.compile(self._decode, fullgraph=True, dynamic=False)
+            # the step's own kernels launch as programmatic dependents too where this project's
+            # matrix-vector kernels do (``gemv.programmatic_launch``): each waits for the one
+            # before only where it reads that one's output
+            import torch._inductor.config as inductor
+
+            from interpreter.llm import gemv
+
+            pdl = gemv.programmatic_launch(self.device) and hasattr(inductor.triton, "enable_pdl")
+            self._step = torch.compile(self._decode, fullgraph=True, dynamic=False,
+                                       options={"triton.enable_pdl": True} if pdl else None)
         self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
         self._pool: Any = None
         self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -288,8 +319,7 @@ class FastDecoder(torch.nn.Module):
         return q, k, v
 
     def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = layer.gate_up(self._rms(x, layer.mlp_norm)).chunk(2, dim=-1)
-        return x + layer.down(F.silu(gate) * up)
+        return x + layer.down(layer.gate_up.glu(self._rms(x, layer.mlp_norm)))
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:

@@ -19,26 +19,24 @@ columns per scale:
   (the canonical form of ``gptq_pack``), so ``y = scale * sum(x * q) + (zero - 8 * scale) * sum(x)``
   per group, and the inner loop is one fused multiply-add per weight.
 
-Split-K: programs also split the input dimension so that a small projection still fills the GPU;
-each writes its partial sums to row ``split`` of a float32 ``[splits, n_out]`` result, which the
-caller sums (inside a compiled step that sum fuses into whatever follows). Adding them inside the
-kernel instead (the last program to finish adds them: ``bf16_gemv.split_k_finish``) measured slower
-at the 16-32 splits these shapes want: 2.10 against 1.64 ms for a 7B model's products on an H200.
-The block shape, warps, groups per loop step and splits are chosen per weight shape by timing
-(``tune``) and cached.
+Split-K: programs also split the input dimension so that a small projection still fills the GPU.
+Their partial sums are added either by the caller (a float32 ``[splits, n_out]`` result, whose sum
+fuses into whatever follows inside a compiled step) or in the same launch by the last program of
+each column block to finish (``gemv.split_k_finish``), whichever timed faster for the shape.
+The block shape, warps, groups per loop step, splits and where they are added are chosen per
+weight shape by timing (``tune``) and cached in ``$JUPYBOX_HOME/gemv.json``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from interpreter.llm import gemv
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +52,20 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 @dataclass(frozen=True)
 class GemvConfig:
     """One launch shape: ``block_n`` output columns per program, ``warps`` per program, ``step``
-    groups per loop iteration, ``splits`` programs along the input dimension."""
+    groups per loop iteration, ``splits`` programs along the input dimension; with ``finish`` the
+    last program of a column block adds the splits' partial sums (``gemv.split_k_finish``),
+    otherwise the caller does."""
 
     block_n: int = 256
     warps: int = 2
     step: int = 1
     splits: int = 4
+    finish: bool = False
+
+    @property
+    def rows(self) -> int:
+        """Rows of the kernel's float32 result: the splits' partial sums, or their sum."""
+        return 1 if self.finish or self.splits == 1 else self.splits
 
 
 class Int4GemvUnavailable(RuntimeError):
@@ -79,8 +85,9 @@ if triton is not None:
         return (v << 16).to(tl.float32, bitcast=True), (v & -65536).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K8, groups_per_split, m128, m2048,
-                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, STEP: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, part_ptr, count_ptr, out_ptr, N, K8, groups_per_split, m128, m2048,
+                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, STEP: tl.constexpr, SPLITS: tl.constexpr,
+                     CHUNK: tl.constexpr, FINISH: tl.constexpr, PDL: tl.constexpr):
         """out[split, n] = sum over this split's groups g of
         s[g, n] * sum_k(x_k q[k, n]) + (z[g, n] - 8 s[g, n]) * sum_k(x_k).
 
@@ -90,7 +97,9 @@ if triton is not None:
         bits, held in registers), whose last mantissa bit is then worth 1: the float is ``128 + q``
         or ``2048 + q`` exactly, and goes straight into a multiply-add. The ``128 * sum(x)`` and
         ``2048 * sum(x)`` this adds are taken off once a group; float32 keeps 13 or more bits of
-        the products under them."""
+        the products under them. With ``PDL`` (a programmatic dependent launch) the first group's
+        weights are asked into the L2 while the kernel before may still run; the activation,
+        which that kernel writes, is read only after ``gdc_wait``."""
         R: tl.constexpr = GROUP // 8  # packed rows of a group
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
@@ -98,6 +107,11 @@ if triton is not None:
         n_ok = n < N
         first = split * groups_per_split
         last = tl.minimum(first + groups_per_split, K8 * 8 // GROUP)
+        if PDL:
+            lines = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 32) * 32  # a 128-byte line of each row
+            rows = first * R + tl.arange(0, R)
+            gemv.prefetch_l2(w_ptr + rows[:, None] * N + lines[None, :])
+            gemv.tl_cuda.gdc_wait()
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for g0 in range(first, last, STEP):
             for t in tl.static_range(STEP):
@@ -132,7 +146,12 @@ if triton is not None:
                 s = tl.load(s_ptr + g * N + n, mask=ok & n_ok, other=0.0).to(tl.float32)
                 z = tl.load(z_ptr + g * N + n, mask=ok & n_ok, other=0.0).to(tl.float32)
                 acc += s * dot + (z - 8.0 * s) * (x_lo + x_hi)
-        tl.store(out_ptr + split * N + n, acc, mask=n_ok)
+        if PDL:  # every read is done: the next kernel may start (and wait for this one's stores)
+            gemv.tl_cuda.gdc_launch_dependents()
+        if FINISH:
+            gemv.split_k_finish(acc, n, n_ok, part_ptr, count_ptr, out_ptr, N, SPLITS, CHUNK)
+        else:
+            tl.store(out_ptr + split * N + n, acc, mask=n_ok)
 
 
 @dataclass
@@ -182,39 +201,56 @@ def unpack_dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 M128, M2048 = 0x43000000, 0x45000000  # the bits of the floats 128 and 2048
 
 
-def launch(x: torch.Tensor, w: PackedGemvWeight, config: GemvConfig) -> torch.Tensor:
-    """The float32 partial products ``[config.splits, n_out]`` of one activation row ``x`` ``[n_in]``
-    (taken in bf16; their sum over the first dimension is ``x @ W.T``)."""
-    return launch_words(x, w.words, w.scales, w.zeros, w.group, config)
+def launch(x: torch.Tensor, w: PackedGemvWeight, config: GemvConfig,
+           counts: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 products ``[config.rows, n_out]`` of one activation row ``x`` ``[n_in]`` (taken in
+    bf16): the splits' partial sums, or with ``config.finish`` their sum; either way their sum over
+    the first dimension is ``x @ W.T``."""
+    return launch_words(x, w.words, w.scales, w.zeros, w.group, config, counts)
+
+
+def counters(n_out: int, config: GemvConfig, device: torch.device | str) -> torch.Tensor:
+    """The arrival counts a finishing launch needs (one per column block, zero between launches)."""
+    return gemv.counters(-(-n_out // config.block_n), device)
 
 
 def launch_words(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
-                 config: GemvConfig) -> torch.Tensor:
+                 config: GemvConfig, counts: torch.Tensor | None = None) -> torch.Tensor:
     if triton is None:
         raise Int4GemvUnavailable("the int4 kernel needs Triton (it comes with CUDA builds of PyTorch)")
     k8, n_out = words.shape
     groups = k8 * 8 // group
     per_split = -(-groups // config.splits)
-    out = torch.empty((config.splits, n_out), dtype=torch.float32, device=words.device)
+    finish = config.finish and config.splits > 1
+    if finish and counts is None:
+        counts = counters(n_out, config, words.device)
+    parts = torch.empty((config.splits, n_out), dtype=torch.float32, device=words.device)
+    out = torch.empty((1, n_out), dtype=torch.float32, device=words.device) if finish else parts
     grid = (triton.cdiv(n_out, config.block_n), config.splits)
     pairs = x.to(torch.bfloat16).contiguous().view(torch.int32)
-    _gemv_kernel[grid](pairs, words, scales, zeros, out, n_out, k8, per_split, M128, M2048,
-                       GROUP=group, BLOCK_N=config.block_n, STEP=config.step, num_warps=config.warps)
+    pdl = gemv.programmatic_launch(words.device)
+    _gemv_kernel[grid](pairs, words, scales, zeros, parts, counts if finish else parts, out, n_out, k8, per_split,
+                       M128, M2048, GROUP=group, BLOCK_N=config.block_n, STEP=config.step,
+                       SPLITS=config.splits if finish else 1,  # only a finishing launch compiles per split count
+                       CHUNK=gemv.finish_chunk(config.splits, config.block_n, config.warps) if finish else 1,
+                       FINISH=finish, PDL=pdl, num_warps=config.warps, launch_pdl=pdl)
     return out
 
 
 if triton is not None:
 
     @torch.library.custom_op("jupybox::int4_gemv", mutates_args=())
-    def _gemv_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
-                 block_n: int, warps: int, step: int, splits: int) -> torch.Tensor:
-        """The kernel as an operator a compiled step keeps whole (and a CUDA graph replays)."""
-        return launch_words(x, words, scales, zeros, group, GemvConfig(block_n, warps, step, splits))
+    def _gemv_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, counts: torch.Tensor,
+                 group: int, block_n: int, warps: int, step: int, splits: int, finish: bool) -> torch.Tensor:
+        """The kernel as an operator a compiled step keeps whole (and a CUDA graph replays).
+        ``counts`` is zero before and after every launch, so it is not declared as mutated."""
+        return launch_words(x, words, scales, zeros, group, GemvConfig(block_n, warps, step, splits, finish), counts)
 
     @_gemv_op.register_fake
-    def _(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
-          block_n: int, warps: int, step: int, splits: int) -> torch.Tensor:
-        return words.new_empty((splits, words.shape[1]), dtype=torch.float32)
+    def _(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, counts: torch.Tensor,
+          group: int, block_n: int, warps: int, step: int, splits: int, finish: bool) -> torch.Tensor:
+        rows = GemvConfig(block_n, warps, step, splits, finish).rows
+        return words.new_empty((rows, words.shape[1]), dtype=torch.float32)
 
 
 # -- choosing a launch shape per weight shape ---------------------------------------------------------
@@ -222,7 +258,8 @@ def candidates(n_out: int, n_in: int, group: int, processors: int) -> list[GemvC
     """Launch shapes worth timing: blocks of 128 columns per warp or more (Triton then lays a warp's
     threads along the columns, so each thread holds whole groups of rows and the reduction over rows
     stays in its registers), one or two groups per loop step, and splits that put one to eight
-    programs on each multiprocessor."""
+    programs on each multiprocessor, each split count with its partial sums added by the caller
+    or in the launch."""
     groups = n_in // group
     out = []
     for block_n, warps in ((128, 1), (256, 1), (256, 2), (512, 2), (512, 4), (1024, 4)):
@@ -233,71 +270,31 @@ def candidates(n_out: int, n_in: int, group: int, processors: int) -> list[GemvC
             # a thread holds step * group / 8 rows of block_n / (32 * warps) words: more than 128
             # spills registers (seen in the compiler's report at block_n 512, 2 warps, step 2)
             if step * group // 8 * block_n // (32 * warps) <= 128:
-                out += [GemvConfig(block_n, warps, step, s) for s in fill[:3] if groups >= s * step]
+                out += [GemvConfig(block_n, warps, step, s, finish) for s in fill[:3] if groups >= s * step
+                        for finish in ((False, True) if s > 1 else (False,))]
     return out
-
-
-def _cache_file() -> Path:
-    return Path(os.environ.get("JUPYBOX_HOME") or Path.home() / ".cache" / "jupybox") / "int4_gemv.json"
 
 
 _TUNED: dict[str, GemvConfig] = {}
 
 
-def read_cache() -> dict[str, Any]:
-    """The launch shapes timed earlier on this machine (``$JUPYBOX_HOME/int4_gemv.json``)."""
-    try:
-        saved = json.loads(_cache_file().read_text())
-    except (OSError, ValueError):
-        return {}
-    return saved if isinstance(saved, dict) else {}
+def product_calls(x: torch.Tensor, weights: list[PackedGemvWeight], config: GemvConfig) -> list[Callable[[], Any]]:
+    """One whole product per weight (the partial sums added, by the kernel or after it), to time."""
+    counts = [counters(w.shape[0], config, x.device) for w in weights]
 
+    def call(w: PackedGemvWeight, c: torch.Tensor) -> torch.Tensor:
+        parts = launch(x, w, config, c)
+        return parts.sum(0) if config.rows > 1 else parts
 
-def write_cache(key: str, value: Any) -> None:
-    """Add one entry to the cache file (atomically); a read-only home only means timing again."""
-    path = _cache_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        saved = read_cache()
-        saved[key] = value
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
-        tmp.replace(path)
-    except OSError as exc:
-        log.info("could not cache the kernels' launch shapes in %s: %s", path, exc)
-
-
-def cache_key(device: torch.device, what: str) -> str:
-    """A cache entry's name: the GPU, the Triton version and ``what`` was timed (the kernel, its
-    version and the weight's shape): a new kernel version is timed afresh."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"{name}|triton {getattr(triton, '__version__', '-')}|{what}"
-
-
-def graph_seconds(calls: list[Callable[[], Any]], repeats: int = 5) -> float:
-    """Seconds per call of ``calls``, captured ``repeats`` times over in one CUDA graph (as a
-    decode step replays kernels) and replayed once; the first two run before, to compile."""
-    for call in calls[:2]:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            for call in calls:
-                call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / (repeats * len(calls))
+    return [lambda w=w, c=c: call(w, c) for w, c in zip(weights, counts)]
 
 
 def time_configs(w: PackedGemvWeight, configs: list[GemvConfig], copies: int | None = None,
                  repeats: int = 5) -> dict[GemvConfig, float]:
     """Seconds per product for each config, weights streamed from memory: the product runs over
-    enough copies of the weight to overflow the L2 cache, replayed as one CUDA graph."""
+    enough copies of the weight to overflow the L2 cache, replayed as one CUDA graph. The time
+    includes adding the partial sums where the caller adds them (a kernel of its own, timed alone;
+    in a compiled step it fuses into what follows)."""
     device = w.words.device
     n_out, n_in = w.shape
     size = w.words.numel() * 4 + w.scales.numel() * 4
@@ -310,8 +307,7 @@ def time_configs(w: PackedGemvWeight, configs: list[GemvConfig], copies: int | N
     out: dict[GemvConfig, float] = {}
     for config in configs:
         try:
-            out[config] = graph_seconds([lambda v=v: launch_words(x, v.words, v.scales, v.zeros, v.group, config)
-                                         for v in weights], repeats)
+            out[config] = gemv.graph_seconds(product_calls(x, weights, config), repeats)
         except Exception as exc:  # a shape this GPU or Triton refuses: not a candidate
             log.info("int4 kernel config %s failed for %dx%d: %s", config, n_out, n_in, exc)
     return out
@@ -322,10 +318,10 @@ def tune(w: PackedGemvWeight) -> GemvConfig:
     memory or from a small JSON cache in ``$JUPYBOX_HOME`` (default ``~/.cache/jupybox``)."""
     device = w.words.device
     n_out, n_in = w.shape
-    key = cache_key(device, f"int4 v2 {n_out}x{n_in}/{w.group}")
+    key = gemv.cache_key(device, f"int4 v3 {n_out}x{n_in}/{w.group}")
     if key in _TUNED:
         return _TUNED[key]
-    saved = read_cache()
+    saved = gemv.read_cache()
     if isinstance(saved.get(key), dict):
         try:
             _TUNED[key] = GemvConfig(**saved[key])
@@ -342,7 +338,7 @@ def tune(w: PackedGemvWeight) -> GemvConfig:
     best = min(times, key=times.__getitem__)
     log.info("int4 kernel for %dx%d: %s, %.1f us", n_out, n_in, best, times[best] * 1e6)
     _TUNED[key] = best
-    write_cache(key, asdict(best))
+    gemv.write_cache(key, asdict(best))
     return best
 
 
@@ -361,6 +357,7 @@ class TritonInt4(torch.nn.Module):
         self.register_buffer("scales", w.scales)
         self.register_buffer("zeros", w.zeros)
         self.config = config or tune(w)
+        self.register_buffer("counts", counters(self.n_out, self.config, device))  # zero between launches
         self._check(q.to(device), scales_zeros.to(device))
 
     @property
@@ -375,7 +372,7 @@ class TritonInt4(torch.nn.Module):
         from interpreter.llm.gptq_pack import Int4Weight
 
         ref = Int4Weight(q, scales_zeros, self.group).dequantize(torch.float32) @ x.float()
-        got = launch(x, self.packed, self.config).sum(0)
+        got = launch(x, self.packed, self.config, self.counts).sum(0)
         err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
         if not err < 1e-3:  # the kernel keeps about 13 bits, the bf16 result 9
             raise Int4GemvUnavailable(f"the int4 kernel is off by {err:.1e} (relative) on a {self.n_out}x{self.n_in} weight")
@@ -389,8 +386,8 @@ class TritonInt4(torch.nn.Module):
         x2 = x.reshape(-1, self.n_in)
         if x2.shape[0] == 1:
             c = self.config
-            parts = torch.ops.jupybox.int4_gemv(x2[0], self.words, self.scales, self.zeros, self.group,
-                                                c.block_n, c.warps, c.step, c.splits)
+            parts = torch.ops.jupybox.int4_gemv(x2[0], self.words, self.scales, self.zeros, self.counts, self.group,
+                                                c.block_n, c.warps, c.step, c.splits, c.finish)
             y = parts.sum(0, keepdim=True)
         else:
             y = x2.to(torch.bfloat16) @ _unpacker(self.words.is_cuda)(self.words, self.scales, self.zeros, self.group,
