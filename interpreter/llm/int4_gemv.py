@@ -108,8 +108,10 @@ if triton is not None:
         first = split * groups_per_split
         last = tl.minimum(first + groups_per_split, K8 * 8 // GROUP)
         if PDL:
-            lines = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 32) * 32  # a 128-byte line of each row
-            rows = first * R + tl.arange(0, R)
+            # a 128-byte line of each row, kept inside the weight (a split past the last group, a
+            # block past the last column)
+            lines = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 32) * 32, N - 1)
+            rows = tl.minimum(first * R + tl.arange(0, R), K8 - 1)
             gemv.prefetch_l2(w_ptr + rows[:, None] * N + lines[None, :])
             gemv.tl_cuda.gdc_wait()
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
