@@ -378,7 +378,9 @@ class KernelRelay:
         for attempt in range(2):
             if attempt:
                 await asyncio.sleep(0.5)
-            if self._closed or await self.session.kernel_alive():
+            # the first look may reuse another connection's answer of the last second; the second
+            # waits for a new one (or for one under way)
+            if self._closed or await self.session.kernel_alive(max_age=0.0 if attempt else LIVENESS_CHECK_S):
                 return False
         return not self._closed
 

@@ -106,6 +106,9 @@ class Session:
         self._own_filesystem = own_filesystem  # the workspace is a mounted image sized to its quota
         self._connection_info: dict | None = None  # the host side of the running kernel's connection
         self._relays: set[KernelRelay] = set()  # notebook clients attached to the running kernel
+        # the last look at the kernel's life (handle, when, answer) and the one under way: shared
+        self._alive_seen: tuple[KernelHandle, float, bool] | None = None
+        self._alive_look: tuple[KernelHandle, asyncio.Future[bool]] | None = None
         self.isolation = isolation  # one of the backend's isolations(), or None for its default
 
     @property
@@ -280,9 +283,29 @@ class Session:
     def _detach(self, relay: KernelRelay) -> None:
         self._relays.discard(relay)
 
-    async def kernel_alive(self) -> bool:
+    async def kernel_alive(self, max_age: float = 0.0) -> bool:
+        """Whether the kernel still runs. Every notebook connection asks while it waits (``relay``),
+        so looks at the backend are shared: callers at the same time wait for one look, and an
+        answer at most ``max_age`` seconds old is reused. Many connections to one session then
+        cost the backend about one look a second, not one each."""
         handle = self._handle
-        return handle is not None and await self.backend.is_alive(handle)
+        if handle is None:
+            return False
+        seen = self._alive_seen
+        if seen is not None and seen[0] is handle and time.monotonic() - seen[1] <= max_age:
+            return seen[2]
+        look = self._alive_look
+        if look is None or look[0] is not handle:
+            task = asyncio.ensure_future(self.backend.is_alive(handle))
+            look = self._alive_look = (handle, task)
+            task.add_done_callback(lambda done: self._looked(handle, done))
+        return await asyncio.shield(look[1])  # one caller cancelled does not cancel the others' look
+
+    def _looked(self, handle: KernelHandle, look: asyncio.Future[bool]) -> None:
+        if self._alive_look is not None and self._alive_look[1] is look:
+            self._alive_look = None
+        if not look.cancelled() and look.exception() is None:
+            self._alive_seen = (handle, time.monotonic(), look.result())
 
     # -- execution --------------------------------------------------------------------------
     async def execute(self, code: str, timeout: float | None = None,

@@ -78,6 +78,38 @@ async def test_a_kernel_that_dies_late_after_a_shutdown_request_is_still_noticed
     await docker_manager.close(session.id)
 
 
+async def test_idle_connections_share_their_looks_at_the_kernel_and_still_see_it_die(
+        docker_manager: SessionManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twelve notebook connections to one session, idle for 7 s, ask the backend whether the
+    kernel lives a few times in all (each alone would ask every 3 s: about 24 looks), and when
+    the kernel exits they all end with it and the session restarts its kernel."""
+    from sandbox import relay as relay_module
+
+    session = await docker_manager.create()
+    relays = [await session.attach() for _ in range(12)]
+    looks: list[float] = []
+    is_alive = session.backend.is_alive
+
+    async def counted(handle):  # type: ignore[no-untyped-def]
+        looks.append(asyncio.get_running_loop().time())
+        return await is_alive(handle)
+
+    monkeypatch.setattr(session.backend, "is_alive", counted)
+    await asyncio.sleep(7)
+    assert 1 <= len(looks) <= 6, looks
+    assert not any(r.closed for r in relays)
+    exits = execute("import os, threading\nthreading.Timer(0.3, os._exit, (0,)).start()")
+    await relays[0].send(exits)
+    for relay in relays:
+        while await asyncio.wait_for(relay.receive(), 30) is not None:
+            pass
+    assert all(r.ended_by == "restart" for r in relays), [(r.ended_by, r.end_reason) for r in relays]
+    await asyncio.gather(*relay_module._restarts)
+    ex = await session.execute("print(6 * 7)")  # the fresh kernel
+    assert ex.ok and ex.stdout == "42\n"
+    await docker_manager.close(session.id)
+
+
 async def test_what_a_hostile_kernel_forges_is_dropped(docker_manager: SessionManager) -> None:
     session = await docker_manager.create()
     relay = await session.attach()
