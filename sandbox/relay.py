@@ -373,8 +373,9 @@ class KernelRelay:
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())}
 
     async def _kernel_gone(self) -> bool:
-        """The kernel is dead, seen twice half a second apart (one failed look at the container,
-        a daemon's hiccup, must not cost a notebook its variables), and this relay still stands."""
+        """The kernel is dead in two looks at the backend, the second asked for half a second
+        after the first answered (one failed look at the container, a daemon's hiccup, must not
+        cost a notebook its variables), and this relay still stands."""
         for attempt in range(2):
             if attempt:
                 await asyncio.sleep(0.5)
@@ -391,7 +392,7 @@ class KernelRelay:
         await self._queue.put(KernelMessage("iopub", self._header("status"), {}, {},
                                             {"execution_state": "autorestarting"}))
         self._running.clear()
-        task = asyncio.create_task(self.session.restart())
+        task = asyncio.create_task(self.session.restart(self._info))  # once, whichever connection saw it first
         _restarts.add(task)
         task.add_done_callback(_restarts.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception() and log.warning(

@@ -220,10 +220,14 @@ class Session:
             handle, self._handle = self._handle, None
             await self.backend.stop(handle)
 
-    async def restart(self) -> None:
-        """A fresh kernel; the workspace stays."""
+    async def restart(self, kernel: dict | None = None) -> None:
+        """A fresh kernel; the workspace stays. With ``kernel`` (the connection info a notebook
+        connection holds), only if that kernel is still the session's: a death that several
+        connections see at once restarts it once."""
         async with self._lock:
             self._check_open()
+            if kernel is not None and kernel is not self._connection_info:
+                return
             await self._restart()
 
     async def _restart(self) -> None:
@@ -286,8 +290,8 @@ class Session:
     async def kernel_alive(self, max_age: float = 0.0) -> bool:
         """Whether the kernel still runs. Every notebook connection asks while it waits (``relay``),
         so looks at the backend are shared: callers at the same time wait for one look, and an
-        answer at most ``max_age`` seconds old is reused. Many connections to one session then
-        cost the backend about one look a second, not one each."""
+        answer that came back at most ``max_age`` seconds ago is reused. Many connections to one
+        session then cost the backend about one look a second, not one each."""
         handle = self._handle
         if handle is None:
             return False
@@ -304,7 +308,8 @@ class Session:
     def _looked(self, handle: KernelHandle, look: asyncio.Future[bool]) -> None:
         if self._alive_look is not None and self._alive_look[1] is look:
             self._alive_look = None
-        if not look.cancelled() and look.exception() is None:
+        # a look at a kernel since replaced is no answer about the running one
+        if not look.cancelled() and look.exception() is None and handle is self._handle:
             self._alive_seen = (handle, time.monotonic(), look.result())
 
     # -- execution --------------------------------------------------------------------------
