@@ -51,6 +51,16 @@ def _sync() -> None:
     torch.cuda.synchronize()
 
 
+def programmatic_launch() -> bool:
+    """Whether the fast path's kernels launch as programmatic dependents here (Hopper or later,
+    Triton there, ``JUPYBOX_PDL`` not 0)."""
+    import torch
+
+    from interpreter.llm import gemv
+
+    return gemv.programmatic_launch(torch.device("cuda", 0))
+
+
 def copy_bandwidth() -> float:
     """Bytes read plus written per second by a 1 GiB device-to-device copy (median of 20)."""
     import torch
@@ -234,7 +244,7 @@ def run_model_bench(args: Any) -> int:
         "model": args.model or args.shape, "tokens": tokens, "card": CARD,
         "int4_kernel": os.environ.get("JUPYBOX_INT4_KERNEL", "torch"),
         "bf16_kernel": os.environ.get("JUPYBOX_BF16_KERNEL", "auto"),
-        "programmatic_launch": os.environ.get("JUPYBOX_PDL", "1") != "0"}
+        "programmatic_launch": programmatic_launch()}
 
     def save() -> None:
         if args.out:

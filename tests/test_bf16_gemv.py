@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent("""
     # garbage (here: zeros) is refused
     w = torch.randn(24, 64, generator=gen).to(torch.bfloat16)
     config = bf16_gemv.Bf16Config(8, 64, 2, 1)
-    right = bf16_gemv.agrees(w, config) and bf16_gemv.agrees(w.half(), config, glu=True)
+    right = bf16_gemv.agrees(w, config) and bf16_gemv.agrees(w.half(), config, glu_weight=bf16_gemv.interleave(w.half()))
     bf16_gemv.launch = lambda x, weight, config, counts: torch.zeros(weight.shape[0])
     print(json.dumps({"cases": out, "agrees": right, "garbage_agrees": bf16_gemv.agrees(w, config), "glu": glu,
                       "split_glu": split_glu}))

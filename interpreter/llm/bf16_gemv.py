@@ -56,8 +56,9 @@ if triton is not None:
         writes, only after ``gdc_wait``.
 
         With ``GLU`` (one split) the weight's rows are gate and up rows in turn, and the kernel
-        stores ``silu(gate) * up`` in the weight's dtype: ``N / 2`` outputs, rounded as the
-        unfused model rounds them, with no kernel of their own."""
+        stores ``silu(gate) * up`` in the weight's dtype: ``N / 2`` outputs, rounded where the
+        unfused model rounds them (the GPU's ``exp`` is not PyTorch's, so now and then one
+        lands a step apart), with no kernel of their own."""
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -156,15 +157,15 @@ def launch(x: torch.Tensor, weight: torch.Tensor, config: Bf16Config, counts: to
     return out
 
 
-def agrees(weight: torch.Tensor, config: Bf16Config, glu: bool = False) -> bool:
-    """One product of this weight against cuBLAS's (with ``glu``, of its ``interleave``-d form
-    against ``silu(gate) * up`` of cuBLAS's product), so that a kernel this GPU or Triton version
-    computes wrongly is refused at load rather than answering garbage."""
+def agrees(weight: torch.Tensor, config: Bf16Config, glu_weight: torch.Tensor | None = None) -> bool:
+    """One product of this weight against cuBLAS's (with ``glu_weight``, its ``interleave``-d form,
+    a ``glu`` launch of that against ``silu(gate) * up`` of cuBLAS's product), so that a kernel
+    this GPU or Triton version computes wrongly is refused at load rather than answering garbage."""
     gen = torch.Generator(device=weight.device).manual_seed(0)
     x = torch.randn(weight.shape[1], device=weight.device, generator=gen).to(weight.dtype)
     ref = F.linear(x[None], weight)[0]
-    if glu:
-        got = launch(x, interleave(weight), config, counters(weight.shape[0], config, weight.device), glu=True).float()
+    if glu_weight is not None:
+        got = launch(x, glu_weight, config, counters(weight.shape[0], config, weight.device), glu=True).float()
         gate, up = ref.chunk(2)
         ref = F.silu(gate) * up
     else:

@@ -131,10 +131,10 @@ class Projection(torch.nn.Module):
             from interpreter.llm import bf16_gemv
 
             counts = bf16_gemv.counters(self.weight.shape[0], self.gemv, device)
-            if (glu and bias is None and bf16_gemv.glu_fits(self.weight, self.gemv)
-                    and bf16_gemv.agrees(self.weight, self.gemv, glu=True)):
-                self.weight = bf16_gemv.interleave(self.weight)
-                self.interleaved = True
+            if glu and bias is None and bf16_gemv.glu_fits(self.weight, self.gemv):
+                pairs = bf16_gemv.interleave(self.weight)
+                if bf16_gemv.agrees(self.weight, self.gemv, glu_weight=pairs):
+                    self.weight, self.interleaved = pairs, True
         self.register_buffer("counts", counts)  # the kernel's split-K arrival counts (zero between launches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,8 +236,8 @@ class FastDecoder(torch.nn.Module):
         self._step: Callable[..., torch.Tensor] = self._decode
         if self.use_graphs:
             # the step's own kernels launch as programmatic dependents too where this project's
-            # matrix-vector kernels do (``gemv.programmatic_launch``): each waits for the one
-            # before only where it reads that one's output
+            # matrix-vector kernels do (``gemv.programmatic_launch``): each starts early and waits
+            # for the one before ahead of its first access to memory that one may use
             import torch._inductor.config as inductor
 
             from interpreter.llm import gemv

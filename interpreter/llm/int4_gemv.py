@@ -110,7 +110,7 @@ if triton is not None:
         if PDL:
             # a 128-byte line of each row, kept inside the weight (a split past the last group, a
             # block past the last column)
-            lines = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 32) * 32, N - 1)
+            lines = tl.minimum(pid_n * BLOCK_N + tl.arange(0, (BLOCK_N + 31) // 32) * 32, N - 1)
             rows = tl.minimum(first * R + tl.arange(0, R), K8 - 1)
             gemv.prefetch_l2(w_ptr + rows[:, None] * N + lines[None, :])
             gemv.tl_cuda.gdc_wait()
