@@ -141,9 +141,7 @@ class Projection(torch.nn.Module):
         if self.interleaved:
             raise RuntimeError("an interleaved [gate; up] projection is called through glu()")
         if self.gemv is not None and x.numel() == x.shape[-1]:  # one row: the decode step
-            c = self.gemv
-            y = torch.ops.jupybox.bf16_gemv(x.reshape(-1), self.weight, self.counts, c.block_n, c.block_k, c.warps,
-                                            c.splits, False).to(x.dtype).view(*x.shape[:-1], -1)
+            y = self._own_kernel(x, glu=False)
             return y if self.bias is None else y + self.bias
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
@@ -157,11 +155,15 @@ class Projection(torch.nn.Module):
             gate, up = self(x).chunk(2, dim=-1)
             return F.silu(gate) * up
         if x.numel() == x.shape[-1]:
-            c = self.gemv
-            return torch.ops.jupybox.bf16_gemv(x.reshape(-1), self.weight, self.counts, c.block_n, c.block_k, c.warps,
-                                               c.splits, True).to(x.dtype).view(*x.shape[:-1], -1)
+            return self._own_kernel(x, glu=True)
         pairs = F.linear(x, self.weight).unflatten(-1, (-1, 2))
         return F.silu(pairs[..., 0]) * pairs[..., 1]
+
+    def _own_kernel(self, x: torch.Tensor, glu: bool) -> torch.Tensor:
+        """One row through this project's bf16 kernel (``bf16_gemv``), as the compiled step keeps it."""
+        c = self.gemv
+        return torch.ops.jupybox.bf16_gemv(x.reshape(-1), self.weight, self.counts, c.block_n, c.block_k, c.warps,
+                                           c.splits, glu).to(x.dtype).view(*x.shape[:-1], -1)
 
 
 def bf16_kernel(weight: torch.Tensor) -> Any:
