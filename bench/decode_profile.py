@@ -1,5 +1,5 @@
 """``python -m bench.decode_profile``: where one decode step's time goes, kernel by kernel, in bf16
-or int4 with each 4-bit kernel (``JUPYBOX_INT4_KERNEL``: triton or torch), on a Qwen-7B-shaped model
+or int4 with each 4-bit kernel (``JUPYBOX_INT4_KERNEL``: mma, triton or torch), on a Qwen-7B-shaped model
 cut to a few layers (compile time; every layer is the same), at a chosen position. Figures, never
 pass/fail.
 
@@ -64,7 +64,7 @@ def profile(kernel: str, layers: int, position: int, steps: int = 20) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.decode_profile", description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--kernels", default="bf16,torch,triton", help="bf16, or int4 with the named 4-bit kernel")
+    parser.add_argument("--kernels", default="bf16,mma,torch", help="bf16, or int4 with the named 4-bit kernel")
     parser.add_argument("--position", type=int, default=1023, help="the decoded token's position")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)

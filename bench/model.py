@@ -242,8 +242,10 @@ def run_model_bench(args: Any) -> int:
         "date": datetime.date.today().isoformat(), "gpu": props.name, "gpu_memory_gb": props.total_memory / 1e9,
         "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
         "model": args.model or args.shape, "tokens": tokens, "card": CARD,
-        "int4_kernel": os.environ.get("JUPYBOX_INT4_KERNEL", "torch"),
+        "int4_kernel": os.environ.get("JUPYBOX_INT4_KERNEL", "auto"),
         "bf16_kernel": os.environ.get("JUPYBOX_BF16_KERNEL", "auto"),
+        "decode_attention": os.environ.get("JUPYBOX_DECODE_ATTENTION", "sdpa"),
+        "int4_glu": os.environ.get("JUPYBOX_INT4_GLU", "0") == "1",
         "programmatic_launch": programmatic_launch()}
 
     def save() -> None:
@@ -301,8 +303,9 @@ def render(r: dict[str, Any]) -> str:
              f"transformers {r['transformers']}, {r['date']}",
              f"device-to-device copy: {r['copy_bandwidth_tb_s']:.2f} TB/s (read + write); int4 kernel: "
              f"{r.get('int4_kernel', 'torch')} (JUPYBOX_INT4_KERNEL); bf16 kernel: {r.get('bf16_kernel', 'cublas')} "
-             f"(JUPYBOX_BF16_KERNEL); programmatic launch: {'on' if r.get('programmatic_launch') else 'off'} "
-             f"(JUPYBOX_PDL)"]
+             f"(JUPYBOX_BF16_KERNEL); int4 SiLU fused: {'yes' if r.get('int4_glu') else 'no'} (JUPYBOX_INT4_GLU); "
+             f"decode attention: {r.get('decode_attention', 'sdpa')} (JUPYBOX_DECODE_ATTENTION); "
+             f"programmatic launch: {'on' if r.get('programmatic_launch') else 'off'} (JUPYBOX_PDL)"]
     from bench.model_check import render_checks
 
     lines += render_checks(r.get("check", {}))

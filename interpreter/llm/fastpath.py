@@ -121,7 +121,8 @@ class Projection(torch.nn.Module):
                          *w.shape, dtype)
             else:
                 w = quantize(w.to(device), fitted)
-        self.packed = int4_layer(w, device) if isinstance(w, Int4Weight) else None
+        fuse = glu and os.environ.get("JUPYBOX_INT4_GLU", "0") == "1"  # see int4_layer
+        self.packed = int4_layer(w, device, glu=fuse) if isinstance(w, Int4Weight) else None
         self.register_buffer("weight", None if self.packed is not None else w.to(device, dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
         self.gemv = bf16_kernel(self.weight) if own_kernel and self.weight is not None else None
@@ -151,6 +152,8 @@ class Projection(torch.nn.Module):
     def glu(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` of a ``[gate; up]`` projection: on the decode step of an interleaved
         weight, inside the matrix-vector kernel."""
+        if self.packed is not None and getattr(self.packed, "fuses_glu", False) and self.bias is None:
+            return self.packed.glu(x)  # the int4 tensor-core kernel's own ending
         if not self.interleaved:
             gate, up = self(x).chunk(2, dim=-1)
             return F.silu(gate) * up
@@ -178,13 +181,37 @@ def bf16_kernel(weight: torch.Tensor) -> Any:
     return config if config is not None and bf16_gemv.agrees(weight, config) else None
 
 
-def int4_layer(w: Int4Weight, device: torch.device) -> torch.nn.Module:
-    """The layer that runs a 4-bit weight: PyTorch's own int4 kernel (``gptq_pack.PackedInt4``), or
-    with ``JUPYBOX_INT4_KERNEL=triton`` on a GPU this project's Triton kernel (``int4_gemv``) where
-    Triton is there, the weight's shape fits and its check at load passes. The Triton kernel alone
-    reads weights 1.16x as fast, but a decode step around it runs slower (see docs/performance.md),
-    so it is not the default."""
-    if device.type == "cuda" and os.environ.get("JUPYBOX_INT4_KERNEL", "torch") == "triton":
+def decode_attention_kernel(shape: DecoderShape, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether decode steps attend with this project's kernel (``decode_attention``) rather than
+    SDPA: with ``JUPYBOX_DECODE_ATTENTION=triton`` on a GPU with Triton, where it agrees with SDPA
+    when checked at load. Not the default: see docs/performance.md (its int4 step failed a check
+    before a fix that has not been run on a GPU since)."""
+    if device.type != "cuda" or os.environ.get("JUPYBOX_DECODE_ATTENTION", "sdpa") != "triton":
+        return False
+    from interpreter.llm import decode_attention
+
+    return decode_attention.available() and decode_attention.agrees(shape.n_heads, shape.n_kv_heads, shape.head_dim,
+                                                                    device, dtype)
+
+
+def int4_layer(w: Int4Weight, device: torch.device, glu: bool = False) -> torch.nn.Module:
+    """The layer that runs a 4-bit weight, by ``JUPYBOX_INT4_KERNEL``: ``auto`` (default) or ``mma``,
+    this project's tensor-core kernel (``int4_mma``: 1.6-1.7x PyTorch's kernel alone on an H200);
+    ``triton``, its Triton kernel (``int4_gemv``); ``torch``, PyTorch's own int4 kernel
+    (``gptq_pack.PackedInt4``). Ours run where the GPU, the weight's shape and their check at load
+    allow; otherwise PyTorch's kernel does. With ``glu`` (a ``[gate; up]`` weight, and
+    ``JUPYBOX_INT4_GLU=1``) the tensor-core kernel ends in ``silu(gate) * up``; not the default: its
+    int4 step failed a check before a fix that has not been run on a GPU since (docs/performance.md)."""
+    kernel = os.environ.get("JUPYBOX_INT4_KERNEL", "auto")
+    if device.type == "cuda" and kernel in ("auto", "mma"):
+        from interpreter.llm import int4_mma
+
+        if int4_mma.available(device) and int4_mma.supports(*w.shape, w.group):
+            try:
+                return int4_mma.MmaInt4(w.q, w.scales_zeros, w.group, device, glu=glu)
+            except int4_mma.Int4MmaUnavailable as exc:
+                log.warning("%s: PyTorch's int4 kernel runs this weight instead", exc)
+    if device.type == "cuda" and kernel == "triton":
         from interpreter.llm import int4_gemv
 
         if int4_gemv.available() and int4_gemv.supports(*w.shape, w.group):
@@ -234,6 +261,8 @@ class FastDecoder(torch.nn.Module):
         self.register_buffer("logn", logn_factors(self.max_seq, shape.seq_length, self.device, dtype)
                              if shape.logn_attn else None)
         self.register_buffer("positions", torch.arange(self.max_seq, device=self.device))
+        self.register_buffer("attn_counts", torch.zeros(shape.n_heads, dtype=torch.int32, device=self.device)
+                             if decode_attention_kernel(shape, self.device, dtype) else None)
         self.use_graphs = self.device.type == "cuda" if compile is None else compile
         self._step: Callable[..., torch.Tensor] = self._decode
         if self.use_graphs:
@@ -348,10 +377,13 @@ class FastDecoder(torch.nn.Module):
         x = F.embedding(token, self.embed)
         for layer in self.layers:
             q, _, _ = self._qkv(layer, x, pos)
-            keys, values = layer.k_cache[:, :length], layer.v_cache[:, :length]
-            # SDPA, as the prefill and the plain path use: scores and softmax accumulate in float32
-            attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                                  attn_mask=visible, enable_gqa=s.n_kv_heads != s.n_heads)
+            if self.attn_counts is not None:  # this project's kernel (``decode_attention``)
+                attn = torch.ops.jupybox.decode_attention(q.view(s.n_heads, s.head_dim), layer.k_cache,
+                                                          layer.v_cache, pos, length, self.attn_counts)
+            else:  # SDPA, as the prefill and the plain path use: scores and softmax accumulate in float32
+                keys, values = layer.k_cache[:, :length], layer.v_cache[:, :length]
+                attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
+                                                      attn_mask=visible, enable_gqa=s.n_kv_heads != s.n_heads)
             x = x + layer.o(attn.reshape(1, -1))
             x = self._mlp(layer, x)
         return self.lm_head(self._rms(x, self.norm)).float()[0]

@@ -1,0 +1,135 @@
+"""The fast path's int4 tensor-core kernel (``interpreter/llm/int4_mma.py``) on a machine without a
+GPU: its weight layout against the PTX operand layout of ``mma.m16n8k16``, the kernel's arithmetic
+read through that layout against the dequantized weight, and its CUDA source compiled by the real
+NVRTC for Ampere and Hopper with the compiler's resource report checked. That it runs correctly is
+checked on a GPU, at every load (``MmaInt4._check``), and its speed by ``python -m bench.int4_gemv``."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from interpreter.llm import int4_mma, nvrtc  # noqa: E402
+from interpreter.llm.gptq_pack import PackedInt4, quantize  # noqa: E402
+
+SHAPES = [(48, 576, 64), (32, 256, 128), (16, 512, 256), (64, 1024, 128)]
+
+
+@pytest.mark.parametrize("n_out,n_in,group", SHAPES)
+def test_packing_round_trips_and_the_kernels_arithmetic_gives_the_dequantized_product(n_out: int, n_in: int,
+                                                                                   group: int) -> None:
+    gen = torch.Generator().manual_seed(n_out + n_in)
+    w = quantize(torch.randn(n_out, n_in, generator=gen) * 0.02, group)
+    packed = int4_mma.pack(w.q, w.scales_zeros, group)
+    assert packed.shape == (n_out, n_in)
+    q, scales_zeros = int4_mma.unpack(packed)
+    assert torch.equal(q, w.q) and torch.equal(scales_zeros, w.scales_zeros)
+    assert torch.equal(int4_mma.dequantize(packed.words, packed.sz, group, torch.float32), w.dequantize(torch.float32))
+    x = (torch.randn(n_in, generator=gen) * 3).to(torch.bfloat16)
+    ref = w.dequantize(torch.float64) @ x.double()
+    got = int4_mma.emulate(x, packed)
+    assert float((got - ref).norm() / ref.norm()) < 1e-12
+    # the same words read with the activation's inputs in plain order would be wrong: the
+    # permutation inside a chunk is part of what is checked
+    shuffled = int4_mma.emulate(x.view(-1, 64).flip(1).reshape(-1), packed)
+    assert float((shuffled - ref).norm() / ref.norm()) > 1e-2
+
+
+def test_each_word_holds_the_operand_registers_the_ptx_fragment_layout_names() -> None:
+    """For ``mma.m16n8k16`` with 16-bit inputs, PTX gives lane ``4g + t`` the A registers
+    (row g, k 2t..2t+1), (row g+8, same k), (row g, k 2t+8..2t+9), (row g+8, k 2t+8..2t+9), each pair's
+    lower k in the lower half, and the B registers (k 2t..2t+1) and (k 2t+8..2t+9). The kernel feeds
+    B from the activation's 16 inputs ``16t..16t+15`` of the chunk, step ``j`` taking words ``2j``
+    and ``2j+1`` of them; so A's k ``2t + e`` at step j is input ``16t + 4j + e`` and ``2t + 8 + e``
+    is ``16t + 4j + 2 + e``. The kernel's register ``r`` is ``(word >> 4r) & 0x000F000F``."""
+    gen = torch.Generator().manual_seed(7)
+    n_out, n_in, group = 32, 128, 64
+    q = torch.randint(0, 16, (n_out, n_in), generator=gen, dtype=torch.uint8)
+    sz = torch.rand(n_in // group, n_out, 2, generator=gen).to(torch.bfloat16)
+    words = int4_mma.pack(q, sz, group).words.long() & 0xFFFFFFFF
+    for tile in range(n_out // 16):
+        for chunk in range(n_in // 64):
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                for j in range(4):
+                    word = int(words[tile, chunk, lane, j])
+                    for r, (row, hi_k) in enumerate([(g, False), (g + 8, False), (g, True), (g + 8, True)]):
+                        for e, bits in ((0, 4 * r), (1, 16 + 4 * r)):  # lower k in the lower half
+                            k = 64 * chunk + 16 * t + 4 * j + (2 if hi_k else 0) + e
+                            assert (word >> bits) & 0xF == int(q[16 * tile + row, k])
+
+
+def test_a_gate_up_weight_packs_in_tile_pairs_and_unpacks_to_its_own_rows() -> None:
+    gen = torch.Generator().manual_seed(3)
+    n_out, n_in = 96, 256  # gate and up of 48 rows each: three tile pairs
+    w = quantize(torch.randn(n_out, n_in, generator=gen) * 0.02, 64)
+    order = int4_mma.glu_order(n_out)
+    assert order[:32].tolist() == list(range(16)) + list(range(48, 64))  # gate rows 0-15, then up rows 0-15
+    assert sorted(order.tolist()) == list(range(n_out))
+    packed = int4_mma.pack(w.q, w.scales_zeros, 64, glu=True)
+    q, scales_zeros = int4_mma.unpack(packed)
+    assert torch.equal(q, w.q) and torch.equal(scales_zeros, w.scales_zeros)
+    x = torch.randn(n_in, generator=gen).to(torch.bfloat16)
+    ref = w.dequantize(torch.float64) @ x.double()
+    assert float((int4_mma.emulate(x, packed) - ref[order]).norm() / ref.norm()) < 1e-12  # rows as stored
+    assert not int4_mma.glu_fits(80)  # 40 gate rows do not fill whole tiles
+    with pytest.raises(int4_mma.Int4MmaUnavailable):
+        int4_mma.pack(w.q[:80], w.scales_zeros[:, :80], 64, glu=True)
+    assert all(c.tiles % 2 == 0 for c in int4_mma.candidates(glu=True))
+
+
+def test_weights_the_kernel_cannot_take_are_refused_with_the_reason() -> None:
+    assert int4_mma.supports(4096, 11008, 128) and int4_mma.supports(576, 576, 64)
+    assert not int4_mma.supports(40, 256, 128)  # rows not in whole tiles of 16
+    assert not int4_mma.supports(64, 256, 32)  # groups smaller than a 64-input chunk
+    w = quantize(torch.randn(40, 256), 128)
+    with pytest.raises(int4_mma.Int4MmaUnavailable, match="40x256"):
+        int4_mma.pack(w.q, w.scales_zeros, 128)
+
+
+def test_without_a_gpu_the_layer_refuses_and_the_fast_path_keeps_pytorchs_kernel(monkeypatch) -> None:
+    from interpreter.llm import fastpath
+
+    w = quantize(torch.randn(64, 256) * 0.02, 128)
+    with pytest.raises(int4_mma.Int4MmaUnavailable, match="CUDA GPU"):
+        int4_mma.MmaInt4(w.q, w.scales_zeros, 128, "cpu")
+    monkeypatch.setenv("JUPYBOX_INT4_KERNEL", "mma")
+    assert isinstance(fastpath.int4_layer(w, torch.device("cpu")), PackedInt4)
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_every_launch_shape_compiles_with_nvrtc_into_tensor_core_code_without_spilling(arch: str, tmp_path) -> None:
+    """The real compiler on every candidate the tuner may time on a GPU (and a group of 64 inputs):
+    no compile error, no local memory (registers spilled to memory would cost bandwidth), and the
+    multiplies on tensor cores (HMMA); on Hopper the programmatic-launch instructions are in. The
+    SiLU-fused ending is compiled for the shapes a gate/up weight may take."""
+    cases = ([(config, 2, False) for config in int4_mma.candidates()] + [(int4_mma.MmaConfig(), 1, False)]
+             + [(config, 2, True) for config in int4_mma.candidates(glu=True)])
+    for config, cpg, glu in cases:
+        cubin = nvrtc.compile_cubin(int4_mma.source(config, cpg, pdl=arch == "90", glu=glu), int4_mma.KERNEL_NAME,
+                                    arch)
+        path = tmp_path / "kernel.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True,
+                               check=True).stdout
+        assert re.search(r"LOCAL:0\b", usage), (config, cpg, usage)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+        assert len(re.findall(r"\bHMMA\.16816\.F32\.BF16\b", sass)) >= 8 * cpg, (config, cpg)
+        assert ("ACQBULK" in sass) == (arch == "90"), (config, cpg)
+
+
+def test_a_source_that_does_not_compile_is_a_typed_error_with_the_compilers_message() -> None:
+    with pytest.raises(nvrtc.NvrtcError, match="undefined|identifier"):
+        nvrtc.compile_cubin('extern "C" __global__ void broken() { undefined_name(); }', "broken", "90")
