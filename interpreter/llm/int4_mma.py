@@ -1,6 +1,6 @@
 """The fast path's batch-1 int4 matrix-vector product on tensor cores: a CUDA kernel, compiled at
-run time (NVRTC, through PyTorch), for weights shuffled once at load into the registers a
-``mma.sync.m16n8k16`` instruction takes.
+run time (NVRTC, which CUDA builds of PyTorch carry; ``nvrtc.py``), for weights shuffled once at
+load into the registers a ``mma.sync.m16n8k16`` instruction takes.
 
 Why tensor cores for one row: at batch 1 every weight is used once, so the product is limited by
 how fast weights leave memory, and on an H200 that is about 8.4 billion 4-bit values a second,
@@ -30,8 +30,13 @@ of 64, ``n_in`` of ``group``), rows in tiles of 16 and inputs in chunks of 64:
 * ``sz`` ``int32 [n_out/16, groups, 8, 2]``: (scale, zero) as a bf16 pair for rows ``g`` and ``g + 8``.
 
 A block takes ``tiles`` tiles of rows; its ``warps`` warps take its groups in turn and add their
-sums through shared memory at the end (no second kernel), ``unroll`` groups' loads in flight a warp.
-The shape is timed per weight shape and cached with the other kernels' (``gemv.json``).
+sums through shared memory at the end (no second kernel), ``unroll`` groups' loads at once in one
+or two register ``stages``. The shape is timed per weight shape and cached with the other kernels'
+(``gemv.json``). A ``[gate; up]`` weight packed with ``glu`` can end in ``silu(gate) * up``.
+
+Programmatic launch (Hopper on): the kernel lets the next one be placed as soon as it runs, reads
+its weights before ``griddepcontrol.wait``, and reads the activation only after it, through the L2
+(``ld.global.cg``): the read-only path may hold lines from before the previous kernel's stores.
 """
 
 from __future__ import annotations
@@ -433,9 +438,12 @@ def launch_packed(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group:
         xb = xb.clone()
     out = torch.empty((1, tiles * ROWS // 2 if glu else tiles * ROWS), dtype=torch.bfloat16 if glu else torch.float32,
                       device=words.device)
-    kernel(config, chunks // groups, words.device, glu)(
-        (-(-tiles // config.tiles), 1, 1), (32 * config.warps, 1, 1), [words, sz, xb, out, tiles, groups],
-        programmatic=gemv.programmatic_launch(words.device))
+    try:
+        kernel(config, chunks // groups, words.device, glu)(
+            (-(-tiles // config.tiles), 1, 1), (32 * config.warps, 1, 1), [words, sz, xb, out, tiles, groups],
+            programmatic=gemv.programmatic_launch(words.device))
+    except nvrtc.NvrtcError as exc:  # e.g. a launch shape this GPU cannot hold
+        raise Int4MmaUnavailable(f"the int4 mma kernel did not launch: {exc}") from exc
     return out
 
 
