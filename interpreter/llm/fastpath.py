@@ -152,8 +152,8 @@ class Projection(torch.nn.Module):
     def glu(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` of a ``[gate; up]`` projection: on the decode step of an interleaved
         weight, inside the matrix-vector kernel."""
-        if self.packed is not None and getattr(self.packed, "fuses_glu", False) and self.bias is None:
-            return self.packed.glu(x)  # the int4 tensor-core kernel's own ending
+        if getattr(self.packed, "fuses_glu", False) and self.bias is None and x.numel() == x.shape[-1]:
+            return self.packed.glu(x)  # one row: the int4 tensor-core kernel's own ending
         if not self.interleaved:
             gate, up = self(x).chunk(2, dim=-1)
             return F.silu(gate) * up

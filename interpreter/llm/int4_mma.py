@@ -595,11 +595,9 @@ class MmaInt4(torch.nn.Module):
         return y.to(dtype).reshape(*lead, self.n_out)
 
     def glu(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu(gate) * up`` of a ``[gate; up]`` weight: for one row, inside the kernel."""
-        if self.fuses_glu and x.numel() == x.shape[-1]:
-            return self._kernel(x.reshape(-1), glu=True).to(x.dtype).view(*x.shape[:-1], -1)
-        gate, up = self(x).chunk(2, dim=-1)
-        return torch.nn.functional.silu(gate) * up
+        """``silu(gate) * up`` of one row ``x`` through a weight packed with ``glu`` (``fuses_glu``),
+        inside the kernel (more rows go through ``forward``, as an unfused projection's do)."""
+        return self._kernel(x.reshape(-1), glu=True).to(x.dtype).view(*x.shape[:-1], -1)
 
     def _kernel(self, x: torch.Tensor, glu: bool) -> torch.Tensor:
         c = self.config
