@@ -120,14 +120,15 @@ async def test_backend_fast_flag_serves_the_same_text_on_cpu(tiny_model: Path) -
 def test_the_packed_weight_unpacks_to_its_values_through_the_learnt_layout() -> None:
     """What a long prompt multiplies by on a GPU: the weight unpacked from the kernel's own layout.
     The CPU op's layout differs from the CUDA one; both are learnt by the same code."""
-    from interpreter.llm.gptq_pack import _compiled, _unpack_dequantize
+    from interpreter.llm.gptq_pack import _unpack_dequantize, compiled_unpacker
 
     w = quantize(torch.randn(192, 512, generator=torch.Generator().manual_seed(3)) * 0.02, 128)
     packed = PackedInt4(w, "cpu")
     assert packed.mode == "cpu" and packed.layout is not None  # learnt from the op and checked on this weight
     assert torch.equal(packed.dequantized(torch.float32), w.dequantize())
     args = (packed.weight, packed.layout.index, packed.n_out, packed.scales_zeros, packed.group, torch.float32)
-    assert torch.equal(_compiled()(*args), _unpack_dequantize(*args))  # the fused kernel computes the same
+    # the fused kernel computes the same
+    assert torch.equal(compiled_unpacker(_unpack_dequantize)(*args), _unpack_dequantize(*args))
     x = torch.randn(64, 512, generator=torch.Generator().manual_seed(4))
     ref = x @ w.dequantize().t()
     assert float((packed(x) - ref).norm() / ref.norm()) < 1e-2  # 64 rows on a CPU: the packed kernel

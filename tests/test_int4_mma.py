@@ -77,6 +77,11 @@ def test_a_gate_up_weight_packs_in_tile_pairs_and_unpacks_to_its_own_rows() -> N
     x = torch.randn(n_in, generator=gen).to(torch.bfloat16)
     ref = w.dequantize(torch.float64) @ x.double()
     assert float((int4_mma.emulate(x, packed) - ref[order]).norm() / ref.norm()) < 1e-12  # rows as stored
+    # a prompt multiplies by the weight unpacked to its own row order, by the compiled unpacker a GPU runs
+    from interpreter.llm.gptq_pack import compiled_unpacker
+
+    unpacked = compiled_unpacker(int4_mma.dequantize)(packed.words, packed.sz, 64, torch.float32, True)
+    assert torch.equal(unpacked, w.dequantize(torch.float32))
     assert not int4_mma.glu_fits(80)  # 40 gate rows do not fill whole tiles
     with pytest.raises(int4_mma.Int4MmaUnavailable):
         int4_mma.pack(w.q[:80], w.scales_zeros[:, :80], 64, glu=True)

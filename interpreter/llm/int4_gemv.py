@@ -397,13 +397,8 @@ class TritonInt4(torch.nn.Module):
         return y.to(dtype).reshape(*lead, self.n_out)
 
 
-_COMPILED: list[Any] = []
-
-
 def _unpacker(cuda: bool) -> Any:
     """On a GPU, one fused kernel per weight shape rather than a few full-size temporaries."""
-    if not cuda:
-        return unpack_dequantize
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(unpack_dequantize, dynamic=False))
-    return _COMPILED[0]
+    from interpreter.llm.gptq_pack import compiled_unpacker
+
+    return compiled_unpacker(unpack_dequantize) if cuda else unpack_dequantize

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, astuple, dataclass
-from typing import Any
 
 import torch
 
@@ -581,7 +580,9 @@ class MmaInt4(torch.nn.Module):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight ``[n_out, n_in]`` in ``dtype``, rows in their own order."""
-        return _dequantizer()(self.words, self.sz, self.group, dtype, self.fuses_glu)
+        from interpreter.llm.gptq_pack import compiled_unpacker
+
+        return compiled_unpacker(dequantize)(self.words, self.sz, self.group, dtype, self.fuses_glu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, dtype = x.shape[:-1], x.dtype
@@ -612,12 +613,3 @@ def dequantize(words: torch.Tensor, sz: torch.Tensor, group: int, dtype: torch.d
     q, scales_zeros = unpack(MmaWeight(words, sz, group, glu))
     return Int4Weight(q, scales_zeros, group).dequantize(dtype)
 
-
-_COMPILED: list[Any] = []
-
-
-def _dequantizer() -> Any:
-    """One fused kernel per weight shape rather than a few full-size temporaries."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(dequantize, dynamic=False))
-    return _COMPILED[0]
