@@ -1,6 +1,7 @@
 """``python -m bench.int4_gemv``: the fast path's matrix-vector kernels alone (int4 on tensor cores
-and in Triton, and bf16), beside PyTorch's ``_weight_int4pack_mm`` and cuBLAS in bf16, at the Qwen-7B layer shapes, batch 1, against
-the copy bound measured in the same run. Figures, never pass/fail.
+and in Triton, and bf16), beside PyTorch's ``_weight_int4pack_mm`` and cuBLAS in bf16, at the
+Qwen-7B layer shapes, batch 1, against the copy bound measured in the same run (``--kinds`` picks
+the kernels). Figures, never pass/fail.
 
 Every product reads weights that are not in the L2 cache (each kernel runs over enough distinct
 copies of its weight), launches are replayed from CUDA graphs (as the decode step replays them), and
@@ -52,28 +53,35 @@ def _time_graph(calls: list[Callable[[], Any]], repeats: int = 7) -> float:
     return statistics.median(times)
 
 
-def _weights(n_out: int, n_in: int, copies: int) -> dict[str, list[Any]]:
-    """``copies`` random weights of one shape in each kernel's own layout (speed does not depend on
-    the values): ours, PyTorch's packed int4, and bf16."""
+def _weights(n_out: int, n_in: int, copies: int, kinds: tuple[str, ...]) -> dict[str, list[Any]]:
+    """``copies`` random weights of one shape in the layout of each kernel of ``kinds`` (speed does
+    not depend on the values), and only those: the two bf16 kernels read the same weights."""
     import torch
 
     from interpreter.llm import int4_gemv, int4_mma
     from interpreter.llm.gptq_pack import INNER_K_TILES
 
-    out: dict[str, list[Any]] = {"mma": [], "triton": [], "torch_int4": [], "cublas_bf16": []}
+    out: dict[str, list[Any]] = {kind: [] for kind in kinds}
     groups = n_in // GROUP
     for _ in range(copies):
-        words = torch.randint(-2**31, 2**31 - 1, (n_out // 16, n_in // 64, 32, 4), dtype=torch.int32, device="cuda")
-        sz = torch.randint(-2**31, 2**31 - 1, (n_out // 16, groups, 8, 2), dtype=torch.int32, device="cuda")
-        out["mma"].append(int4_mma.MmaWeight(words, sz, GROUP))
-        words = torch.randint(-2**31, 2**31 - 1, (n_in // 8, n_out), dtype=torch.int32, device="cuda")
+        if "mma" in out:
+            words = torch.randint(-2**31, 2**31 - 1, (n_out // 16, n_in // 64, 32, 4), dtype=torch.int32, device="cuda")
+            sz = torch.randint(-2**31, 2**31 - 1, (n_out // 16, groups, 8, 2), dtype=torch.int32, device="cuda")
+            out["mma"].append(int4_mma.MmaWeight(words, sz, GROUP))
         scales = (torch.rand(groups, n_out, device="cuda") * 0.01).to(torch.bfloat16)
         zeros = (torch.randn(groups, n_out, device="cuda") * 0.01).to(torch.bfloat16)
-        out["triton"].append(int4_gemv.PackedGemvWeight(words, scales, zeros, GROUP))
-        packed = torch.randint(0, 256, (n_out, n_in // 2), dtype=torch.uint8, device="cuda")
-        out["torch_int4"].append((torch.ops.aten._convert_weight_to_int4pack(packed, INNER_K_TILES),
-                                  torch.stack([scales, zeros], dim=2).contiguous()))
-        out["cublas_bf16"].append(torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16))
+        if "triton" in out:
+            words = torch.randint(-2**31, 2**31 - 1, (n_in // 8, n_out), dtype=torch.int32, device="cuda")
+            out["triton"].append(int4_gemv.PackedGemvWeight(words, scales, zeros, GROUP))
+        if "torch_int4" in out:
+            packed = torch.randint(0, 256, (n_out, n_in // 2), dtype=torch.uint8, device="cuda")
+            out["torch_int4"].append((torch.ops.aten._convert_weight_to_int4pack(packed, INNER_K_TILES),
+                                      torch.stack([scales, zeros], dim=2).contiguous()))
+        bf16 = [kind for kind in ("cublas_bf16", "triton_bf16") if kind in out]
+        if bf16:
+            weight = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
+            for kind in bf16:
+                out[kind].append(weight)
     return out
 
 
@@ -155,8 +163,7 @@ def run(kinds: tuple[str, ...]) -> dict[str, Any]:
     configs: dict[tuple[str, str], Any] = {}
     for name, (n_out, n_in) in SHAPES.items():
         copies = max(LAYERS, -(-4 * l2 // (n_out * n_in // 2)))
-        weights = _weights(n_out, n_in, copies)
-        weights["triton_bf16"] = weights["cublas_bf16"]
+        weights = _weights(n_out, n_in, copies, kinds)
         model_weights[name] = {k: v[:LAYERS] for k, v in weights.items()}
         xin = x if n_in == 4096 else torch.randn(1, n_in, device="cuda").to(torch.bfloat16)
         row: dict[str, Any] = {"n_out": n_out, "n_in": n_in}
