@@ -244,8 +244,8 @@ def run_model_bench(args: Any) -> int:
         "model": args.model or args.shape, "tokens": tokens, "card": CARD,
         "int4_kernel": os.environ.get("JUPYBOX_INT4_KERNEL", "auto"),
         "bf16_kernel": os.environ.get("JUPYBOX_BF16_KERNEL", "auto"),
-        "decode_attention": os.environ.get("JUPYBOX_DECODE_ATTENTION", "sdpa"),
-        "int4_glu": os.environ.get("JUPYBOX_INT4_GLU", "0") == "1",
+        "decode_attention": os.environ.get("JUPYBOX_DECODE_ATTENTION", "auto"),
+        "int4_glu": os.environ.get("JUPYBOX_INT4_GLU", "1") != "0",
         "programmatic_launch": programmatic_launch()}
 
     def save() -> None:

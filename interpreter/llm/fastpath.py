@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from interpreter.llm.gptq_pack import DEQUANTIZE_MIN_ROWS, Int4Weight, PackedInt4, UnsupportedQuantization, fit_group, quantize
-from interpreter.llm.positions import QWEN_LOGN_POSITIONS, logn_factors, ntk_alpha, rope_tables
+from interpreter.llm.positions import QWEN_LOGN_POSITIONS, logn_factors, ntk_alpha, rope_tables, rotate
 from interpreter.llm.weights import FastPathUnsupported, TensorSource, layer_weights, outer_weights, random_weights
 
 __all__ = ["DecoderShape", "FastDecoder", "FastPathUnsupported", "QWEN_7B", "TensorSource", "load_checkpoint",
@@ -121,7 +121,7 @@ class Projection(torch.nn.Module):
                          *w.shape, dtype)
             else:
                 w = quantize(w.to(device), fitted)
-        fuse = glu and os.environ.get("JUPYBOX_INT4_GLU", "0") == "1"  # see int4_layer
+        fuse = glu and os.environ.get("JUPYBOX_INT4_GLU", "1") != "0"  # see int4_layer
         self.packed = int4_layer(w, device, glu=fuse) if isinstance(w, Int4Weight) else None
         self.register_buffer("weight", None if self.packed is not None else w.to(device, dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype))
@@ -138,16 +138,18 @@ class Projection(torch.nn.Module):
                     self.weight, self.interleaved = pairs, True
         self.register_buffer("counts", counts)  # the kernel's split-K arrival counts (zero between launches)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        """``x @ W.T``, plus the bias unless the caller adds it in its own kernel."""
         if self.interleaved:
             raise RuntimeError("an interleaved [gate; up] projection is called through glu()")
+        bias = self.bias if add_bias else None
         if self.gemv is not None and x.numel() == x.shape[-1]:  # one row: the decode step
             y = self._own_kernel(x, glu=False)
-            return y if self.bias is None else y + self.bias
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        y = self.packed(x)
-        return y if self.bias is None else y + self.bias
+        elif self.packed is None:
+            return F.linear(x, self.weight, bias)
+        else:
+            y = self.packed(x)
+        return y if bias is None else y + bias
 
     def glu(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` of a ``[gate; up]`` projection: on the decode step of an interleaved
@@ -182,16 +184,17 @@ def bf16_kernel(weight: torch.Tensor) -> Any:
 
 
 def decode_attention_kernel(shape: DecoderShape, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether decode steps attend with this project's kernel (``decode_attention``) rather than
-    SDPA: with ``JUPYBOX_DECODE_ATTENTION=triton`` on a GPU with Triton, where it agrees with SDPA
-    when checked at load. Not the default: see docs/performance.md (its int4 step failed a check
-    before a fix that has not been run on a GPU since)."""
-    if device.type != "cuda" or os.environ.get("JUPYBOX_DECODE_ATTENTION", "sdpa") != "triton":
+    """Whether decode steps attend with this project's kernel (``decode_attention``: bias, rotary,
+    the cache's write and the attention in one launch) rather than separate kernels and SDPA: on a
+    GPU with Triton, where it agrees with the unfused step when checked at load, unless
+    ``JUPYBOX_DECODE_ATTENTION=sdpa``."""
+    if device.type != "cuda" or os.environ.get("JUPYBOX_DECODE_ATTENTION", "auto") == "sdpa":
         return False
     from interpreter.llm import decode_attention
 
-    return decode_attention.available() and decode_attention.agrees(shape.n_heads, shape.n_kv_heads, shape.head_dim,
-                                                                    device, dtype)
+    rope_dtype = torch.float32 if shape.rope_fp32 else dtype
+    return decode_attention.available() and decode_attention.agrees(
+        shape.n_heads, shape.n_kv_heads, shape.head_dim, shape.qkv_bias, shape.logn_attn, device, dtype, rope_dtype)
 
 
 def int4_layer(w: Int4Weight, device: torch.device, glu: bool = False) -> torch.nn.Module:
@@ -199,9 +202,8 @@ def int4_layer(w: Int4Weight, device: torch.device, glu: bool = False) -> torch.
     this project's tensor-core kernel (``int4_mma``: 1.6-1.7x PyTorch's kernel alone on an H200);
     ``triton``, its Triton kernel (``int4_gemv``); ``torch``, PyTorch's own int4 kernel
     (``gptq_pack.PackedInt4``). Ours run where the GPU, the weight's shape and their check at load
-    allow; otherwise PyTorch's kernel does. With ``glu`` (a ``[gate; up]`` weight, and
-    ``JUPYBOX_INT4_GLU=1``) the tensor-core kernel ends in ``silu(gate) * up``; not the default: its
-    int4 step failed a check before a fix that has not been run on a GPU since (docs/performance.md)."""
+    allow; otherwise PyTorch's kernel does. With ``glu`` (a ``[gate; up]`` weight; unless
+    ``JUPYBOX_INT4_GLU=0``) the tensor-core kernel ends in ``silu(gate) * up``."""
     kernel = os.environ.get("JUPYBOX_INT4_KERNEL", "auto")
     if device.type == "cuda" and kernel in ("auto", "mma"):
         from interpreter.llm import int4_mma
@@ -328,22 +330,15 @@ class FastDecoder(torch.nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.shape.eps)
         return w * h.to(x.dtype)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x [T, heads, hd]; cos/sin [T, 1, hd]
-        t = x.to(cos.dtype)
-        half = t.shape[-1] // 2
-        rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
-        return (t * cos + rotated * sin).to(x.dtype)
-
     def _qkv(self, layer: Layer, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = self.shape
         qkv = layer.qkv(self._rms(x, layer.attn_norm))
         q, k, v = qkv.split([s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], dim=-1)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
-        q = self._rope(q.view(-1, s.n_heads, s.head_dim), cos, sin)
+        q = rotate(q.view(-1, s.n_heads, s.head_dim), cos, sin)
         if self.logn is not None:  # Qwen v1 past its training length: log-n scaled queries
             q = q * self.logn[pos].view(-1, 1, 1)
-        k = self._rope(k.view(-1, s.n_kv_heads, s.head_dim), cos, sin)
+        k = rotate(k.view(-1, s.n_kv_heads, s.head_dim), cos, sin)
         v = v.view(-1, s.n_kv_heads, s.head_dim)
         layer.k_cache.index_copy_(1, pos, k.transpose(0, 1))
         layer.v_cache.index_copy_(1, pos, v.transpose(0, 1))
@@ -376,11 +371,13 @@ class FastDecoder(torch.nn.Module):
         visible = (span <= pos).view(1, 1, 1, length)
         x = F.embedding(token, self.embed)
         for layer in self.layers:
-            q, _, _ = self._qkv(layer, x, pos)
-            if self.attn_counts is not None:  # this project's kernel (``decode_attention``)
-                attn = torch.ops.jupybox.decode_attention(q.view(s.n_heads, s.head_dim), layer.k_cache,
-                                                          layer.v_cache, pos, length, self.attn_counts)
+            if self.attn_counts is not None:  # this project's kernel (``decode_attention``): bias,
+                # rotary, log-n, the cache's write and the attention in one launch
+                qkv = layer.qkv(self._rms(x, layer.attn_norm), add_bias=False)
+                attn = torch.ops.jupybox.decode_attention(qkv.view(-1), layer.qkv.bias, self.cos, self.sin, self.logn,
+                                                          layer.k_cache, layer.v_cache, pos, length, self.attn_counts)
             else:  # SDPA, as the prefill and the plain path use: scores and softmax accumulate in float32
+                q, _, _ = self._qkv(layer, x, pos)
                 keys, values = layer.k_cache[:, :length], layer.v_cache[:, :length]
                 attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
                                                       attn_mask=visible, enable_gqa=s.n_kv_heads != s.n_heads)

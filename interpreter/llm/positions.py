@@ -42,3 +42,12 @@ def logn_factors(positions: int, seq_length: int, device: torch.device, dtype: t
     plain path: float32, cast to the model's dtype)."""
     values = [math.log(i, seq_length) if i > seq_length else 1.0 for i in range(1, positions + 1)]
     return torch.tensor(values, dtype=torch.float32).to(device, dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` ``[..., head_dim]`` (halves rotated, as Qwen and Llama do),
+    computed in the tables' dtype and returned in ``x``'s."""
+    t = x.to(cos.dtype)
+    half = t.shape[-1] // 2
+    rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
+    return (t * cos + rotated * sin).to(x.dtype)
