@@ -208,6 +208,8 @@ def attend(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin:
         raise DecodeAttentionUnavailable("the decode attention kernel needs Triton")
     kv_heads, seq_stride, hd = k_cache.shape
     heads = qkv.numel() // hd - 2 * kv_heads
+    if not all(t.is_contiguous() for t in (k_cache, v_cache, cos, sin)) or cos.shape[-1] != hd:
+        raise DecodeAttentionUnavailable("the kernel reads contiguous caches and [positions, head_dim] rotary tables")
     splits = launch.splits or splits_for(length, heads, _processors(qkv.device), launch.block)
     parts = torch.empty((heads, splits, hd + 2), dtype=torch.float32, device=qkv.device)
     out = torch.empty((heads, hd), dtype=qkv.dtype, device=qkv.device)
