@@ -88,6 +88,24 @@ def test_a_gate_up_weight_packs_in_tile_pairs_and_unpacks_to_its_own_rows() -> N
     assert all(c.tiles % 2 == 0 for c in int4_mma.candidates(glu=True))
 
 
+def test_the_load_time_check_passes_the_kernels_arithmetic_and_refuses_a_wrong_product() -> None:
+    """``gptq_pack.product_error``, which every 4-bit kernel's check at load runs, fed the kernel's
+    own arithmetic read through its layout (plain and SiLU-fused) and two wrong products."""
+    from interpreter.llm.gptq_pack import product_error
+
+    w = quantize(torch.randn(128, 512, generator=torch.Generator().manual_seed(3)), 64)
+    plain, fused = int4_mma.pack(w.q, w.scales_zeros, 64), int4_mma.pack(w.q, w.scales_zeros, 64, glu=True)
+
+    def silu_ending(x: torch.Tensor) -> torch.Tensor:  # the kernel's ending on rows stored in tile pairs
+        pairs = int4_mma.emulate(x, fused).float().view(-1, 2, 16).to(torch.bfloat16).float()
+        return (torch.nn.functional.silu(pairs[:, 0]).to(torch.bfloat16).float() * pairs[:, 1]).reshape(-1)
+
+    assert product_error(w, lambda x: int4_mma.emulate(x, plain)) < 1e-6
+    assert product_error(w, silu_ending, glu=True) < 1e-2
+    assert product_error(w, lambda x: int4_mma.emulate(x, plain).flip(0)) > 0.5  # rows out of order
+    assert product_error(w, lambda x: silu_ending(x).view(-1, 16).flip(1).reshape(-1), glu=True) > 0.5
+
+
 def test_weights_the_kernel_cannot_take_are_refused_with_the_reason() -> None:
     assert int4_mma.supports(4096, 11008, 128) and int4_mma.supports(576, 576, 64)
     assert not int4_mma.supports(40, 256, 128)  # rows not in whole tiles of 16

@@ -56,6 +56,22 @@ class Int4Weight:
         return _scale(self.q, self.scales_zeros, self.group, dtype)
 
 
+def product_error(w: Int4Weight, run: Callable[[torch.Tensor], torch.Tensor], glu: bool = False) -> float:
+    """Relative error of one matrix-vector product ``run(x)`` (``[n_out]``, a bf16 ``x`` drawn
+    with a fixed seed) against the dequantized weight's product in float32; with ``glu`` (a
+    ``[gate; up]`` weight), of ``[n_out / 2]`` against ``silu(gate) * up``, rounded where the
+    unfused model rounds. A 4-bit kernel checks itself with it at load, so that one a GPU or a
+    compiler computes wrongly is refused rather than answering garbage."""
+    gen = torch.Generator(device=w.q.device).manual_seed(0)
+    x = torch.randn(w.shape[1], device=w.q.device, generator=gen).to(torch.bfloat16)
+    ref = w.dequantize(torch.float32) @ x.float()
+    if glu:
+        gate, up = ref.to(torch.bfloat16).float().chunk(2)
+        ref = (torch.nn.functional.silu(gate).to(torch.bfloat16).float() * up).to(torch.bfloat16).float()
+    got = run(x).float()
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 def _scale(q: torch.Tensor, scales_zeros: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
     """``(q - 8) * scale + zero``, computed in float32, as a ``[n_out, n_in]`` weight in ``dtype``."""
     n_out, n_in = q.shape

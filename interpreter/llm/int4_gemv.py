@@ -369,13 +369,10 @@ class TritonInt4(torch.nn.Module):
     def _check(self, q: torch.Tensor, scales_zeros: torch.Tensor) -> None:
         """One product against the dequantized weight, so that a kernel this GPU or Triton version
         computes wrongly is refused at load rather than answering garbage."""
-        gen = torch.Generator(device=q.device).manual_seed(0)
-        x = torch.randn(self.n_in, device=q.device, generator=gen).to(torch.bfloat16)
-        from interpreter.llm.gptq_pack import Int4Weight
+        from interpreter.llm.gptq_pack import Int4Weight, product_error
 
-        ref = Int4Weight(q, scales_zeros, self.group).dequantize(torch.float32) @ x.float()
-        got = launch(x, self.packed, self.config, self.counts).sum(0)
-        err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+        err = product_error(Int4Weight(q, scales_zeros, self.group),
+                            lambda x: launch(x, self.packed, self.config, self.counts).sum(0))
         if not err < 1e-3:  # the kernel keeps about 13 bits, the bf16 result 9
             raise Int4GemvUnavailable(f"the int4 kernel is off by {err:.1e} (relative) on a {self.n_out}x{self.n_in} weight")
 

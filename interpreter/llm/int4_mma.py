@@ -561,19 +561,13 @@ class MmaInt4(torch.nn.Module):
         """One product against the dequantized weight (with ``w.glu``, the SiLU-fused launch against
         ``silu(gate) * up`` of it, rounded as the unfused model rounds), so that a kernel this GPU
         computes wrongly is refused at load rather than answering garbage."""
-        from interpreter.llm.gptq_pack import Int4Weight
+        from interpreter.llm.gptq_pack import Int4Weight, product_error
 
-        gen = torch.Generator(device=q.device).manual_seed(0)
-        x = torch.randn(self.n_in, device=q.device, generator=gen).to(torch.bfloat16)
-        ref = Int4Weight(q, scales_zeros, self.group).dequantize(torch.float32) @ x.float()
-        got = launch(x, w, self.config, w.glu)[0].float()
-        if w.glu:
-            gate, up = ref.to(torch.bfloat16).float().chunk(2)
-            ref = (torch.nn.functional.silu(gate).to(torch.bfloat16).float() * up).to(torch.bfloat16).float()
-            limit = 1e-2  # a bf16 result, an exp that is not PyTorch's: now and then a step apart
-        else:
-            limit = 1e-3  # float32 sums keep far more than the bf16 result's 9 bits
-        err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+        err = product_error(Int4Weight(q, scales_zeros, self.group), lambda x: launch(x, w, self.config, w.glu)[0],
+                            glu=w.glu)
+        # float32 sums keep far more than the bf16 result's 9 bits; the SiLU-fused ending is a bf16
+        # result through an exp that is not PyTorch's: now and then a step apart
+        limit = 1e-2 if w.glu else 1e-3
         if not err < limit:
             raise Int4MmaUnavailable(f"the int4 mma kernel{' (SiLU-fused)' if w.glu else ''} is off by {err:.1e} "
                                      f"(relative) on a {self.n_out}x{self.n_in} weight")
