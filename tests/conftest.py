@@ -26,6 +26,15 @@ def _docker_answers() -> bool:
     return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Each phase's report on the test item (``item.rep_call``...), so that a fixture's teardown
+    can tell whether its test failed (e.g. to print a server's log only then)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
 @pytest.fixture(scope="session")
 def docker_daemon() -> None:
     """A Docker daemon that answers; started here when none does (as the README's setup does)."""

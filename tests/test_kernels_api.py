@@ -80,6 +80,7 @@ class Jupybox:
     url: str
     ws: str
     pid: int
+    log: Path
 
     def client(self, token: str | None = TOKEN) -> httpx.Client:
         headers = {"Authorization": f"token {token}"} if token else {}
@@ -107,13 +108,24 @@ def jupybox(sandbox_image: str, jb_home: Path, tmp_path_factory: pytest.TempPath
                                  "--idle-ttl", "600"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
-        yield Jupybox(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", proc.pid)
+        yield Jupybox(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", proc.pid, log)
     finally:
         code = _stop(proc)
     assert code == 0, log.read_text()[-4000:]
     owners = subprocess.run(["docker", "ps", "-a", "--filter", "label=jupybox", "--format", '{{.Label "jupybox.owner"}}'],
                             capture_output=True, text=True, check=True).stdout.split()
     assert not [o for o in owners if o.startswith(f"{INSTANCE}.{proc.pid}.")], "the server left containers behind"
+
+
+@pytest.fixture(autouse=True)
+def server_log_when_failed(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A failed test prints the end of the server's log: pytest keeps only its last few temporary
+    folders, so a failure that does not repeat must be explained by its own run's output."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed and "jupybox" in request.fixturenames:
+        log = request.getfixturevalue("jupybox").log
+        print(f"--- the end of the server's log ({log}) ---\n{log.read_text(errors='replace')[-6000:]}")
 
 
 @pytest.fixture(scope="module")
