@@ -52,7 +52,8 @@ def judge_reply(body: dict) -> str:
 
 def run_eval(model: ScriptedModel, out: Path, home: Path, *extra: str, judge: ScriptedModel | None = None,
              wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
-    cmd = [JUPYBOX, "eval", "--data", str(SAMPLE / "bench.jsonl"), "--out", str(out), "--timeout", "5",
+    # 10 s a step: a fresh kernel's first pandas and matplotlib imports took over 5 s on a loaded 2-core host
+    cmd = [JUPYBOX, "eval", "--data", str(SAMPLE / "bench.jsonl"), "--out", str(out), "--timeout", "10",
            "--openai-base-url", model.url, "--openai-model", "scripted-qwen", "--no-progress", *extra]
     if judge is not None:
         cmd += ["--judge-base-url", judge.url, "--judge-model", "scripted-judge"]
