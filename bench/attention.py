@@ -15,10 +15,11 @@ import argparse
 import dataclasses
 import datetime
 import itertools
-import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from bench.gpu_probe import run_probe
 
 HEADS, KV_HEADS, HD, LAYERS = 32, 32, 128, 32
 
@@ -111,21 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if not all(x.isdigit() for x in items):
         parser.error(f"--positions takes positions from 0 up, comma-separated (got {args.positions!r})")
     positions = [int(x) for x in items]
-    import torch
-
-    if not torch.cuda.is_available():
-        print("bench.attention measures a CUDA GPU and none is visible here: run it on a GPU host.")
-        return 2
-    from interpreter.llm import decode_attention
-
-    if not decode_attention.available():
-        print("bench.attention needs Triton (it comes with CUDA builds of PyTorch).")
-        return 2
-    report = measure(positions, args.sweep)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
-    print(render(report))
-    return 0
+    return run_probe("bench.attention", lambda: measure(positions, args.sweep), render, args.out)
 
 
 if __name__ == "__main__":

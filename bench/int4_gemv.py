@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench.gpu_probe import run_probe
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 GROUP = 128
@@ -228,21 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         parser.error(f"unknown kernel {', '.join(unknown) or '(none given)'}: choose from {', '.join(KINDS)}")
-    import torch
-
-    if not torch.cuda.is_available():
-        print("bench.int4_gemv measures a CUDA GPU and none is visible here: run it on a GPU host.")
-        return 2
-    from interpreter.llm import int4_gemv
-
-    if not int4_gemv.available():
-        print("bench.int4_gemv needs Triton (it comes with CUDA builds of PyTorch).")
-        return 2
-    report = run(kinds)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
-    print(render(report))
-    return 0
+    return run_probe("bench.int4_gemv", lambda: run(kinds), render, args.out)
 
 
 if __name__ == "__main__":

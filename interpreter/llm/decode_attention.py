@@ -76,6 +76,16 @@ if triton is not None:
         return x.to(tl.float32) * cos + sign * xp.to(tl.float32) * sin
 
     @triton.jit
+    def _cache_block(k_ptr, v_ptr, first, end, d, HD: tl.constexpr, BLOCK: tl.constexpr):
+        """Keys and values of positions ``first..first + BLOCK - 1`` below ``end`` (zeros past it),
+        with which of them are there."""
+        offs = first + tl.arange(0, BLOCK)
+        ok = offs < end
+        k = tl.load(k_ptr + offs[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
+        v = tl.load(v_ptr + offs[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
+        return ok, k, v
+
+    @triton.jit
     def _attend_kernel(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, logn_ptr, k_ptr, v_ptr, pos_ptr, part_ptr, count_ptr,
                        out_ptr, seq_stride, scale,
                        HD: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, SPLITS: tl.constexpr,
@@ -99,12 +109,7 @@ if triton is not None:
         base = kv * seq_stride * HD
         # the slice's first block is loaded before waiting for the kernel ahead: the cache before
         # this step's position was written by earlier steps, so the loads overlap that kernel
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < cached
-        k_first = tl.load(k_ptr + base + offs[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0,
-                          cache_modifier=".cg")
-        v_first = tl.load(v_ptr + base + offs[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0,
-                          cache_modifier=".cg")
+        ok, k_first, v_first = _cache_block(k_ptr + base, v_ptr + base, start, cached, d, HD, BLOCK)
         if PDL:  # and the lines of the rest are asked into the L2
             lines = tl.arange(0, LINES) * (HD // LINES)
             for s0 in range(start + BLOCK, cached, BLOCK):
@@ -132,12 +137,7 @@ if triton is not None:
         acc = tl.sum(p[:, None] * v_first.to(tl.float32), axis=0)
         total = tl.sum(p, axis=0)
         for s0 in tl.range(start + BLOCK, cached, BLOCK, num_stages=STAGES):
-            offs = s0 + tl.arange(0, BLOCK)
-            ok = offs < cached
-            k = tl.load(k_ptr + base + offs[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0,
-                        cache_modifier=".cg")
-            v = tl.load(v_ptr + base + offs[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0,
-                        cache_modifier=".cg")
+            ok, k, v = _cache_block(k_ptr + base, v_ptr + base, s0, cached, d, HD, BLOCK)
             s = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=0))
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
