@@ -50,7 +50,9 @@ MAX_CLIENT_MESSAGE_BYTES = 8 << 20  # a cell, a comm message with its buffers: f
 MAX_BUFFERS = 64
 MAX_ID_CHARS = 256
 QUEUE_MESSAGES = 64  # kernel messages held for a slow client; past it ZMQ's own small queues fill
-SHUTDOWN_GRACE_S = 10.0  # a kernel still alive this long after a client's shutdown request stays
+# a kernel still alive this long after a client's shutdown request is replaced, as Jupyter's own
+# kernel manager kills one after its shutdown wait (5 s): ipykernel can hang on its way out
+SHUTDOWN_GRACE_S = 5.0
 LIVENESS_CHECK_S = 1.0  # while a request runs and the kernel is silent, how often to ask if it lives
 IDLE_LIVENESS_S = 3.0  # with nothing running, how often (Jupyter Server's restarter polls every 3 s too)
 EndCause = Literal["client", "restart", "close", "failure"]  # who ended a relay
@@ -306,11 +308,14 @@ class KernelRelay:
                     if self._running or now - checked >= IDLE_LIVENESS_S:
                         checked = now
                         if await self._kernel_gone():
-                            await self._kernel_died()
+                            await self._replace_kernel("died during a request from a notebook client",
+                                                       "the kernel died; it was restarted, variables are lost")
                             return
-                    for msg_id, sent in list(self._running.items()):  # a shutdown the kernel survived
-                        if sent < 0 and time.monotonic() + sent > SHUTDOWN_GRACE_S:
-                            del self._running[msg_id]
+                    if any(sent < 0 and time.monotonic() + sent > SHUTDOWN_GRACE_S for sent in self._running.values()):
+                        await self._replace_kernel(
+                            f"did not exit within {SHUTDOWN_GRACE_S:.0f} s of a notebook client's shutdown request",
+                            "the kernel was shut down as asked; a fresh one was started")
+                        return
                     continue
                 for sock in ready:
                     frames = await sock.recv_multipart(copy=False)
@@ -385,10 +390,11 @@ class KernelRelay:
                 return False
         return not self._closed
 
-    async def _kernel_died(self) -> None:
-        """Tell the client as Jupyter servers do (``autorestarting``), then give the session a
-        fresh kernel; that ends this relay, and the client reconnects to the new kernel."""
-        log.warning("the kernel of session %s died during a request from a notebook client", self.session.id)
+    async def _replace_kernel(self, what: str, reason: str) -> None:
+        """The kernel died (or outlived a client's shutdown request): tell the client as Jupyter
+        servers do (``autorestarting``), then give the session a fresh kernel (the old one is
+        stopped first); that ends this relay, and the client reconnects to the new kernel."""
+        log.warning("the kernel of session %s %s", self.session.id, what)
         await self._queue.put(KernelMessage("iopub", self._header("status"), {}, {},
                                             {"execution_state": "autorestarting"}))
         self._running.clear()
@@ -397,4 +403,4 @@ class KernelRelay:
         task.add_done_callback(_restarts.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception() and log.warning(
             "restarting the dead kernel of session %s failed: %s", self.session.id, t.exception()))
-        self.end("the kernel died; it was restarted, variables are lost", "restart")
+        self.end(reason, "restart")
