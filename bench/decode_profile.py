@@ -5,6 +5,9 @@ pass/fail.
 
 The compiled step is replayed as a CUDA graph, as the fast path runs it, under PyTorch's profiler;
 kernels are grouped by name and their device time per layer is printed beside the step's total.
+With programmatic launch (Hopper and later) kernels overlap: a kernel starts early and its time
+includes its wait for the one ahead, so per-kernel times add up to more than the step. For each
+kernel's own time, run with ``JUPYBOX_PDL=0`` (the step is then slower than the fast path's).
 """
 
 from __future__ import annotations
