@@ -91,9 +91,11 @@ def render(r: dict[str, Any]) -> str:
              f"torch {r['torch']}, {r['date']}", f"device-to-device copy: {bw:.0f} GB/s (read + write)"]
     for pos, p in r["positions"].items():
         default = p["default"]
+        kernel = (f"kernel {default['us']:.1f} us ({default['gb_s'] / bw:.2f} of copy, "
+                  f"{p['sdpa_us'] / default['us']:.2f}x SDPA)" if "us" in default
+                  else f"the kernel's default launch did not run ({default['error']})")
         lines.append(f"position {pos} (length {p['length']}, cache {p['cache_mb']:.1f} MB, at copy {p['copy_us']:.1f} us): "
-                     f"SDPA {p['sdpa_us']:.1f} us ({p['sdpa_gb_s'] / bw:.2f} of copy), kernel {default['us']:.1f} us "
-                     f"({default['gb_s'] / bw:.2f} of copy, {p['sdpa_us'] / default['us']:.2f}x SDPA)")
+                     f"SDPA {p['sdpa_us']:.1f} us ({p['sdpa_gb_s'] / bw:.2f} of copy), {kernel}")
         for x in p["launches"][:5]:
             lines.append(f"    splits {x['splits'] or 'auto':>4} block {x['block']:>3} warps {x['warps']} "
                          f"stages {x['stages']}: {x['us']:.1f} us, {x['gb_s'] / bw:.2f} of copy")

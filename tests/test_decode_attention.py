@@ -119,3 +119,19 @@ def test_the_probe_answers_bad_flags_and_a_missing_gpu_clearly(flags: list[str],
     done = subprocess.run([sys.executable, "-m", "bench.attention", *flags], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stdout + done.stderr, done
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_the_probes_table_says_when_the_default_launch_did_not_run() -> None:
+    from bench import attention
+
+    ran = {"splits": 0, "block": 64, "warps": 2, "stages": 1, "us": 8.0, "gb_s": 2100.0}
+    failed = {"splits": 0, "block": 64, "warps": 2, "stages": 1, "error": "OutOfResources: shared memory"}
+    report = {"gpu": "a GPU", "torch": "2", "date": "today", "copy_bandwidth_tb_s": 4.2, "positions": {
+        1023: {"length": 1024, "cache_mb": 16.8, "copy_us": 4.0, "sdpa_us": 14.0, "sdpa_gb_s": 1200.0,
+               "default": ran, "launches": [ran], "errors": []},
+        2047: {"length": 2048, "cache_mb": 33.6, "copy_us": 8.0, "sdpa_us": 19.0, "sdpa_gb_s": 1770.0,
+               "default": failed, "launches": [], "errors": [failed]}}}
+    text = attention.render(report)
+    assert "kernel 8.0 us (0.50 of copy, 1.75x SDPA)" in text
+    assert "the kernel's default launch did not run (OutOfResources: shared memory)" in text
+    assert "1 launch shapes did not run" in text
