@@ -126,6 +126,10 @@ def check(kinds: tuple[str, ...], n_out: int = 4096, n_in: int = 4096) -> dict[s
     out = {"torch_int4_rel_err": rel(PackedInt4(w, "cuda")(x))}
     if "mma" in kinds:
         out["mma_rel_err"] = rel(int4_mma.MmaInt4(w.q, w.scales_zeros, GROUP, "cuda")(x))
+        # every launch shape the tuner may pick, not only the one it picked for this weight
+        packed = int4_mma.pack(w.q, w.scales_zeros, GROUP)
+        out["mma_worst_shape_rel_err"] = max(rel(int4_mma.launch(x[0], packed, config))
+                                             for config in int4_mma.candidates())
     if "triton" in kinds:
         out["triton_rel_err"] = rel(int4_gemv.TritonInt4(w.q, w.scales_zeros, GROUP, "cuda")(x))
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,10 @@ def cache_key(device: torch.device, what: str) -> str:
     return f"{name}|triton {getattr(triton, '__version__', '-')}{pdl}|{what}"
 
 
-def graph_seconds(calls: list[Callable[[], Any]], repeats: int = 5) -> float:
+def graph_seconds(calls: list[Callable[[], Any]], repeats: int = 5, replays: int = 3) -> float:
     """Seconds per call of ``calls``, captured ``repeats`` times over in one CUDA graph (as a
-    decode step replays kernels) and replayed once; the first two run before, to compile."""
+    decode step replays kernels), the median of ``replays`` replays (one replay alone picked a
+    slower launch shape now and then); the first two calls run before, to compile."""
     for call in calls[:2]:
         call()
     torch.cuda.synchronize()
@@ -73,12 +75,15 @@ def graph_seconds(calls: list[Callable[[], Any]], repeats: int = 5) -> float:
             for call in calls:
                 call()
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / (repeats * len(calls))
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / (repeats * len(calls)))
+    return statistics.median(times)
 
 
 # -- programmatic dependent launch -------------------------------------------------------------------
