@@ -428,6 +428,9 @@ class FastDecoder(torch.nn.Module):
         if len(prompt) + max_new > self.max_seq:
             raise FastPathUnsupported(f"{len(prompt)} + {max_new} tokens exceed the fast path's cache of {self.max_seq}")
         logits = self.prefill(torch.tensor(prompt, dtype=torch.long, device=self.device))[0]
+        if temperature <= 0 and os.environ.get("JUPYBOX_PIPELINE", "1") != "0":
+            yield from self._greedy(prompt, logits, max_new, stop)
+            return
         for i in range(max_new):
             token = _pick(logits, temperature, top_p, generator)
             value = int(token.item())
@@ -435,6 +438,45 @@ class FastDecoder(torch.nn.Module):
             if i + 1 == max_new or (stop is not None and stop(value)):
                 return
             logits = self.decode(token, len(prompt) + i)
+
+    def _greedy(self, prompt: list[int], logits: torch.Tensor, max_new: int,
+                stop: Callable[[int], bool] | None) -> Iterator[int]:
+        """Greedy decoding with one step queued ahead: the next step's input is this step's argmax,
+        already on the GPU, so it is queued before this token is read back. The GPU then never waits
+        for the host's turn (the read-back, the caller's work on the token, the next launch). A
+        step queued after the last token (``stop``) is wasted work: it writes the cache one position
+        further, which the next prompt's prefill or step rewrites before reading."""
+        token = logits.argmax().view(1)
+        pending = _Readback(token)
+        for i in range(max_new):
+            if i + 1 < max_new:  # queued behind this token's copy to the host
+                token = self.decode(token, len(prompt) + i).argmax().view(1)
+                queued = _Readback(token)
+            value = pending.value()
+            yield value
+            if i + 1 == max_new or (stop is not None and stop(value)):
+                return
+            pending = queued
+
+
+class _Readback:
+    """A token id on its way to the host: on a GPU, copied to pinned memory right behind the step
+    that made it, so reading it waits for that step only, not for a step queued after it."""
+
+    def __init__(self, token: torch.Tensor) -> None:
+        self._done: torch.cuda.Event | None = None
+        if token.device.type == "cuda":
+            self._host = torch.empty(token.shape, dtype=token.dtype, pin_memory=True)
+            self._host.copy_(token, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host = token
+
+    def value(self) -> int:
+        if self._done is not None:
+            self._done.synchronize()
+        return int(self._host.item())
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
