@@ -51,21 +51,29 @@ def test_a_second_generation_reuses_the_cache_without_leaking_the_first(tiny_mod
     assert again == fresh and long_first
 
 
-def test_greedy_decoding_with_a_step_queued_ahead_stops_where_asked_and_leaves_the_cache_sound(
+def test_decoding_with_a_step_queued_ahead_stops_where_asked_and_leaves_the_cache_sound(
         tiny_model: Path, monkeypatch) -> None:
-    """Greedy decoding queues the next step before this token is read back: stopping early still
-    yields exactly the tokens before the stop, and the step queued past it changes nothing for the
-    next generation. The one-at-a-time loop (``JUPYBOX_PIPELINE=0``) gives the same tokens."""
+    """Decoding queues the next step before this token is read back: stopping early still yields
+    exactly the tokens before the stop, and the step queued past it changes nothing for the next
+    generation. The one-at-a-time loop (``JUPYBOX_PIPELINE=0``) gives the same tokens, greedy and
+    sampled (top-p) from the same seed."""
     decoder = fastpath.load_checkpoint(tiny_model, device="cpu", dtype=torch.float32)
-    full = list(decoder.generate([5, 17, 42], 30))
+
+    def sampled(n: int) -> list[int]:
+        return list(decoder.generate([5, 17, 42], n, temperature=0.9, top_p=0.8,
+                                     generator=torch.Generator().manual_seed(3)))
+
+    full, drawn = list(decoder.generate([5, 17, 42], 30)), sampled(30)
     seen: list[int] = []
     for token in decoder.generate([5, 17, 42], 30, stop=lambda _: len(seen) == 5):
         seen.append(token)
     assert seen == full[:5]
     after = list(decoder.generate([9, 8, 7, 6], 12))
     assert after == list(fastpath.load_checkpoint(tiny_model, device="cpu", dtype=torch.float32).generate([9, 8, 7, 6], 12))
+    assert drawn != full and len(set(drawn)) > 5  # sampling that leaves the argmax now and then
     monkeypatch.setenv("JUPYBOX_PIPELINE", "0")
     assert list(decoder.generate([5, 17, 42], 30)) == full and list(decoder.generate([5, 17, 42], 1)) == full[:1]
+    assert sampled(30) == drawn
 
 
 def random_gptq(n_in: int, n_out: int, group: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:

@@ -428,29 +428,33 @@ class FastDecoder(torch.nn.Module):
         if len(prompt) + max_new > self.max_seq:
             raise FastPathUnsupported(f"{len(prompt)} + {max_new} tokens exceed the fast path's cache of {self.max_seq}")
         logits = self.prefill(torch.tensor(prompt, dtype=torch.long, device=self.device))[0]
-        if temperature <= 0 and os.environ.get("JUPYBOX_PIPELINE", "1") != "0":
-            yield from self._greedy(prompt, logits, max_new, stop)
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            return _pick(logits, temperature, top_p, generator)
+
+        if os.environ.get("JUPYBOX_PIPELINE", "1") != "0":
+            yield from self._queued(prompt, pick(logits), max_new, stop, pick)
             return
-        for i in range(max_new):
-            token = _pick(logits, temperature, top_p, generator)
+        for i in range(max_new):  # one token at a time: each read back before the next step is queued
+            token = pick(logits)
             value = int(token.item())
             yield value
             if i + 1 == max_new or (stop is not None and stop(value)):
                 return
             logits = self.decode(token, len(prompt) + i)
 
-    def _greedy(self, prompt: list[int], logits: torch.Tensor, max_new: int,
-                stop: Callable[[int], bool] | None) -> Iterator[int]:
-        """Greedy decoding with one step queued ahead: the next step's input is this step's argmax,
-        already on the GPU, so it is queued before this token is read back. The GPU then never waits
-        for the host's turn (the read-back, the caller's work on the token, the next launch). A
-        step queued after the last token (``stop``) is wasted work: it writes the cache one position
-        further, which the next prompt's prefill or step rewrites before reading."""
-        token = logits.argmax().view(1)
+    def _queued(self, prompt: list[int], token: torch.Tensor, max_new: int, stop: Callable[[int], bool] | None,
+                pick: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[int]:
+        """Decoding with one step queued ahead: the next step's input is this step's pick (the
+        argmax, or a sample), made on the GPU, so that step is queued before this token is read
+        back. The GPU then never waits for the host's turn (the read-back, the caller's work on the
+        token, the next launch). A step queued after the last token (``stop``) is wasted work: it
+        writes the cache one position further, which the next prompt's prefill or step rewrites
+        before reading."""
         pending = _Readback(token)
         for i in range(max_new):
             if i + 1 < max_new:  # queued behind this token's copy to the host
-                token = self.decode(token, len(prompt) + i).argmax().view(1)
+                token = pick(self.decode(token, len(prompt) + i))
                 queued = _Readback(token)
             value = pending.value()
             yield value
@@ -483,10 +487,10 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
     if temperature <= 0:
         return logits.argmax().view(1)
     probs = (logits / temperature).softmax(-1)
-    if top_p < 1.0:
+    if top_p < 1.0:  # the smallest top set holding top_p: masked, not indexed (no wait for the GPU)
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
     return torch.multinomial(probs, 1, generator=generator)
 
 
