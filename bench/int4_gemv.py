@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,26 +31,11 @@ LABELS = {"mma": "mma int4", "triton": "triton int4", "torch_int4": "torch int4"
 
 
 def _time_graph(calls: list[Callable[[], Any]], repeats: int = 7) -> float:
-    """Median seconds of one pass over ``calls``, captured once as a CUDA graph and replayed."""
-    import torch
+    """Median seconds of one pass over ``calls``, captured once as a CUDA graph and replayed
+    ``repeats`` times (the kernels' own tuning timer, per pass rather than per call)."""
+    from interpreter.llm.gemv import graph_seconds
 
-    for call in calls[:2]:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return graph_seconds(calls, repeats=1, replays=repeats) * len(calls)
 
 
 def _weights(n_out: int, n_in: int, copies: int, kinds: tuple[str, ...]) -> dict[str, list[Any]]:
