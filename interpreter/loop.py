@@ -5,8 +5,10 @@ The conversation service gives each conversation one sandbox session, so state p
 turns (``interpreter.service``). Each turn is bounded: at most ``max_executions`` executions,
 ``max_problems`` consecutive unusable replies, observations cut to ``observation_tokens``
 (measured with the model's tokenizer, head and tail kept), and the prompt to
-``max_prompt_tokens``. Failed code sends its traceback back, so the model may fix it; code the
-model wrote up to its token limit is not run, and an answer cut there says so.
+``max_prompt_tokens`` and to the model's context, less room for its reply: past that, the oldest
+whole turns are dropped from what the model sees (a ``notice`` says so; the sandbox keeps their
+variables and files). Failed code sends its traceback back, so the model may fix it; code the model
+wrote up to its token limit is not run, and an answer cut there says so.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from sandbox.models import Execution, ExecutionStatus
 from .conversation import Cell, Conversation
 from .events import Event
 from .formats import Action, Format, get_format
-from .llm.base import LLM, Completion, GenerationOptions, Usage
+from .llm.base import LLM, Completion, GenerationOptions, GenerationRequest, Message, Usage
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,17 @@ def clip_tokens(text: str, budget: int, count) -> str:
         keep = int(keep * 0.8)
 
 
+def drop_oldest_turn(messages: list[Message]) -> bool:
+    """Remove the oldest whole turn (a user message and everything up to the next one), keeping
+    leading system messages and the current turn; False when there is none to drop."""
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    if len(users) < 2:
+        return False
+    start = next(i for i, m in enumerate(messages) if m.role != "system")
+    del messages[start:users[1]]
+    return True
+
+
 class Interpreter:
     """Runs turns with one model and one prompt format, in a session it is given (the
     conversation service finds the session; the interpreter does not manage any)."""
@@ -101,12 +114,20 @@ class Interpreter:
         options = options or s
         executions = problems = 0
         try:
+            load = getattr(self.llm, "load", None)
+            if load is not None:
+                await load()  # a local model's context is known once it is loaded
             while True:
-                request = self.format.request(conv.messages, options)
-                prompt_tokens = self._prompt_tokens(request)
-                if prompt_tokens > s.max_prompt_tokens:
-                    for event in end("error", f"The conversation is {prompt_tokens} tokens long, over the "
-                                     f"{s.max_prompt_tokens}-token budget: start a new conversation."):
+                limit = self._prompt_limit(options)
+                request, prompt_tokens, dropped = self._fit(conv, options, limit)
+                if dropped:
+                    yield Event("notice", text=(
+                        f"The conversation no longer fits in the model's {limit}-token prompt budget: its {dropped} "
+                        f"oldest {'turn was' if dropped == 1 else 'turns were'} dropped from what the model sees "
+                        "(the sandbox keeps their variables and files)."))
+                if prompt_tokens > limit:
+                    for event in end("error", f"This turn alone is {prompt_tokens} tokens long, over the model's "
+                                     f"{limit}-token prompt budget: ask a shorter question or start a new conversation."):
                         yield event
                     return
                 completion = Completion()
@@ -191,6 +212,25 @@ class Interpreter:
         async with aclosing(session.stream(code, self.settings.execution_timeout, cancel)) as items:
             async for item in items:  # closed with this generator, so a consumer that leaves interrupts
                 yield Event("execution", execution=item) if isinstance(item, Execution) else Event("output", output=item)
+
+    def _prompt_limit(self, options: GenerationOptions) -> int:
+        """The prompt's budget: ``max_prompt_tokens``, and the model's context less room for a reply
+        (its ``max_tokens``, at most a quarter of the context)."""
+        context = self.llm.context_tokens
+        if not context:
+            return self.settings.max_prompt_tokens
+        return min(self.settings.max_prompt_tokens, context - min(options.max_tokens, context // 4))
+
+    def _fit(self, conv: Conversation, options: GenerationOptions, limit: int) -> tuple[GenerationRequest, int, int]:
+        """The request for the conversation so far, its oldest turns dropped while it is over
+        ``limit``: the request, its tokens and how many turns were dropped."""
+        dropped = 0
+        while True:
+            request = self.format.request(conv.messages, options)
+            tokens = self._prompt_tokens(request)
+            if tokens <= limit or not drop_oldest_turn(conv.messages):
+                return request, tokens, dropped
+            dropped += 1
 
     def _prompt_tokens(self, request) -> int:
         if request.prompt is not None:

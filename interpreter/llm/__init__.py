@@ -22,8 +22,8 @@ DEFAULT_MODEL = "Qwen/Qwen-7B-Chat-Int4"
 @dataclass
 class ModelSettings:
     """Which model, for every front end (terminal, server, benchmark): read from flags and the
-    environment here and nowhere else (``JUPYBOX_MODEL``, ``OPENAI_BASE_URL``, ``OPENAI_MODEL``,
-    ``OPENAI_API_KEY``)."""
+    environment here and nowhere else (``JUPYBOX_MODEL``, ``JUPYBOX_TRUST_REMOTE_CODE``, ``JUPYBOX_MAX_CONTEXT``,
+    ``OPENAI_BASE_URL``, ``OPENAI_MODEL``, ``OPENAI_API_KEY``)."""
 
     model: str | None = None  # a transformers checkpoint folder or hub id
     openai_base_url: str | None = None
@@ -31,6 +31,10 @@ class ModelSettings:
     openai_api_key: str | None = None
     vision: bool = False  # the model accepts images: plots go to it as image parts
     format: str | None = None  # react | fenced | tools; None: the backend's and model's default
+    # let transformers import a checkpoint's own Python files (families it does not know); never
+    # needed for Qwen v1, which jupybox serves with its own code
+    trust_remote_code: bool = False
+    max_context: int | None = None  # a local model's prompt and reply together (default: its own, at most 8192)
 
     @classmethod
     def from_env(cls, **flags: Any) -> ModelSettings:
@@ -39,7 +43,9 @@ class ModelSettings:
         values: dict[str, Any] = {"model": env.get("JUPYBOX_MODEL") or None,
                                   "openai_base_url": env.get("OPENAI_BASE_URL") or None,
                                   "openai_model": env.get("OPENAI_MODEL") or None,
-                                  "openai_api_key": env.get("OPENAI_API_KEY") or None}
+                                  "openai_api_key": env.get("OPENAI_API_KEY") or None,
+                                  "trust_remote_code": env.get("JUPYBOX_TRUST_REMOTE_CODE") == "1",
+                                  "max_context": _positive(env.get("JUPYBOX_MAX_CONTEXT"), "JUPYBOX_MAX_CONTEXT")}
         values.update({k: v for k, v in flags.items() if v is not None})
         if flags.get("model") and not flags.get("openai_base_url"):
             values["openai_base_url"] = None
@@ -49,7 +55,8 @@ class ModelSettings:
     def from_args(cls, args: Any) -> ModelSettings:
         """From the command line's model flags (any object with those attributes), then the environment."""
         flags = {f.name: getattr(args, f.name, None) for f in fields(cls)}
-        flags["vision"] = flags["vision"] or None  # a flag left off leaves the environment's say
+        for switch in ("vision", "trust_remote_code"):
+            flags[switch] = flags[switch] or None  # a flag left off leaves the environment's say
         return cls.from_env(**flags)
 
     @property
@@ -74,7 +81,16 @@ class ModelSettings:
         if self.remote:
             return create_llm("openai", base_url=self.openai_base_url, model=self.openai_model,
                               api_key=self.openai_api_key, supports_images=self.vision)
-        return create_llm("transformers", model=self.model or DEFAULT_MODEL)
+        return create_llm("transformers", model=self.model or DEFAULT_MODEL, trust_remote_code=self.trust_remote_code,
+                          max_context=self.max_context)
+
+
+def _positive(value: str | None, name: str) -> int | None:
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 16:
+        raise ModelUnavailable(f"{name}={value!r}: give a number of tokens, at least 16.")
+    return int(value)
 
 
 def backend_class(backend: str) -> type[LLM]:

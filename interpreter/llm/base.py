@@ -106,6 +106,12 @@ class LLM(abc.ABC):
         (the stop word is not included), at ``max_tokens``, or when ``cancel`` is set (then
         ``ModelCancelled`` is raised). Raises ``ModelError`` subclasses for backend failures."""
 
+    @property
+    def context_tokens(self) -> int | None:
+        """The most tokens a prompt and its reply may hold together (None: not known here, as for a
+        remote server). Known once a local model is loaded."""
+        return None
+
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` in this model's tokenizer (an estimate only where none is known)."""

@@ -420,17 +420,29 @@ class FastDecoder(torch.nn.Module):
     # -- the loop ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new: int, *, temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None,
+                 top_k: int = 0, repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
                  stop: Callable[[int], bool] | None = None) -> Iterator[int]:
-        """Yield up to ``max_new`` token ids; ``stop(token)`` returning True ends after that token."""
+        """Yield up to ``max_new`` token ids; ``stop(token)`` returning True ends after that token.
+        ``repetition_penalty`` (greedy decoding too) and ``top_k`` (0: off) act as transformers'
+        ``generate`` applies them: the penalty over every token of the prompt and of the answer so
+        far, then the temperature, top-k and top-p."""
         if not prompt:
             raise ValueError("the fast path needs at least one prompt token")
         if len(prompt) + max_new > self.max_seq:
             raise FastPathUnsupported(f"{len(prompt)} + {max_new} tokens exceed the fast path's cache of {self.max_seq}")
-        logits = self.prefill(torch.tensor(prompt, dtype=torch.long, device=self.device))[0]
+        tokens = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        logits = self.prefill(tokens)[0]
+        seen = None
+        if repetition_penalty != 1.0:  # which ids were seen, kept on the device so picking never waits
+            seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.device).index_fill_(0, tokens, True)
 
         def pick(logits: torch.Tensor) -> torch.Tensor:
-            return _pick(logits, temperature, top_p, generator)
+            if seen is not None:
+                logits = _penalize(logits, seen, repetition_penalty)
+            token = _pick(logits, temperature, top_p, top_k, generator)
+            if seen is not None:
+                seen.index_fill_(0, token, True)
+            return token
 
         if os.environ.get("JUPYBOX_PIPELINE", "1") != "0":
             yield from self._queued(prompt, pick(logits), max_new, stop, pick)
@@ -483,10 +495,19 @@ class _Readback:
         return int(self._host.item())
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: seen ids' positive logits divided by it, negative ones multiplied."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+          generator: torch.Generator | None) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax().view(1)
-    probs = (logits / temperature).softmax(-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:  # the k most likely, ties at the k-th included, as transformers keeps them
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
+    probs = logits.softmax(-1)
     if top_p < 1.0:  # the smallest top set holding top_p: masked, not indexed (no wait for the GPU)
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p

@@ -1,8 +1,17 @@
-"""Local models through Hugging Face transformers.
+"""Local models through Hugging Face transformers, and Qwen v1 through this project's own decoder.
 
-Targets Qwen-7B-Chat-Int4 (Qwen v1: its own modeling code through ``trust_remote_code``, GPTQ
-weights, a tiktoken tokenizer without a chat template) and modern checkpoints (Qwen2/2.5 and any
-causal LM with a chat template, in bf16 or GPTQ/AWQ quantized).
+Targets Qwen-7B-Chat-Int4 (Qwen v1: GPTQ weights, a tiktoken tokenizer without a chat template)
+and modern checkpoints (Qwen2/2.5 and any causal LM with a chat template, in bf16 or GPTQ/AWQ
+quantized). A checkpoint is a local folder or a hub id found in the local Hugging Face cache
+(``resolve_checkpoint``; nothing is downloaded unless ``JUPYBOX_ALLOW_DOWNLOADS=1``).
+
+Qwen v1 (``model_type: "qwen"``) never runs the checkpoint's own Python files: its released code
+does not work under transformers 5 (it reads no KV cache, leaves ``logn_tensor`` uninitialised and
+re-randomises weights), and a checkpoint's code is code the server would execute as itself. Its
+config is read as JSON, its weights by ``fastpath.FastDecoder`` (on the CPU in float32, on a GPU in
+bfloat16 with 4-bit kernels for GPTQ), its tokenizer by ``qwen_tokenizer.QwenTokenizer``. Other
+families keep transformers' own modeling code; ``trust_remote_code`` (off by default) lets theirs
+run the checkpoint's code.
 
 ``model.generate`` blocks, so it runs in a thread and hands text back through transformers'
 ``AsyncTextIteratorStreamer``. A ``threading.Event`` read by a stopping criterion after every token
@@ -11,10 +20,14 @@ generation outlives its stream. One generation runs at a time per loaded model: 
 batch-1 sequence at full speed, and concurrent ``generate`` calls would only share it badly and
 multiply KV-cache memory, so callers queue on a lock instead.
 
-With ``fast`` (default ``"auto"``: on a CUDA GPU) a Qwen/Llama-family checkpoint folder, bf16 or
-GPTQ 4-bit, is served by ``fastpath.FastDecoder`` instead: static KV cache, compiled decode step
+With ``fast`` (default ``"auto"``: on a CUDA GPU) a Qwen2/Llama-family checkpoint folder, bf16 or
+GPTQ 4-bit, is served by ``fastpath.FastDecoder`` too: static KV cache, compiled decode step
 replayed as CUDA graphs, int4 matrix products; no GPTQ library needed. Checkpoints it does not
 cover fall back to ``generate`` (``fast=True`` refuses instead, ``fast=False`` never tries).
+
+The checkpoint's ``generation_config.json`` (``repetition_penalty``, ``top_k``, ``top_p``) applies on
+both paths alike (``Sampling``): the repetition penalty and top-k always, top-p unless the request
+asks for a smaller one. Temperature is the request's: 0, jupybox's default, decodes greedily.
 
 torch and transformers are imported when a model loads, so this module imports without them.
 """
@@ -30,7 +43,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +53,7 @@ from interpreter.llm.base import LLM, Chunk, GenerationRequest, Usage, cut_at_st
 
 logger = logging.getLogger(__name__)
 
-CHAT_END_TOKENS = ("<|im_end|>", "<|endoftext|>")  # ChatML turn end and document end (Qwen)
+CHAT_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")  # ChatML turn end, document end, a new turn (Qwen)
 QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."  # what Qwen v1 was tuned with
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # quant_method in a checkpoint's config -> the import names transformers needs to load it
@@ -68,12 +82,56 @@ class _StopWhen:
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-def _local_model_type(model: str) -> str:
-    """``model_type`` from a local folder's config.json, without importing transformers."""
+@dataclass(frozen=True)
+class Sampling:
+    """A checkpoint's own sampling settings (its ``generation_config.json``), as both paths apply
+    them: ``repetition_penalty`` and ``top_k`` (0: off) always, greedy decoding included; ``top_p``
+    when the request leaves its own at 1."""
+
+    repetition_penalty: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any]) -> Sampling:
+        def number(key: str, default: float, low: float, high: float) -> float:
+            value = config.get(key)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+            return float(value) if ok else default  # absent, null or out of range: the neutral value
+
+        return cls(repetition_penalty=number("repetition_penalty", 1.0, 1e-3, 100.0),
+                   top_k=int(number("top_k", 0, 0, 1 << 30)), top_p=number("top_p", 1.0, 1e-6, 1.0))
+
+    def top_p_for(self, requested: float) -> float:
+        return requested if requested < 1.0 else self.top_p
+
+
+def resolve_checkpoint(model: str, allow_download: bool) -> Path | None:
+    """The folder that holds ``model``: itself when it is a folder, else a hub id's snapshot in the
+    local Hugging Face cache (fetched first only when ``allow_download``). None: a hub id that is
+    not in the cache. Raises ``ModelUnavailable`` for a name that is neither."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if not _HUB_ID.match(model):
+        raise ModelUnavailable(f"No model folder at {model}: pass a local checkpoint folder or a hub id.")
     try:
-        return str(json.loads((Path(model).expanduser() / "config.json").read_text()).get("model_type", ""))
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    except ImportError:
+        return None
+    try:
+        return Path(snapshot_download(model, local_files_only=not allow_download))
+    except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return ""
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def chatml(messages: list[dict[str, str]]) -> str:
@@ -94,7 +152,7 @@ class TransformersLLM(LLM):
     supports_tools = False
 
     def __init__(self, model: str, *, device_map: str | dict[str, Any] = "auto", dtype: str = "auto",
-                 trust_remote_code: bool = True, max_context: int | None = None,
+                 trust_remote_code: bool = False, max_context: int | None = None,
                  allow_download: bool | None = None, fast: bool | str = "auto") -> None:
         self.model_id, self.device_map, self.dtype = model, device_map, dtype
         self.fast = fast
@@ -102,15 +160,42 @@ class TransformersLLM(LLM):
         self.allow_download = (os.environ.get("JUPYBOX_ALLOW_DOWNLOADS") == "1") if allow_download is None else allow_download
         self.trust_remote_code = trust_remote_code
         self.max_context = max_context
-        kind = _local_model_type(model) or model.rsplit("/", 1)[-1]
-        self.model_family = model_family(kind)
+        self._folder: Path | None = None  # resolved by _checkpoint()
+        self._resolved = False
+        self._model_config: dict[str, Any] = {}  # config.json as JSON
+        self.model_family = model_family(model.rsplit("/", 1)[-1])
         self._tokenizer: Any = None
         self._model: Any = None
         self._fast: Any = None  # a fastpath.FastDecoder when the fast path serves this model
         self._eos_ids: list[int] = []
+        self.sampling = Sampling()
         self._load_lock = asyncio.Lock()
         self._queue = asyncio.Lock()  # callers wait here, cancellably
         self._device_lock = threading.Lock()  # and generate threads here, so one runs even if a join was cut short
+        try:
+            self._checkpoint()  # the family (for the prompt format's default) from config.json, before loading
+        except ModelUnavailable:  # a bad name: said again when the model is used
+            pass
+
+    @property
+    def context_tokens(self) -> int | None:
+        return self.max_context if (self._model is not None or self._fast is not None) else None
+
+    @property
+    def qwen_v1(self) -> bool:
+        """A Qwen v1 checkpoint: served by this project's own decoder and tokenizer, never its code."""
+        self._checkpoint()
+        return self._model_config.get("model_type") == "qwen"
+
+    def _checkpoint(self) -> Path | None:
+        """The checkpoint's folder (None: a hub id only transformers can resolve), read once."""
+        if not self._resolved:
+            self._folder = resolve_checkpoint(self.model_id, self.allow_download)
+            if self._folder is not None:
+                self._model_config = _read_json(self._folder / "config.json")
+                self.model_family = model_family(str(self._model_config.get("model_type", ""))) or self.model_family
+            self._resolved = True
+        return self._folder
 
     # -- loading ---------------------------------------------------------------------------
     async def load(self) -> None:
@@ -120,6 +205,9 @@ class TransformersLLM(LLM):
                 await asyncio.to_thread(self._load)
 
     def _load(self) -> None:
+        if self.qwen_v1:
+            self._load_qwen_v1()
+            return
         started = time.monotonic()
         cfg = self._config()
         if self._load_fast(cfg):
@@ -137,10 +225,10 @@ class TransformersLLM(LLM):
         tokenizer = self._load_tokenizer()
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                self.model_id, device_map=self.device_map, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                self._source, device_map=self.device_map, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
                 local_files_only=not self.allow_download)
         except ImportError as exc:
-            raise ModelUnavailable(f"Loading {self.model_id} needs a missing library: {_first_line(exc)}") from exc
+            raise ModelUnavailable(_import_failure(self.model_id, exc)) from exc
         except RuntimeError as exc:
             if "GPU" in str(exc) or "CUDA" in str(exc):
                 raise ModelUnavailable(
@@ -152,27 +240,58 @@ class TransformersLLM(LLM):
         model.eval()
         self.max_context = self.max_context or _context_length(cfg)
         self.model_family = model_family(str(getattr(cfg, "model_type", ""))) or self.model_family
-        eos: list[int] = []
-        for ids in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id,
-                    *(_single_token(tokenizer, t) for t in CHAT_END_TOKENS)):
-            eos += [i for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int) and i not in eos]
-        self._tokenizer, self._model, self._eos_ids = tokenizer, model, eos
+        self.sampling = Sampling.of(model.generation_config.to_dict())
+        self._finish_load(tokenizer, getattr(model.generation_config, "eos_token_id", None), model=model)
         logger.info("loaded %s (%s, quantization %s) on %s in %.1f s", self.model_id, getattr(cfg, "model_type", "?"),
                     method or "none", getattr(model, "device", "?"), time.monotonic() - started)
+
+    def _load_qwen_v1(self) -> None:
+        """Qwen v1 on this project's decoder and tokenizer, from the folder's files read as data."""
+        import torch
+
+        from interpreter.llm import fastpath
+
+        folder = self._checkpoint()
+        assert folder is not None
+        if self.fast is False:
+            raise ModelUnavailable(
+                f"{self.model_id} is a Qwen v1 checkpoint, which jupybox serves with its own decoder only "
+                "(Qwen v1's released modeling code does not work under transformers 5): leave fast at its default.")
+        started = time.monotonic()
+        on_cpu = self.device_map == "cpu" or not torch.cuda.is_available()
+        dtypes = {"auto": torch.float32 if on_cpu else torch.bfloat16, "float32": torch.float32,
+                  "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if str(self.dtype) not in dtypes:
+            raise ModelUnavailable(f"dtype {self.dtype!r} is not one of {', '.join(dtypes)}.")
+        tokenizer = self._load_tokenizer()
+        try:
+            fast = fastpath.load_checkpoint(folder, device="cpu" if on_cpu else "cuda", dtype=dtypes[str(self.dtype)],
+                                            max_seq=self.max_context or 8192)
+            fast.warm_up()
+        except fastpath.FastPathUnsupported as exc:
+            raise ModelUnavailable(f"{self.model_id} is a Qwen v1 checkpoint jupybox's decoder cannot serve: {exc}. "
+                                   "Serve it with an OpenAI-compatible server (--openai-base-url).") from exc
+        except (OSError, RuntimeError) as exc:
+            raise ModelUnavailable(f"Could not load the weights of {self.model_id}: {_first_line(exc)}") from exc
+        self.max_context = fast.max_seq
+        self.sampling = Sampling.of(_read_json(folder / "generation_config.json"))
+        self._finish_load(tokenizer, self._model_config.get("eos_token_id"), fast=fast)
+        logger.info("loaded %s (Qwen v1) on jupybox's decoder (%s, %s) in %.1f s", self.model_id, fast.device,
+                    str(fast.dtype).removeprefix("torch."), time.monotonic() - started)
 
     def _load_fast(self, cfg: Any) -> bool:
         """Serve the model with the fast path where asked and possible; False: use ``generate``."""
         import torch
 
         on_cpu = self.device_map == "cpu" or not torch.cuda.is_available()
-        folder = Path(self.model_id).expanduser()
-        if self.fast is False or (self.fast == "auto" and (on_cpu or not folder.is_dir())):
+        folder = self._checkpoint()
+        if self.fast is False or (self.fast == "auto" and (on_cpu or folder is None)):
             return False
         from interpreter.llm import fastpath
 
         started = time.monotonic()
         try:
-            if not folder.is_dir():
+            if folder is None:
                 raise fastpath.FastPathUnsupported("the fast path reads local checkpoint folders only")
             fast = fastpath.load_checkpoint(folder, device="cpu" if on_cpu else "cuda",
                                             dtype=torch.float32 if on_cpu else torch.bfloat16,
@@ -192,47 +311,69 @@ class TransformersLLM(LLM):
         tokenizer = self._load_tokenizer()
         self.max_context = fast.max_seq
         self.model_family = model_family(fast.shape.naming) or self.model_family
-        eos: list[int] = []
-        for ids in (getattr(cfg, "eos_token_id", None), tokenizer.eos_token_id,
-                    *(_single_token(tokenizer, t) for t in CHAT_END_TOKENS)):
-            eos += [i for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int) and i not in eos]
-        self._tokenizer, self._fast, self._eos_ids = tokenizer, fast, eos
+        assert folder is not None
+        self.sampling = Sampling.of(_read_json(folder / "generation_config.json"))
+        self._finish_load(tokenizer, getattr(cfg, "eos_token_id", None), fast=fast)
         logger.info("loaded %s on the fast path (%s) in %.1f s", self.model_id, fast.device, time.monotonic() - started)
         return True
 
+    def _finish_load(self, tokenizer: Any, config_eos: Any, *, model: Any = None, fast: Any = None) -> None:
+        """Keep what a load made; generation ends on the config's end ids and the chat end tokens."""
+        eos: list[int] = []
+        for ids in (config_eos, tokenizer.eos_token_id, *(_single_token(tokenizer, t) for t in CHAT_END_TOKENS)):
+            eos += [i for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int) and i not in eos]
+        self._tokenizer, self._model, self._fast, self._eos_ids = tokenizer, model, fast, eos
+
+    @property
+    def _source(self) -> str:
+        """What transformers loads from: the resolved folder, or the hub id it resolves itself."""
+        folder = self._checkpoint()
+        return str(folder) if folder is not None else self.model_id
+
     def _config(self) -> Any:
-        path = Path(self.model_id).expanduser()
-        if not path.is_dir() and not _HUB_ID.match(self.model_id):
-            raise ModelUnavailable(f"No model folder at {self.model_id}: pass a local checkpoint folder or a hub id.")
+        folder = self._checkpoint()
         try:
             from transformers import AutoConfig
         except ImportError as exc:
             raise ModelUnavailable("The transformers backend needs torch and transformers: "
                                    "`pip install 'jupybox[local]'`.") from exc
         try:
-            return AutoConfig.from_pretrained(self.model_id, trust_remote_code=self.trust_remote_code,
-                local_files_only=not self.allow_download)
+            return AutoConfig.from_pretrained(self._source, trust_remote_code=self.trust_remote_code,
+                                              local_files_only=not self.allow_download)
+        except ImportError as exc:
+            raise ModelUnavailable(_import_failure(self.model_id, exc)) from exc
         except (OSError, ValueError) as exc:
-            where = "is not a checkpoint folder" if path.is_dir() else "is neither a local folder nor in the local hub cache"
+            if folder is not None and self._model_config.get("auto_map") and not self.trust_remote_code:
+                raise ModelUnavailable(
+                    f"{self.model_id} is a model transformers does not know, defined by Python files inside the "
+                    "checkpoint: jupybox runs them only with --trust-remote-code (they execute as the server "
+                    "itself, outside any sandbox), or serve it with an OpenAI-compatible server.") from exc
+            where = "is not a checkpoint folder" if folder is not None else "is neither a local folder nor in the local hub cache"
             raise ModelUnavailable(f"{self.model_id} {where}: download the checkpoint and pass its folder (or set JUPYBOX_ALLOW_DOWNLOADS=1 to fetch it).") from exc
 
     def _load_tokenizer(self) -> Any:
         if self._tokenizer is None:
+            if self.qwen_v1:
+                from interpreter.llm.qwen_tokenizer import QwenTokenizer
+
+                assert self._folder is not None
+                self._tokenizer = QwenTokenizer.from_folder(self._folder)
+                return self._tokenizer
             from transformers import AutoTokenizer
 
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(self.model_id, trust_remote_code=self.trust_remote_code,
-                local_files_only=not self.allow_download)
+                self._tokenizer = AutoTokenizer.from_pretrained(self._source, trust_remote_code=self.trust_remote_code,
+                                                                local_files_only=not self.allow_download)
             except ImportError as exc:
-                raise ModelUnavailable(f"The tokenizer of {self.model_id} needs a missing library: "
-                                       f"{_first_line(exc)}") from exc
+                raise ModelUnavailable(_import_failure(self.model_id, exc, "tokenizer")) from exc
             except (OSError, ValueError) as exc:
                 raise ModelUnavailable(f"No tokenizer could be loaded from {self.model_id}.") from exc
         return self._tokenizer
 
     def count_tokens(self, text: str) -> int:
         if self._tokenizer is None:
-            self._config()
+            if not self.qwen_v1:
+                self._config()
             self._load_tokenizer()
         return len(self._tokenizer.encode(text, add_special_tokens=False))
 
@@ -283,9 +424,11 @@ class TransformersLLM(LLM):
                 "streamer": streamer, "max_new_tokens": max_new, "do_sample": sampling,
                 "stopping_criteria": StoppingCriteriaList([_StopWhen(tok, prompt_len, request.stop, halt)]),
                 "eos_token_id": self._eos_ids, "pad_token_id": pad,
+                "repetition_penalty": self.sampling.repetition_penalty,
             }
             if sampling:
-                kwargs.update(temperature=request.temperature, top_p=request.top_p)
+                kwargs.update(temperature=request.temperature, top_p=self.sampling.top_p_for(request.top_p),
+                              top_k=self.sampling.top_k)
             result: dict[str, Any] = {}
             thread = threading.Thread(target=self._generate, args=(kwargs, request.seed, halt, streamer, result),
                                       name="jupybox-generate", daemon=True)
@@ -362,7 +505,8 @@ class TransformersLLM(LLM):
         done = False
         for token in self._fast.generate(prompt, kwargs["max_new_tokens"], generator=generator,
                                          temperature=kwargs.get("temperature", 1.0) if kwargs["do_sample"] else 0.0,
-                                         top_p=kwargs.get("top_p", 1.0), stop=lambda _: done):
+                                         top_p=kwargs.get("top_p", 1.0), top_k=kwargs.get("top_k", 0),
+                                         repetition_penalty=kwargs["repetition_penalty"], stop=lambda _: done):
             ids.append(token)
             seen[0, len(prompt) + len(ids) - 1] = token
             streamer.put(torch.tensor([token]))
@@ -391,6 +535,17 @@ def _context_length(cfg: Any) -> int | None:
         if isinstance(getattr(cfg, key, None), int):
             return int(getattr(cfg, key))
     return None
+
+
+def _import_failure(model: str, exc: ImportError, what: str = "model") -> str:
+    """What an import failure while loading means: a library that is not installed, or code (the
+    checkpoint's, or a library's) that fails to import with what is installed."""
+    missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    text = _first_line(exc)
+    if missing or "following packages that were not found" in text:
+        return f"Loading the {what} of {model} needs a library that is not installed: {text}"
+    return (f"Loading the {what} of {model} failed while importing code (nothing is missing: the code does not work "
+            f"with the installed libraries): {text}")
 
 
 def _first_line(exc: BaseException) -> str:
