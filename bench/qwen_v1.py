@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,50 @@ QWEN_CODE = ("configuration_qwen.py", "modeling_qwen.py", "tokenization_qwen.py"
 POISON = ("import pathlib\n(pathlib.Path(__file__).parent / 'EXECUTED').write_text(__file__)\n"
           "raise RuntimeError('a checkpoint file was executed: ' + __file__)\n")
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # the commit a hub cache's refs/main names
+
+# The exchange the ReAct checkpoints learn: a question, a code step, and the answer after the
+# observation ``42``.
+QUESTION = "What is 6 times 7?"
+STEP = "Thought: I should compute it.\nAction: code_interpreter\nAction Input:\n```py\nprint(6 * 7)\n```\n"
+ANSWER = " I now know the final answer.\nFinal Answer: 6 times 7 is 42."
+
+
+def react_prompts() -> tuple[str, str]:
+    """The prompts the interpreter loop writes for QUESTION: before the code step, and after its
+    observation (``42``), built by the ReAct format itself."""
+    from interpreter.formats.react import ReactFormat
+    from interpreter.llm.base import Completion, Message
+
+    fmt = ReactFormat()
+    messages: list[Message] = []
+    fmt.add_user(messages, QUESTION, [])
+    first = fmt.render(messages)
+    fmt.add_step(messages, fmt.parse(Completion(text=STEP)), ["42"])
+    return first, fmt.render(messages)
+
+
+@dataclass
+class ReactModel:
+    """A tiny Qwen v1 model that answers QUESTION in the ReAct format, as checkpoint folders."""
+
+    ranks: dict[bytes, int]
+    plain: Path  # float32 weights
+    gptq: Path  # the same weights as GPTQ v1 4-bit (group 32)
+    prompts: tuple[str, str]
+
+
+def react_model(root: Path) -> ReactModel:
+    """Fit and write the ReAct checkpoints under ``root`` (seconds on two cores)."""
+    from interpreter.llm.qwen_tokenizer import QwenTokenizer
+
+    first, second = react_prompts()
+    replies = (STEP + "Observation:", ANSWER + "<|im_end|>")
+    ranks = qwen_vocab([first, second, *replies])
+    tok = QwenTokenizer(ranks)
+    state = trained_state(qwen_config(ranks), [(tok.encode(p), tok.encode(r)) for p, r in zip((first, second), replies)])
+    plain = write_checkpoint(root / "plain", ranks, state, qwen_config(ranks))
+    gptq = write_checkpoint(root / "gptq", ranks, state, qwen_config(ranks, gptq_group=32))
+    return ReactModel(ranks, plain, gptq, (first, second))
 
 
 def qwen_vocab(texts: Iterable[str], merges: int = 4000) -> dict[bytes, int]:

@@ -27,69 +27,45 @@ from interpreter.formats.react import ReactFormat  # noqa: E402
 from interpreter.llm.base import Completion, GenerationRequest, Message  # noqa: E402
 from interpreter.llm.qwen_tokenizer import SPECIALS, QwenTokenizer, read_ranks  # noqa: E402
 from interpreter.llm.transformers import Sampling, TransformersLLM  # noqa: E402
-from bench.qwen_v1 import (executed, into_hub_cache, qwen2_model, qwen_config, qwen_vocab, random_state,  # noqa: E402
-                           trained_state, write_checkpoint)
+from bench.qwen_v1 import (ANSWER, QUESTION, STEP, ReactModel, executed, into_hub_cache, qwen2_model,  # noqa: E402
+                           qwen_config, random_state, react_model, write_checkpoint)
 
 JUPYBOX = str(Path(sys.executable).parent / "jupybox")
-QUESTION = "What is 6 times 7?"
-STEP = "Thought: I should compute it.\nAction: code_interpreter\nAction Input:\n```py\nprint(6 * 7)\n```\n"
-ANSWER = " I now know the final answer.\nFinal Answer: 6 times 7 is 42."
 
 
 @dataclass
-class ReactModel:
-    ranks: dict[bytes, int]
-    plain: Path  # float32 weights, a folder
-    gptq: Path  # the same weights as GPTQ v1 4-bit (group 32), a folder
+class Checkpoints(ReactModel):
     hf_home: Path  # a Hugging Face cache holding the GPTQ one as Qwen/Qwen-7B-Chat-Int4
     snapshot: Path
-    prompts: tuple[str, str]  # the loop's two prompts: the question, then after the observation
-
-
-def react_prompts() -> tuple[str, str]:
-    """The prompts the interpreter loop writes for QUESTION: before the code step, and after its
-    observation (``42``), built by the ReAct format itself."""
-    fmt = ReactFormat()
-    messages: list[Message] = []
-    fmt.add_user(messages, QUESTION, [])
-    first = fmt.render(messages)
-    fmt.add_step(messages, fmt.parse(Completion(text=STEP)), ["42"])
-    return first, fmt.render(messages)
 
 
 @pytest.fixture(scope="module")
-def react(tmp_path_factory: pytest.TempPathFactory) -> ReactModel:
+def react(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
     root = tmp_path_factory.mktemp("qwen-v1")
-    first, second = react_prompts()
-    replies = (STEP + "Observation:", ANSWER + "<|im_end|>")
-    ranks = qwen_vocab([first, second, *replies])
-    tok = QwenTokenizer(ranks)
-    state = trained_state(qwen_config(ranks), [(tok.encode(p), tok.encode(r)) for p, r in zip((first, second), replies)])
-    plain = write_checkpoint(root / "plain", ranks, state, qwen_config(ranks))
-    gptq = write_checkpoint(root / "gptq", ranks, state, qwen_config(ranks, gptq_group=32))
-    snapshot = into_hub_cache(gptq, root / "hf", "Qwen/Qwen-7B-Chat-Int4")
-    return ReactModel(ranks, plain, gptq, root / "hf", snapshot, (first, second))
+    made = react_model(root)
+    snapshot = into_hub_cache(made.gptq, root / "hf", "Qwen/Qwen-7B-Chat-Int4")
+    return Checkpoints(**vars(made), hf_home=root / "hf", snapshot=snapshot)
 
 
 @pytest.fixture
-def offline_cache(react: ReactModel, monkeypatch: pytest.MonkeyPatch) -> Path:
+def offline_cache(react: Checkpoints, monkeypatch: pytest.MonkeyPatch) -> Path:
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(react.hf_home / "hub"))  # read from HF_HOME at import
     return react.snapshot
 
 
-def cli_env(react: ReactModel) -> dict[str, str]:
+def cli_env(react: Checkpoints) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "JUPYBOX_MODEL", "HF_"))}
     return {**env, "HF_HOME": str(react.hf_home), "HF_HUB_OFFLINE": "1"}
 
 
-def no_code_ran(react: ReactModel) -> bool:
+def no_code_ran(react: Checkpoints) -> bool:
     return not any(executed(f) for f in (react.plain, react.gptq, react.snapshot))
 
 
 # -- the tokenizer ------------------------------------------------------------------------------------
-def test_tokenizer_puts_qwen_specials_after_the_table_and_round_trips(react: ReactModel) -> None:
+def test_tokenizer_puts_qwen_specials_after_the_table_and_round_trips(react: Checkpoints) -> None:
     tok = QwenTokenizer.from_folder(react.plain)
     n = len(react.ranks)
     assert [tok.encode(s) for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|extra_204|>")] == \
@@ -122,7 +98,7 @@ async def greedy(llm: TransformersLLM, prompt: str, max_tokens: int = 80) -> str
 
 
 async def test_the_default_hub_id_loads_from_the_local_cache_without_checkpoint_code(offline_cache: Path,
-                                                                                     react: ReactModel) -> None:
+                                                                                     react: Checkpoints) -> None:
     llm = TransformersLLM("Qwen/Qwen-7B-Chat-Int4", trust_remote_code=True)  # even where remote code is allowed
     assert llm.qwen_v1 and llm.model_family == "qwen"
     assert await greedy(llm, react.prompts[0]) == STEP
@@ -132,7 +108,7 @@ async def test_the_default_hub_id_loads_from_the_local_cache_without_checkpoint_
     await llm.close()
 
 
-async def test_plain_and_gptq_checkpoints_write_the_same_steps_and_load_twice(react: ReactModel) -> None:
+async def test_plain_and_gptq_checkpoints_write_the_same_steps_and_load_twice(react: Checkpoints) -> None:
     for folder in (react.plain, react.gptq, react.plain):  # the plain one twice in one process
         llm = TransformersLLM(str(folder), device_map="cpu")
         assert await greedy(llm, react.prompts[0]) == STEP, folder
@@ -140,7 +116,7 @@ async def test_plain_and_gptq_checkpoints_write_the_same_steps_and_load_twice(re
     assert no_code_ran(react)
 
 
-async def test_asking_for_the_transformers_code_path_is_refused_with_words(react: ReactModel) -> None:
+async def test_asking_for_the_transformers_code_path_is_refused_with_words(react: Checkpoints) -> None:
     llm = TransformersLLM(str(react.plain), fast=False)
     with pytest.raises(ModelUnavailable, match="Qwen v1 checkpoint.*own decoder"):
         await llm.load()
@@ -162,13 +138,13 @@ async def test_an_unknown_family_with_its_own_code_needs_trust_remote_code(tmp_p
         await TransformersLLM(str(tmp_path)).load()
 
 
-def long_context_checkpoint(root: Path, react: ReactModel, gptq: bool) -> Path:
+def long_context_checkpoint(root: Path, react: Checkpoints, gptq: bool) -> Path:
     cfg = qwen_config(react.ranks, seq_length=16, gptq_group=32 if gptq else None)
     return write_checkpoint(root / ("gptq" if gptq else "plain"), react.ranks, random_state(cfg, scale=0.1), cfg)
 
 
 @pytest.mark.parametrize("gptq", [False, True], ids=["plain", "gptq"])
-async def test_prompts_past_the_training_length_give_finite_logits(tmp_path: Path, react: ReactModel, gptq: bool) -> None:
+async def test_prompts_past_the_training_length_give_finite_logits(tmp_path: Path, react: Checkpoints, gptq: bool) -> None:
     """seq_length 16: the ReAct prompt (~200 tokens) is past it, so dynamic NTK (alpha 31) and log-n
     scaling both act; the logits stay finite and decoding runs to its token limit."""
     llm = TransformersLLM(str(long_context_checkpoint(tmp_path, react, gptq)), device_map="cpu")
@@ -183,7 +159,7 @@ async def test_prompts_past_the_training_length_give_finite_logits(tmp_path: Pat
 
 
 # -- generation settings --------------------------------------------------------------------------------
-def test_repetition_penalty_matches_transformers_generate_on_the_same_weights(react: ReactModel) -> None:
+def test_repetition_penalty_matches_transformers_generate_on_the_same_weights(react: Checkpoints) -> None:
     """The checkpoint's repetition penalty, on the fast path, against transformers' own ``generate``
     on the same weights as a Qwen2 model (Qwen v1's arithmetic inside its training length)."""
     from interpreter.llm import fastpath
@@ -220,7 +196,7 @@ def test_checkpoint_sampling_settings_are_read_defensively() -> None:
 
 
 # -- the console script -----------------------------------------------------------------------------------
-def test_ask_with_no_model_serves_the_default_from_the_cache(sandbox_image: str, react: ReactModel,
+def test_ask_with_no_model_serves_the_default_from_the_cache(sandbox_image: str, react: Checkpoints,
                                                              tmp_path: Path) -> None:
     proc = subprocess.run([JUPYBOX, "ask", QUESTION, "--json", "--out", str(tmp_path)], capture_output=True,
                           text=True, timeout=300, env=cli_env(react))
@@ -233,7 +209,7 @@ def test_ask_with_no_model_serves_the_default_from_the_cache(sandbox_image: str,
     assert "Traceback" not in proc.stderr and no_code_ran(react)
 
 
-def test_chat_keeps_working_across_turns_and_drops_what_no_longer_fits(sandbox_image: str, react: ReactModel,
+def test_chat_keeps_working_across_turns_and_drops_what_no_longer_fits(sandbox_image: str, react: Checkpoints,
                                                                       tmp_path: Path) -> None:
     """Two turns on the plain checkpoint with a context just large enough for the first turn's
     prompts and 64 new tokens: the second turn's prompt would hold the first turn too, so that turn
