@@ -138,6 +138,20 @@ async def test_an_unknown_family_with_its_own_code_needs_trust_remote_code(tmp_p
         await TransformersLLM(str(tmp_path)).load()
 
 
+@pytest.mark.parametrize("line, says", [
+    ("from transformers import DisjunctiveConstraint", "failed while importing code (nothing is missing"),
+    ("import jupybox_no_such_library", "needs a library that is not installed"),
+], ids=["broken code", "missing library"])
+async def test_checkpoint_code_that_fails_to_import_says_what_failed(tmp_path: Path, line: str, says: str) -> None:
+    """With --trust-remote-code, a family's own code that cannot import under the installed
+    libraries is not reported as a missing library, and a really missing one is."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "acme", "auto_map": {"AutoConfig": "acme.AcmeConfig"}}))
+    (tmp_path / "acme.py").write_text(f"{line}\nfrom transformers import PretrainedConfig\n\n"
+                                      "class AcmeConfig(PretrainedConfig):\n    model_type = 'acme'\n")
+    with pytest.raises(ModelUnavailable, match=says.replace("(", r"\(")):
+        await TransformersLLM(str(tmp_path), trust_remote_code=True).load()
+
+
 def long_context_checkpoint(root: Path, react: Checkpoints, gptq: bool) -> Path:
     cfg = qwen_config(react.ranks, seq_length=16, gptq_group=32 if gptq else None)
     return write_checkpoint(root / ("gptq" if gptq else "plain"), react.ranks, random_state(cfg, scale=0.1), cfg)
