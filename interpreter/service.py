@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
 from sandbox import Execution, JupyboxError, Session, SessionClosed, SessionManager
-from sandbox.workspace import Workspace, WorkspaceFile
+from sandbox.workspace import Workspace, WorkspaceFile, read_files
 
 from .conversation import Cell, Conversation
 from .errors import ModelUnavailable, TurnBusy
@@ -380,7 +380,7 @@ class ConversationService:
         files: dict[str, bytes] = {}
         ws = await self.workspace(key) if with_files else None
         if ws is not None:
-            files = await asyncio.to_thread(lambda: {f.path: ws.read(f.path) for f in ws.list()})
+            files = await asyncio.to_thread(read_files, ws, ws.limits.workspace_bytes)
         return chat.conversation.to_dict(files)
 
     async def load(self, key: str, source: str, data: dict[str, Any]) -> Chat:

@@ -112,6 +112,9 @@ class SandboxSettings:
             key = f"JUPYBOX_{name.upper()}"
             if key in env:
                 limits[name] = conv(env[key])
+        for name, key in (("file_bytes", "JUPYBOX_FILE_MB"), ("workspace_bytes", "JUPYBOX_WORKSPACE_MB")):
+            if env.get(key):
+                limits[name] = int(float(env[key]) * 1_000_000)
         if limits:
             values["limits"] = Limits(**limits)
         values.update({k: v for k, v in overrides.items() if v is not None})

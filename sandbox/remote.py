@@ -12,8 +12,8 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .errors import JupyboxError, QuotaExceeded, SandboxError, SessionClosed, WorkspaceError
-from .workspace import CHUNK, WorkspaceFile
+from .errors import JupyboxError, SandboxError, SessionClosed, WorkspaceError
+from .workspace import CHUNK, WorkspaceFile, copy_bounded, read_bounded
 
 if TYPE_CHECKING:
     from .remote_session import RemoteSession
@@ -109,12 +109,15 @@ class RemoteWorkspace:
         handle, _ = self._get(self._actor.file_open.remote(name))
         return io.BufferedReader(_RemoteFile(self, handle), buffer_size=CHUNK)  # type: ignore[return-value]
 
-    def read(self, name: str) -> bytes:
-        handle, size = self._get(self._actor.file_open.remote(name))
-        with io.BufferedReader(_RemoteFile(self, handle), buffer_size=CHUNK) as fh:
-            if size > self.limits.workspace_bytes:  # as Workspace.read: the kernel grew it past the quota
-                raise QuotaExceeded(f"{name!r} is larger than the workspace quota")
-            return fh.read()
+    def read(self, name: str, max_bytes: int | None = None) -> bytes:
+        """As ``Workspace.read``: at most ``max_bytes`` (default ``limits.file_bytes``) are fetched."""
+        with self.open(name) as fh:
+            return read_bounded(fh, name, self.limits.file_bytes if max_bytes is None else max_bytes)
+
+    def copy_to(self, name: str, dest: Path, max_bytes: int | None = None) -> int:
+        """As ``Workspace.copy_to``."""
+        with self.open(name) as fh:
+            return copy_bounded(fh, name, dest, self.limits.file_bytes if max_bytes is None else max_bytes)
 
 
 class RemoteWriter:

@@ -102,6 +102,48 @@ def split_name(name: str) -> list[str]:
     return parts
 
 
+COPY_CHUNK = 1 << 20
+
+
+def read_bounded(fh: BinaryIO, name: str, cap: int) -> bytes:
+    """At most ``cap`` bytes of an open workspace file; a file with more raises ``QuotaExceeded``.
+    The sandbox owns the file and can grow it, shrink it or make it sparse at any moment, so the
+    bound is on what is read, never on a size it reported."""
+    data = fh.read(cap + 1)
+    if len(data) > cap:
+        raise QuotaExceeded(f"{name!r} is larger than {cap:,} bytes, more than the server reads of one file")
+    return data
+
+
+def copy_bounded(fh: BinaryIO, name: str, dest: Path, cap: int) -> int:
+    """Copy an open workspace file to the host path ``dest`` (replaced), writing at most ``cap``
+    bytes; a file with more raises ``QuotaExceeded`` and leaves no partial copy. Returns the bytes
+    written (what the copy really costs the host's disk, whatever size the file claims)."""
+    written = 0
+    try:
+        with open(dest, "wb") as out:
+            while chunk := fh.read(min(COPY_CHUNK, cap + 1 - written)):
+                written += len(chunk)
+                if written > cap:
+                    raise QuotaExceeded(f"{name!r} is larger than {cap:,} bytes: not copied")
+                out.write(chunk)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def read_files(ws: Workspace, budget: int) -> dict[str, bytes]:
+    """Every file of ``ws`` (a local or remote workspace) by path, at most ``budget`` bytes in all,
+    each read bounded; more raises ``QuotaExceeded`` (sparse files can claim any size)."""
+    files: dict[str, bytes] = {}
+    for f in ws.list():
+        data = ws.read(f.path, max_bytes=min(ws.limits.file_bytes, budget))
+        budget -= len(data)
+        files[f.path] = data
+    return files
+
+
 class Workspace:
     """Path-safe file operations on one folder, within the size quotas of ``limits``."""
 
@@ -199,19 +241,20 @@ class Workspace:
         with source.open("rb") as fh:
             return self.write(name or source.name, fh)
 
-    def read(self, name: str) -> bytes:
-        fd = self._open(name, os.O_RDONLY)
-        try:
-            st = os.fstat(fd)
-            if st.st_size > self.limits.workspace_bytes:
-                raise QuotaExceeded(f"{name!r} is larger than the workspace quota")
-            with os.fdopen(os.dup(fd), "rb") as fh:
-                return fh.read()
-        finally:
-            os.close(fd)
+    def read(self, name: str, max_bytes: int | None = None) -> bytes:
+        """The file's bytes, at most ``max_bytes`` (default: ``limits.file_bytes``); see ``read_bounded``."""
+        with self.open(name) as fh:
+            return read_bounded(fh, name, self.limits.file_bytes if max_bytes is None else max_bytes)
+
+    def copy_to(self, name: str, dest: Path, max_bytes: int | None = None) -> int:
+        """Copy the file to the host path ``dest``, at most ``max_bytes`` (default:
+        ``limits.file_bytes``); see ``copy_bounded``. Blocking."""
+        with self.open(name) as fh:
+            return copy_bounded(fh, name, dest, self.limits.file_bytes if max_bytes is None else max_bytes)
 
     def open(self, name: str) -> BinaryIO:
-        """A file object for streaming a download; the caller closes it."""
+        """A file object for streaming a download; the caller closes it and bounds what it reads
+        (the sandbox can grow the file while it is read)."""
         return os.fdopen(self._open(name, os.O_RDONLY), "rb")
 
     def delete(self, name: str, missing_ok: bool = False) -> None:

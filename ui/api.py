@@ -313,10 +313,17 @@ async def download_file(request: Request, session_id: str, name: str) -> Respons
     if not await asyncio.to_thread(ws.exists, name):  # refuses unsafe names with WorkspacePathError (400)
         raise HTTPException(404, f"{name!r}: no such file in the workspace")
     fh = await asyncio.to_thread(ws.open, name)
+    # the length is decided once; the sandbox may grow the file meanwhile, so no more is sent
+    size = os.fstat(fh.fileno()).st_size
+    if size > ws.limits.file_bytes:  # where no file-size limit binds the kernel (a plain local folder)
+        fh.close()
+        raise HTTPException(409, f"{name!r} is larger than a workspace file may be ({ws.limits.file_bytes:,} bytes)")
 
     def chunks() -> Iterator[bytes]:  # a plain iterator: Starlette reads it in a worker thread
+        left = size
         try:
-            while chunk := fh.read(1 << 20):
+            while left and (chunk := fh.read(min(1 << 20, left))):
+                left -= len(chunk)
                 yield chunk
         finally:
             fh.close()
@@ -324,7 +331,7 @@ async def download_file(request: Request, session_id: str, name: str) -> Respons
     filename = name.rsplit("/", 1)[-1]
     return StreamingResponse(chunks(), media_type=mimetypes.guess_type(filename)[0] or "application/octet-stream",
                              headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(filename)}",
-                                      "Content-Length": str(os.fstat(fh.fileno()).st_size)})
+                                      "Content-Length": str(size)})
 
 
 @router.delete("/sessions/{session_id}/files/{name:filename}", status_code=204, summary="Delete a file")

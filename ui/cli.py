@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import warnings
@@ -153,8 +152,7 @@ def _copy_images(session: Session, execution: Execution, dest: Path) -> list[str
         dest.mkdir(parents=True, exist_ok=True)
         target = dest / Path(img.path).name
         try:
-            with session.workspace.open(img.path) as src, target.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
+            session.workspace.copy_to(img.path, target)
         except JupyboxError as exc:
             log.warning("image %s not copied: %s", img.path, exc)
             continue

@@ -26,6 +26,7 @@ import io
 import logging
 import mimetypes
 import re
+import threading
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, replace
@@ -39,6 +40,7 @@ from mcp.shared.exceptions import MCPError
 
 from interpreter import ConversationService
 from sandbox import Execution, JupyboxError
+from sandbox.errors import QuotaExceeded
 from sandbox.models import clip
 from sandbox.workspace import split_name
 
@@ -57,8 +59,11 @@ class McpLimits:
     text_chars: int = 20_000  # a cell's text, head and tail kept
     image_b64_chars: int = 60_000  # one image, base64 (clients choke past ~70k characters)
     max_images: int = 4  # per result
-    inline_text_bytes: int = 256 << 10  # read_file: text inline up to this
-    inline_blob_bytes: int = 2 << 20  # read_file: binary as base64 up to this
+    # read_file: text inline up to this (JSON may escape a control character in 6 bytes), binary as
+    # base64 up to that; both keep a result under the 1 MiB event the official client accepts
+    inline_text_bytes: int = 128 << 10
+    inline_blob_bytes: int = 760_000  # base64: 1,013,336 characters
+    image_pixels: int = 16_000_000  # an image is decoded (to scale it) only up to this many pixels
     progress_every_s: float = 2.0
 
 
@@ -167,8 +172,13 @@ class JupyboxMcp:
         for img in ex.images[:self.limits.max_images]:
             if ws is None or img.mime not in ("image/png", "image/jpeg", "image/gif"):
                 continue
-            raw = await asyncio.to_thread(ws.read, img.path)
-            data, mime = await asyncio.to_thread(fit_image, raw, img.mime, self.limits.image_b64_chars)
+            try:
+                raw = await asyncio.to_thread(ws.read, img.path, ws.limits.max_image_bytes)
+                data, mime = await asyncio.to_thread(fit_image, raw, img.mime, self.limits.image_b64_chars,
+                                                     self.limits.image_pixels)
+            except (ImageRefused, JupyboxError) as exc:
+                found.append(types.TextContent(text=f"[image {img.path} is not shown: {exc}]"))
+                continue
             if data is None:
                 found.append(types.TextContent(text=f"[image {img.path} is too large to show; read it from the workspace]"))
                 continue
@@ -194,24 +204,25 @@ class JupyboxMcp:
     async def _file_content(self, session: Any, name: str, path: str) -> types.TextContent | types.EmbeddedResource:
         ws = session.workspace
         split_name(path)  # WorkspacePathError for '..', an absolute path, NUL
-        info = next((f for f in await asyncio.to_thread(ws.list) if f.path == path), None)
-        if info is None:
+        if not await asyncio.to_thread(ws.exists, path):
             raise ToolError(f"{path!r}: no such file in the workspace (list_files shows what is there)")
         mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        if info.size <= self.limits.inline_text_bytes:
-            raw = await asyncio.to_thread(ws.read, path)
+        try:  # what is read is bounded, whatever size the listing saw: the kernel can change the file
+            raw = await asyncio.to_thread(ws.read, path, self.limits.inline_blob_bytes)
+        except QuotaExceeded:
+            where = (f"download it from {self.files_url}/{session.id}/files/{path}" if self.files_url
+                     else "process it with run_python where it is")
+            listed = next((f.size for f in await asyncio.to_thread(ws.list) if f.path == path), None)
+            size = f"{listed:,} bytes" if listed is not None else "larger"  # as listed: words only
+            raise ToolError(f"{path!r} is {size}, more than a tool result carries "
+                            f"({self.limits.inline_blob_bytes:,}): {where}") from None
+        if len(raw) <= self.limits.inline_text_bytes:
             try:
                 return types.TextContent(text=raw.decode("utf-8"))
             except UnicodeDecodeError:
                 pass
-        if info.size <= self.limits.inline_blob_bytes:
-            raw = await asyncio.to_thread(ws.read, path)
-            return types.EmbeddedResource(resource=types.BlobResourceContents(
-                uri=_uri(name, path), mime_type=mime, blob=base64.b64encode(raw).decode()))
-        where = (f"download it from {self.files_url}/{session.id}/files/{path}" if self.files_url
-                 else "process it with run_python where it is")
-        raise ToolError(f"{path!r} is {info.size:,} bytes, more than a tool result carries "
-                         f"({self.limits.inline_blob_bytes:,}): {where}")
+        return types.EmbeddedResource(resource=types.BlobResourceContents(
+            uri=_uri(name, path), mime_type=mime, blob=base64.b64encode(raw).decode()))
 
     async def _tool_write_file(self, ctx: Any, args: ToolArgs) -> types.CallToolResult:
         session, _ = await self._workspace(ctx, args.session)
@@ -342,30 +353,51 @@ async def _handshake_only(ctx: Any, params: Any) -> Any:
     raise MCPError(types.METHOD_NOT_FOUND, "this server speaks the initialize handshake (sessions keep kernels)")
 
 
-def fit_image(data: bytes, mime: str, b64_cap: int) -> tuple[bytes | None, str]:
+# what the scaler decodes: the three formats kernels' plots come in, each only as what it is labelled
+IMAGE_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF"}
+_DECODING = threading.BoundedSemaphore(2)  # at most two images decoded at once, server-wide
+
+
+class ImageRefused(ValueError):
+    """An image from the sandbox that the server will not decode: another format than its label,
+    or more pixels than allowed."""
+
+
+def fit_image(data: bytes, mime: str, b64_cap: int, max_pixels: int = 16_000_000) -> tuple[bytes | None, str]:
     """``data`` as is when its base64 fits ``b64_cap``; else scaled down (PNG, then JPEG) until it
-    does; None when even a small thumbnail does not."""
+    does; None when even a small thumbnail does not. The bytes come from the sandbox: only the
+    format of ``mime`` is decoded, and only up to ``max_pixels`` (checked from the header, before
+    decoding), else ``ImageRefused``."""
     if len(data) * 4 // 3 + 4 <= b64_cap:
         return data, mime
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    budget = b64_cap * 3 // 4
-    scale = min(1.0, (budget / len(data)) ** 0.5)
-    for _ in range(8):
-        size = (max(int(image.width * scale), 16), max(int(image.height * scale), 16))
-        small = image.resize(size, Image.LANCZOS)
-        for fmt, out_mime in (("PNG", "image/png"), ("JPEG", "image/jpeg")):
-            buf = io.BytesIO()
-            if fmt == "JPEG":
-                small.convert("RGB").save(buf, fmt, quality=80, optimize=True)
-            else:
-                small.save(buf, fmt, optimize=True)
-            if buf.tell() <= budget:
-                return buf.getvalue(), out_mime
-        scale *= 0.7
+    fmt = IMAGE_FORMATS.get(mime)
+    if fmt is None:
+        raise ImageRefused(f"{mime} images are not scaled")
+    with _DECODING:
+        try:
+            image = Image.open(io.BytesIO(data), formats=[fmt])
+            if image.width * image.height > max_pixels:
+                raise ImageRefused(f"{image.width}x{image.height} is more than {max_pixels:,} pixels")
+            image.load()
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as exc:
+            raise ImageRefused(f"not a readable {fmt} image ({type(exc).__name__})") from None
+        budget = b64_cap * 3 // 4
+        scale = min(1.0, (budget / len(data)) ** 0.5)
+        for _ in range(8):
+            size = (max(int(image.width * scale), 16), max(int(image.height * scale), 16))
+            small = image.resize(size, Image.LANCZOS)
+            for out_fmt, out_mime in (("PNG", "image/png"), ("JPEG", "image/jpeg")):
+                buf = io.BytesIO()
+                if out_fmt == "JPEG":
+                    small.convert("RGB").save(buf, out_fmt, quality=80, optimize=True)
+                else:
+                    small.save(buf, out_fmt, optimize=True)
+                if buf.tell() <= budget:
+                    return buf.getvalue(), out_mime
+            scale *= 0.7
     return None, mime
 
 
-__all__ = ["JupyboxMcp", "McpLimits", "McpSessions", "fit_image"]
+__all__ = ["ImageRefused", "JupyboxMcp", "McpLimits", "McpSessions", "fit_image"]

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import shutil
 import sys
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -20,7 +19,8 @@ from pathlib import Path
 
 from interpreter import ConversationService, Event, InterpreterSettings, ModelSettings, get_format
 from interpreter.llm import DEFAULT_MODEL
-from sandbox import SandboxSettings, SessionManager
+from sandbox import JupyboxError, SandboxSettings, SessionManager
+from sandbox.errors import QuotaExceeded
 from sandbox.workspace import WorkspaceFile
 
 KEY, SOURCE = "terminal", "terminal"
@@ -106,15 +106,20 @@ async def save_outputs(service: ConversationService, out: Path, notebook: Path |
     dest = out / chat.conversation.id
 
     def copy() -> int:
-        copied = 0
+        """Each file bounded, and all of them within the workspace's quota: the sandbox can make
+        sparse files that claim any size, and each copy here costs the host's disk what it holds."""
+        copied, budget = 0, ws.limits.workspace_bytes if ws is not None else 0
         for f in ws.list() if ws is not None else []:
             before = uploaded.get(f.path)
             if before is not None and (before.size, before.modified) == (f.size, f.modified):
                 continue
             target = dest / f.path
             target.parent.mkdir(parents=True, exist_ok=True)
-            with ws.open(f.path) as src, target.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
+            try:
+                budget -= ws.copy_to(f.path, target, max_bytes=min(ws.limits.file_bytes, budget))
+            except QuotaExceeded as exc:
+                print(f"[not saved: {exc}]", file=sys.stderr)
+                continue
             copied += 1
         return copied
 
@@ -189,7 +194,11 @@ async def chat(args: argparse.Namespace, settings: SandboxSettings) -> int:
             if not line:
                 continue
             if line.startswith("/save "):
-                data = await service.save(KEY)
+                try:
+                    data = await service.save(KEY)
+                except JupyboxError as exc:  # e.g. files over the quota: the conversation goes on
+                    print(f"[not saved: {exc}]", file=sys.stderr)
+                    continue
                 Path(line[6:].strip()).write_text(json.dumps(data, ensure_ascii=False))
                 continue
             if line.startswith("/load "):

@@ -32,7 +32,9 @@ import gradio as gr  # noqa: E402
 import nbformat  # noqa: E402
 
 from interpreter import FORMATS, Chat, Conversation, ConversationService, InterpreterSettings, get_format  # noqa: E402
-from sandbox import JupyboxError, Workspace  # noqa: E402
+from sandbox import Execution, JupyboxError, Workspace  # noqa: E402
+from sandbox.errors import QuotaExceeded  # noqa: E402
+from sandbox.workspace import WorkspaceFile  # noqa: E402
 
 from .services import Services  # noqa: E402
 from .web_guard import UploadCache  # noqa: E402
@@ -91,7 +93,9 @@ class Tab:
     key: str
     folder: Path  # below which the tab's served copies are made
     history: list[dict] = field(default_factory=list)
-    copies: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # path -> (size, mtime) the copy was made of, and the bytes it holds on the host
+    copies: dict[str, tuple[int, float, int]] = field(default_factory=dict)
+    refused: dict[str, tuple[int, float]] = field(default_factory=dict)  # not served: over the budget
     _served: Path | None = None
 
     @property
@@ -108,9 +112,19 @@ class Tab:
 
     def forget_files(self) -> None:
         self.copies.clear()
+        self.refused.clear()
         if self._served is not None:
             shutil.rmtree(self._served, ignore_errors=True)
             self._served = None
+
+    def forget_missing(self, present: set[str]) -> None:
+        """Drop the copies of files no longer in the workspace (their bytes no longer count)."""
+        for name in [n for n in self.copies if n not in present]:
+            del self.copies[name]
+            if self._served is not None:
+                (self._served / name).unlink(missing_ok=True)
+        for name in [n for n in self.refused if n not in present]:
+            del self.refused[name]
 
     def __deepcopy__(self, memo: dict) -> Tab:
         return self  # Gradio copies state values; a tab owns live resources and is never copied
@@ -155,23 +169,50 @@ class WebUI:
         return self.service.open(tab.conversation_key, "web", fmt=fmt if fmt in FORMATS else None)
 
     # -- files ------------------------------------------------------------------------------
-    def served_copy(self, tab: Tab, ws: Workspace, name: str) -> str | None:
-        """A copy of a workspace file where Gradio may serve it from (the tab's folder). Read
-        through the workspace, so a symlink planted by the sandboxed code is refused. Blocking."""
+    def served_copies(self, tab: Tab, ws: Workspace, files: list[WorkspaceFile]) -> list[str | None]:
+        """Copies of workspace files where Gradio may serve them from (the tab's folder), in order;
+        None for a file not served. Read through the workspace, so a symlink planted by the
+        sandboxed code is refused, and bounded in the bytes really written (the sandbox's sparse
+        files can claim any size): each file by ``file_bytes``, a tab's copies together by the
+        workspace's quota, and all of the page's files by the UI cache's limit. Blocking."""
+        room = self.cache.limit_bytes - self.cache.usage()
+        out = []
+        for info in files:
+            held = sum(c[2] for n, c in tab.copies.items() if n != info.path)
+            cap = min(ws.limits.file_bytes, ws.limits.workspace_bytes - held, room)
+            path, written = self._served_copy(tab, ws, info, cap)
+            room -= written
+            out.append(path)
+        return out
+
+    def _served_copy(self, tab: Tab, ws: Workspace, info: WorkspaceFile, cap: int) -> tuple[str | None, int]:
+        """One file of ``served_copies``, at most ``cap`` bytes; the bytes this call wrote."""
+        name, version = info.path, (info.size, info.modified)
         dest = tab.served / name
+        copied = tab.copies.get(name)
+        if copied is not None and copied[:2] == version and dest.exists():
+            return str(dest), 0
+        if tab.refused.get(name) == version:
+            return None, 0
         try:
-            info = next((f for f in ws.list() if f.path == name), None)
-            if info is None:
-                return None
-            if tab.copies.get(name) != (info.size, info.modified) or not dest.exists():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with ws.open(name) as src, dest.open("wb") as out:
-                    shutil.copyfileobj(src, out)
-                tab.copies[name] = (info.size, info.modified)
-            return str(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            written = ws.copy_to(name, dest, max_bytes=max(cap, 0))
+        except QuotaExceeded as exc:
+            log.info("not serving %s to the page: %s", name, exc)
+            tab.copies.pop(name, None)
+            tab.refused[name] = version
+            return None, 0
         except (JupyboxError, OSError) as exc:
             log.warning("cannot serve %s: %s", name, exc)
-            return None
+            return None, 0
+        tab.copies[name] = (*version, written)
+        tab.refused.pop(name, None)
+        return str(dest), written
+
+    def served_images(self, tab: Tab, ws: Workspace, execution: Execution) -> list[str | None]:
+        """``served_copies`` of the images an execution wrote, in order."""
+        files = {f.path: f for f in ws.list()}
+        return self.served_copies(tab, ws, [files[i.path] for i in execution.images if i.path in files])
 
     async def file_list(self, tab: Tab) -> list[str]:
         ws = await self.service.workspace(tab.conversation_key)
@@ -179,8 +220,9 @@ class WebUI:
             return []
 
         def copies() -> list[str]:
-            paths = [self.served_copy(tab, ws, f.path) for f in ws.list()]
-            return [p for p in paths if p]
+            files = ws.list()
+            tab.forget_missing({f.path for f in files})
+            return [p for p in self.served_copies(tab, ws, files) if p]
 
         return await asyncio.to_thread(copies)
 
@@ -292,8 +334,7 @@ class WebUI:
                 if event.type == "execution" and event.execution is not None and event.execution.images:
                     ws = await self.service.workspace(tab.conversation_key)
                     if ws is not None:
-                        shown = await asyncio.to_thread(
-                            lambda ex=event.execution: [self.served_copy(tab, ws, i.path) for i in ex.images])
+                        shown = await asyncio.to_thread(self.served_images, tab, ws, event.execution)
                         view.show_images([p for p in shown if p])
                 now = time.monotonic()
                 if event.type != "text_delta" or now - last >= STREAM_INTERVAL_S:

@@ -162,7 +162,8 @@ class BwrapBackend(Backend):
                     "unshare", "--user", f"--map-user={self.uid}", f"--map-group={self.gid}", "--keep-caps", "--",
                     "setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--"]
         address_space = _capped(resource.RLIMIT_AS, (lim.memory_mb + AS_HEADROOM_MB) * 2**20)
-        return [*drop, "prlimit", f"--as={address_space}", f"--nproc={_capped(resource.RLIMIT_NPROC, lim.pids)}", "--"]
+        return [*drop, "prlimit", f"--as={address_space}", f"--nproc={_capped(resource.RLIMIT_NPROC, lim.pids)}",
+                f"--fsize={_capped(resource.RLIMIT_FSIZE, lim.file_bytes)}", "--"]
 
     def _sandbox_args(self, spec: KernelSpec | None, fds: list[int]) -> list[str]:
         lim = spec.limits if spec else self.settings.limits

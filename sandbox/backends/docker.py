@@ -2,7 +2,7 @@
 
 No network, read-only root, tmpfs /tmp (nosuid, nodev, noexec), every capability dropped,
 no-new-privileges, a seccomp profile without io_uring (``sandbox/seccomp.py``), memory (no extra
-swap), CPU, pids, open-file and core-size limits, a non-root user; the kernel's channels are ZMQ
+swap), CPU, pids, open-file, file-size and core-size limits, a non-root user; the kernel's channels are ZMQ
 Unix sockets in a bind-mounted per-session folder, so no port is opened anywhere. ``docker_runtime="runsc"`` runs the
 same container under gVisor.
 """
@@ -107,7 +107,9 @@ class DockerBackend(Backend):
             tmpfs={"/tmp": f"rw,nosuid,nodev,noexec,size={lim.tmp_mb}m,mode=1777"},
             cap_drop=["ALL"],
             security_opt=["no-new-privileges", seccomp.security_opt()],
-            ulimits=[Ulimit(name="nofile", soft=NOFILE, hard=NOFILE), Ulimit(name="core", soft=0, hard=0)],
+            # fsize: no file the code writes, sparse or not, is larger than a workspace file may be
+            ulimits=[Ulimit(name="nofile", soft=NOFILE, hard=NOFILE), Ulimit(name="core", soft=0, hard=0),
+                     Ulimit(name="fsize", soft=lim.file_bytes, hard=lim.file_bytes)],
             mem_limit=f"{lim.memory_mb}m",
             memswap_limit=f"{lim.memory_mb}m",
             nano_cpus=int(lim.cpus * 1e9),

@@ -1,0 +1,216 @@
+"""Bytes a sandbox makes are never trusted by the server process: sparse files that claim any size,
+files that change while the server reads them, images labelled as one format and made of another,
+or with more pixels than any plot needs. Each test attacks a real kernel in a real container, or the
+real server through its official client, the way the attack would go."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox import Limits, QuotaExceeded, SessionManager
+from tests.conftest import docker_settings
+from tests.scripted_model import ScriptedModel, scripted_settings
+from tests.test_mcp import TOKEN, mcp_client, text
+from tests.test_server_security import Server
+from ui.services import ServeSettings
+
+JUPYBOX = str(Path(sys.executable).parent / "jupybox")
+MB = 1_000_000
+
+
+def disk_bytes(folder: Path) -> int:
+    """What the files below ``folder`` really take on the host's disk (blocks, not claimed sizes)."""
+    return sum(os.lstat(os.path.join(d, f)).st_blocks * 512 for d, _, files in os.walk(folder) for f in files)
+
+
+async def test_code_cannot_make_a_file_larger_than_a_workspace_file(docker_manager: SessionManager) -> None:
+    session = await docker_manager.create(limits=Limits(file_bytes=10 * MB, workspace_bytes=30 * MB))
+    try:
+        ex = await session.execute(
+            "import errno\nfor size in (10**13, 10 * 10**6 + 1, 10 * 10**6):\n"
+            "    try:\n        open(f's{size}.bin', 'wb').truncate(size)\n        print(size, 'made')\n"
+            "    except OSError as exc:\n        print(size, errno.errorcode[exc.errno])\n")
+        assert ex.stdout.splitlines() == ["10000000000000 EFBIG", "10000001 EFBIG", "10000000 made"], ex.text()
+        ex = await session.execute("with open('grow.bin', 'wb') as f:\n    f.write(b'x' * (11 * 10**6))")
+        assert "File too large" in ex.text()
+    finally:
+        await session.close()
+
+
+async def test_the_host_reads_and_copies_at_most_the_bound_whatever_the_file_claims(
+        docker_manager: SessionManager, tmp_path: Path) -> None:
+    """A sparse file at the bound costs the host that many bytes at most, a read larger than the
+    caller's bound is refused without reading on, and a file that grows while it is read is cut."""
+    session = await docker_manager.create(limits=Limits(file_bytes=10 * MB, workspace_bytes=30 * MB))
+    try:
+        await session.execute("open('sparse.bin', 'wb').truncate(10 * 10**6)\nopen('small.txt', 'w').write('hi')")
+        ws = session.workspace
+        assert ws.read("small.txt", max_bytes=2) == b"hi"
+        with pytest.raises(QuotaExceeded, match="larger than 1,000 bytes"):
+            ws.read("sparse.bin", max_bytes=1000)
+        with pytest.raises(QuotaExceeded):
+            ws.copy_to("sparse.bin", tmp_path / "copy.bin", max_bytes=MB)
+        assert not (tmp_path / "copy.bin").exists()  # no partial copy left
+        assert ws.copy_to("sparse.bin", tmp_path / "copy.bin") == 10 * MB
+    finally:
+        await session.close()
+
+
+def test_ask_saves_no_more_than_the_workspace_quota_of_sparse_files(sandbox_image: str, tmp_path: Path) -> None:
+    """Eight sparse files claiming 9.9 MB each (79 MB, in a 30 MB workspace): `jupybox ask` copies
+    what fits the quota and says which it did not save."""
+    model = ScriptedModel().start()
+    model.enqueue("```python\nfor i in range(8):\n    open(f'sparse{i}.bin', 'wb').truncate(9_900_000)\nprint('made')\n```",
+                  "Made them.")
+    env = {**os.environ, "JUPYBOX_FILE_MB": "10", "JUPYBOX_WORKSPACE_MB": "30"}
+    try:
+        proc = subprocess.run([JUPYBOX, "ask", "make files", "--format", "fenced", "--openai-base-url", model.url,
+                               "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=180, env=env)
+    finally:
+        model.stop()
+    assert proc.returncode == 0, proc.stderr
+    saved = list((tmp_path / "out").glob("*/sparse*.bin"))
+    assert len(saved) == 3 and disk_bytes(tmp_path / "out") <= 30 * MB + (1 << 20)
+    assert proc.stderr.count("[not saved: ") == 5 and "Traceback" not in proc.stderr
+
+
+# -- MCP: images and read_file ---------------------------------------------------------------------
+def _png(width: int, height: int, noise: bool = False) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.random.default_rng(0).random((height, width, 3)) * 255).astype("uint8") if noise else None
+    image = Image.fromarray(pixels) if noise else Image.new("RGB", (width, height))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_the_image_scaler_decodes_only_the_labelled_format_and_a_bounded_size() -> None:
+    from PIL import Image
+
+    from ui.mcp import ImageRefused, fit_image
+
+    huge = _png(13000, 13000)  # ~0.5 MB of PNG, 169 million pixels (~500 MB decoded)
+    assert len(huge) < 2 * MB
+    with pytest.raises(ImageRefused, match="13000x13000 is more than"):
+        fit_image(huge, "image/png", 60_000)
+    tiff = io.BytesIO()
+    Image.new("RGB", (300, 300)).save(tiff, "TIFF")  # uncompressed: over the cap, so it would be decoded
+    with pytest.raises(ImageRefused, match="not a readable PNG"):
+        fit_image(tiff.getvalue(), "image/png", 60_000)
+    with pytest.raises(ImageRefused, match="not scaled"):
+        fit_image(tiff.getvalue(), "image/tiff", 60_000)
+    data, mime = fit_image(_png(900, 700, noise=True), "image/png", 60_000)
+    assert data is not None and len(base64.b64encode(data)) <= 60_000 and mime in ("image/png", "image/jpeg")
+
+
+@pytest.fixture(scope="module")
+def server(sandbox_image: str, jb_home: Path) -> Iterator[Server]:
+    """The app in this process (so its memory is this process's), MCP on loopback, 10 MB files."""
+    settings = ServeSettings(sandbox=docker_settings(jb_home / "bounds", instance="bounds-tests",
+                                                     limits=Limits(file_bytes=10 * MB, workspace_bytes=30 * MB)),
+                             api_token=TOKEN)
+    with Server(settings) as srv:
+        yield srv
+
+
+def peak_rss_reset() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from the current RSS
+
+
+def peak_rss() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
+def huge_png(side: int = 13000) -> bytes:
+    """A valid black PNG of ``side`` x ``side`` pixels in a few hundred KB (rows of zeros deflate well)."""
+    row = b"\x00" + b"\x00" * side  # filter byte, then one grey byte a pixel
+    data = zlib.compress(row * side, 9)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+async def test_a_huge_image_shown_through_mcp_is_refused_before_decoding(server: Server) -> None:
+    png = huge_png()
+    assert len(png) < MB
+    async with mcp_client(server) as client:
+        await client.call_tool("write_file", {"path": "huge.png", "content": base64.b64encode(png).decode(),
+                                              "encoding": "base64"})
+        peak_rss_reset()
+        before = peak_rss()
+        results = await asyncio.gather(*(client.call_tool("run_python", {"code": (
+            "from IPython.display import Image, display\ndisplay(Image(filename='huge.png'))")}) for _ in range(3)))
+        grown = peak_rss() - before
+    for result in results:
+        assert "is not shown: 13000x13000 is more than 16,000,000 pixels" in text(result), text(result)
+        assert not [c for c in result.content if c.type == "image"]
+    assert grown < 200 * MB, f"the server's peak memory grew by {grown / MB:.0f} MB"
+
+
+async def test_read_file_reads_no_more_than_a_tool_result_carries_while_the_file_flips(server: Server) -> None:
+    """A kernel thread flips a file between 1 byte and 9.9 MB (sparse) while read_file asks for it:
+    every answer is at most what a tool result carries (760 KB, under the official client's 1 MiB
+    event) or a refusal, never megabytes, and the server's memory stays flat."""
+    async with mcp_client(server) as client:
+        await client.call_tool("run_python", {"code": (
+            "import threading, time\nstop = False\ndef flip():\n    while not stop:\n"
+            "        open('flip.txt', 'w').write('x')\n        open('flip.txt', 'r+b').truncate(9_900_000)\n"
+            "threading.Thread(target=flip, daemon=True).start()")})
+        peak_rss_reset()
+        before = peak_rss()
+        sizes, refused = [], 0
+        for _ in range(30):
+            result = await client.call_tool("read_file", {"path": "flip.txt"})
+            if result.is_error:
+                assert "more than a tool result carries" in text(result), text(result)
+                refused += 1
+                continue
+            content = result.content[0]
+            sizes.append(len(content.text) if content.type == "text" else len(base64.b64decode(content.resource.blob)))
+        grown = peak_rss() - before
+        await client.call_tool("run_python", {"code": "stop = True"})
+    assert all(size <= 760_000 for size in sizes) and refused + len(sizes) == 30
+    assert grown < 100 * MB, f"the server's peak memory grew by {grown / MB:.0f} MB"
+
+
+# -- the browser UI's copies ---------------------------------------------------------------------
+def test_the_page_copies_no_more_than_the_workspace_quota_of_sparse_files(sandbox_image: str, jb_home: Path) -> None:
+    """Eight sparse files claiming 9.9 MB each in a 30 MB workspace, asked for through the page's
+    own API twice: the files panel serves what fits, and the host's UI folder holds at most the
+    quota twice over (the tab's copies, and Gradio's cache of what it returns), not 79 MB."""
+    from gradio_client import Client
+
+    model = ScriptedModel().start()
+    settings = ServeSettings(sandbox=docker_settings(jb_home / "bounds-ui", instance="bounds-ui-tests",
+                                                     limits=Limits(file_bytes=10 * MB, workspace_bytes=30 * MB)),
+                             model=scripted_settings(model))
+    make = "for i in range(8):\n    open(f'sparse{i}.bin', 'wb').truncate(9_900_000)\nprint('made')"
+    try:
+        with Server(settings, ui=True) as srv:
+            client = Client(srv.url + "/", verbose=False)
+            for _ in range(2):
+                model.enqueue(f"```python\n{make}\n```", "Made them.")
+                *_, (history, box, files) = client.submit({"text": "make files", "files": []}, "scripted-model",
+                                                          "fenced", 0.0, 6, 30, api_name="/ask")
+                assert len(files) == 3 and all(Path(f).name.startswith("sparse") for f in files)
+            held = disk_bytes(settings.sandbox.home / "ui")
+    finally:
+        model.stop()
+    assert held <= 2 * 30 * MB + (1 << 20), f"the UI folder holds {held / MB:.1f} MB"
