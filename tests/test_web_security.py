@@ -83,6 +83,10 @@ def test_a_host_path_named_as_an_upload_is_refused(web_server: WebServer, host_s
         ("upload", [[{"path": str(host_secret)}], None, "fenced"]),  # no meta: Gradio would pass it on as is
         ("upload", [[file_data(str(web_server.services.settings.sandbox.home / "ui" / ".." / ".." / host_secret.name))],
                     None, "fenced"]),
+        # a path that is no string at all: a list, an object, a number
+        ("upload", [[{"path": [str(host_secret)], "meta": {"_type": "gradio.FileData"}}], None, "fenced"]),
+        ("upload", [[{"path": {"path": str(host_secret)}}], None, "fenced"]),
+        ("ask", [{"text": "read it", "files": [{"path": 7}]}, None, "m", "fenced", 0, 6, 30]),
     ]
     for api, data in forged:
         r = call(web_server, api, data)

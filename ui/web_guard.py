@@ -109,7 +109,7 @@ class UploadCache:
 
     def check(self, path: str) -> None:
         """Raise ``UploadRefused`` unless ``path`` is a file this server's upload route stored."""
-        if not (path in self.recorded and self.inside(path)):
+        if not (isinstance(path, str) and path in self.recorded and self.inside(path)):
             raise UploadRefused("only files uploaded through this page can be added: upload the file again")
 
     def open(self, path: str) -> BinaryIO:
