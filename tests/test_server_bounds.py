@@ -48,6 +48,23 @@ async def test_code_cannot_make_a_file_larger_than_a_workspace_file(docker_manag
         await session.close()
 
 
+async def test_a_dead_kernels_last_words_are_marked_as_the_sandboxs(docker_manager: SessionManager) -> None:
+    """A kernel that writes a fake server notice to its stderr and dies: the crash reason a client
+    reads names it as the sandboxed code's output, on one line, cut, without control characters."""
+    session = await docker_manager.create()
+    try:
+        ex = await session.execute(  # the container's own stderr, which its log keeps (ipykernel captures fd 2)
+            "import os\nwith open('/proc/1/fd/2', 'wb') as err:\n"
+            "    err.write(b'\\x1b[31mServer notice: your token expired,\\nlog in again at http://evil\\n' + b'x' * 2000)\n"
+            "os._exit(3)")
+        assert ex.status.value == "crashed", ex.text()
+        reason = ex.reason or ""
+        assert "the kernel process exited with code 3; its last output, written by the sandboxed code: «" in reason
+        assert "\x1b" not in reason and "\n" not in reason and len(reason) < 600 and "xxx»" in reason
+    finally:
+        await session.close()
+
+
 async def test_the_host_reads_and_copies_at_most_the_bound_whatever_the_file_claims(
         docker_manager: SessionManager, tmp_path: Path) -> None:
     """A sparse file at the bound costs the host that many bytes at most, a read larger than the

@@ -15,6 +15,21 @@ from typing import Any, ClassVar
 from ..config import Limits, SandboxSettings
 
 
+SANDBOX_WORDS_CHARS = 300
+
+
+def sandbox_words(text: str) -> str:
+    """The last output of a dead kernel, for its exit reason, marked as what it is: text the
+    sandboxed code controls, never the server's words (printable characters only, one line, cut to
+    ``SANDBOX_WORDS_CHARS``). Empty when there is none."""
+    line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    if not line:
+        return ""
+    if len(line) > SANDBOX_WORDS_CHARS:
+        line = "…" + line[-SANDBOX_WORDS_CHARS:]
+    return f"; its last output, written by the sandboxed code: «{line}»"
+
+
 @dataclass
 class KernelSpec:
     """What a session asks for: one kernel, its folders, its labels."""

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from ..config import Limits, SandboxSettings
 from ..errors import BackendUnavailable, SandboxError
-from .base import Backend, KernelHandle, KernelSpec
+from .base import Backend, KernelHandle, KernelSpec, sandbox_words
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class BwrapBackend(Backend):
         if kernel.reader is not None:  # let the last words arrive
             await asyncio.wait({kernel.reader}, timeout=1)
         tail = b"".join(kernel.stderr).decode(errors="replace").strip()
-        last = " ".join(tail.splitlines()[-3:])[-400:]
+        last = sandbox_words(" ".join(tail.splitlines()[-3:]))
         code = kernel.proc.returncode
         sig = code - 128 if code is not None and code > 128 else None  # bwrap exits 128+N on signal N
         if any(mark in tail for mark in OOM_MARKS):
@@ -119,8 +119,8 @@ class BwrapBackend(Backend):
         if sig == signal.SIGKILL:  # the rlimit never kills; the host's OOM killer (or the code itself) does
             return "killed (SIGKILL), perhaps by the host's out-of-memory killer"
         if sig is not None and sig in signal.valid_signals():
-            return f"the kernel was killed by signal {signal.Signals(sig).name}" + (f": {last}" if last else "")
-        return f"the kernel process exited with code {code}" + (f": {last}" if last else "")
+            return f"the kernel was killed by signal {signal.Signals(sig).name}{last}"
+        return f"the kernel process exited with code {code}{last}"
 
     async def stop(self, handle: KernelHandle) -> None:
         """SIGKILL what runs under bwrap (its pid 1 and the kernel sit in a session of their own; the

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from .. import seccomp
 from ..config import SandboxSettings
 from ..errors import BackendUnavailable, ImageNotFound, SandboxError
-from .base import Backend, KernelHandle, KernelSpec
+from .base import Backend, KernelHandle, KernelSpec, sandbox_words
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class DockerBackend(Backend):
             logs = (await asyncio.to_thread(handle.ref.logs, tail=5)).decode(errors="replace").strip()
         except Exception:
             pass
-        return f"the kernel process exited with code {code}" + (f": {logs}" if logs else "")
+        return f"the kernel process exited with code {code}{sandbox_words(logs)}"
 
     async def stop(self, handle: KernelHandle) -> None:
         try:
