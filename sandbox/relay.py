@@ -240,11 +240,13 @@ class KernelRelay:
         size = sum(len(f) for f in frames)
         if size > self.max_client_message:
             raise KernelMessageTooLarge(f"the message is {size:,} bytes; the limit is {self.max_client_message:,}")
-        if msg.msg_type == "execute_request":
+        # counted as running only where the kernel answers it (execute on shell, shutdown on shell or
+        # control): one sent on another channel is never answered and would keep the session "in use"
+        if msg.msg_type == "execute_request" and msg.channel == "shell":
             self._running[msg.msg_id] = time.monotonic()
             self.budget.new_request(msg.msg_id)
-        elif msg.msg_type == "shutdown_request":  # the kernel exits: watched like a request, then replaced
-            self._running[msg.msg_id] = -time.monotonic()
+        elif msg.msg_type == "shutdown_request" and msg.channel in ("shell", "control"):
+            self._running[msg.msg_id] = -time.monotonic()  # the kernel exits: watched like a request, then replaced
         self.session.touch()
         try:
             await self._sockets[msg.channel].send_multipart(frames)

@@ -53,6 +53,23 @@ async def test_a_relay_and_the_json_api_share_a_kernel(docker_manager: SessionMa
         pass
 
 
+async def test_a_request_on_a_channel_that_never_answers_does_not_keep_the_session_in_use(
+        docker_manager: SessionManager) -> None:
+    """An execute request sent on stdin is never answered: counted as running, it kept the idle
+    reaper away from the session for ever."""
+    session = await docker_manager.create()
+    relay = await session.attach()
+    try:
+        for channel in ("stdin", "control"):
+            await relay.send(request("execute_request", {"code": "1", "silent": False}, channel=channel))
+        await relay.send(request("shutdown_request", {"restart": False}, channel="stdin"))
+        assert not relay.running and not session.busy
+        ex = await session.execute("print('still here')")  # the kernel was not shut down
+        assert ex.ok and ex.stdout == "still here\n"
+    finally:
+        await docker_manager.close(session.id)
+
+
 async def test_a_kernel_that_outlives_a_shutdown_request_is_replaced(
         docker_manager: SessionManager, monkeypatch: pytest.MonkeyPatch) -> None:
     """A kernel that answers a client's shutdown request but never exits (ipykernel can hang on
