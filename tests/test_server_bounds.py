@@ -231,3 +231,24 @@ def test_the_page_copies_no_more_than_the_workspace_quota_of_sparse_files(sandbo
     finally:
         model.stop()
     assert held <= 2 * 30 * MB + (1 << 20), f"the UI folder holds {held / MB:.1f} MB"
+
+
+# -- MCP: only the handshake era, sessions from the transport --------------------------------------
+@pytest.mark.parametrize("version", ["2026-07-28", "2099-01-01"])
+def test_mcp_requests_of_an_era_the_server_does_not_serve_are_refused(server: Server, version: str) -> None:
+    """A per-request-era call naming a made-up MCP session (or another client's) reached a kernel
+    and made sandboxes no MCP session owns: it is refused before any tool runs."""
+    import httpx
+
+    before = server.sessions()
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "run_python", "arguments": {"code": "print('reached')"},
+                       "_meta": {"io.modelcontextprotocol/protocolVersion": version,
+                                 "io.modelcontextprotocol/clientCapabilities": {}}}}
+    r = httpx.post(f"{server.url}/mcp", json=body, timeout=60, headers={
+        "Authorization": f"Bearer {TOKEN}", "MCP-Protocol-Version": version, "Mcp-Session-Id": "made-up-session",
+        "Mcp-Method": "tools/call", "Mcp-Name": "run_python",
+        "Accept": "application/json, text/event-stream"})
+    assert r.status_code == 400 and "reached" not in r.text, r.text
+    assert "initialize handshake" in r.json()["error"]["message"]
+    assert server.sessions() == before

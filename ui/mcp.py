@@ -10,7 +10,9 @@ sandbox session, per name the agent uses (``session``, "default" unless given): 
 the MCP session ends (the client's DELETE, the SDK's idle timeout, a crash: ``McpSessions``) or by
 the sandbox's idle TTL. Only the initialize-handshake era of the protocol is served:
 its 2026-07-28 per-request era has no session to keep a kernel in, so ``server/discover`` is
-refused and clients fall back to the handshake.
+refused and clients fall back to the handshake; a request carrying another era's
+``MCP-Protocol-Version`` is refused with a 400 before it is read (``McpSessions``), so every
+request's session is one the transport made and checked.
 
 Results are for a model to read: text capped with head and tail kept (and a count of what was
 dropped), a failing cell ``isError`` with its ANSI-free traceback, images as image content scaled
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import logging
 import mimetypes
 import re
@@ -37,6 +40,8 @@ import mcp_types as types
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.exceptions import MCPError
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+from starlette.types import Receive, Scope, Send
 
 from interpreter import ConversationService
 from sandbox import Execution, JupyboxError
@@ -334,6 +339,23 @@ class McpSessions(StreamableHTTPSessionManager):
     def __init__(self, adapter: JupyboxMcp, **options: Any) -> None:
         super().__init__(adapter.server, **options)
         self.adapter = adapter
+        self._inner, self.asgi_app = self.asgi_app, self._handshake_era_only  # what /mcp's route calls
+
+    async def _handshake_era_only(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Only the initialize-handshake era: there the SDK's transport checks that a request's
+        ``Mcp-Session-Id`` names a session it made, which is what ``_client_of`` relies on. A request
+        of another era (whose session header nothing checks) is refused before it is read."""
+        version = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"mcp-protocol-version"), None)
+        if scope["type"] == "http" and version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:
+            body = json.dumps({"jsonrpc": "2.0", "id": None, "error": {
+                "code": types.INVALID_REQUEST,
+                "message": (f"protocol version {version[:40]!r} is not served: jupybox keeps a kernel per MCP session "
+                            f"and serves the initialize handshake ({', '.join(HANDSHAKE_PROTOCOL_VERSIONS)})")}}).encode()
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self._inner(scope, receive, send)
 
     async def _discard_session(self, session_id: str, transport: Any) -> None:
         await super()._discard_session(session_id, transport)
