@@ -9,6 +9,7 @@ infrastructure around the code::
     │   ├── ImageNotFound            the sandbox image is missing: build it
     │   ├── SessionClosed            the session was closed (or reaped) and cannot execute any more
     │   └── CapacityError            the manager is at its session limit
+    │       └── ConnectionLimit      ... or a session, or the server, at its notebook-connection limit
     ├── LimitsError                  requested resource limits are invalid or above the server's
     ├── WorkspaceError               a file operation on a session workspace was refused
     │   ├── WorkspacePathError       the name escapes the workspace (``..``, absolute, NUL, symlink)
@@ -45,6 +46,10 @@ class SessionClosed(SandboxError):
 
 class CapacityError(SandboxError):
     """The manager already holds its maximum number of sessions."""
+
+
+class ConnectionLimit(CapacityError):
+    """A session, or the whole server, holds its maximum number of notebook connections (relays)."""
 
 
 class LimitsError(JupyboxError):

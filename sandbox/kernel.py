@@ -9,11 +9,13 @@ flood of output cannot grow this process's memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import queue
 import logging
 import re
+import resource
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -168,11 +170,24 @@ MAX_MESSAGE_BYTES = 16 << 20  # over the largest image (10 MB raw, base64) plus 
 RECEIVE_QUEUE = 32  # messages ZMQ holds for us while no execution is reading
 
 
+# libzmq's default of 1023 sockets is shared by every session's client and every notebook relay
+# (4 sockets each): sized with headroom, and the relays are capped well below it (``relay``)
+MAX_SOCKETS = 8192
+
+
 @functools.lru_cache(maxsize=1)
 def _bounded_context() -> zmq.asyncio.Context:
     """One ZMQ context whose sockets refuse oversized messages and queue few: what a kernel sends
-    between executions, or in one huge message, cannot grow this process's memory unboundedly."""
+    between executions, or in one huge message, cannot grow this process's memory unboundedly.
+    Its socket limit is ``MAX_SOCKETS`` (the process's open-file limit is raised to fit it where
+    the hard limit allows)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_SOCKETS * 2  # a socket holds a descriptor or two, and a connection one more
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
     ctx = zmq.asyncio.Context()
+    ctx.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
     ctx.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     ctx.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
     return ctx
@@ -188,7 +203,10 @@ class KernelClient:
 
     async def connect(self, timeout: float) -> None:
         """Start the channels and wait until the kernel answers and iopub delivers."""
-        self._client.start_channels(hb=False)
+        try:
+            self._client.start_channels(hb=False)
+        except zmq.ZMQError as exc:  # out of sockets or descriptors: this process's, not the kernel's
+            raise SandboxError(f"the server has no room for another kernel connection ({exc}): try again later") from None
         deadline = time.monotonic() + timeout
         while True:
             msg_id = self._client.kernel_info()

@@ -27,6 +27,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,6 +51,10 @@ MAX_CLIENT_MESSAGE_BYTES = 8 << 20  # a cell, a comm message with its buffers: f
 MAX_BUFFERS = 64
 MAX_ID_CHARS = 256
 QUEUE_MESSAGES = 64  # kernel messages held for a slow client; past it ZMQ's own small queues fill
+# relays (4 ZMQ sockets each) a session, and the whole process, may hold: far under the context's
+# MAX_SOCKETS, so sessions' own clients always find sockets (the reserve)
+MAX_RELAYS_PER_SESSION = 16
+MAX_RELAYS = 512
 # a kernel still alive this long after a client's shutdown request is replaced, as Jupyter's own
 # kernel manager kills one after its shutdown wait (5 s): ipykernel can hang on its way out
 SHUTDOWN_GRACE_S = 5.0
@@ -57,6 +62,12 @@ LIVENESS_CHECK_S = 1.0  # while a request runs and the kernel is silent, how oft
 IDLE_LIVENESS_S = 3.0  # with nothing running, how often (Jupyter Server's restarter polls every 3 s too)
 EndCause = Literal["client", "restart", "close", "failure"]  # who ended a relay
 _restarts: set[asyncio.Task] = set()  # kernel restarts a relay started; referenced until done
+_live: weakref.WeakSet[KernelRelay] = weakref.WeakSet()  # relays of this process not ended yet
+
+
+def open_relays() -> int:
+    """Relays of this process that have not ended (what ``MAX_RELAYS`` bounds)."""
+    return sum(1 for relay in list(_live) if not relay.closed)
 
 
 @dataclass
@@ -166,6 +177,7 @@ class KernelRelay:
         self._running: dict[str, float] = {}  # execute requests not answered yet -> when sent (negated: shutdowns)
         self._pump: asyncio.Task | None = None
         self._closed = False
+        _live.add(self)
 
     @property
     def running(self) -> bool:
@@ -184,7 +196,12 @@ class KernelRelay:
         base = f"{self._info['transport']}://{self._info['ip']}-"
         kinds = {"shell": zmq.DEALER, "control": zmq.DEALER, "stdin": zmq.DEALER, "iopub": zmq.SUB}
         for name, kind in kinds.items():
-            sock = ctx.socket(kind)
+            try:
+                sock = ctx.socket(kind)
+            except zmq.ZMQError as exc:  # out of sockets or descriptors: refused, never a 500
+                self.end("it never opened", "failure")
+                raise SandboxError(f"the server has no room for another kernel connection ({exc}): "
+                                   "try again later") from None
             sock.linger = 0
             if name in ("shell", "stdin"):  # the kernel routes input requests to the shell's identity
                 sock.setsockopt(zmq.IDENTITY, self._identity)

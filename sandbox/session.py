@@ -22,10 +22,10 @@ from pathlib import Path
 from . import diskfs
 from .backends.base import Backend, KernelHandle, KernelSpec
 from .config import Limits, SandboxSettings
-from .errors import SandboxError, SessionClosed, WorkspaceError
+from .errors import ConnectionLimit, SandboxError, SessionClosed, WorkspaceError
 from .kernel import KernelClient, OutputCollector, OutputCallback, RawResult, sockets_ready, write_connection_file
 from .models import Execution, ExecutionStatus, ImageFile, Output
-from .relay import KernelRelay
+from .relay import MAX_RELAYS, MAX_RELAYS_PER_SESSION, KernelRelay, open_relays
 from .workspace import Workspace, remove_tree
 
 log = logging.getLogger(__name__)
@@ -278,6 +278,11 @@ class Session:
                 if self._needs_restart or self._connection_info is None or not await self.kernel_alive():
                     await self._restart()
         assert self._connection_info is not None
+        if len(self._relays) >= MAX_RELAYS_PER_SESSION:
+            raise ConnectionLimit(f"this session already has {MAX_RELAYS_PER_SESSION} notebook connections: "
+                                  "close one first")
+        if open_relays() >= MAX_RELAYS:
+            raise ConnectionLimit(f"the server holds {MAX_RELAYS} notebook connections: try again later")
         relay = KernelRelay(self, self._connection_info, self.limits, allow_stdin=allow_stdin)
         self._relays.add(relay)  # before it opens: a restart meanwhile ends it, and open() says so
         await relay.open(self.settings.start_timeout_s)

@@ -252,3 +252,42 @@ def test_mcp_requests_of_an_era_the_server_does_not_serve_are_refused(server: Se
     assert r.status_code == 400 and "reached" not in r.text, r.text
     assert "initialize handshake" in r.json()["error"]["message"]
     assert server.sessions() == before
+
+
+# -- notebook connections: ZMQ sockets for everyone -----------------------------------------------------
+async def test_idle_notebook_connections_are_capped_and_new_sessions_still_start(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle kernels-API websockets from one client (4 ZMQ sockets each, one shared context) made
+    every new session, kernel and MCP call fail with "Too many open files". A session holds at most
+    16 (the 17th is refused with a 503 at the handshake), the server at most MAX_RELAYS (lowered
+    here to 20), and sessions and kernels still start past both."""
+    import httpx
+    import websockets
+
+    from sandbox import session as session_module
+
+    monkeypatch.setattr(session_module, "MAX_RELAYS", 20)
+    ws_url = server.url.replace("http://", "ws://")
+    headers = {"Authorization": f"token {TOKEN}"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=120) as api:
+        kernels = [api.post("/api/kernels", json={"name": "python3"}).json()["id"] for _ in range(2)]
+        opened = []
+        try:
+            for kernel_id, count in ((kernels[0], 16), (kernels[1], 4)):
+                for _ in range(count):
+                    opened.append(await websockets.connect(f"{ws_url}/api/kernels/{kernel_id}/channels",
+                                                           additional_headers=headers))
+            for kernel_id, says in ((kernels[0], "already has 16 notebook connections"),
+                                    (kernels[1], "holds 20 notebook connections")):
+                with pytest.raises(websockets.InvalidStatus) as refused:
+                    await websockets.connect(f"{ws_url}/api/kernels/{kernel_id}/channels", additional_headers=headers)
+                assert refused.value.response.status_code == 503 and says in refused.value.response.body.decode()
+            r = api.post("/api/sessions", json={})  # a new session and its kernel still start
+            assert r.status_code in (200, 201), r.text
+            ex = api.post(f"/api/sessions/{r.json()['id']}/execute", json={"code": "print(6 * 7)"}).json()
+            assert ex["outputs"][0]["text"] == "42\n"
+            api.delete(f"/api/sessions/{r.json()['id']}")
+        finally:
+            await asyncio.gather(*(ws.close() for ws in opened))  # each close takes ~2.4 s: at once
+            for kernel_id in kernels:
+                api.delete(f"/api/kernels/{kernel_id}")
