@@ -51,6 +51,9 @@ MAX_CLIENT_MESSAGE_BYTES = 8 << 20  # a cell, a comm message with its buffers: f
 MAX_BUFFERS = 64
 MAX_ID_CHARS = 256
 QUEUE_MESSAGES = 64  # kernel messages held for a slow client; past it ZMQ's own small queues fill
+QUEUE_BYTES = 16 << 20  # ... and their bytes: one largest message (MAX_MESSAGE_BYTES) fits
+RECEIVE_HWM = 2  # kernel messages ZMQ itself holds for a relay whose queue is full
+STALL_S = 30.0  # a client that reads nothing this long while its queue is full is disconnected
 # relays (4 ZMQ sockets each) a session, and the whole process, may hold: far under the context's
 # MAX_SOCKETS, so sessions' own clients always find sockets (the reserve)
 MAX_RELAYS_PER_SESSION = 16
@@ -80,6 +83,7 @@ class KernelMessage:
     metadata: dict[str, Any] = field(default_factory=dict)
     content: dict[str, Any] = field(default_factory=dict)
     buffers: list[bytes] = field(default_factory=list)
+    wire_bytes: int = field(default=0, repr=False, compare=False)  # its size as the kernel sent it
 
     @property
     def msg_type(self) -> str:
@@ -132,19 +136,24 @@ class RelayBudget:
         self._shared = [0, 0]
 
     def admit(self, msg: KernelMessage) -> tuple[bool, bool]:
-        """(pass it on, first drop for this request: time to say so)."""
-        if msg.channel != "iopub" or msg.msg_type not in OUTPUT_TYPES:
+        """(pass it on, first drop for this request: time to say so). Every iopub message is
+        charged (comm messages too, which widgets and hostile kernels alike can make large), but
+        a ``status`` is never dropped: clients need the idle that ends a request."""
+        if msg.channel != "iopub" or msg.msg_type == "status":
             return True, False
         used = self._requests.get(msg.parent_id, self._shared)
         c = msg.content
         if msg.msg_type in ("stream", "error"):
             kind, limit = 0, self.text_limit
             size = len(str(c.get("text", ""))) + sum(len(str(t)) for t in c.get("traceback", []) or [])
-        else:
+        elif msg.msg_type in OUTPUT_TYPES:
             kind, limit = 1, self.rich_limit
             data = c.get("data")
             size = sum(len(v) if isinstance(v, str) else len(_dumps({"v": v})) for v in data.values()) \
                 if isinstance(data, dict) else 0
+        else:  # comm messages, clear_output, execute_input...: their size on the wire
+            kind, limit = 1, self.rich_limit
+            size = msg.wire_bytes
         first_drop = used[kind] <= limit and used[kind] + size > limit
         used[kind] += size
         if used[kind] > limit:
@@ -173,6 +182,8 @@ class KernelRelay:
         self._identity = uuid.uuid4().hex.encode()
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._queue: asyncio.Queue[KernelMessage | None] = asyncio.Queue(QUEUE_MESSAGES)
+        self._queued_bytes = 0  # of the messages in the queue (QUEUE_BYTES bounds it)
+        self._room = asyncio.Event()  # set when the client reads
         self._own: set[str] = set()  # ids of the relay's own requests (the nudges): never forwarded
         self._running: dict[str, float] = {}  # execute requests not answered yet -> when sent (negated: shutdowns)
         self._pump: asyncio.Task | None = None
@@ -205,6 +216,7 @@ class KernelRelay:
             sock.linger = 0
             if name in ("shell", "stdin"):  # the kernel routes input requests to the shell's identity
                 sock.setsockopt(zmq.IDENTITY, self._identity)
+            sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
             if kind == zmq.SUB:
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
             sock.connect(base + str(self._info[f"{name}_port"]))
@@ -308,7 +320,11 @@ class KernelRelay:
         """The kernel's next message for the client, or ``None`` when this relay has ended."""
         if self._closed and self._queue.empty():
             return None
-        return await self._queue.get()
+        msg = await self._queue.get()
+        if msg is not None:
+            self._queued_bytes -= msg.wire_bytes
+        self._room.set()
+        return msg
 
     async def _run(self) -> None:
         poller = zmq.asyncio.Poller()
@@ -369,7 +385,8 @@ class KernelRelay:
             self.dropped_messages += 1
             log.debug("dropped a kernel message in session %s", self.session.id, exc_info=True)
             return None
-        return KernelMessage(channel, header, parent, metadata, content, buffers)
+        return KernelMessage(channel, header, parent, metadata, content, buffers,
+                             wire_bytes=sum(len(f.buffer) for f in frames))
 
     async def _deliver(self, msg: KernelMessage) -> None:
         parent = msg.parent_id
@@ -381,11 +398,34 @@ class KernelRelay:
         keep, first_drop = self.budget.admit(msg)
         if not keep:
             if first_drop:
-                await self._queue.put(self._note(msg, "[jupybox: further output of this request is dropped: "
-                                                 "it is over the session's output budget]\n"))
+                await self._enqueue(self._note(msg, "[jupybox: further output of this request is dropped: "
+                                                   "it is over the session's output budget]\n"))
             return
         self.session.touch()
-        await self._queue.put(msg)
+        await self._enqueue(msg)
+
+    async def _enqueue(self, msg: KernelMessage) -> None:
+        """Queue a message for the client within ``QUEUE_MESSAGES`` and ``QUEUE_BYTES``: wait while
+        the client reads; one that reads nothing for ``STALL_S`` while full is disconnected, so
+        what it left unread is given back (meanwhile ZMQ's small queues fill, then the kernel's
+        publisher drops for this connection alone)."""
+        while True:
+            self._room.clear()  # before the look: a read after it sets it again
+            if not (self._queue.full() or (self._queued_bytes and self._queued_bytes + msg.wire_bytes > QUEUE_BYTES)):
+                break
+            try:
+                await asyncio.wait_for(self._room.wait(), STALL_S)
+            except (asyncio.TimeoutError, TimeoutError):
+                waited = self._queued_bytes
+                while not self._queue.empty():  # given back now, not when the client's task ends
+                    self._queue.get_nowait()
+                self._queued_bytes = 0
+                self.end(f"the client read nothing for {STALL_S:.0f} s while {waited:,} bytes waited for it", "failure")
+                return
+            if self._closed:
+                return
+        self._queued_bytes += msg.wire_bytes
+        self._queue.put_nowait(msg)
 
     def _note(self, about: KernelMessage, text: str) -> KernelMessage:
         return KernelMessage("iopub", self._header("stream"), dict(about.parent_header), {},
@@ -414,7 +454,7 @@ class KernelRelay:
         servers do (``autorestarting``), then give the session a fresh kernel (the old one is
         stopped first); that ends this relay, and the client reconnects to the new kernel."""
         log.warning("the kernel of session %s %s", self.session.id, what)
-        await self._queue.put(KernelMessage("iopub", self._header("status"), {}, {},
+        await self._enqueue(KernelMessage("iopub", self._header("status"), {}, {},
                                             {"execution_state": "autorestarting"}))
         self._running.clear()
         task = asyncio.create_task(self.session.restart(self._info))  # once, whichever connection saw it first

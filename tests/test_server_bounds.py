@@ -291,3 +291,34 @@ async def test_idle_notebook_connections_are_capped_and_new_sessions_still_start
             await asyncio.gather(*(ws.close() for ws in opened))  # each close takes ~2.4 s: at once
             for kernel_id in kernels:
                 api.delete(f"/api/kernels/{kernel_id}")
+
+
+async def test_notebook_connections_that_do_not_read_cost_bounded_memory_and_are_closed(
+        docker_manager: SessionManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel floods 8 MB comm messages (never charged to the output budget before) at four
+    notebook connections that read nothing: each holds at most its byte bound, and is closed once
+    it has read nothing for the stall time, its queue given back."""
+    from sandbox import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "STALL_S", 3.0, raising=False)
+    session = await docker_manager.create(limits=Limits(memory_mb=1024))
+    relays = [await session.attach() for _ in range(4)]
+    try:
+        peak_rss_reset()
+        before = peak_rss()
+        ex = await session.execute(
+            "from ipykernel.comm import Comm\nc = Comm(target_name='flood', data={})\n"
+            "for _ in range(30):\n    c.send(data={'blob': 'x' * 8_000_000})\nprint('sent')", timeout=120)
+        assert ex.stdout == "sent\n", ex.text()
+        for _ in range(100):
+            if all(r.closed for r in relays):
+                break
+            await asyncio.sleep(0.1)
+        grown = peak_rss() - before
+        assert all(r.closed and "read nothing for 3 s" in (r.end_reason or "") for r in relays), \
+            [r.end_reason for r in relays]
+        # four relays at 16 MiB queued and two messages in ZMQ each, plus the session's own client
+        # parsing the flood (1.8 GB grown before: 64 messages a relay, comm messages uncharged)
+        assert grown < 700 * MB, f"the server's peak memory grew by {grown / MB:.0f} MB"
+    finally:
+        await session.close()
