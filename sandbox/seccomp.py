@@ -8,6 +8,10 @@ can read). The list covers what an unprivileged process could still reach (io_ur
 events, userfaultfd, the kernel keyring, namespaces, ptrace and cross-process memory access) and,
 as a second line behind the dropped capabilities, the privileged calls Docker's default denies.
 Only the host's native architecture is allowed at all, so 32-bit entry points cannot dodge a rule.
+
+gVisor (``runsc``, registered with ``--oci-seccomp``) applies the same profile inside its sandbox,
+less the ``clone3`` rule: its filter answers every denied call with EPERM whatever ``errnoRet``
+says, which would break thread creation, and its own kernel answers ``clone3`` with ENOSYS anyway.
 """
 
 from __future__ import annotations
@@ -42,12 +46,14 @@ ARCHITECTURES = {"x86_64": "SCMP_ARCH_X86_64", "amd64": "SCMP_ARCH_X86_64", "aar
                  "arm64": "SCMP_ARCH_AARCH64"}
 
 
-def profile(machine: str | None = None) -> dict[str, Any]:
-    """The profile as Docker's JSON format has it, for ``machine`` (default: this host's)."""
+def profile(machine: str | None = None, gvisor: bool = False) -> dict[str, Any]:
+    """The profile as Docker's JSON format has it, for ``machine`` (default: this host's), under
+    runc or (``gvisor``) runsc."""
     machine = (machine or platform.machine()).lower()
     denied = [*DENIED, *(X86_ONLY if machine in ("x86_64", "amd64") else ())]
-    rules: list[dict[str, Any]] = [{"names": denied, "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM},
-                                   {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS}]
+    rules: list[dict[str, Any]] = [{"names": denied, "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM}]
+    if not gvisor:
+        rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
     rules += [{"names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM,
                "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}]}
               for flag in NAMESPACE_FLAGS]
@@ -56,6 +62,7 @@ def profile(machine: str | None = None) -> dict[str, Any]:
 
 
 @cache
-def security_opt() -> str:
-    """The profile as a ``--security-opt`` value (the daemon takes the JSON itself)."""
-    return "seccomp=" + json.dumps(profile(), separators=(",", ":"))
+def security_opt(runtime: str | None = None) -> str:
+    """The profile as a ``--security-opt`` value (the daemon takes the JSON itself) for a Docker
+    ``runtime`` (None: the daemon's default, runc)."""
+    return "seccomp=" + json.dumps(profile(gvisor=runtime == "runsc"), separators=(",", ":"))

@@ -6,7 +6,9 @@
 #   2. registers it in /etc/docker/daemon.json (merged: other keys are kept) with the flags jupybox
 #      needs: --host-uds=all (the kernel's ZMQ ipc sockets live in a bind-mounted folder and must be
 #      reachable from the host), --platform=ptrace (works without KVM and inside VMs; the kvm
-#      platform can hang at start), --network=none (no network stack at all in the sandbox);
+#      platform can hang at start), --network=none (no network stack at all in the sandbox),
+#      --oci-seccomp (gVisor applies the container's seccomp profile, jupybox's deny list, inside
+#      the sandbox too; without it runsc ignores the profile);
 #   3. reloads dockerd's configuration with SIGHUP (running containers are not touched) and waits
 #      until `docker info` lists the runtime.
 #
@@ -43,7 +45,8 @@ try:
     config = json.loads(text) if text.strip() else {}
 except FileNotFoundError:
     config = {}
-wanted = {"path": binary, "runtimeArgs": ["--host-uds=all", f"--platform={platform}", "--network=none"]}
+wanted = {"path": binary,
+          "runtimeArgs": ["--host-uds=all", f"--platform={platform}", "--network=none", "--oci-seccomp"]}
 runtimes = config.setdefault("runtimes", {})
 if runtimes.get(name) == wanted:
     print("no")

@@ -106,7 +106,7 @@ class DockerBackend(Backend):
             read_only=True,
             tmpfs={"/tmp": f"rw,nosuid,nodev,noexec,size={lim.tmp_mb}m,mode=1777"},
             cap_drop=["ALL"],
-            security_opt=["no-new-privileges", seccomp.security_opt()],
+            security_opt=["no-new-privileges", seccomp.security_opt(spec.isolation or self.settings.docker_runtime)],
             # fsize: no file the code writes, sparse or not, is larger than a workspace file may be
             ulimits=[Ulimit(name="nofile", soft=NOFILE, hard=NOFILE), Ulimit(name="core", soft=0, hard=0),
                      Ulimit(name="fsize", soft=lim.file_bytes, hard=lim.file_bytes)],
