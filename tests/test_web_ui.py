@@ -201,6 +201,29 @@ def outside_host() -> Iterator[tuple[str, list[str]]]:
     server.server_close()
 
 
+def test_an_svg_figure_is_shown_in_the_chat(web_server: WebServer, browser) -> None:
+    """Gradio serves an SVG file as a download, so a kernel's SVG plot showed nothing in the chat:
+    it is shown inline as an image (an ``<img>`` never runs an SVG's script)."""
+    from playwright.sync_api import expect
+
+    blocked: list[str] = []
+    context, page = open_page(browser, web_server, blocked)
+    web_server.model.enqueue(
+        fenced("%config InlineBackend.figure_formats = ['svg']\nimport matplotlib.pyplot as plt\n"
+               "plt.plot([1, 3, 2])\nplt.title('an svg plot')\nplt.show()"), "Drawn as SVG.")
+    ask(page, "Plot three points as SVG.")
+    chat = page.locator("#jb-chat")
+    expect(chat).to_contain_text("Drawn as SVG.", timeout=30_000)
+    figure = chat.locator("img[alt='figure']").first
+    expect(figure).to_be_visible(timeout=10_000)
+    assert figure.get_attribute("src").startswith("data:image/svg+xml;base64,")
+    assert figure.evaluate("img => img.complete && img.naturalWidth > 100")
+    expect(listed(page, "fig-001.svg")).to_have_count(1)
+    shot(page, "svg-figure")
+    assert blocked == []
+    context.close()
+
+
 def test_shown_output_cannot_send_workspace_data_to_other_hosts(web_server: WebServer, browser,
                                                                 outside_host: tuple[str, list[str]]) -> None:
     """Kernel output and the model's answer are rendered as Markdown: an image from another host

@@ -38,7 +38,7 @@ from sandbox.workspace import WorkspaceFile  # noqa: E402
 
 from .services import Services  # noqa: E402
 from .web_guard import UploadCache  # noqa: E402
-from .web_render import ICON_CSS, TurnView, file_chip, notice_message, text  # noqa: E402
+from .web_render import ICON_CSS, TurnView, figure_content, file_chip, notice_message, text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +209,12 @@ class WebUI:
         tab.refused.pop(name, None)
         return str(dest), written
 
-    def served_images(self, tab: Tab, ws: Workspace, execution: Execution) -> list[str | None]:
-        """``served_copies`` of the images an execution wrote, in order."""
+    def shown_figures(self, tab: Tab, ws: Workspace, execution: Execution) -> list[dict]:
+        """The chat's content for the images an execution wrote (``figure_content`` of each served
+        copy), in order. Blocking."""
         files = {f.path: f for f in ws.list()}
-        return self.served_copies(tab, ws, [files[i.path] for i in execution.images if i.path in files])
+        paths = self.served_copies(tab, ws, [files[i.path] for i in execution.images if i.path in files])
+        return [figure_content(p) for p in paths if p]
 
     async def file_list(self, tab: Tab) -> list[str]:
         ws = await self.service.workspace(tab.conversation_key)
@@ -334,8 +336,7 @@ class WebUI:
                 if event.type == "execution" and event.execution is not None and event.execution.images:
                     ws = await self.service.workspace(tab.conversation_key)
                     if ws is not None:
-                        shown = await asyncio.to_thread(self.served_images, tab, ws, event.execution)
-                        view.show_images([p for p in shown if p])
+                        view.show_images(await asyncio.to_thread(self.shown_figures, tab, ws, event.execution))
                 now = time.monotonic()
                 if event.type != "text_delta" or now - last >= STREAM_INTERVAL_S:
                     last = now

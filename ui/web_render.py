@@ -21,6 +21,7 @@ from interpreter.formats.base import Format
 from sandbox.models import Execution, ExecutionStatus, Output
 
 TEXT_LIMIT = 20_000  # characters of one cell's text outputs shown in the page
+SVG_INLINE_BYTES = 2_000_000  # an SVG figure up to this size is shown inline (data URL), else offered as a file
 _PATHS = {  # 16x16 strokes, drawn in the icon's colour
     "ok": ("#1a7f37", "M3 8.5l3.2 3.2L13 4.8"),
     "error": ("#cf222e", "M4 4l8 8M12 4l-8 8"),
@@ -115,6 +116,18 @@ def cell_markdown(code: str, outputs: list[Output], execution: Execution | None)
     return "\n\n".join(parts)
 
 
+def figure_content(path: str) -> dict[str, str]:
+    """How the chat shows one figure (a served copy's path): the file, or an SVG inline as a
+    data-URL image. Gradio serves SVG files as downloads (a file can carry script), so the chat
+    would show none; an ``<img>`` never runs an SVG's script. Blocking (reads the copy)."""
+    if path.endswith(".svg"):
+        with open(path, "rb") as fh:
+            data = fh.read(SVG_INLINE_BYTES + 1)
+        if len(data) <= SVG_INLINE_BYTES:
+            return text(f"![figure](data:image/svg+xml;base64,{base64.b64encode(data).decode()})")
+    return {"path": path}
+
+
 class TurnView:
     """Applies one turn's events to ``history`` (a list of Chatbot message dicts) in place. The
     page's handler adds a cell's images (``show_images``) once it has made them servable."""
@@ -164,9 +177,10 @@ class TurnView:
         elif event.type == "notice":
             self.history.append(notice_message("info", event.text or ""))
 
-    def show_images(self, paths: list[str]) -> None:
-        if paths:
-            self.history.append({"role": "assistant", "content": [{"path": p} for p in paths]})
+    def show_images(self, figures: list[dict]) -> None:
+        """A cell's figures, each ``figure_content`` of its served copy."""
+        if figures:
+            self.history.append({"role": "assistant", "content": figures})
 
     def _show_prose(self, final: bool) -> None:
         shown = self.fmt.display(self._step_raw, final)
