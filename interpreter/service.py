@@ -151,7 +151,7 @@ class ConversationService:
         self.model_error = (
             f"The model is not available ({detail}). Configure one: pass --openai-base-url URL "
             "--openai-model NAME (or set OPENAI_BASE_URL / OPENAI_MODEL) for an OpenAI-compatible server "
-            "such as vLLM, or --model PATH (JUPYBOX_MODEL) for a local checkpoint on a GPU. "
+            "such as vLLM, or --model PATH (JUPYBOX_MODEL) for a local checkpoint (a GPU makes it fast). "
             "Code execution and files work without a model.")
         log.warning("%s", self.model_error)
 
