@@ -403,10 +403,10 @@ def test_a_notebook_kernel_can_ask_for_gvisor(gvisor_runtime: str, jupybox: Jupy
 
         async def talk() -> None:
             async with connect(jupybox.ws, kernel["id"], TOKEN, v1=True) as ws:
-                _, out = await Channels(ws, v1=True).execute(
-                    "import subprocess\nprint('Starting gVisor' in subprocess.run(['dmesg'], capture_output=True, "
-                    "text=True).stdout)")
-                assert text_of(out) == "True\n"
+                # gVisor's own kernel reports its own release, not the host's (its boot log, which
+                # dmesg printed, is closed by the syscall filter that now applies under gVisor too)
+                _, out = await Channels(ws, v1=True).execute("import os\nprint(os.uname().release)")
+                assert text_of(out).strip() not in ("", os.uname().release)
 
         asyncio.run(talk())
         assert jc.delete(f"/api/kernels/{kernel['id']}").status_code == 204

@@ -10,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from bench.qwen_v1 import random_state  # noqa: E402
 from interpreter.llm import fastpath  # noqa: E402
 from interpreter.llm.positions import QWEN_LOGN_POSITIONS, ntk_alpha  # noqa: E402
 
@@ -19,17 +20,7 @@ CONFIG = {"model_type": "qwen", "vocab_size": 64, "hidden_size": 32, "num_attent
 
 
 def tiny_qwen_v1(seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    d, f, v = CONFIG["hidden_size"], CONFIG["intermediate_size"] // 2, CONFIG["vocab_size"]
-    rand = lambda *shape: torch.randn(*shape, generator=gen) * 0.3  # noqa: E731
-    state = {"transformer.wte.weight": rand(v, d), "transformer.ln_f.weight": 1 + rand(d) * 0.1, "lm_head.weight": rand(v, d)}
-    for i in range(CONFIG["num_hidden_layers"]):
-        p = f"transformer.h.{i}."
-        state.update({p + "ln_1.weight": 1 + rand(d) * 0.1, p + "ln_2.weight": 1 + rand(d) * 0.1,
-                      p + "attn.c_attn.weight": rand(3 * d, d), p + "attn.c_attn.bias": rand(3 * d),
-                      p + "attn.c_proj.weight": rand(d, d), p + "mlp.w1.weight": rand(f, d),
-                      p + "mlp.w2.weight": rand(f, d), p + "mlp.c_proj.weight": rand(d, f)})
-    return state
+    return random_state(CONFIG, seed)
 
 
 def reference(state: dict[str, torch.Tensor], tokens: list[int], alpha: float) -> torch.Tensor:
