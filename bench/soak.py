@@ -153,13 +153,17 @@ class Soak:
             await api.delete(f"/api/sessions/{session}")
 
 
-async def attack(url: str, seconds: float) -> Counter[str]:
+ATTACKS = ("mcp", "idle", "flood", "sparse")
+
+
+async def attack(url: str, seconds: float, which: tuple[str, ...] = ATTACKS) -> Counter[str]:
     import httpx
 
     soak = Soak(url, time.monotonic() + seconds)
     async with httpx.AsyncClient(base_url=url, headers=soak.headers, timeout=120) as api:
-        results = await asyncio.gather(soak.mcp(), soak.idle_websockets(api), soak.flood(api), soak.sparse(api),
-                                       return_exceptions=True)
+        runs = {"mcp": soak.mcp, "idle": lambda: soak.idle_websockets(api), "flood": lambda: soak.flood(api),
+                "sparse": lambda: soak.sparse(api)}
+        results = await asyncio.gather(*(runs[name]() for name in which), return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):
             soak.counts[f"attack failed: {type(r).__name__}: {str(r)[:120]}"] += 1
@@ -170,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=180)
     p.add_argument("--every", type=float, default=5)
+    p.add_argument("--attacks", default=",".join(ATTACKS), help=f"which, comma-separated (default {','.join(ATTACKS)})")
     args = p.parse_args(argv)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -198,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         samples.append((0.0, *sample(proc.pid)))
 
         async def run() -> Counter[str]:
-            task = asyncio.create_task(attack(url, args.seconds))
+            task = asyncio.create_task(attack(url, args.seconds, tuple(args.attacks.split(","))))
             while not task.done():
                 await asyncio.sleep(args.every)
                 samples.append((time.monotonic() - started, *sample(proc.pid)))

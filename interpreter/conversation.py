@@ -17,10 +17,47 @@ from sandbox.models import Execution
 from .llm.base import Message, ToolCall
 
 
+# what a conversation keeps of its cells' outputs (images are saved in the workspace as well):
+# past it, the oldest cells keep their plain text only (``slim``), so a long session cannot grow
+# the server's memory without bound
+KEPT_OUTPUT_BYTES = 32 << 20
+SLIM_TEXT_CHARS = 2000
+
+
 @dataclass
 class Cell:
     code: str
     execution: Execution
+
+    def output_bytes(self) -> int:
+        """Roughly what its outputs hold in memory: text and MIME bundles."""
+        total = 0
+        for out in self.execution.outputs:
+            total += len(out.text or "") + sum(len(t) for t in out.traceback or [])
+            total += sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for v in (out.data or {}).values())
+        return total
+
+    def slim(self) -> None:
+        """Keep only each output's plain text, cut to ``SLIM_TEXT_CHARS``, with a note where more
+        was there: the rich representations (images, HTML) are dropped."""
+        for out in self.execution.outputs:
+            if out.data:
+                plain = out.data.get("text/plain")
+                dropped = [m for m in out.data if m != "text/plain"]
+                out.data = {"text/plain": _cut(str(plain))} if plain is not None else {}
+                if dropped:
+                    out.data["text/plain"] = out.data.get("text/plain", "") + f"[{', '.join(dropped)} not kept]"
+            if out.text:
+                out.text = _cut(out.text)
+            if out.traceback:
+                out.traceback = _cut("\n".join(out.traceback)).split("\n")
+
+
+def _cut(text: str) -> str:
+    if len(text) <= SLIM_TEXT_CHARS:
+        return text
+    half = SLIM_TEXT_CHARS // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half} characters not kept ...]\n{text[-half:]}"
 
 
 @dataclass
@@ -32,6 +69,21 @@ class Conversation:
     files: list[str] = field(default_factory=list)  # workspace names uploaded so far
     timeline: list[tuple[str, str | int]] = field(default_factory=list)  # (question|cell|answer, text or cell index)
     session_id: str | None = None  # the sandbox session; not saved
+    _kept: int = field(default=0, init=False, repr=False, compare=False)  # output bytes of the cells not slimmed
+    _slimmed: int = field(default=0, init=False, repr=False, compare=False)  # cells[:_slimmed] are slimmed
+
+    def add_cell(self, cell: Cell) -> int:
+        """Append a cell (its index); past ``KEPT_OUTPUT_BYTES`` of outputs, the oldest cells are
+        slimmed to their plain text (never the new one, which its callers are still given whole)."""
+        self.cells.append(cell)
+        self._kept += cell.output_bytes()
+        while self._kept > KEPT_OUTPUT_BYTES and self._slimmed < len(self.cells) - 1:
+            old = self.cells[self._slimmed]
+            before = old.output_bytes()
+            old.slim()
+            self._kept -= before
+            self._slimmed += 1
+        return len(self.cells) - 1
 
     # -- JSON --------------------------------------------------------------------------------
     def to_dict(self, file_bytes: dict[str, bytes] | None = None) -> dict[str, Any]:
@@ -48,7 +100,8 @@ class Conversation:
     def from_dict(cls, d: dict[str, Any]) -> tuple[Conversation, dict[str, bytes]]:
         conv = cls(format=d["format"], id=d["id"], files=list(d.get("files", [])))
         conv.messages = [_message_from(m) for m in d.get("messages", [])]
-        conv.cells = [Cell(c["code"], Execution.from_dict(c["execution"])) for c in d.get("cells", [])]
+        for c in d.get("cells", []):
+            conv.add_cell(Cell(c["code"], Execution.from_dict(c["execution"])))
         conv.timeline = [(k, v) for k, v in d.get("timeline", [])]
         data = {k: base64.b64decode(v) for k, v in d.get("file_data", {}).items()}
         return conv, data

@@ -179,8 +179,7 @@ class Interpreter:
                             execution = event.execution
                         yield event
                     assert execution is not None
-                    conv.cells.append(Cell(action.code, execution))
-                    conv.timeline.append(("cell", len(conv.cells) - 1))
+                    conv.timeline.append(("cell", conv.add_cell(Cell(action.code, execution))))
                     text = clip_tokens(execution.text(budget=s.observation_tokens * 8), s.observation_tokens,
                                        self.llm.count_tokens)
                     observations.append(self.format.observation(execution, text))

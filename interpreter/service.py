@@ -292,8 +292,7 @@ class ConversationService:
             async for item in items:
                 chat.last_used = time.monotonic()
                 if isinstance(item, Execution):
-                    chat.conversation.cells.append(Cell(code, item))
-                    chat.conversation.timeline.append(("cell", len(chat.conversation.cells) - 1))
+                    chat.conversation.timeline.append(("cell", chat.conversation.add_cell(Cell(code, item))))
                     event = Event("execution", execution=item)
                     for observer in self.observers:
                         observer.observe_event(event, chat.source)

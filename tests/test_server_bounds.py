@@ -322,3 +322,31 @@ async def test_notebook_connections_that_do_not_read_cost_bounded_memory_and_are
         assert grown < 700 * MB, f"the server's peak memory grew by {grown / MB:.0f} MB"
     finally:
         await session.close()
+
+
+# -- what a conversation keeps -------------------------------------------------------------------------
+async def test_a_long_session_keeps_bounded_outputs_of_its_cells(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every cell an MCP session ran kept its images' base64 in the server's memory for the
+    notebook export, however many cells: past the conversation's bound, the oldest cells keep
+    their plain text only; the newest stays whole, and the notebook still exports."""
+    import nbformat
+
+    from interpreter import conversation
+
+    monkeypatch.setattr(conversation, "KEPT_OUTPUT_BYTES", 1_500_000)
+    plot = ("import numpy as np\nimport matplotlib.pyplot as plt\nplt.figure(figsize=(7, 7), dpi=100)\n"
+            "plt.imshow(np.random.rand(300, 300))\nplt.show()\nprint('drawn')")
+    async with mcp_client(server) as client:
+        await client.call_tool("run_python", {"code": "print('start')", "session": "long"})
+        for _ in range(8):
+            assert "drawn" in text(await client.call_tool("run_python", {"code": plot, "session": "long"}))
+        chat = next(c for c in server.services.service.chats() if c.key.endswith(":long"))
+        cells = chat.conversation.cells
+        sizes = [c.output_bytes() for c in cells]
+        assert sizes[-1] > 300_000 and sum(sizes[:-1]) <= 1_500_000, sizes
+        oldest = [o for c in cells[1:4] for o in c.execution.outputs if o.data]
+        assert oldest and all(set(o.data) == {"text/plain"} and "image/png not kept" in o.data["text/plain"]
+                              for o in oldest)
+        assert any("image/png" in (o.data or {}) for o in cells[-1].execution.outputs)
+        assert cells[1].execution.outputs[-1].text == "drawn\n"  # plain text stays
+        nbformat.validate(chat.conversation.to_notebook())
