@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -230,7 +231,24 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|torchao|transformers|accelerate|optimum)")
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_large_buffers() -> None:
+    """Serve allocations of 1 MiB and more from their own mappings, given back to the system when
+    freed. Kernels send messages of up to 16 MiB; glibc's default threshold rises after each large
+    free, after which such buffers come from the heap, whose freed memory the process keeps (in
+    the soak, about 240 MB of resident memory that was no longer used). glibc only; a no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    return_large_buffers()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
