@@ -10,7 +10,8 @@ never assertions.
 * ``7b``: Qwen-7B-Chat-Int4's exact shapes and layout (GPTQ v1, group 128, ``seq_length`` 2048,
   dynamic NTK and log-n), random weights and a made-up 151,643-entry vocabulary (~5.5 GB written
   first; a GPU host): load time; decode tokens/s through the backend's ``stream`` (the streamer,
-  stop words and end ids included) against the decoder's own ``generate`` in the same run; whether a
+  stop words and end ids included) against the decoder's own ``generate`` in the same run, each as a
+  fraction of the bandwidth bound (weights read once per token at the measured copy bandwidth); whether a
   prompt 1.5x past ``seq_length`` gives finite logits; peak GPU memory.
 """
 
@@ -137,11 +138,21 @@ async def seven_b(root: Path, tokens: int) -> dict[str, Any]:
         total = time.perf_counter() - start
         rates[label] = {"tokens": n, "first_token_ms": round(first * 1e3, 1),
                         "decode_tokens_per_s": round((n - 1) / max(total - first, 1e-9), 1)}
+    bound = None
+    if fast.device.type == "cuda":
+        from bench.model import bound_tokens_per_s, copy_bandwidth
+
+        bandwidth = copy_bandwidth()
+        bound = {"copy_bandwidth_tb_s": round(bandwidth / 1e12, 2),
+                 "tokens_per_s": round(bound_tokens_per_s(fast, bandwidth, len(ids) + tokens // 2), 1)}
+        for rate in rates.values():
+            rate["of_bound"] = round(rate["decode_tokens_per_s"] / bound["tokens_per_s"], 3)
     long_ids = (ids * (3072 // len(ids) + 1))[:3072]  # 1.5x seq_length 2048
     logits = fast.prefill(torch.tensor(long_ids, device=fast.device))
     finite = bool(torch.isfinite(logits).all())
     out = {"shape": "7b", "device": str(fast.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
            "write_s": round(written, 1), "load_s": round(loaded, 1), "max_context": llm.max_context, "rates": rates,
+           "bandwidth_bound": bound,
            "stream_over_decoder": round(rates["backend stream (again)"]["decode_tokens_per_s"]
                                         / rates["decoder generate"]["decode_tokens_per_s"], 3),
            "long_prompt": {"tokens": len(long_ids), "ntk_alpha": fast._alpha, "finite_logits": finite},

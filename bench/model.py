@@ -117,7 +117,7 @@ def bench_fast(decoder: Any, label: str, tokens: list[int], report: dict[str, An
     import torch
 
     r: dict[str, Any] = report.setdefault("fast", {}).setdefault(label, {})
-    r["weight_gb"] = (sum(b.numel() * b.element_size() for n, b in decoder.named_buffers() if "cache" not in n)) / 1e9
+    r["weight_gb"] = weight_bytes(decoder) / 1e9
     positions = int(decoder.cos.shape[0])
     runnable = [n for n in sorted(tokens) if n + 1 <= positions]
     if len(runnable) < len(tokens):
@@ -286,16 +286,25 @@ def run_model_bench(args: Any) -> int:
     return 0
 
 
-def _bound(report: dict[str, Any], label: str, decoder: Any, tokens: list[int]) -> None:
-    """tokens/s if each step only read the weights once (embedding rows aside) and the KV cache up to
-    the mean context, at the measured copy bandwidth."""
+def weight_bytes(decoder: Any) -> int:
+    """Bytes of the decoder's weights (its caches aside)."""
+    return sum(b.numel() * b.element_size() for n, b in decoder.named_buffers() if "cache" not in n)
+
+
+def bound_tokens_per_s(decoder: Any, bandwidth: float, context: int) -> float:
+    """Decode tokens/s if each step only read the weights once (of the embedding, one row) and the KV
+    cache of ``context`` positions, at ``bandwidth`` bytes/s."""
     shape = decoder.shape
-    r = report["fast"][label]
-    weights = r["weight_gb"] * 1e9 - shape.vocab * shape.d_model * decoder.embed.element_size()  # one row is read
+    weights = weight_bytes(decoder) - shape.vocab * shape.d_model * decoder.embed.element_size()
     kv_per_token = 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * decoder.dtype.itemsize
-    bw = report["copy_bandwidth_tb_s"] * 1e12
+    return bandwidth / (weights + kv_per_token * context)
+
+
+def _bound(report: dict[str, Any], label: str, decoder: Any, tokens: list[int]) -> None:
+    """The bound at the mean context of each generation, at the measured copy bandwidth."""
+    r = report["fast"][label]
     for n in tokens:
-        r[f"bound_{n}"] = bw / (weights + kv_per_token * n / 2)
+        r[f"bound_{n}"] = bound_tokens_per_s(decoder, report["copy_bandwidth_tb_s"] * 1e12, n // 2)
 
 
 def render(r: dict[str, Any]) -> str:
