@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
@@ -188,6 +188,11 @@ class ConversationService:
     def chats(self) -> list[Chat]:
         return list(self._chats.values())
 
+    def chats_of(self, prefix: str) -> list[Chat]:
+        """The conversations whose keys start with ``prefix`` (a front end's own, e.g. one MCP
+        session's ``mcp:<id>:``), so that no front end keeps a registry of its own."""
+        return [c for c in self._chats.values() if c.key.startswith(prefix)]
+
     def by_session(self, session_id: str) -> Chat | None:
         return next((c for c in self._chats.values() if c.conversation.session_id == session_id), None)
 
@@ -271,11 +276,22 @@ class ConversationService:
     async def upload(self, key: str, source: str, name: str, data: bytes | BinaryIO) -> tuple[WorkspaceFile, str | None]:
         """Store a file in the conversation's workspace (off the event loop), to be announced to
         the model with the next question; the note as for ``session``."""
-        chat = self.open(key, source)
+        async def store(ws: Workspace) -> list[WorkspaceFile]:
+            return [await asyncio.to_thread(ws.write, name, data)]
+
+        stored, note = await self.receive(self.open(key, source), store)
+        return stored[0], note
+
+    async def receive(self, chat: Chat, store: Callable[[Workspace], Awaitable[list[WorkspaceFile]]],
+                      ) -> tuple[list[WorkspaceFile], str | None]:
+        """Files that ``store`` writes into the chat's workspace (a multipart body streamed in, one
+        file given whole), announced to the model with the next question like every upload; the
+        note as for ``session``."""
         session, note = await self.session(chat)
-        stored = await asyncio.to_thread(session.workspace.write, name, data)
-        if stored.path not in chat.pending:
-            chat.pending.append(stored.path)
+        stored = await store(session.workspace)
+        for f in stored:
+            if f.path not in chat.pending:
+                chat.pending.append(f.path)
         return stored, note
 
     # -- code without a model ---------------------------------------------------------------

@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException
 
-from interpreter import Event
-from sandbox import Execution, JupyboxError, Session
+from interpreter import Chat, Event
+from sandbox import Execution, JupyboxError, Session, Workspace, WorkspaceFile
 
 from .metrics import Metrics
 from .middleware import check_text
@@ -37,6 +37,7 @@ from .services import Services
 from .uploads import MultipartUpload
 
 log = logging.getLogger(__name__)
+SOURCE = "api"  # the label the service's observers count this front end's turns and executions by
 
 class FileNameConvertor(PathConvertor):
     """A workspace file name in a URL: like ``path``, but matching a name that holds a newline
@@ -149,17 +150,23 @@ def open_session(services: Services, session_id: str) -> Session:
     return services.manager.get(session_id)
 
 
-async def execution_events(session: Session, code: str, timeout: float | None,
-                           metrics: Metrics) -> AsyncIterator[dict[str, Any]]:
+def api_chat(services: Services, session_id: str) -> Chat:
+    """The conversation of an API session, made on first use and bound to it: its chat turns, the
+    code run through ``execute`` and the files uploaded all go through the conversation service,
+    so cells land in its notebook, uploads are announced to the model, and observers count once.
+    ``SessionClosed`` (404) when there is no such session."""
+    open_session(services, session_id)
+    return services.service.open(session_id, SOURCE, session_id=session_id)
+
+
+async def execution_events(services: Services, chat: Chat, code: str,
+                           timeout: float | None) -> AsyncIterator[dict[str, Any]]:
     """Outputs as they arrive, then the execution; a consumer that leaves interrupts the kernel."""
     try:
-        async with aclosing(session.stream(code, timeout)) as items:  # closed, so interrupted, when we are
-            async for item in items:
-                if isinstance(item, Execution):
-                    metrics.observe_execution(item, "api")
-                    yield Event("execution", execution=item).to_dict()
-                else:
-                    yield Event("output", output=item).to_dict()
+        # closed, so interrupted, when we are; the service records the cell and its observers count it
+        async with aclosing(services.service.execute(chat, code, timeout)) as events:
+            async for event in events:
+                yield event.to_dict()
     except JupyboxError as exc:
         yield Event("error", text=str(exc)).to_dict()
 
@@ -228,16 +235,19 @@ async def interrupt_session(request: Request, session_id: str) -> Response:
                               "content": {"application/json": {}, "text/event-stream": {}}}})
 async def execute(request: Request, session_id: str, body: ExecuteRequest,
                   stream: bool = Query(False, description="same as the body's stream")) -> Response:
-    s, metrics = services_of(request), metrics_of(request)
-    session = open_session(s, session_id)
+    s = services_of(request)
+    chat = api_chat(s, session_id)
     if body.stream or stream:
         async def events() -> AsyncIterator[bytes]:
-            async for event in execution_events(session, body.code, body.timeout_s, metrics):
+            async for event in execution_events(s, chat, body.code, body.timeout_s):
                 yield sse(event)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
-    execution: Execution = await session.execute(body.code, body.timeout_s)
-    metrics.observe_execution(execution, "api")
+    execution: Execution | None = None
+    async with aclosing(s.service.execute(chat, body.code, body.timeout_s)) as events:
+        async for event in events:
+            execution = event.execution if event.type == "execution" else execution
+    assert execution is not None  # the service's execute ends with the execution, or raises
     return JSONResponse(execution.to_dict())
 
 
@@ -248,9 +258,8 @@ async def execute(request: Request, session_id: str, body: ExecuteRequest,
                         409: {"description": "a turn is already running in this session"}})
 async def chat(request: Request, session_id: str, body: ChatRequest) -> Response:
     service = services_of(request).service
-    open_session(services_of(request), session_id)
-    service.open(session_id, "api", session_id=session_id)
-    turn = await service.turn(session_id, "api", body.message)
+    api_chat(services_of(request), session_id)
+    turn = await service.turn(session_id, SOURCE, body.message)
     if not body.stream:
         events = [e.to_dict() async for e in turn.events()]
         last = events[-1] if events else {"type": "error", "text": "no events"}
@@ -295,15 +304,19 @@ async def list_files(request: Request, session_id: str) -> FileList:
 async def upload_files(request: Request, session_id: str,
                        path: str | None = Query(None, description="store the (single) file under this name"),
                        ) -> FileList:
-    session = open_session(services_of(request), session_id)
-    upload = MultipartUpload(request, session.workspace, path)
-    try:
-        stored = await upload.receive()
-    finally:
-        await asyncio.to_thread(upload.cleanup)
-    usage = await asyncio.to_thread(session.workspace.usage)
-    return FileList(files=[FileInfo(**asdict(f)) for f in stored], usage=usage,
-                    quota=session.workspace.limits.workspace_bytes)
+    s = services_of(request)
+
+    async def receive(ws: Workspace) -> list[WorkspaceFile]:
+        upload = MultipartUpload(request, ws, path)
+        try:
+            return await upload.receive()
+        finally:
+            await asyncio.to_thread(upload.cleanup)
+
+    stored, _ = await s.service.receive(api_chat(s, session_id), receive)  # announced with the next turn
+    workspace = open_session(s, session_id).workspace
+    usage = await asyncio.to_thread(workspace.usage)
+    return FileList(files=[FileInfo(**asdict(f)) for f in stored], usage=usage, quota=workspace.limits.workspace_bytes)
 
 
 @router.get("/sessions/{session_id}/files/{name:filename}", summary="Download a file",

@@ -89,22 +89,25 @@ class JupyboxMcp:
             on_list_resources=self._list_resources, on_read_resource=self._read_resource)
         if handshake_only:  # over HTTP: sessions keep kernels (stdio has one client, either era does)
             self.server.add_request_handler("server/discover", types.RequestParams, _handshake_only)
-        self._names: dict[str, set[str]] = {}  # MCP session -> the names of its sandboxes
 
     # -- clients and their conversations ----------------------------------------------------
     def _key(self, ctx: Any, name: str) -> str:
         """The conversation key of sandbox ``name`` for this request's MCP session."""
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", name):
             raise ToolError(f"session names are 1-40 letters, digits, '.', '_' or '-'; got {name!r}")
-        client = _client_of(ctx)
-        self._names.setdefault(client, set()).add(name)
-        return f"mcp:{client}:{name}"
+        return f"{_prefix(_client_of(ctx))}{name}"
+
+    def _sandboxes(self, client: str) -> dict[str, str]:
+        """The names of an MCP session's sandboxes and their conversation keys: the service's
+        conversations under the session's prefix (no list of our own to drift from it)."""
+        prefix = _prefix(client)
+        return {c.key[len(prefix):]: c.key for c in self.service.chats_of(prefix)}
 
     async def session_ended(self, client: str) -> None:
         """Close every sandbox of an MCP session that ended (idempotent)."""
-        for name in self._names.pop(client, set()):
+        for name, key in self._sandboxes(client).items():
             try:
-                await self.service.close(f"mcp:{client}:{name}")
+                await self.service.close(key)
             except Exception:  # noqa: BLE001 - one sandbox's failure must not keep the others open
                 log.exception("closing the sandbox %r of MCP session %s", name, client)
 
@@ -230,12 +233,11 @@ class JupyboxMcp:
             uri=_uri(name, path), mime_type=mime, blob=base64.b64encode(raw).decode()))
 
     async def _tool_write_file(self, ctx: Any, args: ToolArgs) -> types.CallToolResult:
-        session, _ = await self._workspace(ctx, args.session)
         try:
             data = base64.b64decode(args.content, validate=True) if args.encoding == "base64" else args.content.encode()
         except ValueError:
             raise ToolError("content is not valid base64 (encoding='base64')") from None
-        stored = await asyncio.to_thread(session.workspace.write, args.path, data)
+        stored, _ = await self.service.upload(self._key(ctx, args.session), SOURCE, args.path, data)  # announced to `ask`
         return types.CallToolResult(content=[types.TextContent(
             text=f"wrote {stored.size:,} bytes to {stored.path} (the code sees /mnt/data/{stored.path})")])
 
@@ -246,9 +248,7 @@ class JupyboxMcp:
             text=f"session {args.session!r} has a fresh kernel: variables are gone, files are kept")])
 
     async def _tool_close_session(self, ctx: Any, args: ToolArgs) -> types.CallToolResult:
-        key = self._key(ctx, args.session)
-        self._names[_client_of(ctx)].discard(args.session)
-        await self.service.close(key)
+        await self.service.close(self._key(ctx, args.session))
         return types.CallToolResult(content=[types.TextContent(
             text=f"session {args.session!r} is closed: its kernel and files are gone")])
 
@@ -287,8 +287,8 @@ class JupyboxMcp:
     async def _list_resources(self, ctx: Any, params: Any) -> types.ListResourcesResult:
         client = _client_of(ctx)
         resources = []
-        for name in sorted(self._names.get(client, ())):
-            ws = await self.service.workspace(f"mcp:{client}:{name}")
+        for name, key in sorted(self._sandboxes(client).items()):
+            ws = await self.service.workspace(key)
             for f in await asyncio.to_thread(ws.list) if ws is not None else []:
                 resources.append(types.Resource(uri=_uri(name, f.path), name=f.path, size=f.size,
                                                 mime_type=mimetypes.guess_type(f.path)[0] or "application/octet-stream",
@@ -361,6 +361,11 @@ class McpSessions(StreamableHTTPSessionManager):
         await super()._discard_session(session_id, transport)
         with anyio.CancelScope(shield=True):
             await self.adapter.session_ended(session_id)
+
+
+def _prefix(client: str) -> str:
+    """The start of the conversation keys of an MCP session's sandboxes: ``mcp:<client>:<name>``."""
+    return f"{SOURCE}:{client}:"
 
 
 def _error(text: str) -> types.CallToolResult:
