@@ -114,9 +114,7 @@ class Interpreter:
         options = options or s
         executions = problems = 0
         try:
-            load = getattr(self.llm, "load", None)
-            if load is not None:
-                await load()  # a local model's context is known once it is loaded
+            await self.llm.load()  # a local model's context is known once it is loaded
             while True:
                 limit = self._prompt_limit(options)
                 request, prompt_tokens, dropped = self._fit(conv, options, limit)

@@ -117,7 +117,7 @@ class ConversationService:
         except Exception as exc:  # noqa: BLE001 - a model that cannot be made must not stop the service
             self._model_failed(exc)
             return
-        if getattr(llm, "load", None) is None:
+        if not llm.slow_to_load:  # a remote model: nothing to wait for
             self.llm, self.model_error = llm, None
             return
         self.model_loading = True
@@ -128,14 +128,12 @@ class ConversationService:
         """Make and load the model now (the terminal waits for it; the server does not)."""
         if self.llm is None:
             llm = await asyncio.to_thread(self.models.create)
-            load = getattr(llm, "load", None)
-            if load is not None:
-                await load()
+            await llm.load()
             self.llm, self.model_error = llm, None
 
     async def _load(self, llm: LLM) -> None:
         try:
-            await llm.load()  # type: ignore[attr-defined]
+            await llm.load()
         except Exception as exc:  # noqa: BLE001
             self._model_failed(exc)
             await llm.close()

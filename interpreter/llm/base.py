@@ -99,6 +99,12 @@ class LLM(abc.ABC):
     supports_tools: ClassVar[bool] = False
     supports_images: bool = False  # per model, so an instance attribute
     model_family: str = ""  # e.g. "qwen" — formats pick a default from it
+    slow_to_load: ClassVar[bool] = False  # ``load`` takes minutes: a server loads it in the background
+
+    async def load(self) -> None:
+        """Make the model ready (weights, tokenizer); idempotent. The conversation service calls it
+        once before the first turn, and the interpreter before each, since a local model knows its
+        ``context_tokens`` only once loaded. A remote model has nothing to load: the default."""
 
     @abc.abstractmethod
     def stream(self, request: GenerationRequest, cancel: asyncio.Event | None = None) -> AsyncIterator[Chunk]:

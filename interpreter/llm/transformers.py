@@ -150,6 +150,7 @@ class TransformersLLM(LLM):
     supports_prompt = True  # raw continuation: the Qwen ReAct format writes the ChatML itself
     supports_chat = True
     supports_tools = False
+    slow_to_load = True  # minutes for a 7B checkpoint
 
     def __init__(self, model: str, *, device_map: str | dict[str, Any] = "auto", dtype: str = "auto",
                  trust_remote_code: bool = False, max_context: int | None = None,
