@@ -12,7 +12,7 @@ from typing import Any
 
 import nbformat
 
-from sandbox.models import Execution
+from sandbox.models import Execution, clip
 
 from .llm.base import Message, ToolCall
 
@@ -44,20 +44,13 @@ class Cell:
             if out.data:
                 plain = out.data.get("text/plain")
                 dropped = [m for m in out.data if m != "text/plain"]
-                out.data = {"text/plain": _cut(str(plain))} if plain is not None else {}
+                out.data = {"text/plain": clip(str(plain), SLIM_TEXT_CHARS)} if plain is not None else {}
                 if dropped:
                     out.data["text/plain"] = out.data.get("text/plain", "") + f"[{', '.join(dropped)} not kept]"
             if out.text:
-                out.text = _cut(out.text)
+                out.text = clip(out.text, SLIM_TEXT_CHARS)
             if out.traceback:
-                out.traceback = _cut("\n".join(out.traceback)).split("\n")
-
-
-def _cut(text: str) -> str:
-    if len(text) <= SLIM_TEXT_CHARS:
-        return text
-    half = SLIM_TEXT_CHARS // 2
-    return f"{text[:half]}\n[... {len(text) - 2 * half} characters not kept ...]\n{text[-half:]}"
+                out.traceback = clip("\n".join(out.traceback), SLIM_TEXT_CHARS).split("\n")
 
 
 @dataclass

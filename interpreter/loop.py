@@ -20,7 +20,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from sandbox import JupyboxError, Session
-from sandbox.models import Execution, ExecutionStatus
+from sandbox.models import Execution, ExecutionStatus, clip
 
 from .conversation import Cell, Conversation
 from .events import Event
@@ -50,20 +50,6 @@ def _data_urls(execution: Execution) -> list[str]:
                 urls.append(f"data:{mime};base64,{out.data[mime]}")
                 break
     return urls
-
-
-def clip_tokens(text: str, budget: int, count) -> str:
-    """Keep the head and tail of ``text`` within ``budget`` tokens."""
-    n = count(text)
-    if n <= budget:
-        return text
-    keep = max(int(len(text) * budget / n * 0.9) // 2, 1)
-    while True:
-        cut = len(text) - 2 * keep
-        clipped = f"{text[:keep]}\n[... {cut} characters truncated ...]\n{text[-keep:]}"
-        if count(clipped) <= budget or keep <= 1:
-            return clipped
-        keep = int(keep * 0.8)
 
 
 def drop_oldest_turn(messages: list[Message]) -> bool:
@@ -178,8 +164,8 @@ class Interpreter:
                         yield event
                     assert execution is not None
                     conv.timeline.append(("cell", conv.add_cell(Cell(action.code, execution))))
-                    text = clip_tokens(execution.text(budget=s.observation_tokens * 8), s.observation_tokens,
-                                       self.llm.count_tokens)
+                    text = clip(execution.text(budget=s.observation_tokens * 8), s.observation_tokens,
+                                self.llm.count_tokens)
                     observations.append(self.format.observation(execution, text))
                     failed = failed or execution.status is not ExecutionStatus.OK
                     if self.llm.supports_images:

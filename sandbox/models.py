@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal
 
 OutputKind = Literal["stream", "result", "display", "error"]
@@ -138,10 +139,22 @@ class Execution:
         return cls(**d)
 
 
-def clip(text: str, budget: int) -> str:
-    """Keep the head and tail of ``text`` within ``budget`` characters, saying how much was cut."""
-    if len(text) <= budget:
+def clip(text: str, budget: int, measure: Callable[[str], int] = len) -> str:
+    """Keep the head and tail of ``text`` within ``budget`` (characters, or what ``measure``
+    counts, e.g. a model's tokens), with one marker saying how many characters were cut: the one
+    clipping of what a kernel printed, for every reader (a model, an MCP client, a notebook)."""
+    size = measure(text)
+    if size <= budget:
         return text
-    half = max(budget // 2, 1)
-    cut = len(text) - 2 * half
-    return f"{text[:half]}\n[... {cut} characters truncated ...]\n{text[-half:]}"
+    share = budget / size if measure is len else budget / size * 0.9  # tokens: a margin for uneven text
+    keep = max(int(len(text) * share) // 2, 1)
+    while True:
+        clipped = f"{text[:keep]}\n{clip_marker(len(text) - 2 * keep)}\n{text[-keep:]}"
+        if measure is len or keep <= 1 or measure(clipped) <= budget:
+            return clipped
+        keep = int(keep * 0.8)
+
+
+def clip_marker(cut: int) -> str:
+    """What stands where ``cut`` characters were taken out of the middle of a text."""
+    return f"[... {cut} characters truncated ...]"

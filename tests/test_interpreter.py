@@ -315,3 +315,14 @@ async def test_callers_at_once_share_one_new_session(service: ConversationServic
     assert len({session.id for session, _ in got}) == 1
     assert len([s for s in service.manager.list() if s.id == got[0][0].id]) == 1
     await service.close("together")
+    await service.close("together")
+
+
+async def test_a_long_output_reaches_the_model_clipped_once_with_one_marker(model: ScriptedModel,
+                                                                           service: ConversationService) -> None:
+    model.enqueue(code_reply("fenced", "print('a' * 3000 + 'MIDDLE' + 'z' * 3000)"),
+                  answer_reply("fenced", lambda o, b: o))
+    events = await ask(service, "print a lot", "fenced", observation_tokens=100)
+    seen = events[-1].text
+    assert re.fullmatch(r"a+\n\[\.\.\. \d+ characters truncated \.\.\.\]\nz+", seen), seen
+    assert service.llm.count_tokens(seen) <= 100

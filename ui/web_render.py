@@ -18,7 +18,7 @@ import re
 
 from interpreter import Event
 from interpreter.formats.base import Format
-from sandbox.models import Execution, ExecutionStatus, Output
+from sandbox.models import Execution, ExecutionStatus, Output, clip
 
 TEXT_LIMIT = 20_000  # characters of one cell's text outputs shown in the page
 SVG_INLINE_BYTES = 2_000_000  # an SVG figure up to this size is shown inline (data URL), else offered as a file
@@ -107,8 +107,7 @@ def merge_streams(outputs: list[Output]) -> list[Output]:
 def cell_markdown(code: str, outputs: list[Output], execution: Execution | None) -> str:
     parts = [fence(code)]
     body = "\n\n".join(p for p in (render_output(o) for o in merge_streams(outputs)) if p)
-    if len(body) > TEXT_LIMIT:
-        body = body[: TEXT_LIMIT // 2] + "\n\n*[… output shortened in the page …]*\n\n" + body[-TEXT_LIMIT // 2:]
+    body = clip(body, TEXT_LIMIT)
     if body:
         parts.append(body)
     if execution is not None:

@@ -22,9 +22,8 @@ from typing import Any
 from interpreter.formats.base import announce_files
 from interpreter.formats.react import IM_START, STOP, ReactFormat
 from interpreter.llm.base import LLM, Completion, GenerationOptions, GenerationRequest, Message
-from interpreter.loop import clip_tokens
 from sandbox import JupyboxError, Session, SessionManager, Workspace
-from sandbox.models import Execution, ExecutionStatus
+from sandbox.models import Execution, ExecutionStatus, clip
 
 from .data import EvalError, Record, exec_limit, has_first_step, record_key
 
@@ -119,8 +118,8 @@ async def generate(llm: LLM, manager: SessionManager, rec: Record, files: list[P
                 FORMAT.add_answer(pad, step)
                 break
             execution = await session.execute(code, timeout=settings.execution_timeout)
-            text = clip_tokens(execution.text(budget=settings.observation_tokens * 8), settings.observation_tokens,
-                               llm.count_tokens)
+            text = clip(execution.text(budget=settings.observation_tokens * 8), settings.observation_tokens,
+                        llm.count_tokens)
             observation = FORMAT.observation(execution, text)
             FORMAT.add_step(pad, step, [observation])
             result.steps.append(_step_record(code, execution, observation))
