@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sandbox import JupyboxError, Session
 from sandbox.models import Execution, ExecutionStatus, clip
@@ -63,6 +63,18 @@ def drop_oldest_turn(messages: list[Message]) -> bool:
     return True
 
 
+@dataclass
+class _TurnState:
+    """What one turn has used so far, and how it ended (``end``: its answer or error event)."""
+
+    cancel: asyncio.Event
+    options: GenerationOptions
+    usage: Usage = field(default_factory=Usage)
+    executions: int = 0
+    problems: int = 0  # consecutive replies with no usable code
+    end: Event | None = None
+
+
 class Interpreter:
     """Runs turns with one model and one prompt format, in a session it is given (the
     conversation service finds the session; the interpreter does not manage any)."""
@@ -79,116 +91,117 @@ class Interpreter:
         ``announce`` names files uploaded since the last question that are in the workspace; they
         are announced to the model. ``options`` override the settings' sampling for this turn.
         Setting ``cancel`` stops the model's stream and interrupts the running code."""
-        cancel = cancel or asyncio.Event()
-        usage = Usage()
-
-        def end(kind: str, text: str, finish: str | None = None) -> list[Event]:
-            data = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
-            return [Event("usage", data=data), Event(kind, text=text, data={"finish_reason": finish} if finish else None)]
-
+        turn = _TurnState(cancel or asyncio.Event(), options or self.settings)
         try:
             names = [n for n in announce if await asyncio.to_thread(session.workspace.exists, n)]
-        except JupyboxError as exc:
-            for event in end("error", str(exc)):
-                yield event
-            return
-        conv.session_id = session.id
-        conv.files.extend(n for n in names if n not in conv.files)
-        self.format.add_user(conv.messages, question, names)
-        conv.timeline.append(("question", question))
-        s = self.settings
-        options = options or s
-        executions = problems = 0
-        try:
+            conv.session_id = session.id
+            conv.files.extend(n for n in names if n not in conv.files)
+            self.format.add_user(conv.messages, question, names)
+            conv.timeline.append(("question", question))
             await self.llm.load()  # a local model's context is known once it is loaded
-            while True:
-                limit = self._prompt_limit(options)
-                request, prompt_tokens, dropped = self._fit(conv, options, limit)
-                if dropped:
-                    yield Event("notice", text=(
-                        f"The conversation no longer fits in the model's {limit}-token prompt budget: its {dropped} "
-                        f"oldest {'turn was' if dropped == 1 else 'turns were'} dropped from what the model sees "
-                        "(the sandbox keeps their variables and files)."))
-                if prompt_tokens > limit:
-                    for event in end("error", f"This turn alone is {prompt_tokens} tokens long, over the model's "
-                                     f"{limit}-token prompt budget: ask a shorter question or start a new conversation."):
+            while turn.end is None:
+                async with aclosing(self._step(conv, session, turn)) as events:
+                    async for event in events:
                         yield event
-                    return
-                completion = Completion()
-                async for chunk in self.llm.stream(request, cancel):
-                    if chunk.text:
-                        completion.text += chunk.text
-                        yield Event("text_delta", text=chunk.text)
-                    completion.tool_calls.extend(chunk.tool_calls or [])
-                    completion.finish_reason = chunk.finish_reason or completion.finish_reason
-                    if chunk.usage:
-                        usage.prompt_tokens += chunk.usage.prompt_tokens
-                        usage.completion_tokens += chunk.usage.completion_tokens
-                cut = completion.finish_reason == "length"
-                step = self.format.parse(completion)
-                if step.answer is not None:
-                    self.format.add_answer(conv.messages, step)
-                    conv.timeline.append(("answer", step.answer))
-                    for event in end("answer", step.answer, completion.finish_reason or "stop"):
-                        yield event
-                    return
-                if cut:  # code written up to the token limit is likely incomplete: not run
-                    step.actions = [Action(problem=(
-                        f"Not executed: your reply was cut at the {options.max_tokens}-token limit before it "
-                        "was complete. Write shorter code, or split the work into several steps."))]
-                if executions >= s.max_executions:
-                    for event in end("error", f"Stopped after {s.max_executions} executions in this turn "
-                                     "(max_executions); ask again to continue."):
-                        yield event
-                    return
-                observations: list[str] = []
-                images: list[str] = []
-                failed = False
-                problems = problems + 1 if all(a.code is None for a in step.actions) else 0
-                for action in step.actions:
-                    if cancel.is_set():  # stopped: no further code runs, each action still gets its answer
-                        observations.append("Not executed: the user stopped this turn.")
-                        continue
-                    if action.code is None:
-                        observations.append(action.problem or "")
-                        continue
-                    if executions >= s.max_executions:
-                        observations.append("Not executed: the execution limit of this turn was reached.")
-                        continue
-                    executions += 1
-                    yield Event("code", code=action.code)
-                    execution = None
-                    async for event in self._execute(session, action.code, cancel):
-                        if event.type == "execution":
-                            execution = event.execution
-                        yield event
-                    assert execution is not None
-                    conv.timeline.append(("cell", conv.add_cell(Cell(action.code, execution))))
-                    text = clip(execution.text(budget=s.observation_tokens * 8), s.observation_tokens,
-                                self.llm.count_tokens)
-                    observations.append(self.format.observation(execution, text))
-                    failed = failed or execution.status is not ExecutionStatus.OK
-                    if self.llm.supports_images:
-                        images += _data_urls(execution)
-                self.format.add_step(conv.messages, step, observations)
-                if images:
-                    self.format.add_images(conv.messages, images)
-                if cancel.is_set():
-                    for event in end("error", "Stopped."):
-                        yield event
-                    return
-                if failed and s.stop_after_error:
-                    for event in end("error", "Stopped after a failed execution (stop_after_error)."):
-                        yield event
-                    return
-                if problems > s.max_problems:
-                    for event in end("error", "The model did not produce runnable Python code after "
-                                     f"{s.max_problems + 1} attempts: {observations[0] if observations else ''}"):
-                        yield event
-                    return
         except JupyboxError as exc:
-            for event in end("error", str(exc)):
+            turn.end = Event("error", text=str(exc))
+        for event in self._end_of_turn(turn):
+            yield event
+
+    @staticmethod
+    def _end_of_turn(turn: _TurnState) -> list[Event]:
+        """How every turn ends, however it ended: the ``usage`` of the whole turn, then its answer
+        or error."""
+        assert turn.end is not None
+        return [Event("usage", usage=turn.usage), turn.end]
+
+    async def _step(self, conv: Conversation, session: Session, turn: _TurnState) -> AsyncIterator[Event]:
+        """One generation and what it asked for: the model's text, then its answer (the turn's
+        end) or its code run and the observations recorded. Sets ``turn.end`` when the turn is over."""
+        s, options = self.settings, turn.options
+        limit = self._prompt_limit(options)
+        request, prompt_tokens, dropped = self._fit(conv, options, limit)
+        if dropped:
+            yield Event("notice", text=(
+                f"The conversation no longer fits in the model's {limit}-token prompt budget: its {dropped} "
+                f"oldest {'turn was' if dropped == 1 else 'turns were'} dropped from what the model sees "
+                "(the sandbox keeps their variables and files)."))
+        if prompt_tokens > limit:
+            turn.end = Event("error", text=f"This turn alone is {prompt_tokens} tokens long, over the model's "
+                             f"{limit}-token prompt budget: ask a shorter question or start a new conversation.")
+            return
+        completion = Completion()
+        async for chunk in self.llm.stream(request, turn.cancel):
+            if chunk.text:
+                completion.text += chunk.text
+                yield Event("text_delta", text=chunk.text)
+            completion.tool_calls.extend(chunk.tool_calls or [])
+            completion.finish_reason = chunk.finish_reason or completion.finish_reason
+            if chunk.usage:
+                turn.usage.prompt_tokens += chunk.usage.prompt_tokens
+                turn.usage.completion_tokens += chunk.usage.completion_tokens
+        step = self.format.parse(completion)
+        if step.answer is not None:
+            self.format.add_answer(conv.messages, step)
+            conv.timeline.append(("answer", step.answer))
+            turn.end = Event("answer", text=step.answer, finish_reason=completion.finish_reason or "stop")
+            return
+        if completion.finish_reason == "length":  # code written up to the token limit is likely incomplete: not run
+            step.actions = [Action(problem=(
+                f"Not executed: your reply was cut at the {options.max_tokens}-token limit before it "
+                "was complete. Write shorter code, or split the work into several steps."))]
+        if turn.executions >= s.max_executions:
+            turn.end = Event("error", text=f"Stopped after {s.max_executions} executions in this turn "
+                             "(max_executions); ask again to continue.")
+            return
+        turn.problems = turn.problems + 1 if all(a.code is None for a in step.actions) else 0
+        observations: list[str] = []
+        images: list[str] = []
+        failed = False
+        for action in step.actions:
+            execution = None
+            async for event in self._act(conv, session, action, turn, observations):
+                execution = event.execution if event.type == "execution" else execution
                 yield event
+            if execution is not None:
+                failed = failed or execution.status is not ExecutionStatus.OK
+                if self.llm.supports_images:
+                    images += _data_urls(execution)
+        self.format.add_step(conv.messages, step, observations)
+        if images:
+            self.format.add_images(conv.messages, images)
+        if turn.cancel.is_set():
+            turn.end = Event("error", text="Stopped.")
+        elif failed and s.stop_after_error:
+            turn.end = Event("error", text="Stopped after a failed execution (stop_after_error).")
+        elif turn.problems > s.max_problems:
+            turn.end = Event("error", text="The model did not produce runnable Python code after "
+                             f"{s.max_problems + 1} attempts: {observations[0] if observations else ''}")
+
+    async def _act(self, conv: Conversation, session: Session, action: Action, turn: _TurnState,
+                   observations: list[str]) -> AsyncIterator[Event]:
+        """Run one action's code (a ``code`` event, its outputs, its ``execution``), recording the
+        cell; every action, run or not, adds its observation for the model."""
+        if turn.cancel.is_set():  # stopped: no further code runs, each action still gets its answer
+            observations.append("Not executed: the user stopped this turn.")
+            return
+        if action.code is None:
+            observations.append(action.problem or "")
+            return
+        if turn.executions >= self.settings.max_executions:
+            observations.append("Not executed: the execution limit of this turn was reached.")
+            return
+        turn.executions += 1
+        yield Event("code", code=action.code)
+        execution = None
+        async for event in self._execute(session, action.code, turn.cancel):
+            execution = event.execution if event.type == "execution" else execution
+            yield event
+        assert execution is not None
+        conv.timeline.append(("cell", conv.add_cell(Cell(action.code, execution))))
+        tokens = self.settings.observation_tokens
+        text = clip(execution.text(budget=tokens * 8), tokens, self.llm.count_tokens)
+        observations.append(self.format.observation(execution, text))
 
     async def _execute(self, session: Session, code: str, cancel: asyncio.Event) -> AsyncIterator[Event]:
         """Run one cell, streaming its outputs; a cancel interrupts the kernel."""

@@ -29,8 +29,9 @@ from sandbox.workspace import Workspace, WorkspaceFile, read_files
 from .conversation import Cell, Conversation
 from .errors import ModelUnavailable, TurnBusy
 from .events import Event
-from .formats import get_format
+from .formats import Format, get_format
 from .llm import LLM, ModelSettings
+from .llm.base import Usage
 from .loop import Interpreter, InterpreterSettings
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,13 @@ class Turn:
     """One question in a task of its own, its events queued for whoever reads them. The task
     outlives a reader that leaves: closing ``events()`` early stops the turn (model and kernel)."""
 
-    def __init__(self, chat: Chat) -> None:
+    def __init__(self, chat: Chat, fmt: Format) -> None:
         self.chat = chat
+        self.format = fmt  # the conversation's format, found once: front ends render with it
         self.cancel = asyncio.Event()
         self.done = False
         self.finish_reason: str | None = None
-        self.usage: dict[str, int] = {"prompt_tokens": 0, "completion_tokens": 0}
+        self.usage = Usage()
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self.task: asyncio.Task | None = None
 
@@ -326,10 +328,14 @@ class ConversationService:
         chat = self.open(key, source)
         if chat.busy:
             raise TurnBusy("this conversation is still answering the previous question: wait for it, or stop it")
-        if not chat.conversation.messages:
-            chat.conversation.format = get_format(chat.format_asked, llm, (settings or self.settings).model).name
-        interpreter = Interpreter(llm, chat.conversation.format, settings or self.settings)
-        turn = chat.turn = Turn(chat)  # busy from here: a second caller waiting below is refused
+        settings = settings or self.settings
+        if chat.conversation.messages:  # fixed at the first question
+            fmt = get_format(chat.conversation.format, llm)
+        else:
+            fmt = get_format(chat.format_asked, llm, settings.model)
+            chat.conversation.format = fmt.name
+        interpreter = Interpreter(llm, fmt, settings)
+        turn = chat.turn = Turn(chat, fmt)  # busy from here: a second caller waiting below is refused
         try:
             session, note = await self.session(chat)
         except BaseException:
@@ -364,11 +370,11 @@ class ConversationService:
             async for event in interpreter.run(chat.conversation, session, question, cancel=turn.cancel,
                                                announce=announce):
                 chat.last_used = time.monotonic()
-                if event.type == "usage" and event.data:
-                    turn.usage = {k: int(event.data.get(k) or 0) for k in turn.usage}
+                if event.usage is not None:
+                    turn.usage = event.usage
                 if event.type in ("answer", "error"):
                     outcome = event.type
-                    turn.finish_reason = (event.data or {}).get("finish_reason")
+                    turn.finish_reason = event.finish_reason
                 emit(event)
         except JupyboxError as exc:
             emit(Event("error", text=str(exc)))

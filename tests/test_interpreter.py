@@ -85,7 +85,7 @@ async def test_csv_question_answered_with_the_number_the_code_computed(
     kinds = [e.type for e in events]
     assert kinds[0] == ("code" if fmt == "tools" else "text_delta") and "code" in kinds and "output" in kinds and "execution" in kinds
     assert kinds[-2:] == ["usage", "answer"] and events[-1].text == f"The total is {expected}."
-    assert events[-1].data == {"finish_reason": "stop"} and events[-2].data["completion_tokens"] > 0
+    assert events[-1].finish_reason == "stop" and events[-2].usage.completion_tokens > 0
     assert "sales.csv" in prompt_text(model.history[0])  # the upload was announced
     if fmt == "react":
         assert "[Upload file sales.csv]" in model.history[0]["prompt"]
@@ -164,7 +164,7 @@ async def test_answer_without_code_is_the_answer(model: ScriptedModel, service: 
 async def test_an_answer_cut_at_the_token_limit_says_so(model: ScriptedModel, service: ConversationService) -> None:
     model.enqueue(Truncated("The first half of a long answer that never"))
     events = await ask(service, "explain everything", "fenced")
-    assert events[-1].type == "answer" and events[-1].data == {"finish_reason": "length"}
+    assert events[-1].type == "answer" and events[-1].finish_reason == "length"
 
 
 async def test_code_cut_at_the_token_limit_is_not_run(model: ScriptedModel, service: ConversationService) -> None:
@@ -192,7 +192,7 @@ async def test_usage_is_reported_when_a_turn_ends_without_an_answer(model: Scrip
     events = await ask(service, "loop forever", "fenced", max_executions=2)
     assert sum(e.type == "execution" for e in events) == 2
     assert [e.type for e in events[-2:]] == ["usage", "error"] and "max_executions" in events[-1].text
-    assert events[-2].data["prompt_tokens"] > 0 and events[-2].data["completion_tokens"] >= 3
+    assert events[-2].usage.prompt_tokens > 0 and events[-2].usage.completion_tokens >= 3
 
 
 async def test_code_in_another_language_gets_a_clear_message(model: ScriptedModel, service: ConversationService) -> None:
@@ -314,7 +314,6 @@ async def test_callers_at_once_share_one_new_session(service: ConversationServic
     got = await asyncio.gather(*(service.session(chat) for _ in range(3)))
     assert len({session.id for session, _ in got}) == 1
     assert len([s for s in service.manager.list() if s.id == got[0][0].id]) == 1
-    await service.close("together")
     await service.close("together")
 
 

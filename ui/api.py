@@ -265,7 +265,7 @@ async def chat(request: Request, session_id: str, body: ChatRequest) -> Response
         last = events[-1] if events else {"type": "error", "text": "no events"}
         return JSONResponse({"answer": last.get("text") if last["type"] == "answer" else None,
                              "error": last.get("text") if last["type"] == "error" else None,
-                             "finish_reason": turn.finish_reason, "usage": turn.usage, "events": events})
+                             "finish_reason": turn.finish_reason, "usage": asdict(turn.usage), "events": events})
 
     async def stream() -> AsyncIterator[bytes]:
         async with aclosing(turn.events()) as events:  # a client that leaves stops the turn

@@ -51,9 +51,9 @@ class Metrics:
     def observe_event(self, event: Event, source: str) -> None:
         if event.type == "execution" and event.execution is not None:
             self.observe_execution(event.execution, source)
-        elif event.type == "usage" and event.data:
-            self.tokens.labels("prompt").inc(event.data.get("prompt_tokens") or 0)
-            self.tokens.labels("completion").inc(event.data.get("completion_tokens") or 0)
+        elif event.usage is not None:
+            self.tokens.labels("prompt").inc(event.usage.prompt_tokens)
+            self.tokens.labels("completion").inc(event.usage.completion_tokens)
 
     def observe_turn(self, outcome: str, seconds: float, source: str) -> None:
         self.turns.labels(outcome, source).inc()

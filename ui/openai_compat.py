@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from interpreter import Event, InterpreterSettings, get_format
+from interpreter import Event, InterpreterSettings
 from interpreter.formats.base import Format, ProseStream
 
 from .api import SSE_HEADERS, Edge, services_of, sse
@@ -130,7 +130,7 @@ class MarkdownTranscript:
             answer = (event.text or "").strip()
             if answer and answer not in self.prose.last_step:  # a format whose prose does not show it
                 out += self._block(answer)
-            if (event.data or {}).get("finish_reason") == "length":
+            if event.finish_reason == "length":
                 out += self._block("[the answer was cut at the model's token limit]")
             return out
         if event.type in ("error", "notice"):
@@ -176,10 +176,12 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
     model = body.model or SERVED_MODEL
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
-    transcript = MarkdownTranscript(get_format(chat.conversation.format, service.require_model()))
+    transcript = MarkdownTranscript(turn.format)
 
     def usage() -> dict[str, int]:
-        return {**turn.usage, "total_tokens": sum(turn.usage.values())}
+        u = turn.usage
+        return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                "total_tokens": u.prompt_tokens + u.completion_tokens}
 
     if not body.stream:
         content = "".join([transcript(event) async for event in turn.events()])

@@ -87,7 +87,7 @@ class Printer:
         elif event.type == "answer":
             answer = (event.text or "").strip()
             out.write("\n" if answer in self.step else f"\n\n{answer}\n")
-            if (event.data or {}).get("finish_reason") == "length":
+            if event.finish_reason == "length":
                 out.write("[the answer was cut at the model's token limit: raise --max-new-tokens]\n")
             self.step = ""
         elif event.type in ("error", "notice"):

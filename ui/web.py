@@ -31,7 +31,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import nbformat  # noqa: E402
 
-from interpreter import FORMATS, Chat, Conversation, ConversationService, InterpreterSettings, get_format  # noqa: E402
+from interpreter import FORMATS, Chat, Conversation, ConversationService, InterpreterSettings  # noqa: E402
 from sandbox import Execution, JupyboxError, Workspace  # noqa: E402
 from sandbox.errors import QuotaExceeded  # noqa: E402
 from sandbox.workspace import WorkspaceFile  # noqa: E402
@@ -324,8 +324,7 @@ class WebUI:
             tab.history.append(notice_message("warning", str(exc)))
             yield snapshot(tab.history), gr.update(), await self.file_list(tab), tab
             return
-        fmt_used = get_format(turn.chat.conversation.format, self.service.require_model())
-        view = TurnView(tab.history, fmt_used)
+        view = TurnView(tab.history, turn.format)
         last = 0.0
         # closed with this handler, so a page that goes away mid-turn stops the model and the kernel
         async with aclosing(turn.events()) as events:

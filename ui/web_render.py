@@ -165,7 +165,7 @@ class TurnView:
         elif event.type == "answer":
             self._step_raw = ""
             answer = (event.text or "").strip() or "(no answer)"
-            if (event.data or {}).get("finish_reason") == "length":
+            if event.finish_reason == "length":
                 answer += "\n\n*The answer was cut at the model's token limit.*"
             if self._step_at is not None:
                 self.history[self._step_at]["content"] = [text(answer)]
