@@ -23,7 +23,7 @@ from typing import Any
 from interpreter.events import Event
 from sandbox import Execution, JupyboxError, SandboxSettings, Session, SessionManager
 from sandbox.models import Output
-from ui.terminal import add_model_flags
+from ui.flags import add_model_flags
 
 log = logging.getLogger("jupybox")
 

@@ -28,7 +28,7 @@ from interpreter import ModelSettings, get_format
 from sandbox import SandboxSettings
 
 from .services import ServeSettings, Services
-from .terminal import add_model_flags, interpreter_settings
+from .flags import add_model_flags, interpreter_settings
 
 log = logging.getLogger("jupybox.serve")
 

@@ -17,47 +17,14 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 
-from interpreter import ConversationService, Event, InterpreterSettings, ModelSettings, get_format
-from interpreter.llm import DEFAULT_MODEL
+from interpreter import ConversationService, Event, ModelSettings, get_format
 from sandbox import JupyboxError, SandboxSettings, SessionManager
 from sandbox.errors import QuotaExceeded
 from sandbox.workspace import WorkspaceFile
 
+from .flags import interpreter_settings
+
 KEY, SOURCE = "terminal", "terminal"
-DEFAULTS = InterpreterSettings()
-
-
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """The model and the turn's flags, for ask, chat, serve and eval; defaults are the settings' own."""
-    p.add_argument("--model", help=f"local checkpoint folder or hub id for the transformers backend (default {DEFAULT_MODEL})")
-    p.add_argument("--openai-base-url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (env OPENAI_BASE_URL)")
-    p.add_argument("--openai-model", help="model name on that server (env OPENAI_MODEL)")
-    p.add_argument("--openai-api-key", help="API key (env OPENAI_API_KEY)")
-    p.add_argument("--max-context", type=_context_tokens, metavar="TOKENS",
-                   help="a local model's prompt and reply together, in tokens (default: the checkpoint's, at most 8192; "
-                        "env JUPYBOX_MAX_CONTEXT); longer conversations drop their oldest turns")
-    p.add_argument("--vision", action="store_true", help="the model accepts images: send plots as image parts")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let a local checkpoint's own Python files run in this process (families transformers does "
-                        "not know; they run as the server, outside the sandbox; env JUPYBOX_TRUST_REMOTE_CODE=1). "
-                        "Qwen v1 never needs it")
-    p.add_argument("--format", choices=["react", "fenced", "tools"], help="how code is asked for (default: per model)")
-    p.add_argument("--max-executions", type=int, default=DEFAULTS.max_executions, help="code executions per turn")
-    p.add_argument("--timeout", type=float, default=DEFAULTS.execution_timeout, help="seconds per execution")
-    p.add_argument("--temperature", type=float, default=DEFAULTS.temperature)
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_tokens, help="new tokens per generation")
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
-
-
-def _context_tokens(text: str) -> int:
-    if not text.isdigit() or int(text) < 16:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of tokens of at least 16")
-    return int(text)
-
-
-def interpreter_settings(args: argparse.Namespace) -> InterpreterSettings:
-    return InterpreterSettings(max_executions=args.max_executions, execution_timeout=args.timeout,
-                               temperature=args.temperature, max_tokens=args.max_new_tokens, seed=args.seed)
 
 
 class Printer:
