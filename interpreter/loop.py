@@ -160,9 +160,10 @@ class Interpreter:
         failed = False
         for action in step.actions:
             execution = None
-            async for event in self._act(conv, session, action, turn, observations):
-                execution = event.execution if event.type == "execution" else execution
-                yield event
+            async with aclosing(self._act(conv, session, action, turn, observations)) as events:
+                async for event in events:  # closed with this step: a consumer that leaves interrupts the code
+                    execution = event.execution if event.type == "execution" else execution
+                    yield event
             if execution is not None:
                 failed = failed or execution.status is not ExecutionStatus.OK
                 if self.llm.supports_images:
@@ -194,9 +195,10 @@ class Interpreter:
         turn.executions += 1
         yield Event("code", code=action.code)
         execution = None
-        async for event in self._execute(session, action.code, turn.cancel):
-            execution = event.execution if event.type == "execution" else execution
-            yield event
+        async with aclosing(self._execute(session, action.code, turn.cancel)) as events:
+            async for event in events:
+                execution = event.execution if event.type == "execution" else execution
+                yield event
         assert execution is not None
         conv.timeline.append(("cell", conv.add_cell(Cell(action.code, execution))))
         tokens = self.settings.observation_tokens
