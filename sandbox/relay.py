@@ -49,6 +49,7 @@ CLIENT_CHANNELS = ("shell", "control", "stdin")
 OUTPUT_TYPES = frozenset({"stream", "error", "display_data", "execute_result", "update_display_data"})
 MAX_CLIENT_MESSAGE_BYTES = 8 << 20  # a cell, a comm message with its buffers: far below this
 MAX_ID_CHARS = 256
+NUDGE_PREFIX = "jupybox-nudge-"  # the ids of the relays' own requests: their answers are never forwarded
 QUEUE_MESSAGES = 64  # kernel messages held for a slow client; past it ZMQ's own small queues fill
 QUEUE_BYTES = 16 << 20  # ... and their bytes: one largest message (MAX_MESSAGE_BYTES) fits
 RECEIVE_HWM = 2  # kernel messages ZMQ itself holds for a relay whose queue is full
@@ -153,7 +154,6 @@ class KernelRelay:
         self._queue: asyncio.Queue[KernelMessage | None] = asyncio.Queue(QUEUE_MESSAGES)
         self._queued_bytes = 0  # of the messages in the queue (QUEUE_BYTES bounds it)
         self._room = asyncio.Event()  # set when the client reads
-        self._own: set[str] = set()  # ids of the relay's own requests (the nudges): never forwarded
         self._running: dict[str, float] = {}  # execute requests not answered yet -> when sent (negated: shutdowns)
         self._pump: asyncio.Task | None = None
         self._closed = False
@@ -299,8 +299,7 @@ class KernelRelay:
         return [DELIMITER, auth.hexdigest().encode(), *parts, *(bytes(b) for b in msg.buffers)]
 
     async def _send_own(self, msg_type: str) -> None:
-        msg_id = f"jupybox-{uuid.uuid4().hex}"
-        self._own.add(msg_id)
+        msg_id = f"{NUDGE_PREFIX}{uuid.uuid4().hex}"
         header = {"msg_id": msg_id, "msg_type": msg_type, "session": self._identity.decode(), "username": "jupybox",
                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "version": "5.3"}
         await self._sockets["shell"].send_multipart(self._serialize(KernelMessage("shell", header)))
@@ -382,7 +381,9 @@ class KernelRelay:
 
     async def _deliver(self, msg: KernelMessage) -> None:
         parent = msg.parent_id
-        if parent in self._own:  # the answers to our nudges (a few per relay)
+        # the answers to relays' nudges, this one's and others' (iopub reaches every relay of the
+        # kernel: a nudge answered after its relay ended must not reach the next client)
+        if parent.startswith(NUDGE_PREFIX):
             return
         if self._running.get(parent, -1) > 0 and (msg.msg_type == "execute_reply" or
                                         (msg.msg_type == "status" and msg.content.get("execution_state") == "idle")):
