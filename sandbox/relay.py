@@ -24,7 +24,6 @@ a ``RelayOwner``; ``Session.attach()`` creates relays, nothing else should.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
