@@ -33,8 +33,7 @@ from typing import Any
 import httpx
 import websockets
 
-from sandbox.relay import KernelMessage
-from ui.kernel_wire import V1_PROTOCOL, decode_v1, encode_v1
+from sandbox.kernel_wire import V1_PROTOCOL, KernelMessage, decode_v1, encode_v1
 
 CODE = "total = sum(i * i for i in range({n}))\nprint(total)"
 

@@ -27,7 +27,8 @@ from .models import Execution, ExecutionStatus, ImageFile, Output
 
 if TYPE_CHECKING:
     from .manager import SessionManager
-    from .relay import KernelMessage, KernelRelay
+    from .kernel_wire import KernelMessage
+    from .relay import KernelRelay
     from .session import Session
     from .workspace import Workspace, WorkspaceFile
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 # that only needs the errors or the result model.
 _LAZY = {"SessionManager": ".manager", "Session": ".session", "Workspace": ".workspace",
          "WorkspaceFile": ".workspace",
-         "KernelRelay": ".relay", "KernelMessage": ".relay"}
+         "KernelRelay": ".relay", "KernelMessage": ".kernel_wire"}
 
 
 def __getattr__(name: str) -> Any:

@@ -54,6 +54,21 @@ class Limits:
             raise LimitsError("invalid session limits: " + "; ".join(problems))
 
 
+@dataclass(frozen=True)
+class KernelWatch:
+    """How often a session looks at its kernel's life, and how long it waits on clients; tests
+    pass small values instead of sleeping through these."""
+
+    check_s: float = 1.0  # while a notebook client's request runs, how often to ask if the kernel lives
+    idle_check_s: float = 3.0  # with nothing running (Jupyter Server's restarter polls every 3 s too)
+    recheck_s: float = 0.5  # a kernel is dead in two looks this far apart: one daemon hiccup costs nothing
+    start_check_s: float = 0.25  # while a kernel starts, how often its process is checked
+    # a kernel still alive this long after a client's shutdown request is replaced, as Jupyter's own
+    # kernel manager kills one after its shutdown wait (5 s): ipykernel can hang on its way out
+    shutdown_grace_s: float = 5.0
+    client_stall_s: float = 30.0  # a client that reads nothing this long while its queue is full is disconnected
+
+
 def default_home() -> Path:
     return Path(os.environ.get("JUPYBOX_HOME") or Path.home() / ".cache" / "jupybox")
 
@@ -81,6 +96,7 @@ class SandboxSettings:
     workspace_fs: str = "auto"
     # backend "ray": the cluster to join (host:port of its head); None starts a one-node Ray on loopback
     ray_address: str | None = None
+    kernel_watch: KernelWatch = field(default_factory=KernelWatch)
 
     @classmethod
     def from_env(cls, **overrides: object) -> SandboxSettings:

@@ -15,7 +15,8 @@ infrastructure around the code::
     │   ├── WorkspacePathError       the name escapes the workspace (``..``, absolute, NUL, symlink)
     │   └── QuotaExceeded            a file or the workspace total is over its size limit
     └── KernelMessageRefused         a client's raw kernel message was malformed or not allowed
-        └── KernelMessageTooLarge    ... or over the size limit
+        ├── KernelMessageTooLarge    ... or over the size limit
+        └── WireError                ... or not a message in its websocket format (``kernel_wire.py``)
 
 Lower-layer exceptions (``docker.errors``, ``zmq``, ``OSError``) are translated into these at the
 boundary, so callers never need to import a backend's library.

@@ -4,8 +4,10 @@ JupyterLab, Notebook and VS Code speak the Jupyter messaging protocol themselves
 kernel's messages as they are, not an ``Execution``. A ``KernelRelay`` passes them through without
 trusting either side:
 
-* a client's message is checked (channel, header fields, JSON objects, size) and signed here with
-  the kernel's key, which the client never learns; a relay reaches its own session's kernel only;
+* a client's frame goes through one path, ``send_frame``: its size is checked, it is decoded in the
+  connection's wire format (``sandbox/kernel_wire.py``: its parts must be strict JSON objects), its
+  channel and header fields are checked, and it is signed here with the kernel's key, which the
+  client never learns; a relay reaches its own session's kernel only;
 * a kernel's message is verified (signature), parsed, and bounded: ZMQ refuses huge frames, this
   module drops messages over ``max_kernel_message``, and output past the session's budget for one
   request is dropped with a note, on top of the caps the kernel applies before sending;
@@ -14,33 +16,30 @@ trusting either side:
   session replaces the kernel (restart, timeout, death) or closes, ``receive`` returns ``None`` and
   the client reconnects to the new kernel, as Jupyter clients do after a restart.
 
-``Session.attach()`` creates relays; nothing else should.
+A relay never decides that a kernel is dead nor restarts one: the session's ``KernelSupervisor``
+(``sandbox/supervisor.py``) watches the kernel and replaces it. The relay sees its session only as
+a ``RelayOwner``; ``Session.attach()`` creates relays, nothing else should.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
-import json
 import logging
 import time
 import uuid
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import zmq
 import zmq.asyncio
 
-from .config import Limits
+from .config import KernelWatch, Limits
 from .errors import KernelMessageRefused, KernelMessageTooLarge, SandboxError
 from .kernel import MAX_MESSAGE_BYTES, _bounded_context
-
-if TYPE_CHECKING:
-    from .session import Session
+from .kernel_wire import MAX_BUFFERS, KernelMessage, WireError, WireFormat, decode, dumps, encode_v1, loads_object
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +47,16 @@ DELIMITER = b"<IDS|MSG>"
 CLIENT_CHANNELS = ("shell", "control", "stdin")
 OUTPUT_TYPES = frozenset({"stream", "error", "display_data", "execute_result", "update_display_data"})
 MAX_CLIENT_MESSAGE_BYTES = 8 << 20  # a cell, a comm message with its buffers: far below this
-MAX_BUFFERS = 64
 MAX_ID_CHARS = 256
+NUDGE_PREFIX = "jupybox-nudge-"  # the ids of the relays' own requests: their answers are never forwarded
 QUEUE_MESSAGES = 64  # kernel messages held for a slow client; past it ZMQ's own small queues fill
 QUEUE_BYTES = 16 << 20  # ... and their bytes: one largest message (MAX_MESSAGE_BYTES) fits
 RECEIVE_HWM = 2  # kernel messages ZMQ itself holds for a relay whose queue is full
-STALL_S = 30.0  # a client that reads nothing this long while its queue is full is disconnected
 # relays (4 ZMQ sockets each) a session, and the whole process, may hold: far under the context's
 # MAX_SOCKETS, so sessions' own clients always find sockets (the reserve)
 MAX_RELAYS_PER_SESSION = 16
 MAX_RELAYS = 512
-# a kernel still alive this long after a client's shutdown request is replaced, as Jupyter's own
-# kernel manager kills one after its shutdown wait (5 s): ipykernel can hang on its way out
-SHUTDOWN_GRACE_S = 5.0
-LIVENESS_CHECK_S = 1.0  # while a request runs and the kernel is silent, how often to ask if it lives
-IDLE_LIVENESS_S = 3.0  # with nothing running, how often (Jupyter Server's restarter polls every 3 s too)
 EndCause = Literal["client", "restart", "close", "failure"]  # who ended a relay
-_restarts: set[asyncio.Task] = set()  # kernel restarts a relay started; referenced until done
 _live: weakref.WeakSet[KernelRelay] = weakref.WeakSet()  # relays of this process not ended yet
 
 
@@ -73,45 +65,20 @@ def open_relays() -> int:
     return sum(1 for relay in list(_live) if not relay.closed)
 
 
-@dataclass
-class KernelMessage:
-    """One Jupyter message, unsigned: what a client sends or receives on ``channel``."""
+class RelayOwner(Protocol):
+    """What a relay needs of its session, and all it may use."""
 
-    channel: str  # shell | control | stdin | iopub
-    header: dict[str, Any]
-    parent_header: dict[str, Any] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    content: dict[str, Any] = field(default_factory=dict)
-    buffers: list[bytes] = field(default_factory=list)
-    wire_bytes: int = field(default=0, repr=False, compare=False)  # its size as the kernel sent it
+    id: str  # for the log
 
-    @property
-    def msg_type(self) -> str:
-        return str(self.header.get("msg_type", ""))
+    def touch(self) -> None:
+        """A client's request or the kernel's output: the session is in use."""
 
-    @property
-    def msg_id(self) -> str:
-        return str(self.header.get("msg_id", ""))
+    def detach(self, relay: KernelRelay) -> None:
+        """The relay ended: the session forgets it."""
 
-    @property
-    def parent_id(self) -> str:
-        return str(self.parent_header.get("msg_id", ""))
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _json_object(raw: bytes | memoryview, what: str) -> dict[str, Any]:
-    """Strict JSON (no NaN/Infinity, which browsers cannot parse) that must be an object."""
-    value = json.loads(bytes(raw), parse_constant=_reject_constant)
-    if not isinstance(value, dict):
-        raise ValueError(f"the {what} is not a JSON object")
-    return value
-
-
-def _dumps(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    def replace_kernel(self, generation: int, what: str, reason: str) -> None:
+        """Kernel ``generation`` outlived a client's shutdown request: replace it (once, however
+        many ask); ``what`` goes to the log, ``reason`` to the clients, who are ended."""
 
 
 class RelayBudget:
@@ -149,7 +116,7 @@ class RelayBudget:
         elif msg.msg_type in OUTPUT_TYPES:
             kind, limit = 1, self.rich_limit
             data = c.get("data")
-            size = sum(len(v) if isinstance(v, str) else len(_dumps({"v": v})) for v in data.values()) \
+            size = sum(len(v) if isinstance(v, str) else len(dumps({"v": v})) for v in data.values()) \
                 if isinstance(data, dict) else 0
         else:  # comm messages, clear_output, execute_input...: their size on the wire
             kind, limit = 1, self.rich_limit
@@ -166,10 +133,12 @@ class KernelRelay:
     """One client's connection to a kernel. ``send`` what the client sent; ``receive`` what the
     kernel sent, until it returns ``None`` (the kernel was replaced or the session closed)."""
 
-    def __init__(self, session: Session, connection_info: dict[str, Any], limits: Limits,
-                 allow_stdin: bool = True, max_client_message: int = MAX_CLIENT_MESSAGE_BYTES,
+    def __init__(self, owner: RelayOwner, connection_info: dict[str, Any], generation: int, limits: Limits,
+                 watch: KernelWatch, allow_stdin: bool = True, max_client_message: int = MAX_CLIENT_MESSAGE_BYTES,
                  max_kernel_message: int = MAX_MESSAGE_BYTES) -> None:
-        self.session = session
+        self.owner = owner
+        self.generation = generation  # of the kernel it is attached to
+        self.watch = watch
         self.allow_stdin = allow_stdin
         self.max_client_message = max_client_message
         self.max_kernel_message = max_kernel_message
@@ -184,7 +153,6 @@ class KernelRelay:
         self._queue: asyncio.Queue[KernelMessage | None] = asyncio.Queue(QUEUE_MESSAGES)
         self._queued_bytes = 0  # of the messages in the queue (QUEUE_BYTES bounds it)
         self._room = asyncio.Event()  # set when the client reads
-        self._own: set[str] = set()  # ids of the relay's own requests (the nudges): never forwarded
         self._running: dict[str, float] = {}  # execute requests not answered yet -> when sent (negated: shutdowns)
         self._pump: asyncio.Task | None = None
         self._closed = False
@@ -248,12 +216,24 @@ class KernelRelay:
         if self._pump is not None and self._pump is not asyncio.current_task():
             self._pump.cancel()
         self._close_sockets()
-        self.session._detach(self)
-        with contextlib.suppress(asyncio.QueueFull):
-            self._queue.put_nowait(None)
-        if self._queue.full():  # the client is slow: make room for the end marker
-            self._queue.get_nowait()
-            self._queue.put_nowait(None)
+        self.owner.detach(self)
+        self._put_last(None)
+
+    def kernel_replaced(self, reason: str) -> None:
+        """The kernel died (or outlived a shutdown request) and is being replaced: tell the client
+        as Jupyter servers do (``autorestarting``), then end; the client reconnects to the new kernel."""
+        if self._closed:
+            return
+        self._running.clear()
+        self._put_last(KernelMessage("iopub", self._header("status"), {}, {}, {"execution_state": "autorestarting"}))
+        self.end(reason, "restart")
+
+    def _put_last(self, msg: KernelMessage | None) -> None:
+        """Queue a last word without waiting: a slow client's oldest message makes room for it."""
+        if self._queue.full():
+            dropped = self._queue.get_nowait()
+            self._queued_bytes -= dropped.wire_bytes if dropped is not None else 0
+        self._queue.put_nowait(msg)
 
     def _close_sockets(self) -> None:
         for sock in self._sockets.values():
@@ -262,13 +242,25 @@ class KernelRelay:
 
     # -- client -> kernel ---------------------------------------------------------------------
     async def send(self, msg: KernelMessage) -> None:
-        """Sign and send a client's message; ``KernelMessageRefused`` says what is wrong with it."""
+        """``send_frame`` for a message already in hand (in-process clients): it takes the same path."""
+        try:
+            frame = encode_v1(msg)
+        except (ValueError, TypeError) as exc:
+            raise KernelMessageRefused(f"the message is not plain JSON: {exc}") from None
+        await self.send_frame(frame, "v1")
+
+    async def send_frame(self, frame: bytes | str, wire: WireFormat) -> None:
+        """Check, sign and send one frame a client sent in ``wire`` format: the one way into the
+        kernel. ``KernelMessageTooLarge`` (over ``max_client_message``), ``WireError`` (not a
+        message in that format) and ``KernelMessageRefused`` (a channel or header a client may not
+        use) say what is wrong with it; ``SandboxError`` that this relay has ended."""
         if self._closed:
             raise SandboxError(f"this connection to the kernel ended: {self.end_reason}")
-        frames = self._serialize(self._checked(msg))
-        size = sum(len(f) for f in frames)
+        size = len(frame) if isinstance(frame, bytes) else len(frame.encode())
         if size > self.max_client_message:
-            raise KernelMessageTooLarge(f"the message is {size:,} bytes; the limit is {self.max_client_message:,}")
+            raise KernelMessageTooLarge(f"message of {size:,} bytes refused: the limit is {self.max_client_message:,}")
+        msg = self._checked(decode(frame, wire))
+        frames = self._serialize(msg)
         # counted as running only where the kernel answers it (execute on shell, shutdown on shell or
         # control): one sent on another channel is never answered and would keep the session "in use"
         if msg.msg_type == "execute_request" and msg.channel == "shell":
@@ -276,32 +268,29 @@ class KernelRelay:
             self.budget.new_request(msg.msg_id)
         elif msg.msg_type == "shutdown_request" and msg.channel in ("shell", "control"):
             self._running[msg.msg_id] = -time.monotonic()  # the kernel exits: watched like a request, then replaced
-        self.session.touch()
+        self.owner.touch()
         try:
             await self._sockets[msg.channel].send_multipart(frames)
-        except zmq.ZMQError as exc:  # ended while sending (a restart closed the sockets)
+        except (zmq.ZMQError, KeyError) as exc:  # ended while sending (a restart closed the sockets)
             raise SandboxError(f"this connection to the kernel ended: {self.end_reason or exc}") from None
 
     def _checked(self, msg: KernelMessage) -> KernelMessage:
+        """The relay's own rules on a decoded message (its parts are JSON objects, its buffers
+        within ``MAX_BUFFERS``: the decoder saw to that)."""
         if msg.channel not in CLIENT_CHANNELS:
             raise KernelMessageRefused(f"channel {msg.channel!r}: a client sends on shell, control or stdin")
-        for part in ("header", "parent_header", "metadata", "content"):
-            if not isinstance(getattr(msg, part), dict):
-                raise KernelMessageRefused(f"the message's {part} is not a JSON object")
         for key in ("msg_id", "msg_type", "session"):
             value = msg.header.get(key)
             if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
                 raise KernelMessageRefused(f"the header's {key} must be a string of 1 to {MAX_ID_CHARS} characters")
-        if len(msg.buffers) > MAX_BUFFERS or not all(isinstance(b, (bytes, bytearray, memoryview)) for b in msg.buffers):
-            raise KernelMessageRefused(f"a message carries at most {MAX_BUFFERS} binary buffers")
         if msg.msg_type == "execute_request" and not self.allow_stdin:
             msg.content = {**msg.content, "allow_stdin": False}
         return msg
 
     def _serialize(self, msg: KernelMessage) -> list[bytes]:
         try:
-            parts = [_dumps(msg.header), _dumps(msg.parent_header), _dumps(msg.metadata), _dumps(msg.content)]
-        except (ValueError, TypeError) as exc:
+            parts = [dumps(getattr(msg, p)).encode() for p in ("header", "parent_header", "metadata", "content")]
+        except (ValueError, TypeError, RecursionError) as exc:
             raise KernelMessageRefused(f"the message is not plain JSON: {exc}") from None
         auth = self._auth.copy()
         for p in parts:
@@ -309,8 +298,7 @@ class KernelRelay:
         return [DELIMITER, auth.hexdigest().encode(), *parts, *(bytes(b) for b in msg.buffers)]
 
     async def _send_own(self, msg_type: str) -> None:
-        msg_id = f"jupybox-{uuid.uuid4().hex}"
-        self._own.add(msg_id)
+        msg_id = f"{NUDGE_PREFIX}{uuid.uuid4().hex}"
         header = {"msg_id": msg_id, "msg_type": msg_type, "session": self._identity.decode(), "username": "jupybox",
                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "version": "5.3"}
         await self._sockets["shell"].send_multipart(self._serialize(KernelMessage("shell", header)))
@@ -332,26 +320,16 @@ class KernelRelay:
         for name in ("iopub", "shell", "control", "stdin"):
             poller.register(self._sockets[name], zmq.POLLIN)
             names[self._sockets[name]] = name
-        checked = time.monotonic()
         try:
             while not self._closed:
-                ready = dict(await poller.poll(int(LIVENESS_CHECK_S * 1000)))
-                if not ready:
-                    # a kernel can die at any time, also some seconds after a shutdown request it
-                    # answered: asked every second while a request runs, every few when idle
-                    now = time.monotonic()
-                    if self._running or now - checked >= IDLE_LIVENESS_S:
-                        checked = now
-                        if await self._kernel_gone():
-                            await self._replace_kernel("died during a request from a notebook client",
-                                                       "the kernel died; it was restarted, variables are lost")
-                            return
-                    if any(sent < 0 and time.monotonic() + sent > SHUTDOWN_GRACE_S for sent in self._running.values()):
-                        await self._replace_kernel(
-                            f"did not exit within {SHUTDOWN_GRACE_S:.0f} s of a notebook client's shutdown request",
-                            "the kernel was shut down as asked; a fresh one was started")
-                        return
-                    continue
+                ready = dict(await poller.poll(self._poll_ms()))
+                if not ready and self._shutdown_overdue():
+                    # a kernel can hang on its way out after answering a client's shutdown request
+                    reason = "the kernel was shut down as asked; a fresh one was started"
+                    self.owner.replace_kernel(self.generation, f"did not exit within {self.watch.shutdown_grace_s:g} s "
+                                              "of a notebook client's shutdown request", reason)
+                    self.end(reason, "restart")  # already ended, unless that kernel was replaced meanwhile
+                    return
                 for sock in ready:
                     frames = await sock.recv_multipart(copy=False)
                     msg = self._parse(names[sock], frames)
@@ -361,8 +339,20 @@ class KernelRelay:
             raise
         except Exception:  # a socket closed under us, a bug: the client reconnects
             if not self._closed:
-                log.exception("kernel relay of session %s failed", self.session.id)
+                log.exception("kernel relay of session %s failed", self.owner.id)
                 self.end("the relay failed; see the server log", "failure")
+
+    def _poll_ms(self) -> int:
+        """How long to wait for the kernel's next message: until a client's shutdown request is
+        past its grace, and at most ``check_s`` (a shutdown request may be sent meanwhile)."""
+        wait = self.watch.check_s
+        sent = [-t for t in self._running.values() if t < 0]
+        if sent:
+            wait = min(wait, min(sent) + self.watch.shutdown_grace_s - time.monotonic())
+        return max(0, int(wait * 1000))
+
+    def _shutdown_overdue(self) -> bool:
+        return any(t < 0 and time.monotonic() + t >= self.watch.shutdown_grace_s for t in self._running.values())
 
     def _parse(self, channel: str, frames: list[zmq.Frame]) -> KernelMessage | None:
         """A verified message, or ``None`` (dropped, counted): the kernel is hostile."""
@@ -379,18 +369,20 @@ class KernelRelay:
                 auth.update(p)
             if not hmac.compare_digest(auth.hexdigest().encode(), signature):
                 raise ValueError("bad signature")
-            header, parent, metadata, content = (_json_object(p, what) for p, what in
+            header, parent, metadata, content = (loads_object(p, what) for p, what in
                                                  zip(parts, ("header", "parent header", "metadata", "content")))
-        except (ValueError, RecursionError):
+        except (ValueError, WireError):
             self.dropped_messages += 1
-            log.debug("dropped a kernel message in session %s", self.session.id, exc_info=True)
+            log.debug("dropped a kernel message in session %s", self.owner.id, exc_info=True)
             return None
         return KernelMessage(channel, header, parent, metadata, content, buffers,
                              wire_bytes=sum(len(f.buffer) for f in frames))
 
     async def _deliver(self, msg: KernelMessage) -> None:
         parent = msg.parent_id
-        if parent in self._own:  # the answers to our nudges (a few per relay)
+        # the answers to relays' nudges, this one's and others' (iopub reaches every relay of the
+        # kernel: a nudge answered after its relay ended must not reach the next client)
+        if parent.startswith(NUDGE_PREFIX):
             return
         if self._running.get(parent, -1) > 0 and (msg.msg_type == "execute_reply" or
                                         (msg.msg_type == "status" and msg.content.get("execution_state") == "idle")):
@@ -401,12 +393,12 @@ class KernelRelay:
                 await self._enqueue(self._note(msg, "[jupybox: further output of this request is dropped: "
                                                    "it is over the session's output budget]\n"))
             return
-        self.session.touch()
+        self.owner.touch()
         await self._enqueue(msg)
 
     async def _enqueue(self, msg: KernelMessage) -> None:
         """Queue a message for the client within ``QUEUE_MESSAGES`` and ``QUEUE_BYTES``: wait while
-        the client reads; one that reads nothing for ``STALL_S`` while full is disconnected, so
+        the client reads; one that reads nothing for ``client_stall_s`` while full is disconnected, so
         what it left unread is given back (meanwhile ZMQ's small queues fill, then the kernel's
         publisher drops for this connection alone)."""
         while True:
@@ -414,13 +406,14 @@ class KernelRelay:
             if not (self._queue.full() or (self._queued_bytes and self._queued_bytes + msg.wire_bytes > QUEUE_BYTES)):
                 break
             try:
-                await asyncio.wait_for(self._room.wait(), STALL_S)
+                await asyncio.wait_for(self._room.wait(), self.watch.client_stall_s)
             except (asyncio.TimeoutError, TimeoutError):
                 waited = self._queued_bytes
                 while not self._queue.empty():  # given back now, not when the client's task ends
                     self._queue.get_nowait()
                 self._queued_bytes = 0
-                self.end(f"the client read nothing for {STALL_S:.0f} s while {waited:,} bytes waited for it", "failure")
+                self.end(f"the client read nothing for {self.watch.client_stall_s:g} s while {waited:,} bytes waited for it",
+                         "failure")
                 return
             if self._closed:
                 return
@@ -435,31 +428,3 @@ class KernelRelay:
         return {"msg_id": f"jupybox-{uuid.uuid4().hex}", "msg_type": msg_type, "session": self._identity.decode(),
                 "username": "jupybox", "version": "5.3",
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())}
-
-    async def _kernel_gone(self) -> bool:
-        """The kernel is dead in two looks at the backend, the second asked for half a second
-        after the first answered (one failed look at the container, a daemon's hiccup, must not
-        cost a notebook its variables), and this relay still stands."""
-        for attempt in range(2):
-            if attempt:
-                await asyncio.sleep(0.5)
-            # the first look may reuse another connection's answer of the last second; the second
-            # waits for a new one (or for one under way)
-            if self._closed or await self.session.kernel_alive(max_age=0.0 if attempt else LIVENESS_CHECK_S):
-                return False
-        return not self._closed
-
-    async def _replace_kernel(self, what: str, reason: str) -> None:
-        """The kernel died (or outlived a client's shutdown request): tell the client as Jupyter
-        servers do (``autorestarting``), then give the session a fresh kernel (the old one is
-        stopped first); that ends this relay, and the client reconnects to the new kernel."""
-        log.warning("the kernel of session %s %s", self.session.id, what)
-        await self._enqueue(KernelMessage("iopub", self._header("status"), {}, {},
-                                            {"execution_state": "autorestarting"}))
-        self._running.clear()
-        task = asyncio.create_task(self.session.restart(self._info))  # once, whichever connection saw it first
-        _restarts.add(task)
-        task.add_done_callback(_restarts.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception() and log.warning(
-            "restarting the dead kernel of session %s failed: %s", self.session.id, t.exception()))
-        self.end(reason, "restart")

@@ -2,7 +2,8 @@
 session's files (``RemoteWorkspace``, with ``Workspace``'s interface). Data moves in chunks of at
 most ``CHUNK`` bytes each way, whatever the file's size, and the quotas are checked on the node as
 the chunks arrive. The file methods are blocking, like ``Workspace``'s: call them off the event
-loop when the file may be large. ``sandbox.remote_session`` builds the session on top.
+loop when the file may be large. ``sandbox.remote_session`` builds the session on top; the
+workspace sees it only as ``FileCalls``.
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
-from .errors import JupyboxError, SandboxError, SessionClosed, WorkspaceError
+from .config import Limits
+from .errors import JupyboxError, SandboxError, WorkspaceError
 from .workspace import CHUNK, WorkspaceFile, copy_bounded, read_bounded
-
-if TYPE_CHECKING:
-    from .remote_session import RemoteSession
 
 FILE_CALL_TIMEOUT_S = 120.0  # one file call (a chunk, a listing) on a live node takes far less
 
@@ -44,31 +43,37 @@ def unwrap(exc: BaseException, node: str) -> BaseException:
     return exc
 
 
+class FileCalls(Protocol):
+    """What ``RemoteWorkspace`` needs of its session, and all it may use."""
+
+    limits: Limits
+
+    @property
+    def actor(self) -> Any:
+        """The session's actor on its node."""
+
+    @property
+    def reachable(self) -> bool:
+        """Neither closed nor lost with its node: a file left open there is worth closing."""
+
+    def wait_file_call(self, ref: Any) -> Any:
+        """The answer to a file call on the actor (blocking, at most ``FILE_CALL_TIMEOUT_S``), its
+        failures as the sandbox's errors (``SessionClosed`` once the session or its node is gone)."""
+
+
 class RemoteWorkspace:
     """``Workspace``'s interface over the session's actor; data moves in chunks of ``CHUNK``."""
 
-    def __init__(self, session: RemoteSession) -> None:
+    def __init__(self, session: FileCalls) -> None:
         self._session = session
         self.limits = session.limits
 
     def _get(self, ref: Any) -> Any:
-        import ray
-
-        s = self._session
-        s._check_open()
-        if s.lost:
-            raise SessionClosed(f"{s.lost} Its files are gone: start a new session.")
-        try:
-            return ray.get(ref, timeout=FILE_CALL_TIMEOUT_S)
-        except Exception as exc:
-            err = unwrap(exc, s.node)
-            if isinstance(err, NodeLost):
-                raise SessionClosed(f"{s._gone(err)} Its files are gone: start a new session.") from None
-            raise err from None
+        return self._session.wait_file_call(ref)
 
     @property
     def _actor(self) -> Any:
-        return self._session._actor
+        return self._session.actor
 
     def list(self) -> list[WorkspaceFile]:
         return self._get(self._actor.list_files.remote())
@@ -179,8 +184,7 @@ class _RemoteFile(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            s = self._workspace._session
-            if not s.lost and not s.closed:
+            if self._workspace._session.reachable:
                 with contextlib.suppress(Exception):
                     self._workspace._actor.file_close.remote(self._handle)
         super().close()

@@ -26,7 +26,7 @@ from .config import Limits
 from .errors import SandboxError, SessionClosed
 from .kernel import OutputCallback
 from .models import Execution, ExecutionStatus, Output
-from .remote import NodeLost, RemoteWorkspace, unwrap
+from .remote import FILE_CALL_TIMEOUT_S, NodeLost, RemoteWorkspace, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,29 @@ class RemoteSession:
     def _check_open(self) -> None:
         if self._closed:
             raise SessionClosed(f"session {self.id} is closed: create a new session")
+
+    # -- what the workspace may ask (``FileCalls``) -------------------------------------------
+    @property
+    def actor(self) -> Any:
+        return self._actor
+
+    @property
+    def reachable(self) -> bool:
+        return not self._lost and not self._closed
+
+    def wait_file_call(self, ref: Any) -> Any:
+        import ray
+
+        self._check_open()
+        if self._lost:
+            raise SessionClosed(f"{self._lost} Its files are gone: start a new session.")
+        try:
+            return ray.get(ref, timeout=FILE_CALL_TIMEOUT_S)
+        except Exception as exc:
+            err = unwrap(exc, self.node)
+            if isinstance(err, NodeLost):
+                raise SessionClosed(f"{self._gone(err)} Its files are gone: start a new session.") from None
+            raise err from None
 
     def _gone(self, exc: NodeLost) -> str:
         """Record why the actor is gone (blocking: asks the cluster); returns the reason."""

@@ -2,7 +2,8 @@
 
 The escalation on a timeout is fixed and recorded in the ``Execution``: interrupt → wait
 ``interrupt_grace_s`` → restart the kernel (state lost). A kernel that died (out of memory,
-``os._exit``) is reported as ``crashed`` and replaced before the next execution.
+``os._exit``) is reported as ``crashed`` and replaced before the next execution. Every replacement,
+whoever noticed the death, goes through the session's ``KernelSupervisor``.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from .errors import ConnectionLimit, SandboxError, SessionClosed, WorkspaceError
 from .kernel import KernelClient, OutputCollector, OutputCallback, RawResult, sockets_ready, write_connection_file
 from .models import Execution, ExecutionStatus, ImageFile, Output
 from .relay import MAX_RELAYS, MAX_RELAYS_PER_SESSION, KernelRelay, open_relays
+from .supervisor import DIED, RESTARTED, KernelSupervisor, Replacement, Watched
 from .workspace import Workspace, remove_tree
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/svg+xml": "svg", "image/gif": "gif"}
 MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes
-ALIVE_CHECK_S = 0.25  # while a kernel starts, how often its process is checked
 
 
 def _image_mime(out: Output) -> str | None:
@@ -100,15 +101,13 @@ class Session:
         self._client: KernelClient | None = None
         self._lock = asyncio.Lock()
         self._running: asyncio.Task | None = None  # the task whose execution holds the kernel
-        self._needs_restart = False
         self._closed = False
         self._figures = 0
         self._own_filesystem = own_filesystem  # the workspace is a mounted image sized to its quota
         self._connection_info: dict | None = None  # the host side of the running kernel's connection
         self._relays: set[KernelRelay] = set()  # notebook clients attached to the running kernel
-        # the last look at the kernel's life (handle, when, answer) and the one under way: shared
-        self._alive_seen: tuple[KernelHandle, float, bool] | None = None
-        self._alive_look: tuple[KernelHandle, asyncio.Future[bool]] | None = None
+        self.supervisor = KernelSupervisor(backend, settings.kernel_watch, self._lock, self.id, self._replace,
+                                           self._end_relays, self._watched)
         self.isolation = isolation  # one of the backend's isolations(), or None for its default
 
     @property
@@ -157,7 +156,7 @@ class Session:
                 raise SandboxError(f"the kernel did not start within {self.settings.start_timeout_s:.0f} s")
             # asking the daemon is costly: many sessions starting at once would keep it (and the
             # CPUs) busy answering, so the socket files are polled often and the process rarely
-            if time.monotonic() - alive_checked > ALIVE_CHECK_S:
+            if time.monotonic() - alive_checked > self.settings.kernel_watch.start_check_s:
                 if not await self.backend.is_alive(self._handle):
                     reason = await self.backend.exit_reason(self._handle)
                     raise SandboxError(f"the kernel failed to start: {reason}")
@@ -167,7 +166,7 @@ class Session:
         await self._client.connect(max(deadline - time.monotonic(), 5.0))
         await asyncio.to_thread(self._lock_runtime_dir)
         self._connection_info = info
-        self._needs_restart = False
+        self.supervisor.started(self._handle)
 
     def _fresh_runtime_dir(self, kernel_rt: str) -> dict:
         """An empty runtime folder with a new connection file, writable by the kernel while it
@@ -206,13 +205,10 @@ class Session:
                  "JUPYBOX_SESSION": self.id},
         )
 
-    async def _stop_kernel(self) -> None:
-        for relay in list(self._relays):  # they were attached to this kernel: their clients reconnect
-            if self._closed:
-                relay.end("the session was closed", "close")
-            else:
-                relay.end("the kernel was restarted; variables are lost", "restart")
+    async def _stop_kernel(self, why: Replacement = RESTARTED) -> None:
+        self._end_relays(why)  # they were attached to this kernel: their clients reconnect
         self._connection_info = None
+        self.supervisor.stopped()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -220,19 +216,29 @@ class Session:
             handle, self._handle = self._handle, None
             await self.backend.stop(handle)
 
-    async def restart(self, kernel: dict | None = None) -> None:
-        """A fresh kernel; the workspace stays. With ``kernel`` (the connection info a notebook
-        connection holds), only if that kernel is still the session's: a death that several
-        connections see at once restarts it once."""
+    def _end_relays(self, why: Replacement) -> None:
+        for relay in list(self._relays):
+            if self._closed:
+                relay.end("the session was closed", "close")
+            elif why.autorestart:
+                relay.kernel_replaced(why.reason)
+            else:
+                relay.end(why.reason, "restart")
+
+    def _watched(self) -> Watched:
+        return Watched(clients=bool(self._relays), busy=any(r.running for r in self._relays))
+
+    async def _replace(self, why: Replacement) -> None:
+        """The supervisor's one way to replace the kernel (it holds the lock): stop it, start a fresh one."""
+        self._check_open()
+        await self._stop_kernel(why)
+        await self._start_kernel()
+
+    async def restart(self) -> None:
+        """A fresh kernel; the workspace stays."""
         async with self._lock:
             self._check_open()
-            if kernel is not None and kernel is not self._connection_info:
-                return
-            await self._restart()
-
-    async def _restart(self) -> None:
-        await self._stop_kernel()
-        await self._start_kernel()
+            await self.supervisor.replace_locked(self.supervisor.generation)
 
     def interrupt(self, task: asyncio.Task | None = None) -> None:
         """Interrupt what the kernel is running now (from another task than the one executing);
@@ -247,6 +253,7 @@ class Session:
         """Stop the kernel and remove the session's folders. Idempotent. A running execution is
         interrupted first and given the grace period to return (it then raises ``SessionClosed``)."""
         self._closed = True
+        await self.supervisor.close()
         if self._lock.locked():
             self.interrupt()
             try:
@@ -272,50 +279,32 @@ class Session:
         when this kernel is replaced or the session closes. ``allow_stdin``: ``input()`` asks the
         client (a person is there) instead of failing."""
         self._check_open()
-        if self._needs_restart or self._connection_info is None or not await self.kernel_alive():
+        sup = self.supervisor
+        if sup.needs_replacement or self._connection_info is None or not await sup.alive():
             async with self._lock:  # behind a running execution, which may restart the kernel itself
                 self._check_open()
-                if self._needs_restart or self._connection_info is None or not await self.kernel_alive():
-                    await self._restart()
+                if sup.needs_replacement or self._connection_info is None or not await sup.alive():
+                    await sup.replace_locked(sup.generation)
         assert self._connection_info is not None
         if len(self._relays) >= MAX_RELAYS_PER_SESSION:
             raise ConnectionLimit(f"this session already has {MAX_RELAYS_PER_SESSION} notebook connections: "
                                   "close one first")
         if open_relays() >= MAX_RELAYS:
             raise ConnectionLimit(f"the server holds {MAX_RELAYS} notebook connections: try again later")
-        relay = KernelRelay(self, self._connection_info, self.limits, allow_stdin=allow_stdin)
+        relay = KernelRelay(self, self._connection_info, sup.generation, self.limits, self.settings.kernel_watch,
+                            allow_stdin=allow_stdin)
         self._relays.add(relay)  # before it opens: a restart meanwhile ends it, and open() says so
         await relay.open(self.settings.start_timeout_s)
+        sup.ensure_watching()
         self.touch()
         return relay
 
-    def _detach(self, relay: KernelRelay) -> None:
+    # -- what a relay may ask of its session (``RelayOwner``) ---------------------------------
+    def detach(self, relay: KernelRelay) -> None:
         self._relays.discard(relay)
 
-    async def kernel_alive(self, max_age: float = 0.0) -> bool:
-        """Whether the kernel still runs. Every notebook connection asks while it waits (``relay``),
-        so looks at the backend are shared: callers at the same time wait for one look, and an
-        answer that came back at most ``max_age`` seconds ago is reused. Many connections to one
-        session then cost the backend about one look a second, not one each."""
-        handle = self._handle
-        if handle is None:
-            return False
-        seen = self._alive_seen
-        if seen is not None and seen[0] is handle and time.monotonic() - seen[1] <= max_age:
-            return seen[2]
-        look = self._alive_look
-        if look is None or look[0] is not handle:
-            task = asyncio.ensure_future(self.backend.is_alive(handle))
-            look = self._alive_look = (handle, task)
-            task.add_done_callback(lambda done: self._looked(handle, done))
-        return await asyncio.shield(look[1])  # one caller cancelled does not cancel the others' look
-
-    def _looked(self, handle: KernelHandle, look: asyncio.Future[bool]) -> None:
-        if self._alive_look is not None and self._alive_look[1] is look:
-            self._alive_look = None
-        # a look at a kernel since replaced is no answer about the running one
-        if not look.cancelled() and look.exception() is None and handle is self._handle:
-            self._alive_seen = (handle, time.monotonic(), look.result())
+    def replace_kernel(self, generation: int, what: str, reason: str) -> None:
+        self.supervisor.replace_soon(generation, Replacement(what, reason))
 
     # -- execution --------------------------------------------------------------------------
     async def execute(self, code: str, timeout: float | None = None,
@@ -379,9 +368,11 @@ class Session:
 
     async def _execute(self, code: str, timeout: float, on_output: OutputCallback | None,
                        cancel: asyncio.Event | None = None) -> Execution:
-        if self._needs_restart or self._client is None:
-            await self._restart()
+        sup = self.supervisor
+        if sup.needs_replacement or self._client is None:  # notebook clients still attached hear why
+            await sup.replace_locked(sup.generation, RESTARTED if sup.handle is None else DIED)
         assert self._client is not None and self._handle is not None
+        generation = sup.generation
         if cancel is not None and cancel.is_set():  # no await from here to the request: it is sent or not at all
             return Execution(status=ExecutionStatus.ERROR, reason="Stopped before it ran: nothing was executed.")
         lim = self.limits
@@ -407,15 +398,15 @@ class Session:
                 state_lost = True
                 reason = (f"Execution timed out after {timeout:g} s and did not stop when interrupted; "
                           "the kernel was restarted, so earlier variables are lost.")
-                await self._restart()
+                await sup.replace_locked(generation)
         if raw.died:
             status, state_lost = ExecutionStatus.CRASHED, True
             reason = f"The kernel died: {await self.backend.exit_reason(handle)}. A fresh kernel will run the next execution; earlier variables are lost."
-            self._needs_restart = True
+            sup.mark_dead(generation)
         elif raw.ask_exit:
             status, state_lost = ExecutionStatus.CRASHED, True
             reason = "The code exited the kernel; a fresh kernel will run the next execution, earlier variables are lost."
-            self._needs_restart = True
+            sup.mark_dead(generation)
         elif status is ExecutionStatus.OK and any(o.kind == "error" for o in raw.outputs):
             status = ExecutionStatus.ERROR
         elif status is ExecutionStatus.OK and raw.aborted:

@@ -15,8 +15,8 @@ from jupyter_server.services.kernels.connection.base import (
     serialize_msg_to_ws_v1,
 )
 
-from sandbox.relay import MAX_BUFFERS, KernelMessage
-from ui.kernel_wire import WireError, decode_legacy_binary, decode_legacy_text, decode_v1, encode_legacy, encode_v1
+from sandbox.kernel_wire import (MAX_BUFFERS, KernelMessage, WireError, decode_legacy_binary, decode_legacy_text,
+                                 decode_v1, encode_legacy, encode_v1)
 
 SESSION = Session(username="tests")
 

@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from sandbox import KernelMessage, KernelMessageRefused, KernelRelay, SessionManager
+from sandbox.config import KernelWatch
 
 
 def request(msg_type: str, content: dict, channel: str = "shell") -> KernelMessage:
@@ -78,9 +79,7 @@ async def test_a_kernel_that_outlives_a_shutdown_request_is_replaced(
     removed and the session runs a fresh kernel."""
     import docker
 
-    from sandbox import relay as relay_module
-
-    monkeypatch.setattr(relay_module, "SHUTDOWN_GRACE_S", 1.0)
+    monkeypatch.setattr(docker_manager.settings, "kernel_watch", KernelWatch(shutdown_grace_s=1.0))
     session = await docker_manager.create()
     old = session._handle.ref.id
     relay = await session.attach()
@@ -96,7 +95,7 @@ async def test_a_kernel_that_outlives_a_shutdown_request_is_replaced(
     assert replies, states  # the kernel answered (on control, and ipykernel also on iopub), then did not exit
     assert states[-1] == "autorestarting" and relay.ended_by == "restart", (states, relay.end_reason)
     assert relay.end_reason == "the kernel was shut down as asked; a fresh one was started"
-    await asyncio.gather(*relay_module._restarts)  # the relay restarts the kernel in the background
+    await session.supervisor.settled()  # the kernel is replaced in the background
     with pytest.raises(docker.errors.NotFound):
         docker.from_env().containers.get(old)
     ex = await session.execute("print(6 * 7)")  # the fresh kernel
@@ -106,11 +105,10 @@ async def test_a_kernel_that_outlives_a_shutdown_request_is_replaced(
 
 async def test_idle_connections_share_their_looks_at_the_kernel_and_still_see_it_die(
         docker_manager: SessionManager, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Twelve notebook connections to one session, idle for 7 s, ask the backend whether the
-    kernel lives a few times in all (each alone would ask every 3 s: 24 looks), and when the
-    kernel exits they all end with it and the session restarts its kernel once."""
-    from sandbox import relay as relay_module
-
+    """Twelve notebook connections to one session, idle for 2 s with a look due every 0.5 s, cost
+    the backend one look per round in all (each asking alone: 48), and when the kernel exits they
+    all end with it and the session restarts its kernel once."""
+    monkeypatch.setattr(docker_manager.settings, "kernel_watch", KernelWatch(check_s=0.1, idle_check_s=0.5))
     session = await docker_manager.create()
     relays = [await session.attach() for _ in range(12)]
     looks: list[float] = []
@@ -127,9 +125,9 @@ async def test_idle_connections_share_their_looks_at_the_kernel_and_still_see_it
 
     monkeypatch.setattr(session.backend, "is_alive", counted)
     monkeypatch.setattr(session.backend, "start", counted_start)
-    await asyncio.sleep(7)
-    # each round of checks (every 3 s) costs one look for every second the twelve attaches spanned
-    assert 1 <= len(looks) <= 10, looks
+    generation = session.supervisor.generation
+    await asyncio.sleep(2)
+    assert 2 <= len(looks) <= 6, looks
     assert not any(r.closed for r in relays)
     exits = execute("import os, threading\nthreading.Timer(0.3, os._exit, (0,)).start()")
     await relays[0].send(exits)
@@ -137,10 +135,55 @@ async def test_idle_connections_share_their_looks_at_the_kernel_and_still_see_it
         while await asyncio.wait_for(relay.receive(), 30) is not None:
             pass
     assert all(r.ended_by == "restart" for r in relays), [(r.ended_by, r.end_reason) for r in relays]
-    await asyncio.gather(*relay_module._restarts)
-    assert len(starts) == 1  # every connection saw the death; the kernel was replaced once
+    await session.supervisor.settled()
+    assert len(starts) == 1 and session.supervisor.generation == generation + 1  # every connection saw it; one new kernel
     ex = await session.execute("print(6 * 7)")  # the fresh kernel
     assert ex.ok and ex.stdout == "42\n"
+    await docker_manager.close(session.id)
+
+
+async def test_a_killed_kernel_is_replaced_once_however_many_notice_it(
+        docker_manager: SessionManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel killed in the middle of an execution, with notebook clients attached: the execution
+    sees it die (``crashed``), the clients' liveness watch sees it too, and the session still gets
+    exactly one new kernel (generation + 1), whoever asked first. Asking again for a generation
+    already replaced replaces nothing."""
+    import docker
+
+    from sandbox.supervisor import DIED
+
+    monkeypatch.setattr(docker_manager.settings, "kernel_watch",
+                        KernelWatch(check_s=0.05, idle_check_s=0.05, recheck_s=0.05))
+    session = await docker_manager.create()
+    sup = session.supervisor
+    starts: list[object] = []
+    start = session.backend.start
+
+    async def counted_start(spec):  # type: ignore[no-untyped-def]
+        starts.append(spec)
+        return await start(spec)
+
+    monkeypatch.setattr(session.backend, "start", counted_start)
+    relays = [await session.attach() for _ in range(3)]
+    generation = sup.generation
+    started = asyncio.Event()
+    running = asyncio.create_task(session.execute("import time\nprint('started', flush=True)\ntime.sleep(60)",
+                                                  timeout=120, on_output=lambda out: started.set()))
+    await asyncio.wait_for(started.wait(), 30)
+    await asyncio.to_thread(lambda: docker.from_env().containers.get(sup.handle.ref.id).kill())
+    ex = await asyncio.wait_for(running, 60)
+    assert ex.status == "crashed", ex.text()
+    for relay in relays:
+        while await asyncio.wait_for(relay.receive(), 30) is not None:
+            pass
+    assert all(r.ended_by == "restart" for r in relays), [(r.ended_by, r.end_reason) for r in relays]
+    await sup.settled()
+    ex = await session.execute("print(6 * 7)")
+    assert ex.ok and ex.stdout == "42\n"
+    assert sup.generation == generation + 1 and len(starts) == 1, (sup.generation, generation, len(starts))
+    assert await asyncio.gather(sup.replace(generation, DIED), sup.replace(generation, DIED)) == [False, False]
+    both = await asyncio.gather(sup.replace(sup.generation, DIED), sup.replace(sup.generation, DIED))
+    assert sorted(both) == [False, True] and sup.generation == generation + 2 and len(starts) == 2
     await docker_manager.close(session.id)
 
 

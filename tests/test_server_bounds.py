@@ -298,9 +298,9 @@ async def test_notebook_connections_that_do_not_read_cost_bounded_memory_and_are
     """A kernel floods 8 MB comm messages (never charged to the output budget before) at four
     notebook connections that read nothing: each holds at most its byte bound, and is closed once
     it has read nothing for the stall time, its queue given back."""
-    from sandbox import relay as relay_module
+    from sandbox.config import KernelWatch
 
-    monkeypatch.setattr(relay_module, "STALL_S", 3.0, raising=False)
+    monkeypatch.setattr(docker_manager.settings, "kernel_watch", KernelWatch(client_stall_s=3.0))
     session = await docker_manager.create(limits=Limits(memory_mb=1024))
     relays = [await session.attach() for _ in range(4)]
     try:

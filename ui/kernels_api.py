@@ -4,7 +4,7 @@ JupyterLab or Notebook started with ``--gateway-url`` pointing here, VS Code thr
 Routes, all behind the server's token (Jupyter clients send ``Authorization: token <token>``):
 ``GET /api/kernelspecs[/{name}]``, ``GET|POST /api/kernels``, ``GET|DELETE /api/kernels/{id}``,
 ``POST /api/kernels/{id}/interrupt|restart``, and the websocket ``/api/kernels/{id}/channels`` in
-both of Jupyter Server's wire formats (``ui/kernel_wire.py``).
+both of Jupyter Server's wire formats (``sandbox/kernel_wire.py``).
 
 Each kernel is a sandbox session: the same container, limits, workspace, idle expiry and cleanup,
 listed in ``/api/sessions`` with its files under ``/api/sessions/{session}/files``. Its kernel id
@@ -32,9 +32,8 @@ from starlette.websockets import WebSocketDisconnect
 
 from sandbox import JupyboxError, KernelMessageRefused, KernelRelay, Session, SessionClosed, SessionManager
 from sandbox.errors import KernelMessageTooLarge
+from sandbox.kernel_wire import V1_PROTOCOL, WireError, WireFormat, encode
 
-from .kernel_wire import (V1_PROTOCOL, WireError, decode_legacy_binary, decode_legacy_text, decode_v1,
-                          encode_legacy, encode_v1)
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -274,30 +273,23 @@ async def _pass_messages(ws: WebSocket, relay: KernelRelay, record: KernelRecord
 
 
 async def _client_to_kernel(ws: WebSocket, relay: KernelRelay, metrics: Metrics, v1: bool) -> tuple[int | None, str]:
-    limit = relay.max_client_message
+    wire: WireFormat = "v1" if v1 else "legacy"
     while True:
         frame = await ws.receive()
         if frame["type"] == "websocket.disconnect":
             return None, ""
-        text, data = frame.get("text"), frame.get("bytes")
-        size = len(data) if data is not None else len((text or "").encode())
-        if size > limit:
+        data = frame.get("bytes")
+        try:  # the relay checks the frame's size, decodes it and checks the message, once
+            await relay.send_frame(data if data is not None else frame.get("text") or "", wire)
+        except KernelMessageTooLarge as exc:
             metrics.kernel_messages_refused.inc()
-            return CLOSE_TOO_BIG, f"message of {size:,} bytes refused: the limit is {limit:,}"
-        try:
-            if v1:
-                if data is None:
-                    raise WireError("the v1 kernel protocol sends binary frames only")
-                msg = decode_v1(data)
-            else:
-                msg = decode_legacy_binary(data) if data is not None else decode_legacy_text(text or "")
-            await relay.send(msg)
+            return CLOSE_TOO_BIG, str(exc)
         except WireError as exc:
             metrics.kernel_messages_refused.inc()
             return CLOSE_BAD_DATA, f"message refused: {exc}"
         except KernelMessageRefused as exc:
             metrics.kernel_messages_refused.inc()
-            return (CLOSE_TOO_BIG if isinstance(exc, KernelMessageTooLarge) else CLOSE_POLICY), f"message refused: {exc}"
+            return CLOSE_POLICY, f"message refused: {exc}"
         except JupyboxError as exc:  # the relay ended under us
             return CLOSE_RESTART, str(exc)
         metrics.kernel_messages.labels("to_kernel").inc()
@@ -308,7 +300,7 @@ async def _kernel_to_client(ws: WebSocket, relay: KernelRelay, record: KernelRec
     while (msg := await relay.receive()) is not None:
         if msg.channel == "iopub" and msg.msg_type == "status" and msg.content.get("execution_state") in STATES:
             record.state = msg.content["execution_state"]
-        wire = encode_v1(msg) if v1 else encode_legacy(msg)
+        wire = encode(msg, "v1" if v1 else "legacy")
         try:
             if isinstance(wire, bytes):
                 await ws.send_bytes(wire)

@@ -1,4 +1,5 @@
-"""The two wire formats of Jupyter Server's kernel channels websocket.
+"""Jupyter kernel messages as a client sends and receives them: the message model, strict JSON,
+and the two wire formats of Jupyter Server's kernel channels websocket.
 
 * ``v1.kernel.websocket.jupyter.org``, chosen by subprotocol (current JupyterLab and VS Code): each
   message is one binary frame: a little-endian uint64 count ``n`` of offsets, ``n`` uint64 offsets,
@@ -10,32 +11,66 @@
   the buffers.
 
 Decoding is strict: offsets must lie inside the frame and never decrease, the parts must be JSON
-objects; anything else is a ``WireError`` whose message can be the websocket's close reason.
+objects (no NaN or Infinity, which browsers cannot parse); anything else is a ``WireError`` whose
+message can be the websocket's close reason. The relay (``sandbox/relay.py``) decodes every
+client frame here, once, and reads the kernel's JSON parts with the same ``loads_object``.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from sandbox.relay import MAX_BUFFERS, KernelMessage
+from .errors import KernelMessageRefused
 
 V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
+WireFormat = Literal["v1", "legacy"]  # the websocket's format: v1 when the client chose the subprotocol
 PARTS = ("header", "parent_header", "metadata", "content")
+MAX_BUFFERS = 64  # binary buffers one message may carry
 
 
-class WireError(ValueError):
-    """A websocket frame is not a kernel message in the connection's format."""
+@dataclass
+class KernelMessage:
+    """One Jupyter message, unsigned: what a client sends or receives on ``channel``."""
+
+    channel: str  # shell | control | stdin | iopub
+    header: dict[str, Any]
+    parent_header: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    content: dict[str, Any] = field(default_factory=dict)
+    buffers: list[bytes] = field(default_factory=list)
+    wire_bytes: int = field(default=0, repr=False, compare=False)  # its size as the kernel sent it
+
+    @property
+    def msg_type(self) -> str:
+        return str(self.header.get("msg_type", ""))
+
+    @property
+    def msg_id(self) -> str:
+        return str(self.header.get("msg_id", ""))
+
+    @property
+    def parent_id(self) -> str:
+        return str(self.parent_header.get("msg_id", ""))
+
+
+class WireError(KernelMessageRefused):
+    """A frame is not a kernel message in the connection's format (bad offsets, a part that is
+    not a strict JSON object)."""
 
 
 def _reject_constant(name: str) -> Any:
     raise WireError(f"{name} is not JSON")
 
 
-def _loads(raw: bytes | str, what: str) -> dict[str, Any]:
+def loads_object(raw: bytes | memoryview | str, what: str) -> dict[str, Any]:
+    """Strict JSON (no NaN/Infinity) that must be an object; ``WireError`` otherwise."""
     try:
-        value = json.loads(raw, parse_constant=_reject_constant)
+        value = json.loads(bytes(raw) if isinstance(raw, memoryview) else raw, parse_constant=_reject_constant)
+    except WireError:
+        raise WireError(f"the {what} is not valid JSON") from None
     except (ValueError, RecursionError) as exc:
         raise WireError(f"the {what} is not valid JSON") from exc
     if not isinstance(value, dict):
@@ -43,7 +78,8 @@ def _loads(raw: bytes | str, what: str) -> dict[str, Any]:
     return value
 
 
-def _dumps(value: Any) -> str:
+def dumps(value: Any) -> str:
+    """Compact strict JSON; ``ValueError`` for NaN or Infinity, ``TypeError`` for what is not JSON."""
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
@@ -56,6 +92,19 @@ def _offsets(frame: bytes, width: int, order: str, count: int) -> list[int]:
     if offsets[0] != width * (count + 1) or any(b < a for a, b in zip(offsets, offsets[1:])) or offsets[-1] > len(frame):
         raise WireError("the frame's offsets do not describe its parts")
     return offsets
+
+
+def decode(frame: bytes | str, wire: WireFormat) -> KernelMessage:
+    """A websocket frame (``bytes`` for a binary frame, ``str`` for a text one) in the connection's format."""
+    if wire == "v1":
+        if not isinstance(frame, bytes):
+            raise WireError("the v1 kernel protocol sends binary frames only")
+        return decode_v1(frame)
+    return decode_legacy_binary(frame) if isinstance(frame, bytes) else decode_legacy_text(frame)
+
+
+def encode(msg: KernelMessage, wire: WireFormat) -> bytes | str:
+    return encode_v1(msg) if wire == "v1" else encode_legacy(msg)
 
 
 # -- v1 ----------------------------------------------------------------------------------------
@@ -71,12 +120,12 @@ def decode_v1(frame: bytes) -> KernelMessage:
         channel = chunks[0].decode()
     except UnicodeDecodeError as exc:
         raise WireError("the channel name is not UTF-8") from exc
-    parts = [_loads(c, what) for c, what in zip(chunks[1:5], PARTS)]
+    parts = [loads_object(c, what) for c, what in zip(chunks[1:5], PARTS)]
     return KernelMessage(channel, *parts, buffers=chunks[5:])
 
 
 def encode_v1(msg: KernelMessage) -> bytes:
-    chunks = [msg.channel.encode(), *(_dumps(getattr(msg, p)).encode() for p in PARTS), *msg.buffers]
+    chunks = [msg.channel.encode(), *(dumps(getattr(msg, p)).encode() for p in PARTS), *msg.buffers]
     n = len(chunks) + 1
     offsets = [8 * (n + 1)]
     for c in chunks:
@@ -99,7 +148,7 @@ def _from_dict(value: dict[str, Any], buffers: list[bytes]) -> KernelMessage:
 
 
 def decode_legacy_text(text: str) -> KernelMessage:
-    return _from_dict(_loads(text, "message"), [])
+    return _from_dict(loads_object(text, "message"), [])
 
 
 def decode_legacy_binary(frame: bytes) -> KernelMessage:
@@ -110,13 +159,13 @@ def decode_legacy_binary(frame: bytes) -> KernelMessage:
         raise WireError(f"a binary message has 1 to {1 + MAX_BUFFERS} parts, this one says {n}")
     offsets = _offsets(frame, 4, "!", n) + [len(frame)]
     chunks = [frame[a:b] for a, b in zip(offsets, offsets[1:])]
-    return _from_dict(_loads(chunks[0], "message"), chunks[1:])
+    return _from_dict(loads_object(chunks[0], "message"), chunks[1:])
 
 
 def encode_legacy(msg: KernelMessage) -> str | bytes:
     body = {"channel": msg.channel, "msg_id": msg.msg_id, "msg_type": msg.msg_type, "buffers": [],
             **{p: getattr(msg, p) for p in PARTS}}
-    text = _dumps(body)
+    text = dumps(body)
     if not msg.buffers:
         return text
     chunks = [text.encode(), *msg.buffers]
