@@ -120,6 +120,7 @@ RUN set -eu; \
 print('\n'.join(tomllib.load(open('/tmp/build/pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/build/requirements.txt; \
     /opt/jupybox/app/bin/pip install --prefer-binary 'setuptools>=68' -r /tmp/build/requirements.txt
+COPY store /tmp/build/src/store
 COPY sandbox /tmp/build/src/sandbox
 COPY interpreter /tmp/build/src/interpreter
 COPY ui /tmp/build/src/ui

@@ -43,7 +43,7 @@ BUILD_TARGET = "sandbox"
 TARGETS = {BUILD_TARGET: SANDBOX_REPOSITORY, "app": APP_REPOSITORY}
 # What the app image installs, besides the Dockerfile (whole folders, caches left out).
 APP_SOURCES = ("pyproject.toml", "deploy/entrypoint.sh")
-APP_PACKAGES = ("sandbox", "interpreter", "ui", "bench")
+APP_PACKAGES = ("store", "sandbox", "interpreter", "ui", "bench")
 
 BUILD_TIMEOUT_S = 30 * 60.0
 

@@ -2,7 +2,8 @@
 
 Subcommands: ``exec`` (run code in a fresh sandbox session), ``serve`` (the browser UI and HTTP API),
 ``mcp`` (the sandbox as MCP tools over stdio),
-``demo``, ``sandbox build-image`` / ``sandbox cleanup``, ``bench sandbox``, ``bench model``. Errors are printed as one
+``demo``, ``sandbox build-image`` / ``sandbox cleanup``, ``bench sandbox``, ``bench model``, ``users``
+(the server's users and keys) and ``audit`` (its audit log). Errors are printed as one
 sentence with a next step; no traceback reaches the user (``--debug`` shows it).
 """
 
@@ -24,6 +25,7 @@ from interpreter.events import Event
 from sandbox import Execution, JupyboxError, SandboxSettings, Session, SessionManager
 from sandbox.models import Output
 from ui.flags import add_model_flags
+from ui.users_cli import add_user_commands, run_user_command
 
 log = logging.getLogger("jupybox")
 
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = bsub.add_parser("model", help="decode speed, time to first token and peak GPU memory of the local model backend")
     from bench.model import add_model_flags as add_bench_model_flags
     add_bench_model_flags(m)
+    add_user_commands(sub)
     return parser
 
 
@@ -201,6 +204,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from bench.model import run_model_bench
 
         return await asyncio.to_thread(run_model_bench, args)
+    if args.command in ("users", "audit"):
+        return run_user_command(args)
     if args.command == "eval":
         from bench.eval import run_eval_command
 
