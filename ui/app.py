@@ -4,8 +4,8 @@ the OpenAI-compatible endpoint under ``/v1``, ``/healthz`` and ``/metrics``.
 ``create_app(services)`` builds it; its lifespan starts and stops the ``Services``, so when the
 server stops every sandbox session is closed and no container is left.
 
-Authentication, the Host check, the Content-Security-Policy and body limits are ASGI middleware
-(``ui/middleware.py``).
+Authentication (``ui/auth.py``), the Host check, the Content-Security-Policy and body limits are ASGI
+middleware (``ui/middleware.py``).
 
 Errors are JSON, never a stack trace: ``{"error": "<sentence>"}`` under ``/api`` and elsewhere,
 ``{"error": {"message": ..., "type": ...}}`` under ``/v1`` (the OpenAI shape its clients read).
@@ -39,10 +39,10 @@ from sandbox import (
     WorkspacePathError,
 )
 
-from . import api, kernels_api, openai_compat
+from . import api, auth, kernels_api, openai_compat
 from .metrics import Metrics
 from .mcp import JupyboxMcp, McpSessions
-from .middleware import BODY_LIMIT, BodyLimit, LoopbackHostOnly, SameOrigin, SecurityHeaders, TokenAuth, error_body
+from .middleware import BODY_LIMIT, BodyLimit, SameOrigin, SecurityHeaders, error_body
 from .services import Services
 from .web_guard import GradioGate, UploadCache, UploadRefused
 
@@ -188,6 +188,7 @@ def create_app(services: Services, ui: bool = True) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    app.include_router(auth.router, tags=["api"])
     app.include_router(api.router, tags=["api"])
     kernels_api.install(app, services.manager, metrics)
     app.include_router(openai_compat.router, tags=["openai"])
@@ -207,10 +208,8 @@ def create_app(services: Services, ui: bool = True) -> FastAPI:
         app.add_middleware(GradioGate, cache=cache, metrics=metrics)
     app.add_middleware(BodyLimit, upload_limit=settings.upload_limit_mb << 20, metrics=metrics,
                        idle_s=settings.body_idle_s)
-    if settings.api_token:
-        app.add_middleware(TokenAuth, token=settings.api_token, metrics=metrics)
-    else:
-        app.add_middleware(LoopbackHostOnly, host=settings.host, metrics=metrics)
+    app.add_middleware(auth.Authenticate, token=settings.api_token, keys=services.users, audit=services.audit,
+                       host=settings.host, metrics=metrics)
     if settings.cors_origins:  # outside the token check: preflights need no token
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["*"], allow_headers=["*"])

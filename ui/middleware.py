@@ -1,21 +1,11 @@
-"""The server's ASGI middleware: authentication, the Host and Origin checks, security headers and
-request body limits. Pure ASGI, so streams and disconnects pass through untouched.
+"""The server's ASGI middleware: the Host and Origin checks, security headers and request body
+limits. Pure ASGI, so streams and disconnects pass through untouched. Authentication (keys, the API
+token, the loopback mode of a server without either) is ``ui/auth.py``; it uses
+``LoopbackHostOnly`` from here for the loopback mode.
 
-Authentication (when ``ServeSettings.api_token`` is set): every path but ``/healthz`` needs the
-token, given as one of
-
-- ``Authorization: Bearer <token>`` — API clients; the OpenAI client's ``api_key`` is sent this way;
-- ``Authorization: token <token>`` — the same, as Jupyter clients send it (the kernels API);
-- the ``jupybox_token`` cookie — set by the server (HttpOnly, SameSite=Strict), so the browser UI's
-  own requests carry it;
-- ``GET /?token=<token>`` — open the UI once this way: the answer sets the cookie and redirects
-  (303) to the same URL without the token, so it stays out of the browser's history. Nowhere else
-  is a token in the query string accepted. The cookie is ``Secure`` when the request came over
-  HTTPS (directly, or through a proxy the server trusts, see ``ServeSettings.trusted_proxies``).
-
-Tokens are compared in constant time. Without a token, only requests addressed to 127.0.0.1,
-localhost, [::1] or the configured host are served (any other ``Host`` is a 400): a web page
-cannot reach the server by pointing a name of its own at 127.0.0.1 (DNS rebinding).
+Without keys, only requests addressed to 127.0.0.1, localhost, [::1] or the configured host are
+served (any other ``Host`` is a 400): a web page cannot reach the server by pointing a name of its
+own at 127.0.0.1 (DNS rebinding).
 
 Cross-site requests are refused (``SameOrigin``), whatever the route (Gradio's included): a request
 whose ``Origin`` is not the server's own, nor one ``ServeSettings.cors_origins`` lists, is a 403,
@@ -36,21 +26,17 @@ body that stops arriving for ``idle_s`` seconds is a 408.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import re
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlsplit
 
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics import Metrics
 
-TOKEN_COOKIE = "jupybox_token"
-AUTH_SCHEMES = frozenset({"bearer", "token"})  # token: what Jupyter clients send (a gateway's, VS Code's)
 OPEN_PATHS = frozenset({"/healthz"})
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 BODY_LIMIT = 16 << 20  # any request body but an upload's
@@ -123,52 +109,6 @@ async def refuse(scope: Scope, receive: Receive, send: Send, metrics: Metrics, s
     await response(scope, receive, send)
 
 
-class TokenAuth:
-    """Pure ASGI (streams and disconnects pass through untouched): see the module docstring."""
-
-    def __init__(self, app: ASGIApp, token: str, metrics: Metrics) -> None:
-        self.app = app
-        self.token = token.encode()
-        self.metrics = metrics
-
-    def _valid(self, supplied: str) -> bool:
-        return hmac.compare_digest(supplied.encode(), self.token)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/":
-            query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-            if any(k == "token" for k, _ in query):
-                await self._redeem(scope, receive, send, query)
-                return
-        headers = Headers(scope=scope)
-        scheme, _, credentials = headers.get("authorization", "").partition(" ")
-        supplied = credentials.strip() if scheme.lower() in AUTH_SCHEMES else None
-        if supplied is None:
-            supplied = cookie_parser(headers.get("cookie", "")).get(TOKEN_COOKIE) or None
-        if supplied is None or not self._valid(supplied):
-            message = ("this server needs an API token: send 'Authorization: Bearer <token>'" if supplied is None
-                       else "the API token is wrong")
-            await refuse(scope, receive, send, self.metrics, 401, message, {"WWW-Authenticate": "Bearer"})
-            return
-        await self.app(scope, receive, send)
-
-    async def _redeem(self, scope: Scope, receive: Receive, send: Send, query: list[tuple[str, str]]) -> None:
-        """``GET /?token=``: the cookie, and a redirect to the URL without the token."""
-        token = next(v for k, v in reversed(query) if k == "token")
-        if not self._valid(token):
-            await refuse(scope, receive, send, self.metrics, 401, "the API token is wrong",
-                         {"WWW-Authenticate": "Bearer"})
-            return
-        rest = urlencode([(k, v) for k, v in query if k != "token"])
-        response = RedirectResponse(scope.get("root_path", "") + "/" + (f"?{rest}" if rest else ""), status_code=303)
-        response.set_cookie(TOKEN_COOKIE, token, path="/", httponly=True, samesite="strict",
-                            secure=scope.get("scheme") == "https")
-        await response(scope, receive, send)
-
-
 def host_name(host: str) -> str:
     """The name in a Host header, without the port: ``[::1]:80`` -> ``::1``."""
     host = host.strip().lower()
@@ -198,7 +138,7 @@ class LoopbackHostOnly:
             return
         await refuse(scope, receive, send, self.metrics, 400,
                      f"this server answers requests for {', '.join(sorted(self.allowed))} only, not {host!r}: "
-                     "open it by one of those names, or start it with --api-token to serve others")
+                     "open it by one of those names, or add users (`jupybox users add NAME`) or an API token to serve others")
 
 
 def origin_of(url: str) -> str:

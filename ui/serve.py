@@ -1,7 +1,7 @@
 """``jupybox serve``: flags and environment → ``ServeSettings`` → one uvicorn server.
 
 Every flag has an environment variable (flags win): ``JUPYBOX_HOST``, ``JUPYBOX_PORT``,
-``JUPYBOX_API_TOKEN`` (or ``JUPYBOX_API_TOKEN_FILE``), ``JUPYBOX_CORS_ORIGINS`` and
+``JUPYBOX_API_TOKEN`` (or ``JUPYBOX_API_TOKEN_FILE``), ``JUPYBOX_AUDIT_LOG``, ``JUPYBOX_CORS_ORIGINS`` and
 ``JUPYBOX_TRUSTED_PROXIES`` (comma-separated), ``JUPYBOX_MAX_CONNECTIONS``,
 ``JUPYBOX_UPLOAD_LIMIT_MB``, ``JUPYBOX_MODEL``, ``OPENAI_BASE_URL`` / ``OPENAI_MODEL`` /
 ``OPENAI_API_KEY``, and the sandbox's ``JUPYBOX_BACKEND``, ``JUPYBOX_POOL_SIZE``,
@@ -26,6 +26,7 @@ from urllib.parse import unquote_plus
 
 from interpreter import ModelSettings, get_format
 from sandbox import SandboxSettings
+from store import StoreError
 
 from .services import ServeSettings, Services
 from .flags import add_model_flags, interpreter_settings
@@ -40,6 +41,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-token", help="require this token on every request but /healthz; other local users "
                    "see it in `ps`: prefer --api-token-file or JUPYBOX_API_TOKEN")
     p.add_argument("--api-token-file", help="read the API token from this file's first line (env JUPYBOX_API_TOKEN_FILE)")
+    p.add_argument("--audit-log", help="the audit log file (default JUPYBOX_HOME/audit.jsonl; env JUPYBOX_AUDIT_LOG)")
     p.add_argument("--cors-origin", action="append", dest="cors_origins",
                    help="allow pages of this origin to call the server (repeatable; by default only the server's own)")
     p.add_argument("--trusted-proxy", action="append", dest="trusted_proxies",
@@ -77,7 +79,7 @@ def serve_settings(args: argparse.Namespace, sandbox: SandboxSettings) -> ServeS
     return ServeSettings.from_env(
         host=args.host, port=args.port, api_token=args.api_token, api_token_file=args.api_token_file,
         cors_origins=args.cors_origins, trusted_proxies=args.trusted_proxies, max_connections=args.max_connections,
-        upload_limit_mb=args.upload_limit_mb, model=ModelSettings.from_args(args), sandbox=sandbox,
+        upload_limit_mb=args.upload_limit_mb, audit_log=args.audit_log, model=ModelSettings.from_args(args), sandbox=sandbox,
         interpreter=interpreter_settings(args),
     )
 
@@ -122,10 +124,15 @@ async def serve(args: argparse.Namespace, sandbox: SandboxSettings) -> int:
     settings = serve_settings(args, sandbox)
     if settings.model.format:
         get_format(settings.model.format, settings.model.backend_class())  # FormatError before anything starts
-    if not _is_loopback(settings.host) and not settings.api_token:
-        log.warning("serving on %s without an API token: anyone who can reach it can run code here. "
-                    "Pass --api-token (or set JUPYBOX_API_TOKEN).", settings.host)
     services = Services(settings)
+    try:
+        users = services.users.has_users()
+    except StoreError as exc:
+        log.error("%s; until it is fixed every key but the API token is refused", exc)
+        users = True
+    if not _is_loopback(settings.host) and not settings.api_token and not users:
+        log.warning("serving on %s without users or an API token: anyone who can reach it can run code here. "
+                    "Add a user (`jupybox users add NAME`) or set JUPYBOX_API_TOKEN.", settings.host)
     config = uvicorn_config(create_app(services), host=settings.host, port=settings.port,
                             trusted_proxies=settings.trusted_proxies, header_timeout_s=settings.header_timeout_s,
                             max_connections=settings.max_connections,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from interpreter import ConversationService, InterpreterSettings, ModelSettings
 from sandbox import JupyboxError, SandboxSettings, SessionManager
+from store import AuditLog, KeyIndex, UserStore, audit_path
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 7860
-    api_token: str | None = None  # when set, the API and the UI require it
+    api_token: str | None = None  # when set, the API and the UI require it (or a user's key); an admin key
+    audit_log: str | None = None  # the audit log's file (default: JUPYBOX_AUDIT_LOG, else JUPYBOX_HOME/audit.jsonl)
     cors_origins: list[str] = field(default_factory=list)  # other sites' pages allowed to call (none by default)
     trusted_proxies: list[str] = field(default_factory=list)  # addresses whose X-Forwarded-* headers are believed
     header_timeout_s: float = 10.0  # a connection's request head must arrive within this
@@ -75,9 +77,14 @@ class Services:
         self.settings = settings
         self.manager = SessionManager(settings.sandbox)
         self.service = ConversationService(self.manager, settings.model, settings.interpreter)
+        # Users live beside the sessions, under JUPYBOX_HOME, where `jupybox users` writes them.
+        self.users = KeyIndex(UserStore.at_home(settings.sandbox.home))
+        self.audit = AuditLog(audit_path(settings.audit_log, settings.sandbox.home),
+                              secrets=[settings.api_token] if settings.api_token else [])
 
     async def start(self) -> None:
         await self.service.start()
 
     async def stop(self) -> None:
         await self.service.stop()
+        self.users.close()
