@@ -24,6 +24,6 @@ from .users import STORE_FILE, KeyIndex, User, UserStore, check_name
 __all__ = [
     "AUDIT_FILE", "AuditEvent", "AuditLog", "InvalidLimit", "InvalidUserName", "KEY_MAX_CHARS", "KEY_PATTERN",
     "KEY_PREFIX", "KeyIndex", "STORE_FILE", "StoreCorrupt", "StoreError", "StoreLocked", "StoreUnavailable",
-    "User", "UserExists", "UserNotFound", "UserStore", "audit_path", "check_name", "default_home", "key_digest", "new_key",
-    "redact_keys",
+    "User", "UserExists", "UserNotFound", "UserStore", "audit_path", "check_name", "default_home", "key_digest",
+    "new_key", "redact_keys",
 ]

@@ -275,3 +275,14 @@ def test_add_twice_from_the_api_is_a_typed_error(tmp_path: Path) -> None:
     store.add("alice")
     with pytest.raises(UserExists, match="jupybox users key alice"):
         store.add("alice")
+
+
+def test_the_audit_log_can_live_elsewhere(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "logs" / "team-audit.jsonl"
+    key = jupybox(tmp_path / "home", "users", "add", "alice", "--audit-log", str(elsewhere)).stdout.strip()
+    assert not (tmp_path / "home" / "audit.jsonl").exists()
+    view = jupybox(tmp_path / "home", "audit", "--audit-log", str(elsewhere))
+    assert view.returncode == 0 and "user.added alice" in view.stdout
+    assert key not in elsewhere.read_text() and (elsewhere.stat().st_mode & 0o777) == 0o600
+    empty = jupybox(tmp_path / "home", "audit")
+    assert empty.returncode == 0 and empty.stdout == "" and "no audit log" in empty.stderr

@@ -79,8 +79,8 @@ def serve_settings(args: argparse.Namespace, sandbox: SandboxSettings) -> ServeS
     return ServeSettings.from_env(
         host=args.host, port=args.port, api_token=args.api_token, api_token_file=args.api_token_file,
         cors_origins=args.cors_origins, trusted_proxies=args.trusted_proxies, max_connections=args.max_connections,
-        upload_limit_mb=args.upload_limit_mb, audit_log=args.audit_log, model=ModelSettings.from_args(args), sandbox=sandbox,
-        interpreter=interpreter_settings(args),
+        upload_limit_mb=args.upload_limit_mb, audit_log=args.audit_log, model=ModelSettings.from_args(args),
+        sandbox=sandbox, interpreter=interpreter_settings(args),
     )
 
 
