@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 import websockets.sync.client as ws_client
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.scripted_model import ScriptedModel
 
@@ -221,6 +221,40 @@ def test_no_key_reaches_the_audit_log_the_servers_log_or_any_file(team: ServePro
     last_used = {json.loads(line)["name"]: json.loads(line)["last_used"]
                  for line in team.users("list", "--json").stdout.splitlines()}
     assert last_used["alice"] is not None
+
+
+def test_a_revoked_key_ends_its_open_websocket_and_stream(team: ServeProcess) -> None:
+    key = team.add("heidi")
+    with httpx.Client(base_url=team.url, headers=bearer(key), timeout=60) as client:
+        kernel = client.post("/api/kernels", json={})
+        assert kernel.status_code == 201, kernel.text
+        kid = kernel.json()["id"]
+        sid = client.post("/api/sessions").json()["id"]
+        try:
+            url = team.url.replace("http", "ws") + f"/api/kernels/{kid}/channels"
+            with ws_client.connect(url, additional_headers={"Authorization": f"token {key}"}, open_timeout=30) as ws:
+                code = "import time\nfor i in range(600):\n    print('tick', i, flush=True)\n    time.sleep(0.1)"
+                with client.stream("POST", f"/api/sessions/{sid}/execute", params={"stream": "true"},
+                                   json={"code": code, "timeout_s": 120}) as stream:
+                    assert stream.status_code == 200, stream.read()
+                    lines = stream.iter_lines()
+                    assert any("tick" in line for line in lines)  # the stream runs
+                    assert team.users("revoke", "heidi").returncode == 0
+                    revoked_at = time.monotonic()
+                    with pytest.raises(httpx.RemoteProtocolError):  # cut off, as for a client that left
+                        for _ in lines:  # within a few seconds, not after its 60 s of ticks
+                            assert time.monotonic() - revoked_at < 15
+                stream_ended = time.monotonic() - revoked_at
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        ws.recv(timeout=15)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+            assert stream_ended < 15
+        finally:
+            admin = {"Authorization": f"Bearer {TOKEN}"}
+            client.delete(f"/api/kernels/{kid}", headers=admin)
+            client.delete(f"/api/sessions/{sid}", headers=admin)
+    team.wait_for_audit("key.refused", result="closed")
 
 
 # -- a server without users ---------------------------------------------------------------------------

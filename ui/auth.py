@@ -15,7 +15,9 @@ Three modes, decided on every request (so a user added with the CLI takes effect
 
 A credential that is malformed (not printable ASCII, longer than ``KEY_MAX_CHARS``), two
 Authorization headers, or two keys in one, are a 400 that says so. A revoked or replaced key is
-refused on its next request. The caller's ``Identity`` goes into ``scope["state"]["identity"]``
+refused on its next request, and a request of that key still running (an SSE stream, the kernels
+API's channels websocket, an MCP stream) ends within ``RECHECK_S``: the app hears a disconnect, and
+a websocket is closed with 1008. The caller's ``Identity`` goes into ``scope["state"]["identity"]``
 (``request.state.identity``) for the routes and services that check ownership.
 
 The audit log gets ``key.accepted`` once per client connection and identity, and ``key.refused``
@@ -38,7 +40,7 @@ from fastapi.responses import RedirectResponse
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from store import KEY_MAX_CHARS, AuditEvent, AuditLog, KeyIndex, StoreError, StoreUnavailable, User
 from store.keys import same_digest
@@ -54,6 +56,7 @@ CONNECTION_MEMORY_S = 60.0  # a client connection idle this long is forgotten: i
 CONNECTIONS_KEPT = 10_000
 TOUCH_EVERY_S = 60.0  # a user's last_used is written at most this often
 STORE_LOG_EVERY_S = 60.0
+RECHECK_S = 1.0  # how often the key of a request still running (a stream, a websocket) is checked again
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,60 @@ class Authenticate:
         if login is not None:
             await self._redeem(scope, receive, send, login, credential)
             return
-        await self.app(scope, receive, send)
+        if identity.via != "key":  # the API token cannot be revoked while the server runs
+            await self.app(scope, receive, send)
+            return
+        await self._guarded(scope, receive, send, credential)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, credential: str) -> None:
+        """Run the request while its key is checked again every ``RECHECK_S``: once it is revoked
+        or replaced, the app hears that its client left (its streams and websockets end as on a
+        disconnect) and an open websocket is closed with 1008."""
+        revoked = asyncio.Event()
+        state = {"accepted": False, "closed": False}
+        disconnect = {"type": "websocket.disconnect", "code": 1008} if scope["type"] == "websocket" \
+            else {"type": "http.disconnect"}
+
+        async def guarded_receive() -> Message:
+            if revoked.is_set():
+                return disconnect
+            message = asyncio.ensure_future(receive())
+            gone = asyncio.ensure_future(revoked.wait())
+            await asyncio.wait({message, gone}, return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if message.done():
+                return message.result()
+            message.cancel()
+            return disconnect
+
+        async def tracked_send(message: Message) -> None:
+            if message["type"] == "websocket.accept":
+                state["accepted"] = True
+            elif message["type"] == "websocket.close":
+                state["closed"] = True
+            await send(message)
+
+        watcher = asyncio.ensure_future(self._watch(scope, credential, revoked))
+        try:
+            await self.app(scope, guarded_receive, tracked_send)
+        finally:
+            watcher.cancel()
+        if revoked.is_set() and state["accepted"] and not state["closed"]:
+            try:
+                await send({"type": "websocket.close", "code": 1008, "reason": "the key was revoked or replaced"})
+            except (OSError, RuntimeError):  # the client is gone already
+                pass
+
+    async def _watch(self, scope: Scope, credential: str, revoked: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(RECHECK_S)
+            identity, reason = self._identify(credential, None)
+            if identity is None:
+                self._record(AuditEvent("key.refused", client=client_of(scope), result="closed",
+                                        reason=f"{reason}; its open request was ended",
+                                        detail={"path": scope["path"]}))
+                revoked.set()
+                return
 
     def _identify(self, credential: str, store_error: StoreUnavailable | None) -> tuple[Identity | None, str]:
         """The identity a credential stands for, or ``None`` and why (for the audit log)."""
