@@ -138,8 +138,8 @@ class LoopbackHostOnly:
             return
         await refuse(scope, receive, send, self.metrics, 400,
                      f"this server answers requests for {', '.join(sorted(self.allowed))} only, not {host!r}: "
-                     "open it by one of those names, or add a user (`jupybox users add NAME`) or an API token "
-                     "to serve others")
+                     "open it by one of those names, or add a user (`jupybox users add NAME`) or start it with "
+                     "--api-token to serve others")
 
 
 def origin_of(url: str) -> str:
