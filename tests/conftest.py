@@ -1,25 +1,36 @@
 """Fixtures start what the tests need: a Docker daemon that answers, the sandbox image (built or
-taken from the cache), session managers on real backends. Nothing here is mocked."""
+taken from the cache), session managers on real backends, the scripted model, gVisor, one Chromium
+and the browser UI's server. Nothing here is mocked; what they are built from is ``tests/support``.
+
+What is expensive to start (Chromium, gVisor's set-up, the browser UI's server, the API server on
+the local backend) starts once a run."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-from typing import Any
 
-import pytest
+# Gradio reads these when it is imported: no analytics calls, and closed tabs noticed quickly.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["GRADIO_HEARTBEAT_INTERVAL"] = "1"
 
-from sandbox import SandboxSettings, SessionManager
-from sandbox.config import SANDBOX_IMAGE
-from tests.scripted_model import ScriptedModel
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections.abc import AsyncIterator, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest  # noqa: E402
+
+from bench.scripted_model import ScriptedModel  # noqa: E402
+from sandbox import SessionManager  # noqa: E402
+from tests.support.browser import Chromium, attach  # noqa: E402
+from tests.support.gvisor import run_setup  # noqa: E402
+from tests.support.real_model import smollm2  # noqa: E402,F401  (a fixture)
+from tests.support.sandboxes import docker_settings  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.support.server import AppServer, WebServer
 
 
 def _docker_answers() -> bool:
@@ -68,38 +79,81 @@ def jb_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("jb")
 
 
-def docker_settings(home: Path, **kw: object) -> SandboxSettings:
-    """Docker settings on the image the ``sandbox_image`` fixture built for this tree."""
-    kw.setdefault("image", os.environ.get("JUPYBOX_IMAGE", SANDBOX_IMAGE))
-    return SandboxSettings(backend="docker", home=home, **kw)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="session")
 async def docker_manager(sandbox_image: str, jb_home: Path) -> AsyncIterator[SessionManager]:
     async with SessionManager(docker_settings(jb_home, instance="tests")) as manager:
         yield manager
 
 
-def run_under_triton_interpreter(script: str, arg: object) -> Any:
-    """Run ``script`` (given ``arg`` as JSON in ``sys.argv[1]``) in a fresh Python under Triton's CPU
-    interpreter, the only way a GPU kernel's own source runs here, and return the JSON it prints
-    last. A fresh process, because Triton reads ``TRITON_INTERPRET`` when a kernel is defined."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(arg)], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="session")
+def gvisor_runtime(docker_daemon: None) -> str:
+    """gVisor registered with Docker by ``scripts/setup-gvisor.sh``, once a run; its name."""
+    if os.geteuid() != 0:
+        pytest.fail("the gVisor tests set up the runsc runtime and need root (run ./jupybox.sh test as root)")
+    done = run_setup()
+    if done.returncode != 0:
+        pytest.fail(f"scripts/setup-gvisor.sh failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return "runsc"
 
 
-def jupybox_containers() -> list[str]:
-    out = subprocess.run(["docker", "ps", "-aq", "--filter", "label=jupybox"], capture_output=True, text=True)
-    return out.stdout.split()
-
-
-@pytest.fixture(scope="module")
-def model() -> Iterator[ScriptedModel]:
-    """The scripted model (the suite's only fake) on loopback, shared by a module's tests; a
-    module that needs one per test defines its own."""
+@pytest.fixture(scope="session")
+def scripted_model() -> Iterator[ScriptedModel]:
+    """The scripted model (the suite's only fake) on loopback, one for the run; servers that
+    live longer than a test take this one, tests take ``model``."""
     m = ScriptedModel().start()
     yield m
     m.stop()
+
+
+@pytest.fixture
+def model(scripted_model: ScriptedModel) -> ScriptedModel:
+    """The run's scripted model with an empty queue, so that replies a test left unread don't
+    answer the next one. A module that needs a model of its own defines this fixture itself."""
+    scripted_model.replies.clear()
+    return scripted_model
+
+
+@pytest.fixture(scope="session")
+def api_server(jb_home: Path, scripted_model: ScriptedModel) -> Iterator[AppServer]:
+    """One server on the local backend for the run: the JSON API's, ``/v1``'s and MCP's protocol
+    tests share it (``tests.support.server.API_TOKEN``). Sessions are the server's, so a test
+    counts what it made, never what the server holds in all."""
+    from tests.support.server import local_api_server
+
+    with local_api_server(jb_home / "api-local", scripted_model) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Chromium]:
+    """One headless Chromium process for the run."""
+    process = Chromium.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: Chromium) -> Iterator[Any]:
+    """Playwright's browser on the run's Chromium, for one module: while it is attached, an event
+    loop runs in the main thread, so a module's async tests cannot run beside it."""
+    with attach(chromium) as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def web_ui(sandbox_image: str, jb_home: Path) -> Iterator[WebServer]:
+    """The browser UI on Docker for the run; tests take ``web_server``."""
+    from tests.support.server import web_ui_server  # the app takes seconds to import: only when needed
+
+    with web_ui_server(jb_home / "web") as server:
+        yield server
+
+
+@pytest.fixture
+def web_server(web_ui: WebServer, monkeypatch: pytest.MonkeyPatch) -> WebServer:
+    """The run's browser UI, shared by the UI's test modules, its model's queue emptied and its
+    Gradio folder in force. Each browser context (or API client) is its own Gradio session, so
+    tests don't see each other's."""
+    web_ui.model.replies.clear()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", web_ui.gradio_folder)
+    return web_ui

@@ -1,85 +1,37 @@
-"""The HTTP API end to end: a real uvicorn server on loopback, the real docker sandbox, and the
-scripted model server (the only fake) behind the interpreter. Every request is real HTTP."""
+"""The HTTP API end to end: a real uvicorn server on loopback, the scripted model server (the only
+fake) behind the interpreter. What the API says runs on the local backend; what it promises of a
+container (its limits, its removal) on the real docker sandbox. Every request is real HTTP."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from tests.conftest import ROOT, docker_settings
-from tests.scripted_model import ScriptedModel, last_observation, scripted_settings
-from ui.app import create_app
+from bench.scripted_model import ScriptedModel, last_observation, scripted_settings
+from tests.support.ports import free_port
+from tests.support.replies import code_reply
+from tests.support.sandboxes import ROOT, local_settings, serve_settings
+from tests.support.server import API_TOKEN as TOKEN
+from tests.support.server import AppServer
+from tests.support.sse import sse_events
 from ui.middleware import BODY_LIMIT
 from ui.serve import RedactToken
-from ui.services import ServeSettings, Services
+from ui.services import ServeSettings
 
-TOKEN = "test-token-123"
-
-
-class ServerThread:
-    """``create_app(services)`` served by uvicorn in a thread, on a free loopback port. The browser UI
-    is left out (it has its own tests); the `jupybox serve` test below runs with it."""
-
-    def __init__(self, services: Services) -> None:
-        self.services = services
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        config = uvicorn.Config(create_app(services, ui=False), lifespan="on", log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
-        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True)
-
-    async def _serve(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        await self.server.serve(sockets=[self._sock])
-
-    def start(self) -> ServerThread:
-        self._thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self._thread.is_alive(), "the server did not start (see the log above)"
-            assert time.monotonic() < deadline, "the server did not start within 60 s"
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(60)
-        self._sock.close()
-
-
-def serve_settings(home: Path, instance: str, model: ScriptedModel | None = None, **kw: Any) -> ServeSettings:
-    sandbox = docker_settings(home, instance=instance, pool_size=1)
-    model_kw = dict(model=scripted_settings(model)) if model else {}
-    return ServeSettings(sandbox=sandbox, **model_kw, **kw)  # type: ignore[arg-type]
-
-
-def sse_events(response: httpx.Response) -> Iterator[Any]:
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[6:]
-            yield data if data == "[DONE]" else json.loads(data)
-
-
-def code_reply(code: str) -> str:
-    return f"Let me compute that.\n```python\n{code}\n```"
+#: What a test needs of the container itself runs on Docker: ``@ON_DOCKER`` picks this module's
+#: own server for its ``server`` and ``client``; the others share the run's local-backend server.
+ON_DOCKER = pytest.mark.parametrize("server", ["docker"], indirect=True)
 
 
 def owner_containers(owner: str) -> list[str]:
@@ -89,15 +41,19 @@ def owner_containers(owner: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server(sandbox_image: str, jb_home: Path, model: ScriptedModel) -> Iterator[ServerThread]:
-    services = Services(serve_settings(jb_home / "api", "api-tests", model, api_token=TOKEN, upload_limit_mb=1))
-    srv = ServerThread(services).start()
-    yield srv
-    srv.stop()
+def docker_server(sandbox_image: str, jb_home: Path, scripted_model: ScriptedModel) -> Iterator[AppServer]:
+    settings = serve_settings(jb_home / "api", "api-tests", scripted_model, api_token=TOKEN, upload_limit_mb=1)
+    with AppServer(settings) as srv:
+        yield srv
 
 
 @pytest.fixture
-def client(server: ServerThread) -> Iterator[httpx.Client]:
+def server(request: pytest.FixtureRequest, api_server: AppServer) -> AppServer:
+    return request.getfixturevalue("docker_server") if getattr(request, "param", None) == "docker" else api_server
+
+
+@pytest.fixture
+def client(server: AppServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
         yield c
 
@@ -111,7 +67,7 @@ def session_id(client: httpx.Client) -> Iterator[str]:
     client.delete(f"/api/sessions/{sid}")
 
 
-def test_health_is_open_and_everything_else_needs_the_token(server: ServerThread) -> None:
+def test_health_is_open_and_everything_else_needs_the_token(server: AppServer) -> None:
     with httpx.Client(base_url=server.url) as anon:
         assert anon.get("/healthz").json()["status"] == "ok"
         r = anon.get("/api/sessions")
@@ -137,6 +93,7 @@ def test_the_access_log_never_shows_the_token() -> None:
     assert TOKEN not in record.getMessage() and "/?lang=zh&token=[redacted]" in record.getMessage()
 
 
+@ON_DOCKER
 def test_session_create_get_list_delete(client: httpx.Client) -> None:
     r = client.post("/api/sessions", json={})
     assert r.status_code == 201
@@ -315,9 +272,7 @@ def test_openapi_schema_documents_the_api(client: httpx.Client) -> None:
 
 def test_without_a_model_the_server_runs_code_and_explains_chat(sandbox_image: str, jb_home: Path) -> None:
     """`jupybox serve` with no flags: the default local model cannot load here, the server starts anyway."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "JUPYBOX_")) or k == "JUPYBOX_IMAGE"}
     env.update(JUPYBOX_HOME=str(jb_home / "nm"), JUPYBOX_INSTANCE="api-tests-nomodel", HF_HUB_OFFLINE="1",
                PYTHONPATH=str(ROOT))
@@ -361,24 +316,20 @@ def test_without_a_model_the_server_runs_code_and_explains_chat(sandbox_image: s
     assert not [o for o in owners if o.startswith(f"api-tests-nomodel.{proc.pid}.")]
 
 
-def test_a_sandbox_shutting_down_is_a_503_with_the_reason(sandbox_image: str, jb_home: Path,
-                                                           model: ScriptedModel) -> None:
-    sandbox = docker_settings(jb_home / "down", instance="api-tests-down")
-    srv = ServerThread(Services(ServeSettings(sandbox=sandbox, model=scripted_settings(model)))).start()
-    try:
-        assert srv.loop is not None
-        asyncio.run_coroutine_threadsafe(srv.services.manager.shutdown(), srv.loop).result(60)
+def test_a_sandbox_shutting_down_is_a_503_with_the_reason(jb_home: Path, model: ScriptedModel) -> None:
+    sandbox = local_settings(jb_home / "down", instance="api-tests-down")
+    with AppServer(ServeSettings(sandbox=sandbox, model=scripted_settings(model))) as srv:
+        srv.run(srv.services.manager.shutdown())
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             r = c.post("/api/sessions")
             assert r.status_code == 503 and r.headers["retry-after"] == "5"
             assert r.json() == {"error": "the sandbox is shutting down: try again once it is back"}
             r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
             assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
-    finally:
-        srv.stop()
 
 
-def test_stopping_the_server_leaves_no_container(server: ServerThread, client: httpx.Client) -> None:
+@ON_DOCKER
+def test_stopping_the_server_leaves_no_container(server: AppServer, client: httpx.Client) -> None:
     client.post("/api/sessions")
     owner = server.services.manager.owner
     assert owner_containers(owner)

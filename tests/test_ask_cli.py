@@ -11,7 +11,7 @@ from pathlib import Path
 
 import nbformat
 
-from tests.scripted_model import ScriptedModel, last_observation
+from bench.scripted_model import ScriptedModel, last_observation
 
 JUPYBOX = str(Path(sys.executable).parent / "jupybox")
 

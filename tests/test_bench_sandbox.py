@@ -11,7 +11,7 @@ import pytest
 
 from bench.sandbox import run_sandbox_bench
 from sandbox.manager import make_owner
-from tests.conftest import docker_settings
+from tests.support.sandboxes import docker_settings
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="the kernel needs Triton (`pip install 'jupybox[dev]'` brings it)")
 
 from interpreter.llm import bf16_gemv  # noqa: E402
-from tests.conftest import run_under_triton_interpreter  # noqa: E402
+from tests.support.triton import run_under_triton_interpreter  # noqa: E402
 
 # each case: n_out, n_in, block_n, block_k, warps, splits
 CASES = [(40, 256, 16, 256, 4, 1), (37, 800, 8, 256, 4, 3), (64, 1024, 32, 256, 4, 4), (20, 528, 16, 512, 4, 2)]

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="the kernel needs Triton (`pip install 'jupybox[dev]'` brings it)")
 
 from interpreter.llm import decode_attention  # noqa: E402
-from tests.conftest import run_under_triton_interpreter  # noqa: E402
+from tests.support.triton import run_under_triton_interpreter  # noqa: E402
 
 # heads, kv heads, head dim, cache positions, attended length, position, bias, log-n, launch (splits, block, stages)
 CASES = [(4, 4, 64, 256, 256, 100, True, False, None), (6, 2, 64, 512, 512, 511, False, True, None),

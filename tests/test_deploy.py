@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from sandbox.build import build_image
-from tests.conftest import ROOT
+from tests.support.sandboxes import ROOT
 
 # A cold cache builds both images first (minutes); warm, the module takes about a minute.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import Execution, ExecutionStatus, Output, QuotaExceeded, SessionManager, diskfs
-from tests.conftest import docker_settings, jupybox_containers
+from tests.support.sandboxes import docker_settings, jupybox_containers
 
 
 async def test_state_persists_and_outputs_arrive_in_order(docker_manager: SessionManager) -> None:

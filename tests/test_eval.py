@@ -18,7 +18,7 @@ import pytest
 
 from bench.eval.scoring import extract_number
 from bench.eval.throughput import sample_reply
-from tests.scripted_model import ScriptedModel
+from bench.scripted_model import ScriptedModel
 
 JUPYBOX = str(Path(sys.executable).parent / "jupybox")
 SAMPLE = Path(__file__).parent / "data" / "eval_sample"

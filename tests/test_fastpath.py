@@ -15,7 +15,7 @@ from interpreter.llm import fastpath
 from interpreter.llm.base import GenerationRequest
 from interpreter.llm.gptq_pack import Int4Weight, PackedInt4, from_gptq, gptq_dequantize, quantize
 from interpreter.llm.transformers import TransformersLLM
-from tests.test_llm_transformers import PROMPT, write_tiny_qwen2
+from tests.support.tiny_models import PROMPT, write_tiny_qwen2
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Sessions under gVisor (`docker_runtime="runsc"`), as a user meets them: the same promises as the
 default runtime, with the kernel running on gVisor's own kernel instead of the host's.
 
-The module's fixture runs ``scripts/setup-gvisor.sh`` (installs Debian's ``runsc`` and registers it
-with the Docker daemon), so CI exercises gVisor too. Nothing is mocked."""
+The ``gvisor_runtime`` fixture runs ``scripts/setup-gvisor.sh`` once a run (installs Debian's ``runsc``
+and registers it with the Docker daemon), so CI exercises gVisor too. Nothing is mocked."""
 
 from __future__ import annotations
 
@@ -15,30 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import ExecutionStatus, SandboxSettings, SessionManager
-from tests.conftest import docker_settings
-from tests.test_sandbox_hardening import SYSCALL_PROBE
-
-ROOT = Path(__file__).resolve().parent.parent
-SETUP = ROOT / "scripts" / "setup-gvisor.sh"
-
-
-def _run_setup() -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def gvisor_runtime(docker_daemon: None) -> str:
-    if os.geteuid() != 0:
-        pytest.fail("the gVisor tests set up the runsc runtime and need root (run ./jupybox.sh test as root)")
-    done = _run_setup()
-    if done.returncode != 0:
-        pytest.fail(f"scripts/setup-gvisor.sh failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return "runsc"
-
-
-def gvisor_settings(home: Path, **kw: object) -> SandboxSettings:
-    return docker_settings(home, docker_runtime="runsc", **kw)
+from sandbox import ExecutionStatus, SessionManager
+from tests.support.gvisor import gvisor_settings, run_setup
+from tests.support.probes import SYSCALL_PROBE
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +47,7 @@ def _containers(*filters: str) -> list[str]:
 def test_setup_script_is_idempotent(gvisor_runtime: str) -> None:
     config = Path(os.environ.get("DOCKER_CONFIG_FILE", "/etc/docker/daemon.json"))
     before = config.read_text()
-    again = _run_setup()
+    again = run_setup()
     assert again.returncode == 0, again.stderr
     assert "registered" not in again.stdout  # nothing to change the second time
     assert config.read_text() == before

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="the int4 kernel needs Triton (`pip install 'jupybox[dev]'` brings it)")
 
 from interpreter.llm import int4_gemv  # noqa: E402
-from tests.conftest import run_under_triton_interpreter  # noqa: E402
+from tests.support.triton import run_under_triton_interpreter  # noqa: E402
 from interpreter.llm.gptq_pack import fit_group, quantize  # noqa: E402
 
 # each case: n_out, n_in, group, block_n, warps, step, splits, finish (the kernel adds the splits)

@@ -14,10 +14,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from bench.scripted_model import ScriptedModel, Slow, ToolCalls, Truncated, last_observation, prompt_text
 from interpreter import ConversationService, Event, InterpreterSettings, TurnBusy
 from interpreter.llm.openai import OpenAILLM
 from sandbox import SandboxSettings, SessionManager
-from tests.scripted_model import ScriptedModel, Slow, ToolCalls, Truncated, last_observation, prompt_text
 
 FORMATS = ["react", "fenced", "tools"]
 KEY, SOURCE = "t", "test"

@@ -32,8 +32,7 @@ from jupyter_server.services.kernels.connection.base import (deserialize_binary_
                                                              serialize_binary_message, serialize_msg_to_ws_v1)
 
 from sandbox.config import SANDBOX_UID
-from tests.conftest import ROOT
-from tests.test_gvisor import gvisor_runtime  # noqa: F401 - the fixture that registers gVisor with Docker
+from tests.support.sandboxes import ROOT
 
 TOKEN = "kernels-token-1"
 LAB_TOKEN = "lab-token-1"
@@ -391,7 +390,7 @@ def test_binary_buffers_cross_both_ways(jupybox: Jupybox, v1: bool) -> None:
         assert jc.delete(f"/api/kernels/{kernel_id}").status_code == 204
 
 
-def test_a_notebook_kernel_can_ask_for_gvisor(gvisor_runtime: str, jupybox: Jupybox) -> None:  # noqa: F811
+def test_a_notebook_kernel_can_ask_for_gvisor(gvisor_runtime: str, jupybox: Jupybox) -> None:
     """With gVisor registered, the specs offer it beside the default, and its kernel runs there."""
     with jupybox.client() as jc:
         specs = jc.get("/api/kernelspecs").json()
@@ -461,7 +460,6 @@ def test_refusals_leave_the_kernel_working(jupybox: Jupybox) -> None:
 
 
 # -- JupyterLab in a browser -------------------------------------------------------------------
-CHROMIUM = "/usr/bin/chromium"
 NOTEBOOK_CELLS = [
     "import os, socket\nprint('uid', os.getuid())\ntry:\n    socket.create_connection(('pypi.org', 443), timeout=5)\n"
     "    print('network: reachable')\nexcept OSError as exc:\n    print('network: none,', type(exc).__name__)",
@@ -480,8 +478,8 @@ def _notebook(cells: list[str]) -> str:
 
 
 @pytest.mark.slow
-def test_jupyterlab_in_a_browser_runs_cells_in_the_sandbox(jupybox: Jupybox, lab: Lab) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def test_jupyterlab_in_a_browser_runs_cells_in_the_sandbox(jupybox: Jupybox, lab: Lab, browser: Any) -> None:
+    from playwright.sync_api import expect
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (lab.root / "sandbox.ipynb").write_text(_notebook(NOTEBOOK_CELLS))
@@ -495,9 +493,7 @@ def test_jupyterlab_in_a_browser_runs_cells_in_the_sandbox(jupybox: Jupybox, lab
             blocked.append(route.request.url)
             route.abort()
 
-    with sync_playwright() as pw, jupybox.client() as jc:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+    with jupybox.client() as jc:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.route("**/*", guard)
         try:
@@ -545,5 +541,5 @@ def test_jupyterlab_in_a_browser_runs_cells_in_the_sandbox(jupybox: Jupybox, lab
             page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)
             raise
         finally:
-            browser.close()
+            page.close()
     assert not blocked, f"the page tried to reach outside this machine: {blocked}"

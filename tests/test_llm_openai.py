@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from bench.scripted_model import HttpError, ScriptedModel, Slow, ToolCalls
 from interpreter import ConversationService, ModelCancelled, ModelError
 from interpreter.llm.base import GenerationRequest, Message
 from interpreter.llm.openai import OpenAILLM
 from sandbox import SessionManager
-from tests.scripted_model import HttpError, ScriptedModel, Slow, ToolCalls
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """MCP as an agent meets it: the official SDK's client over streamable HTTP against a running
-`jupybox serve` (token set) and over stdio against `jupybox mcp`, real containers behind both, the
-scripted model (the only fake) behind the `ask` tool."""
+`jupybox serve` (token set) and over stdio against `jupybox mcp`, the scripted model (the only
+fake) behind the `ask` tool. The tools' semantics run on the local backend; what MCP promises of
+containers (closed sessions free theirs, none outlives the server) on real ones."""
 
 from __future__ import annotations
 
@@ -9,53 +10,41 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import httpx2
 import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
-from mcp.client.streamable_http import streamable_http_client
 
-from tests.conftest import ROOT, docker_settings, jupybox_containers
-from tests.scripted_model import ScriptedModel, scripted_settings
-from tests.test_server_security import Server
-from ui.services import ServeSettings
+from bench.scripted_model import ScriptedModel
+from tests.support.mcp import TOKEN, mcp_client, text
+from tests.support.ports import free_port
+from tests.support.sandboxes import ROOT, jupybox_containers, serve_settings
+from tests.support.server import AppServer
 
-TOKEN = "mcp-token-5150"
 JUPYBOX = str(Path(sys.executable).parent / "jupybox")
+#: What a test needs of the container itself runs on Docker: ``@ON_DOCKER`` picks this module's
+#: own server for its ``server``; the tools' semantics are tested on the run's local-backend server.
+ON_DOCKER = pytest.mark.parametrize("server", ["docker"], indirect=True)
 
 
 @pytest.fixture(scope="module")
-def server(sandbox_image: str, jb_home: Path, model: ScriptedModel) -> Iterator[Server]:
-    settings = ServeSettings(sandbox=docker_settings(jb_home / "mcp", instance="mcp-tests"), api_token=TOKEN,
-                             model=scripted_settings(model))
-    with Server(settings) as srv:
+def docker_server(sandbox_image: str, jb_home: Path, scripted_model: ScriptedModel) -> Iterator[AppServer]:
+    with AppServer(serve_settings(jb_home / "mcp", "mcp-tests", scripted_model, api_token=TOKEN)) as srv:
         yield srv
 
 
-@asynccontextmanager
-async def mcp_client(server: Server | str, token: str | None = TOKEN) -> AsyncIterator[Client]:
-    """The SDK's client on ``/mcp`` of a server (or a base URL), with the token as a header."""
-    url = server if isinstance(server, str) else server.url
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(60, read=300)) as http:
-        async with Client(streamable_http_client(f"{url}/mcp", http_client=http)) as client:
-            yield client
+@pytest.fixture
+def server(request: pytest.FixtureRequest, api_server: AppServer) -> AppServer:
+    return request.getfixturevalue("docker_server") if getattr(request, "param", None) == "docker" else api_server
 
 
-def text(result) -> str:
-    return "\n".join(c.text for c in result.content if c.type == "text")
-
-
-async def test_tools_state_files_plots_and_errors(server: Server) -> None:
+async def test_tools_state_files_plots_and_errors(server: AppServer) -> None:
     async with mcp_client(server) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
         assert {"run_python", "list_files", "read_file", "write_file", "restart_session", "close_session",
@@ -106,7 +95,7 @@ async def test_tools_state_files_plots_and_errors(server: Server) -> None:
         assert text(result).strip() == "False made by code"
 
 
-async def test_a_timeout_keeps_variables_and_a_cancel_interrupts(server: Server) -> None:
+async def test_a_timeout_keeps_variables_and_a_cancel_interrupts(server: AppServer) -> None:
     async with mcp_client(server) as client:
         await client.call_tool("run_python", {"code": "kept = 'yes'"})
         result = await client.call_tool("run_python", {"code": "import time\nwhile True:\n    time.sleep(0.1)",
@@ -134,7 +123,7 @@ async def test_a_timeout_keeps_variables_and_a_cancel_interrupts(server: Server)
         assert progress and progress[0] >= 1
 
 
-async def test_ask_runs_a_model_turn_in_the_session(server: Server, model: ScriptedModel) -> None:
+async def test_ask_runs_a_model_turn_in_the_session(server: AppServer, model: ScriptedModel) -> None:
     model.enqueue("Let me compute.\n```python\nprint(sum(range(10)))\n```",
                   lambda body: "The sum is 45.")
     async with mcp_client(server) as client:
@@ -144,7 +133,8 @@ async def test_ask_runs_a_model_turn_in_the_session(server: Server, model: Scrip
     assert 'jupybox_chat_turns_total{outcome="answer",source="mcp"}' in metrics
 
 
-async def test_clients_are_isolated_and_a_closed_session_frees_its_sandbox(server: Server) -> None:
+@ON_DOCKER
+async def test_clients_are_isolated_and_a_closed_session_frees_its_sandbox(server: AppServer) -> None:
     async with mcp_client(server) as alice, mcp_client(server) as bob:
         await alice.call_tool("run_python", {"code": "secret = 'alice'\nopen('mine.txt', 'w').write('a')"})
         result = await bob.call_tool("run_python", {"code": "import os\nprint('secret' in globals(), os.listdir('.'))"})
@@ -157,7 +147,7 @@ async def test_clients_are_isolated_and_a_closed_session_frees_its_sandbox(serve
     assert len(server.services.manager.list()) <= before - 2
 
 
-async def test_no_token_and_a_foreign_origin_are_refused(server: Server) -> None:
+async def test_no_token_and_a_foreign_origin_are_refused(server: AppServer) -> None:
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         r = httpx.post(f"{server.url}/mcp", headers={**headers, "Accept": "application/json, text/event-stream"},
                        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
@@ -188,9 +178,9 @@ async def test_stdio_for_a_desktop_agent(sandbox_image: str, jb_home: Path) -> N
 def test_sigterm_to_the_server_leaves_no_container(sandbox_image: str, jb_home: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
     env.update(JUPYBOX_HOME=str(jb_home / "mcpterm"), JUPYBOX_INSTANCE="mcp-sigterm", JUPYBOX_API_TOKEN=TOKEN)
-    with socket_port() as port:
-        proc = subprocess.Popen([JUPYBOX, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+    port = free_port()
+    proc = subprocess.Popen([JUPYBOX, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -218,13 +208,6 @@ def test_sigterm_to_the_server_leaves_no_container(sandbox_image: str, jb_home: 
             proc.kill()
     assert proc.returncode == 0, proc.stdout.read() if proc.stdout else ""
     assert not [c for c in jupybox_containers() if _owner(c).startswith(f"mcp-sigterm.{proc.pid}.")]
-
-
-@contextmanager
-def socket_port() -> Iterator[int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
 
 
 def _owner(container_id: str) -> str:

@@ -1,40 +1,39 @@
 """The OpenAI-compatible endpoint: jupybox as "a model" for any OpenAI client. A real server on
-loopback, the real docker sandbox, the scripted model behind the interpreter; the clients are
-httpx and the official ``openai`` package."""
+loopback (on the local backend: the protocol is what is tested), the scripted model behind the
+interpreter; the clients are httpx and the official ``openai`` package."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.scripted_model import ScriptedModel, Truncated, last_observation, prompt_text
-from tests.test_api import ServerThread, code_reply, serve_settings, sse_events
-from ui.services import Services
+from bench.scripted_model import ScriptedModel, Truncated, last_observation, prompt_text
+from tests.support.replies import code_reply
+from tests.support.server import API_TOKEN as KEY
+from tests.support.server import AppServer
+from tests.support.sse import sse_events
 
-KEY = "sk-jupybox-test"
 SQUARES = "print(sum(i * i for i in range(12)))"
 
 
-@pytest.fixture(scope="module")
-def server(sandbox_image: str, jb_home: Path, model: ScriptedModel) -> Iterator[ServerThread]:
-    srv = ServerThread(Services(serve_settings(jb_home / "oa", "api-tests-openai", model, api_token=KEY))).start()
-    yield srv
-    srv.stop()
+@pytest.fixture
+def server(api_server: AppServer) -> AppServer:
+    """The run's server on the local backend: what is tested here is the protocol, not the sandbox."""
+    return api_server
 
 
 @pytest.fixture
-def client(server: ServerThread) -> Iterator[httpx.Client]:
+def client(server: AppServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
         yield c
 
 
 @pytest.fixture
-def oai(server: ServerThread) -> openai.OpenAI:
+def oai(server: AppServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, timeout=60, max_retries=0)
 
 
@@ -130,7 +129,7 @@ def test_the_user_field_keeps_one_session_across_requests(oai: openai.OpenAI, cl
     assert any(s["has_conversation"] for s in client.get("/api/sessions").json()["sessions"])
 
 
-def test_errors_come_in_the_openai_shape(server: ServerThread, oai: openai.OpenAI, client: httpx.Client) -> None:
+def test_errors_come_in_the_openai_shape(server: AppServer, oai: openai.OpenAI, client: httpx.Client) -> None:
     bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model="jupybox", messages=[{"role": "user", "content": "hi"}])

@@ -12,12 +12,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers", reason="the transformers backend needs `pip install 'jupybox[local]'`")
 
 from interpreter.llm import fastpath  # noqa: E402
-from tests.real_model import smollm2  # noqa: E402,F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 
 
-def test_fast_path_greedy_equals_generate_on_real_weights(smollm2: Path) -> None:  # noqa: F811
+def test_fast_path_greedy_equals_generate_on_real_weights(smollm2: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)

@@ -20,9 +20,8 @@ import nbformat
 import pytest
 
 from interpreter import InterpreterSettings, ModelSettings
-from tests.conftest import docker_settings
-from tests.real_model import smollm2  # noqa: F401  (the fixture)
-from tests.test_server_security import Server
+from tests.support.sandboxes import docker_settings
+from tests.support.server import AppServer
 from ui.services import ServeSettings
 
 pytestmark = pytest.mark.slow
@@ -62,7 +61,7 @@ def check_notebook(nb: nbformat.NotebookNode, cells: list[tuple[str, dict]]) -> 
         assert "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout") == streams
 
 
-def test_jupybox_ask_with_a_real_model(sandbox_image: str, smollm2: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_jupybox_ask_with_a_real_model(sandbox_image: str, smollm2: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
     env.update(JUPYBOX_HOME=str(tmp_path / "h"), JUPYBOX_INSTANCE="real-model-ask")
     proc = subprocess.run([JUPYBOX, "ask", QUESTION, "--model", str(smollm2), "--json", "--max-new-tokens",
@@ -78,11 +77,11 @@ def test_jupybox_ask_with_a_real_model(sandbox_image: str, smollm2: Path, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def server(sandbox_image: str, smollm2: Path, jb_home: Path) -> Iterator[Server]:  # noqa: F811
+def server(sandbox_image: str, smollm2: Path, jb_home: Path) -> Iterator[AppServer]:
     settings = ServeSettings(sandbox=docker_settings(jb_home / "real", instance="real-model-serve"),
                              model=ModelSettings(model=str(smollm2)),
                              interpreter=InterpreterSettings(max_tokens=MAX_TOKENS, max_executions=1))
-    with Server(settings) as srv:
+    with AppServer(settings) as srv:
         deadline = time.monotonic() + 300
         while (health := httpx.get(f"{srv.url}/healthz").json())["status"] == "loading":
             assert time.monotonic() < deadline, "the model did not load within 300 s"
@@ -91,7 +90,7 @@ def server(sandbox_image: str, smollm2: Path, jb_home: Path) -> Iterator[Server]
         yield srv
 
 
-def test_json_api_chat_with_a_real_model(server: Server) -> None:
+def test_json_api_chat_with_a_real_model(server: AppServer) -> None:
     with httpx.Client(base_url=server.url, timeout=600) as c:
         sid = c.post("/api/sessions").json()["id"]
         body = c.post(f"/api/sessions/{sid}/chat", json={"message": QUESTION, "stream": False}).json()
@@ -102,7 +101,7 @@ def test_json_api_chat_with_a_real_model(server: Server) -> None:
         c.delete(f"/api/sessions/{sid}")
 
 
-def test_openai_endpoint_with_a_real_model(server: Server) -> None:
+def test_openai_endpoint_with_a_real_model(server: AppServer) -> None:
     with httpx.Client(base_url=server.url, timeout=600) as c:
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}]}).json()
         choice = r["choices"][0]

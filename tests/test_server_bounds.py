@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from sandbox import Limits, QuotaExceeded, SessionManager
-from tests.conftest import docker_settings
-from tests.scripted_model import ScriptedModel, scripted_settings
-from tests.test_mcp import TOKEN, mcp_client, text
-from tests.test_server_security import Server
+from bench.scripted_model import ScriptedModel, scripted_settings
+from tests.support.mcp import TOKEN, mcp_client, text
+from tests.support.sandboxes import docker_settings
+from tests.support.server import AppServer
 from ui.services import ServeSettings
 
 JUPYBOX = str(Path(sys.executable).parent / "jupybox")
@@ -134,12 +134,12 @@ def test_the_image_scaler_decodes_only_the_labelled_format_and_a_bounded_size() 
 
 
 @pytest.fixture(scope="module")
-def server(sandbox_image: str, jb_home: Path) -> Iterator[Server]:
+def server(sandbox_image: str, jb_home: Path) -> Iterator[AppServer]:
     """The app in this process (so its memory is this process's), MCP on loopback, 10 MB files."""
     settings = ServeSettings(sandbox=docker_settings(jb_home / "bounds", instance="bounds-tests",
                                                      limits=Limits(file_bytes=10 * MB, workspace_bytes=30 * MB)),
                              api_token=TOKEN)
-    with Server(settings) as srv:
+    with AppServer(settings) as srv:
         yield srv
 
 
@@ -164,7 +164,7 @@ def huge_png(side: int = 13000) -> bytes:
         chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
-async def test_a_huge_image_shown_through_mcp_is_refused_before_decoding(server: Server) -> None:
+async def test_a_huge_image_shown_through_mcp_is_refused_before_decoding(server: AppServer) -> None:
     png = huge_png()
     assert len(png) < MB
     async with mcp_client(server) as client:
@@ -181,7 +181,7 @@ async def test_a_huge_image_shown_through_mcp_is_refused_before_decoding(server:
     assert grown < 200 * MB, f"the server's peak memory grew by {grown / MB:.0f} MB"
 
 
-async def test_read_file_reads_no_more_than_a_tool_result_carries_while_the_file_flips(server: Server) -> None:
+async def test_read_file_reads_no_more_than_a_tool_result_carries_while_the_file_flips(server: AppServer) -> None:
     """A kernel thread flips a file between 1 byte and 9.9 MB (sparse) while read_file asks for it:
     every answer is at most what a tool result carries (760 KB, under the official client's 1 MiB
     event) or a refusal, never megabytes, and the server's memory stays flat."""
@@ -220,7 +220,7 @@ def test_the_page_copies_no_more_than_the_workspace_quota_of_sparse_files(sandbo
                              model=scripted_settings(model))
     make = "for i in range(8):\n    open(f'sparse{i}.bin', 'wb').truncate(9_900_000)\nprint('made')"
     try:
-        with Server(settings, ui=True) as srv:
+        with AppServer(settings, ui=True) as srv:
             client = Client(srv.url + "/", verbose=False)
             for _ in range(2):
                 model.enqueue(f"```python\n{make}\n```", "Made them.")
@@ -235,7 +235,7 @@ def test_the_page_copies_no_more_than_the_workspace_quota_of_sparse_files(sandbo
 
 # -- MCP: only the handshake era, sessions from the transport --------------------------------------
 @pytest.mark.parametrize("version", ["2026-07-28", "2099-01-01"])
-def test_mcp_requests_of_an_era_the_server_does_not_serve_are_refused(server: Server, version: str) -> None:
+def test_mcp_requests_of_an_era_the_server_does_not_serve_are_refused(server: AppServer, version: str) -> None:
     """A per-request-era call naming a made-up MCP session (or another client's) reached a kernel
     and made sandboxes no MCP session owns: it is refused before any tool runs."""
     import httpx
@@ -256,7 +256,7 @@ def test_mcp_requests_of_an_era_the_server_does_not_serve_are_refused(server: Se
 
 # -- notebook connections: ZMQ sockets for everyone -----------------------------------------------------
 async def test_idle_notebook_connections_are_capped_and_new_sessions_still_start(
-        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+        server: AppServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Idle kernels-API websockets from one client (4 ZMQ sockets each, one shared context) made
     every new session, kernel and MCP call fail with "Too many open files". A session holds at most
     16 (the 17th is refused with a 503 at the handshake), the server at most MAX_RELAYS (lowered
@@ -325,7 +325,7 @@ async def test_notebook_connections_that_do_not_read_cost_bounded_memory_and_are
 
 
 # -- what a conversation keeps -------------------------------------------------------------------------
-async def test_a_long_session_keeps_bounded_outputs_of_its_cells(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_long_session_keeps_bounded_outputs_of_its_cells(server: AppServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every cell an MCP session ran kept its images' base64 in the server's memory for the
     notebook export, however many cells: past the conversation's bound, the oldest cells keep
     their plain text only; the newest stays whole, and the notebook still exports."""

@@ -4,7 +4,6 @@ lift the sandbox's bounds. Each test runs the real app under the real uvicorn co
 
 from __future__ import annotations
 
-import asyncio
 import http.server
 import logging
 import os
@@ -17,56 +16,21 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-import uvicorn
 
-from tests.conftest import docker_settings
-from tests.test_web_ui import browser  # noqa: F401  (the fixture)
-from ui.app import create_app
-from ui.connections import uvicorn_config
+from tests.support.sandboxes import docker_settings
+from tests.support.server import AppServer
 from ui.serve import RedactToken, add_serve_flags, serve_settings
-from ui.services import ServeSettings, Services
+from ui.services import ServeSettings
 
 EVIL = "http://localhost:3000"
 TOKEN = "sec-token-4242"
 
 
-class Server:
-    """The app on uvicorn with ``jupybox serve``'s own configuration, in a thread."""
-
-    def __init__(self, settings: ServeSettings, ui: bool = False) -> None:
-        self.services = Services(settings)
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn_config(create_app(self.services, ui=ui), host="127.0.0.1", port=self.port,
-                                trusted_proxies=settings.trusted_proxies, header_timeout_s=settings.header_timeout_s,
-                                max_connections=settings.max_connections, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=asyncio.run, args=(self.server.serve(sockets=[self._sock]),), daemon=True)
-
-    def __enter__(self) -> Server:
-        self._thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self._thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self._thread.join(60)
-        self._sock.close()
-
-    def sessions(self) -> int:
-        return len(self.services.manager.list())
-
-
 @pytest.fixture(scope="module")
-def server(sandbox_image: str, jb_home: Path) -> Iterator[Server]:
+def server(sandbox_image: str, jb_home: Path) -> Iterator[AppServer]:
     settings = ServeSettings(sandbox=docker_settings(jb_home / "sec", instance="sec-tests", memory_budget_mb=3 * 1024),
                              header_timeout_s=1.0, body_idle_s=1.0, max_connections=20, ui_cache_mb=2)
-    with Server(settings, ui=True) as srv:
+    with AppServer(settings, ui=True) as srv:
         yield srv
 
 
@@ -78,7 +42,7 @@ def server(sandbox_image: str, jb_home: Path) -> Iterator[Server]:
     ("POST", "/gradio_api/call/new_session", "json"), ("POST", "/gradio_api/upload", "multipart"),
     ("GET", "/api/sessions", "empty"), ("GET", "/gradio_api/info", "empty"),
 ])
-def test_requests_from_another_sites_page_are_refused(server: Server, method: str, path: str, kind: str) -> None:
+def test_requests_from_another_sites_page_are_refused(server: AppServer, method: str, path: str, kind: str) -> None:
     before = server.sessions()
     for origin in (EVIL, "null", "http://127.0.0.1.evil.example"):
         headers = {"Origin": origin}
@@ -93,14 +57,14 @@ def test_requests_from_another_sites_page_are_refused(server: Server, method: st
     assert server.sessions() == before
 
 
-def test_browser_marked_cross_site_requests_without_origin_are_refused(server: Server) -> None:
+def test_browser_marked_cross_site_requests_without_origin_are_refused(server: AppServer) -> None:
     r = httpx.post(server.url + "/api/sessions", headers={"Sec-Fetch-Site": "cross-site"}, timeout=30)
     assert r.status_code == 403
     r = httpx.get(server.url + "/healthz", headers={"Origin": EVIL}, timeout=30)  # open to all, as documented
     assert r.status_code == 200
 
 
-def test_the_servers_own_pages_and_non_browser_clients_pass(server: Server) -> None:
+def test_the_servers_own_pages_and_non_browser_clients_pass(server: AppServer) -> None:
     with httpx.Client(base_url=server.url, timeout=60) as c:
         own = c.post("/api/sessions", headers={"Origin": server.url, "Sec-Fetch-Site": "same-origin"})
         plain = c.post("/api/sessions")
@@ -109,7 +73,7 @@ def test_the_servers_own_pages_and_non_browser_clients_pass(server: Server) -> N
             assert c.delete(f"/api/sessions/{sid}", headers={"Origin": server.url}).status_code == 204
 
 
-def test_a_page_on_another_localhost_port_cannot_use_the_server(server: Server, browser) -> None:  # noqa: F811
+def test_a_page_on_another_localhost_port_cannot_use_the_server(server: AppServer, browser) -> None:
     """The attack as a browser runs it: a page served from another port posts to the server (a
     CORS fetch, a "simple" no-cors fetch, a form) and tries to read what comes back."""
     page_html = f"""<!doctype html><html><body>
@@ -156,7 +120,7 @@ def test_a_page_on_another_localhost_port_cannot_use_the_server(server: Server, 
 
 def test_origins_listed_with_cors_origin_are_answered(sandbox_image: str, jb_home: Path) -> None:
     settings = ServeSettings(sandbox=docker_settings(jb_home / "cors", instance="sec-cors"), cors_origins=[EVIL])
-    with Server(settings) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+    with AppServer(settings) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         pre = c.options("/api/sessions", headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"})
         assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == EVIL
         r = c.post("/api/sessions", headers={"Origin": EVIL})
@@ -165,7 +129,7 @@ def test_origins_listed_with_cors_origin_are_answered(sandbox_image: str, jb_hom
 
 
 # -- slow and half-sent requests ------------------------------------------------------------------
-def test_half_sent_requests_are_dropped_and_connections_are_bounded(server: Server) -> None:
+def test_half_sent_requests_are_dropped_and_connections_are_bounded(server: AppServer) -> None:
     socks = []
     for _ in range(30):  # more than max_connections (20)
         s = socket.create_connection(("127.0.0.1", server.port))
@@ -190,7 +154,7 @@ def closed_by_server(s: socket.socket) -> bool:
         return False
 
 
-def test_a_request_body_that_stops_arriving_is_given_up(server: Server) -> None:
+def test_a_request_body_that_stops_arriving_is_given_up(server: AppServer) -> None:
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(b"POST /api/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"limits\":")
@@ -202,7 +166,7 @@ def test_a_request_body_that_stops_arriving_is_given_up(server: Server) -> None:
 
 
 # -- bad input ------------------------------------------------------------------------------------
-def test_text_that_is_not_unicode_and_malformed_bodies_get_a_4xx(server: Server) -> None:
+def test_text_that_is_not_unicode_and_malformed_bodies_get_a_4xx(server: AppServer) -> None:
     lone = b'{"code": "print(1) # \\ud800"}'
     with httpx.Client(base_url=server.url, timeout=60) as c:
         sid = c.post("/api/sessions").json()["id"]
@@ -224,7 +188,7 @@ def test_text_that_is_not_unicode_and_malformed_bodies_get_a_4xx(server: Server)
         c.delete(f"/api/sessions/{sid}")
 
 
-def test_files_with_any_name_code_can_make_are_listed_downloaded_and_deleted(server: Server) -> None:
+def test_files_with_any_name_code_can_make_are_listed_downloaded_and_deleted(server: AppServer) -> None:
     names = ["back\\slash.txt", "   ", "new\nline.txt", "c:colon.txt", "sp ace.txt"]
     with httpx.Client(base_url=server.url, timeout=60) as c:
         sid = c.post("/api/sessions").json()["id"]
@@ -243,7 +207,7 @@ def test_files_with_any_name_code_can_make_are_listed_downloaded_and_deleted(ser
 @pytest.mark.parametrize("limits,word", [({"cpus": 1e-9}, "cpus"), ({"cpus": 0.001}, "cpus"),
                                          ({"cpus": 0.005}, "cpus"), ({"memory_mb": 5}, "memory_mb"),
                                          ({"pids": 0}, "pids"), ({"memory_mb": 10**6}, "above the server's")])
-def test_limits_a_client_asks_for_are_checked(server: Server, limits: dict, word: str) -> None:
+def test_limits_a_client_asks_for_are_checked(server: AppServer, limits: dict, word: str) -> None:
     before = server.sessions()
     r = httpx.post(server.url + "/api/sessions", json={"limits": limits}, timeout=60)
     assert r.status_code == 400 and word in r.json()["error"], r.text
@@ -251,7 +215,7 @@ def test_limits_a_client_asks_for_are_checked(server: Server, limits: dict, word
     assert server.sessions() == before
 
 
-def test_sessions_past_the_memory_budget_get_a_429(server: Server) -> None:
+def test_sessions_past_the_memory_budget_get_a_429(server: AppServer) -> None:
     """The server's budget is 3 GiB and a session asks for 1 GiB."""
     with httpx.Client(base_url=server.url, timeout=120) as c:
         for left in c.get("/api/sessions").json()["sessions"]:  # whatever an earlier test left open
@@ -282,7 +246,7 @@ def test_token_from_a_file_and_a_secure_cookie_behind_a_trusted_proxy(sandbox_im
     for trusted, secure in (([], False), (["127.0.0.1"], True)):
         settings = ServeSettings.from_env(api_token_file=str(token_file), trusted_proxies=trusted, sandbox=sandbox)
         assert settings.api_token == TOKEN
-        with Server(settings) as srv:
+        with AppServer(settings) as srv:
             r = httpx.get(srv.url + "/", params={"token": TOKEN}, headers={"X-Forwarded-Proto": "https"}, timeout=30)
             assert r.status_code == 303
             assert ("; secure" in r.headers["set-cookie"].lower()) is secure, r.headers["set-cookie"]
@@ -295,7 +259,7 @@ def test_token_from_a_file_and_a_secure_cookie_behind_a_trusted_proxy(sandbox_im
     assert "ps" in caplog.text and "--api-token-file" in caplog.text
 
 
-def test_no_third_party_scripts_and_nosniff_everywhere(server: Server) -> None:
+def test_no_third_party_scripts_and_nosniff_everywhere(server: AppServer) -> None:
     with httpx.Client(base_url=server.url, timeout=60) as c:
         assert c.get("/docs").status_code == 404 and c.get("/redoc").status_code == 404
         assert c.get("/openapi.json").json()["info"]["title"] == "jupybox"
@@ -305,7 +269,7 @@ def test_no_third_party_scripts_and_nosniff_everywhere(server: Server) -> None:
             assert "default-src 'self'" in r.headers["content-security-policy"], path
 
 
-def test_the_ui_folder_is_private_and_bounded(server: Server) -> None:
+def test_the_ui_folder_is_private_and_bounded(server: AppServer) -> None:
     """Uploads through the page land on the host's disk: the folder is 0700 and has a size cap (2 MiB here)."""
     folder = server.services.settings.sandbox.home / "ui"
     assert (os.stat(folder).st_mode & 0o777) == 0o700

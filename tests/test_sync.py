@@ -10,7 +10,7 @@ import pytest
 
 from sandbox import ExecutionStatus, Output, SessionClosed
 from sandbox.sync import SyncSessionManager
-from tests.conftest import docker_settings
+from tests.support.sandboxes import docker_settings
 
 
 def test_a_script_runs_code_keeps_state_and_cleans_up(sandbox_image: str,

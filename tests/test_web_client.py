@@ -12,8 +12,9 @@ import httpx
 import nbformat
 from gradio_client import Client, handle_file
 
-from tests.scripted_model import last_observation
-from tests.test_web_ui import EXAMPLE_CSV, WebServer, fenced, web_server  # noqa: F401  (the server fixture)
+from bench.scripted_model import last_observation
+from tests.support.replies import fenced
+from tests.support.server import EXAMPLE_CSV, WebServer
 
 
 def chat_text(history: list[dict]) -> str:
@@ -24,7 +25,7 @@ def chat_text(history: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def test_api_upload_ask_files_notebook_and_new_session(web_server: WebServer) -> None:  # noqa: F811
+def test_api_upload_ask_files_notebook_and_new_session(web_server: WebServer) -> None:
     client = Client(web_server.url, verbose=False)
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/ask", "/upload", "/stop", "/new_session", "/files", "/notebook"} <= endpoints

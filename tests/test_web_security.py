@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_web_ui import WebServer, browser, web_server  # noqa: F401  (the fixtures)
+from tests.support.server import WebServer
 
 SECRET = "jupybox-host-secret-7f3a"
 
@@ -76,7 +76,7 @@ def call(server: WebServer, api: str, data: list) -> httpx.Response:
         return c.post(f"/gradio_api/call/{api}", json={"data": data})
 
 
-def test_a_host_path_named_as_an_upload_is_refused(web_server: WebServer, host_secret: Path) -> None:  # noqa: F811
+def test_a_host_path_named_as_an_upload_is_refused(web_server: WebServer, host_secret: Path) -> None:
     forged = [
         ("upload", [[file_data(str(host_secret))], None, "fenced"]),
         ("ask", [{"text": "read it", "files": [file_data(str(host_secret))]}, None, "m", "fenced", 0, 6, 30]),
@@ -99,7 +99,7 @@ def test_a_host_path_named_as_an_upload_is_refused(web_server: WebServer, host_s
     assert secret_anywhere(web_server) == []
 
 
-def test_a_symlink_the_sandbox_planted_is_not_followed(web_server: WebServer, host_secret: Path) -> None:  # noqa: F811
+def test_a_symlink_the_sandbox_planted_is_not_followed(web_server: WebServer, host_secret: Path) -> None:
     with httpx.Client(base_url=web_server.url, timeout=60) as c:
         sid = c.post("/api/sessions").json()["id"]
         r = c.post(f"/api/sessions/{sid}/execute", json={"code": f"import os; os.symlink({str(host_secret)!r}, 'leak.txt')"})
@@ -112,7 +112,7 @@ def test_a_symlink_the_sandbox_planted_is_not_followed(web_server: WebServer, ho
     assert secret_anywhere(web_server) == []
 
 
-def test_urls_are_neither_fetched_nor_served(web_server: WebServer, listener) -> None:  # noqa: F811
+def test_urls_are_neither_fetched_nor_served(web_server: WebServer, listener) -> None:
     url, hits = listener
     r = call(web_server, "upload", [[{"path": url, "url": url, "meta": {"_type": "gradio.FileData"}}], None, "fenced"])
     assert r.status_code == 400
@@ -128,13 +128,13 @@ def test_urls_are_neither_fetched_nor_served(web_server: WebServer, listener) ->
     ("GET", "/gradio_api/runs"), ("POST", "/gradio_api/vibe-edit"), ("POST", "/gradio_api/component_server"),
     ("POST", "/gradio_api/process_recording"), ("GET", "/monitoring"), ("GET", "/gradio_api/profiling/traces"),
 ])
-def test_gradio_routes_the_page_does_not_use_are_refused(web_server: WebServer, method: str, path: str) -> None:  # noqa: F811
+def test_gradio_routes_the_page_does_not_use_are_refused(web_server: WebServer, method: str, path: str) -> None:
     with httpx.Client(base_url=web_server.url, timeout=30) as c:
         r = c.request(method, path, json={})
     assert r.status_code == 404 and r.headers["content-type"].startswith("application/json")
 
 
-def test_the_ui_folder_is_private_and_real_uploads_still_work(web_server: WebServer) -> None:  # noqa: F811
+def test_the_ui_folder_is_private_and_real_uploads_still_work(web_server: WebServer) -> None:
     folder = web_server.services.settings.sandbox.home / "ui"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     with httpx.Client(base_url=web_server.url, timeout=60) as c:
@@ -148,7 +148,7 @@ def test_the_ui_folder_is_private_and_real_uploads_still_work(web_server: WebSer
     assert Path(shown).name == "data.csv" and Path(shown).is_relative_to(folder)
 
 
-def test_the_page_itself_cannot_smuggle_a_host_path(web_server: WebServer, host_secret: Path, browser) -> None:  # noqa: F811
+def test_the_page_itself_cannot_smuggle_a_host_path(web_server: WebServer, host_secret: Path, browser) -> None:
     """From inside the page (its origin, its cookies), a forged call is refused the same way."""
     page = browser.new_page()
     page.goto(web_server.url)

@@ -8,81 +8,22 @@ from __future__ import annotations
 
 import csv
 import http.server
-import os
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-os.environ["GRADIO_HEARTBEAT_INTERVAL"] = "1"  # notice closed tabs quickly
+import httpx
+import pytest
 
-import httpx  # noqa: E402
-import pytest  # noqa: E402
-
-from tests.conftest import ROOT, docker_settings  # noqa: E402
-from tests.scripted_model import ScriptedModel, last_observation, scripted_settings  # noqa: E402
-from ui.services import ServeSettings, Services  # noqa: E402
+from bench.scripted_model import last_observation
+from tests.support.replies import fenced
+from tests.support.sandboxes import ROOT, docker_settings
+from tests.support.server import EXAMPLE_CSV, UPLOAD_LIMIT_MB, AppServer, WebServer
+from ui.services import ServeSettings, Services
 
 ARTIFACTS = ROOT / "artifacts" / "web"
-EXAMPLE_CSV = ROOT / "ui" / "examples" / "sales.csv"
-CHROMIUM = "/usr/bin/chromium"
-UPLOAD_LIMIT_MB = 1
-
-
-@dataclass
-class WebServer:
-    url: str
-    model: ScriptedModel
-    services: Services
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_app(services: Services):
-    from ui.app import create_app
-
-    return create_app(services)
-
-
-@pytest.fixture(scope="module")
-def web_server(sandbox_image: str, jb_home: Path) -> Iterator[WebServer]:
-    import uvicorn
-
-    model = ScriptedModel().start()
-    settings = ServeSettings(model=scripted_settings(model),
-                             upload_limit_mb=UPLOAD_LIMIT_MB, sandbox=docker_settings(jb_home, instance="webui"))
-    services = Services(settings)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(make_app(services), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the web server did not start"
-        time.sleep(0.05)
-    yield WebServer(f"http://127.0.0.1:{port}/", model, services)
-    server.should_exit = True
-    thread.join(20)
-    model.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                               args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield b
-        b.close()
 
 
 def open_page(browser, server: WebServer, blocked: list[str], refused: list[str] | None = None,
@@ -118,10 +59,6 @@ def ask(page, question: str) -> None:
 def listed(page, name: str):
     """The download link of a workspace file in the files panel."""
     return page.locator(f"#jb-files a[href$='/{name}']")
-
-
-def fenced(code: str) -> str:
-    return f"Let me look at the data.\n```python\n{code}\n```"
 
 
 def shot(page, name: str) -> None:
@@ -335,7 +272,6 @@ def test_page_without_a_model_says_what_to_configure(sandbox_image: str, jb_home
 
 def _render_once(services: Services, browser) -> str:
     """The page of ``services`` as set up (not started: the test decides what they hold)."""
-    import uvicorn
     from fastapi import FastAPI
 
     from ui.web import mount_ui
@@ -343,25 +279,14 @@ def _render_once(services: Services, browser) -> str:
 
     app = FastAPI()
     mount_ui(app, services, UploadCache(services.settings.sandbox.home / "ui-nomodel"))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
+    with AppServer(services, app=app) as server:
         page = browser.new_page()
-        page.goto(f"http://127.0.0.1:{port}/")
+        page.goto(f"{server.url}/")
         page.locator("#jb-banner").wait_for(timeout=20_000)
         shot(page, "no-model")
         text = page.locator("#jb-banner").inner_text()
         page.close()
         return text
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 
 
 def test_a_tab_dropped_without_unload_leaves_no_folder_behind(tmp_path: Path) -> None:

