@@ -21,9 +21,9 @@ import uvicorn
 
 from bench.scripted_model import ScriptedModel, scripted_settings
 from tests.support.ports import bound_socket
+from tests.support.sandboxes import ROOT, docker_settings, serve_settings
 from ui.app import create_app
 from ui.connections import uvicorn_config
-from tests.support.sandboxes import ROOT, docker_settings, serve_settings
 from ui.services import ServeSettings, Services
 
 T = TypeVar("T")
