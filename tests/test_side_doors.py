@@ -23,9 +23,9 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from bench.scripted_model import ScriptedModel, scripted_settings
 from sandbox import SandboxSettings
-from tests.scripted_model import ScriptedModel, scripted_settings
-from tests.test_server_security import Server
+from tests.support.server import AppServer
 from ui.services import ServeSettings
 
 TOKEN = "side-door-token"
@@ -33,15 +33,15 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, model: ScriptedModel) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory, scripted_model: ScriptedModel) -> Iterator[AppServer]:
     home = tmp_path_factory.mktemp("sd")  # short: Unix socket paths are limited to 107 bytes
     sandbox = SandboxSettings(backend="local", allow_unsafe_local=True, home=home, instance="side-doors")
-    with Server(ServeSettings(sandbox=sandbox, api_token=TOKEN, model=scripted_settings(model))) as srv:
+    with AppServer(ServeSettings(sandbox=sandbox, api_token=TOKEN, model=scripted_settings(scripted_model))) as srv:
         yield srv
 
 
 @pytest.fixture
-def client(server: Server) -> Iterator[httpx.Client]:
+def client(server: AppServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
         yield c
 
@@ -55,7 +55,7 @@ def session_id(client: httpx.Client) -> Iterator[str]:
 
 
 @asynccontextmanager
-async def mcp_client(server: Server) -> AsyncIterator[Client]:
+async def mcp_client(server: AppServer) -> AsyncIterator[Client]:
     async with httpx2.AsyncClient(headers=AUTH, timeout=httpx2.Timeout(60, read=120)) as http:
         async with Client(streamable_http_client(f"{server.url}/mcp", http_client=http)) as c:
             yield c
@@ -118,7 +118,7 @@ def test_an_api_execution_that_fails_is_counted_as_an_error(client: httpx.Client
     assert executions_counted(client, "error") == before + 1
 
 
-async def test_an_mcp_write_file_is_announced_with_the_next_ask(server: Server, model: ScriptedModel) -> None:
+async def test_an_mcp_write_file_is_announced_with_the_next_ask(server: AppServer, model: ScriptedModel) -> None:
     async with mcp_client(server) as mcp:
         result = await mcp.call_tool("write_file", {"path": "notes/todo.txt", "content": "buy milk"})
         assert not result.is_error
@@ -128,7 +128,7 @@ async def test_an_mcp_write_file_is_announced_with_the_next_ask(server: Server, 
         assert "Uploaded files: notes/todo.txt" in model.last_prompt()
 
 
-async def test_mcp_sandboxes_are_the_services_conversations(server: Server) -> None:
+async def test_mcp_sandboxes_are_the_services_conversations(server: AppServer) -> None:
     service = server.services.service
     async with mcp_client(server) as one, mcp_client(server) as two:
         await one.call_tool("write_file", {"path": "a.txt", "content": "1"})
