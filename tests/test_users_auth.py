@@ -21,7 +21,7 @@ import pytest
 import websockets.sync.client as ws_client
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.scripted_model import ScriptedModel
+from bench.scripted_model import ScriptedModel
 
 JUPYBOX = str(Path(sys.executable).parent / "jupybox")
 ROOT = Path(__file__).resolve().parent.parent
