@@ -68,14 +68,14 @@ def test_stdlib_corpus_is_source_text() -> None:
 
 
 def test_bandwidth_bound_uses_the_measured_models_own_shape() -> None:
-    from bench.model import _bound
+    from bench.model import add_bounds
 
     model = model_check.hf_qwen2(TINY, torch.float32, "cpu")
     decoder = fastpath.FastDecoder(TINY, fastpath.TensorSource(model.state_dict()), max_seq=64, device="cpu",
                                    dtype=torch.float32)
     weights = sum(b.numel() * b.element_size() for n, b in decoder.named_buffers() if "cache" not in n)
     report = {"copy_bandwidth_tb_s": 1.0, "fast": {"fp32": {"weight_gb": weights / 1e9}}}
-    _bound(report, "fp32", decoder, [16, 48])
+    add_bounds(report, "fp32", decoder, [16, 48])
     step_bytes = weights - TINY.vocab * TINY.d_model * 4 + 2 * TINY.n_layers * TINY.n_kv_heads * TINY.head_dim * 4 * 8
     assert report["fast"]["fp32"]["bound_16"] == pytest.approx(1e12 / step_bytes)
     assert 0 < report["fast"]["fp32"]["bound_48"] < report["fast"]["fp32"]["bound_16"]
