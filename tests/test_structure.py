@@ -46,21 +46,17 @@ class Import:
 
     source: str  # the importing module, dotted
     target: str  # the imported module (or the nearest package whose name it starts with)
+    path: str  # the importing file, relative to the tree's root
     line: int
     type_checking: bool  # under ``if TYPE_CHECKING:``: never runs
 
     def __str__(self) -> str:
-        return f"{self.source} -> {self.target} ({module_path(self.source)}:{self.line})"
+        return f"{self.source} -> {self.target} ({self.path}:{self.line})"
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
     parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def module_path(name: str, root: Path = ROOT) -> str:
-    base = root.joinpath(*name.split("."))
-    return str((base / "__init__.py" if base.is_dir() else base.with_suffix(".py")).relative_to(root))
 
 
 def modules_of(folders: Iterable[str], root: Path = ROOT) -> dict[str, Path]:
@@ -91,7 +87,7 @@ def _statements(tree: ast.AST, guarded: bool = False) -> Iterator[tuple[ast.Impo
             yield from _statements(node, guarded)
 
 
-def imports_of(name: str, path: Path, known: set[str]) -> list[Import]:
+def imports_of(name: str, path: Path, known: set[str], root: Path = ROOT) -> list[Import]:
     """The imports of one module whose targets lie in ``known``'s top-level names; ``from P import x``
     points at ``P.x`` where that is a module, else at ``P``."""
     tree = ast.parse(path.read_text(), str(path))
@@ -115,14 +111,14 @@ def imports_of(name: str, path: Path, known: set[str]) -> list[Import]:
                 continue
             while target not in known and "." in target:
                 target = target.rpartition(".")[0]
-            found.append(Import(name, target, node.lineno, guarded))
+            found.append(Import(name, target, str(path.relative_to(root)), node.lineno, guarded))
     return found
 
 
 def import_graph(folders: Iterable[str], root: Path = ROOT) -> list[Import]:
     mods = modules_of(folders, root)
     known = set(mods)
-    return [imp for name, path in mods.items() for imp in imports_of(name, path, known)]
+    return [imp for name, path in mods.items() for imp in imports_of(name, path, known, root)]
 
 
 def cycles(edges: Iterable[Import]) -> list[list[Import]]:
