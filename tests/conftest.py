@@ -103,3 +103,11 @@ def model() -> Iterator[ScriptedModel]:
     m = ScriptedModel().start()
     yield m
     m.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One CPU thread for PyTorch's operations, here and in the processes the tests start (unless
+    OMP_NUM_THREADS says otherwise): the models and kernels the tests run are small, and on a busy
+    host an operation split over two threads waits for the second to get a core. Set before any
+    test module imports torch, which reads it once."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
