@@ -19,7 +19,7 @@ from typing import Any
 
 from sandbox import SandboxSettings, SessionManager
 
-from .sandbox import POOL_SIZE, cold_starts, execute_ok, percentile, timed, warm_acquires
+from .session_timing import POOL_SIZE, cold_starts, execute_ok, percentile, timed, warm_acquires
 
 log = logging.getLogger(__name__)
 

@@ -269,7 +269,7 @@ def run_model_bench(args: Any) -> int:
                 decoder = fastpath.FastDecoder(big, fastpath.random_weights(big, "cuda"), max_seq=capacity,
                                                device="cuda", **VARIANTS[d])
             bench_fast(decoder, d, tokens, report, save)
-            _bound(report, d, decoder, tokens)
+            add_bounds(report, d, decoder, tokens)
         except Exception as exc:  # keep the other variants' figures; the error is part of the report
             report.setdefault("errors", {})[d] = f"{type(exc).__name__}: {exc}"
             import traceback
@@ -300,7 +300,7 @@ def bound_tokens_per_s(decoder: Any, bandwidth: float, context: int) -> float:
     return bandwidth / (weights + kv_per_token * context)
 
 
-def _bound(report: dict[str, Any], label: str, decoder: Any, tokens: list[int]) -> None:
+def add_bounds(report: dict[str, Any], label: str, decoder: Any, tokens: list[int]) -> None:
     """The bound at the mean context of each generation, at the measured copy bandwidth."""
     r = report["fast"][label]
     for n in tokens:

@@ -26,6 +26,8 @@ from typing import Any
 
 from interpreter.llm import fastpath
 
+from bench.greedy import divergence, fast_step_logits, leading_equal, margins, plain_greedy
+
 CHECKS = ("random", "fp32", "trained", "smollm2")
 
 def hf_qwen2(shape: fastpath.DecoderShape, dtype: Any, device: str = "cuda") -> Any:
@@ -47,68 +49,6 @@ def hf_qwen2(shape: fastpath.DecoderShape, dtype: Any, device: str = "cuda") -> 
     return model.eval()
 
 
-def _generate(model: Any, prompt: list[int], n: int, **kw: Any) -> Any:
-    """Plain greedy ``generate`` of exactly ``n`` tokens (no EOS, no compile unless asked)."""
-    import torch
-
-    ids = torch.tensor([prompt], device=model.device)
-    kw.setdefault("disable_compile", True)
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=0, eos_token_id=None, **kw)
-
-
-def plain_greedy(model: Any, prompt: list[int], n: int, **kw: Any) -> list[int]:
-    """``n`` greedy tokens from plain ``generate``."""
-    return _generate(model, prompt, n, **kw)[0, len(prompt):].tolist()
-
-
-def fast_step_logits(decoder: fastpath.FastDecoder, prompt: list[int], tokens: list[int]) -> Any:
-    """The fast path's logits at each step of a given continuation (teacher-forced): the prompt's
-    prefill, then one decode step per token of ``tokens``; ``[len(tokens) + 1, vocab]``."""
-    import torch
-
-    device = decoder.device
-    with torch.no_grad():
-        steps = [decoder.prefill(torch.tensor(prompt, device=device))[0]]
-        steps += [decoder.decode(torch.tensor([t], device=device), len(prompt) + i).clone()
-                  for i, t in enumerate(tokens)]
-    return torch.stack(steps)
-
-
-def leading_equal(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def divergence(model: Any, decoder: fastpath.FastDecoder, prompt: list[int], plain: list[int],
-               fast: list[int]) -> dict[str, Any] | None:
-    """Where two greedy outputs part: each path's own logits for both candidate tokens there (the
-    plain path's from ``generate``'s scores, the fast path's from its decode step over the same
-    history), against the 16-bit spacing at that magnitude; None if they never part."""
-    at = leading_equal(plain, fast)
-    if at >= min(len(plain), len(fast)):
-        return None
-    mine = _generate(model, prompt, at + 1, output_scores=True, return_dict_in_generate=True).scores[at][0].float()
-    theirs = fast_step_logits(decoder, prompt, plain[:at])[-1]
-    a, b = plain[at], fast[at]
-    size = max(float(mine[a].abs()), float(mine[b].abs()))
-    return {"at": at, "plain_gap": float(mine[a] - mine[b]), "fast_gap": float(theirs[b] - theirs[a]),
-            "fast_token_rank_in_plain": int((mine > mine[b]).sum()),
-            "plain_token_rank_in_fast": int((theirs > theirs[a]).sum()),
-            "bf16_spacing_at_candidates": 2.0 ** (math.floor(math.log2(size)) - 7) if size > 0 else 0.0}
-
-
-def _margins(model: Any, prompt: list[int], tokens: list[int]) -> dict[str, float]:
-    """How decided the plain model's own greedy choices were: top-1 probability and top-2 logit gap."""
-    import torch
-
-    with torch.no_grad():
-        seq = torch.tensor([prompt + tokens], device=model.device)
-        logits = model(seq).logits[0, len(prompt) - 1:-1].float()
-    top = logits.topk(2).values
-    return {"top1_prob_median": float(logits.softmax(-1).amax(-1).median()),
-            "top2_gap_median": float((top[:, 0] - top[:, 1]).median())}
-
-
 # -- random weights, bf16 ------------------------------------------------------------------------
 def random_bf16(model: Any, decoders: dict[str, fastpath.FastDecoder], n: int = 64) -> dict[str, Any]:
     """The speed benchmark's bf16 model and fast decoders built from its very weights."""
@@ -125,7 +65,7 @@ def random_bf16(model: Any, decoders: dict[str, fastpath.FastDecoder], n: int = 
         "new_tokens": n, "plain_default_equals_plain_static": plain == static,
         "plain_default_vs_plain_static_leading_equal": leading_equal(plain, static),
         "plain_full_forward_picks_its_own_tokens": float((ref.argmax(-1) == target).float().mean()),
-        **_margins(model, prompt, plain)}
+        **margins(model, prompt, plain)}
     for label, decoder in decoders.items():
         fast = list(decoder.generate(prompt, n))
         with torch.no_grad():
@@ -159,7 +99,7 @@ def fp32(shape: fastpath.DecoderShape, n: int = 128, device: str = "cuda") -> di
         started = time.perf_counter()
         fast = list(decoder.generate(prompt, n))
         fast_s = time.perf_counter() - started
-        margins = _margins(model, prompt, plain)
+        margins = margins(model, prompt, plain)
         del model, decoder
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
@@ -230,7 +170,7 @@ def train_small(seconds: float, device: str = "cuda", shape: fastpath.DecoderSha
     return model, held, figures
 
 
-def _code_prompts(held: Any, count: int, length: int = 64) -> list[list[int]]:
+def code_prompts(held: Any, count: int, length: int = 64) -> list[list[int]]:
     """Held-out snippets that open a definition, spread over the held-out text."""
     text = bytes(held.tolist())
     starts, at = [], 0
@@ -253,7 +193,7 @@ def trained(seconds: float = 60.0, n: int = 256, prompts: int = 16, device: str 
     variants = variants or {"bf16": {}, "int4": {"quantize_to": "int4"}}
     model, held, report = train_small(seconds, device, shape)
     model = model.to(torch.bfloat16)
-    texts = _code_prompts(held, prompts)
+    texts = code_prompts(held, prompts)
     report["prompt_tokens"], report["new_tokens"] = len(texts[0]), n
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     report["sample"] = bytes(texts[0] + plain_greedy(model, texts[0], 160)).decode("utf-8", "replace")
@@ -272,7 +212,7 @@ def trained(seconds: float = 60.0, n: int = 256, prompts: int = 16, device: str 
             fast = list(decoder.generate(prompt, n))
             rows.append({"equal": plain == fast, "leading_equal": leading_equal(plain, fast),
                          "divergence": divergence(model, decoder, prompt, plain, fast),
-                         "distinct_tokens": len(set(plain)), **_margins(model, prompt, plain)})
+                         "distinct_tokens": len(set(plain)), **margins(model, prompt, plain)})
         median = lambda key: sorted(r[key] for r in rows)[len(rows) // 2]  # noqa: E731
         report[label] = {"prompts_equal": sum(r["equal"] for r in rows), "prompts": len(rows),
                          "tokens_compared": n * len(rows), "leading_equal": [r["leading_equal"] for r in rows],

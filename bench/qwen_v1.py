@@ -162,25 +162,31 @@ def qwen2_model(cfg: Mapping, state: Mapping[str, torch.Tensor] | None = None) -
 def trained_state(cfg: Mapping, sequences: list[tuple[list[int], list[int]]], steps: int = 400,
                   seed: int = 0) -> dict[str, torch.Tensor]:
     """Weights (Qwen v1 names, float32) fitted so that each ``prompt`` continues with its ``reply``,
-    the loss on the reply's tokens only."""
-    torch.manual_seed(seed)
-    model = qwen2_model(cfg)
-    batch = []
-    for prompt, reply in sequences:
-        ids = torch.tensor(prompt + reply)
-        labels = ids.clone()
-        labels[:len(prompt)] = -100
-        batch.append((ids[None], labels[None]))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = sum(model(input_ids=ids, labels=labels).loss for ids, labels in batch)
-        loss.backward()
-        opt.step()
-        if float(loss.detach()) < 2e-3 * len(batch):
-            break
-    return qwen_v1_names(model.state_dict(), cfg["num_hidden_layers"])
+    the loss on the reply's tokens only. On one CPU thread: the model's operations are too small to
+    share, and on a busy host each one would wait for a second thread to get a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        model = qwen2_model(cfg)
+        batch = []
+        for prompt, reply in sequences:
+            ids = torch.tensor(prompt + reply)
+            labels = ids.clone()
+            labels[:len(prompt)] = -100
+            batch.append((ids[None], labels[None]))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        model.train()
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = sum(model(input_ids=ids, labels=labels).loss for ids, labels in batch)
+            loss.backward()
+            opt.step()
+            if float(loss.detach()) < 2e-3 * len(batch):
+                break
+        return qwen_v1_names(model.state_dict(), cfg["num_hidden_layers"])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def qwen_v1_names(hf: Mapping[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:

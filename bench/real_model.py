@@ -96,11 +96,11 @@ def greedy_check(n: int = 96, device: str = "cuda", variants: tuple[str, ...] = 
     """The fast path's greedy tokens against plain ``generate`` on SmolLM2-135M-Instruct, one chat
     prompt after another: float32 (TF32 off), bf16, and int4 quantized at load (group 32), where the
     plain path runs the very int4 weights dequantized to bf16. Where outputs part, both paths' logits
-    for the two candidates (``model_check.divergence``)."""
+    for the two candidates (``bench.greedy.divergence``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bench import model_check
+    from bench.greedy import divergence, leading_equal, margins, plain_greedy
     from interpreter.llm import fastpath
     from interpreter.llm.gptq_pack import quantize
 
@@ -129,11 +129,11 @@ def greedy_check(n: int = 96, device: str = "cuda", variants: tuple[str, ...] = 
             decoder.warm_up()
             rows = []
             for prompt in prompts:
-                plain = model_check.plain_greedy(model, prompt, n)
+                plain = plain_greedy(model, prompt, n)
                 fast = list(decoder.generate(prompt, n))
-                rows.append({"equal": plain == fast, "leading_equal": model_check.leading_equal(plain, fast),
-                             "divergence": model_check.divergence(model, decoder, prompt, plain, fast),
-                             **model_check._margins(model, prompt, plain)})
+                rows.append({"equal": plain == fast, "leading_equal": leading_equal(plain, fast),
+                             "divergence": divergence(model, decoder, prompt, plain, fast),
+                             **margins(model, prompt, plain)})
             report[label] = {"prompts_equal": sum(r["equal"] for r in rows),
                              "leading_equal": [r["leading_equal"] for r in rows],
                              "divergences": [r["divergence"] for r in rows if r["divergence"]],

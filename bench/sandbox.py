@@ -26,9 +26,10 @@ from jupyter_client.manager import AsyncKernelManager
 
 from sandbox import JupyboxError, SandboxError, SandboxSettings, Session, SessionManager
 
+from .session_timing import POOL_SIZE, cold_starts, execute_ok, percentile, timed, warm_acquires
+
 log = logging.getLogger(__name__)
 
-POOL_SIZE = 2
 MEMORY_SESSIONS = 3
 MEMORY_RESERVE = 2 << 30  # the capacity probe stops before MemAvailable would drop under this
 SOAK_CELL_BYTES = 2_000_000  # printed by each cell of the memory soak
@@ -40,15 +41,6 @@ TARGETS: dict[str, tuple[float, str, str]] = {
     "warm_acquire_p50_ms": (50.0, "<", "< 50 ms"),
     "roundtrip_ratio_p50": (1.5, "<=", "<= 1.5x"),
 }
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks; ``q`` in [0, 1]."""
-    s = sorted(values)
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def mem_available() -> int:
@@ -84,65 +76,6 @@ async def container_memory(session_id: str) -> int | None:
         return None
     scale = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "kB": 1000, "KB": 1000, "MB": 10**6, "GB": 10**9}
     return int(float(m.group(1)) * scale.get(m.group(2), 1))
-
-
-async def timed(fn: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
-    t0 = time.perf_counter()
-    result = await fn()
-    return time.perf_counter() - t0, result
-
-
-async def execute_ok(session: Session, code: str = "1+1") -> None:
-    ex = await session.execute(code, timeout=30)
-    if not ex.ok:
-        raise SandboxError(f"`{code}` did not run: {ex.status.value} {ex.reason or ex.text(200)}")
-
-
-async def cold_starts(manager: SessionManager, runs: int) -> list[float]:
-    samples = []
-    for i in range(runs):
-        elapsed, session = await timed(manager.create)
-        try:
-            await execute_ok(session)
-        finally:
-            await manager.close(session.id)
-        log.info("cold start %d: %.3f s", i + 1, elapsed)
-        samples.append(elapsed)
-    return samples
-
-
-def warm_count(manager: SessionManager) -> int:
-    """Warm sessions ready: the manager's pool, or the thinnest node pool of a cluster (read-only)."""
-    backend: Any = manager.backend
-    if backend.places_sessions:
-        return min((len(n.warm) for n in backend.nodes.values() if n.ready), default=0)
-    return len(manager._pool)
-
-
-async def _pool_full(manager: SessionManager, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while warm_count(manager) < POOL_SIZE:
-        if time.monotonic() > deadline:
-            raise SandboxError(f"the warm pool did not fill within {timeout:.0f} s; see the logs (--debug)")
-        await asyncio.sleep(0.02)
-
-
-async def warm_acquires(settings: SandboxSettings, runs: int) -> list[float]:
-    samples = []
-    async with SessionManager(dataclasses.replace(settings, pool_size=POOL_SIZE)) as manager:
-        for i in range(runs):
-            await _pool_full(manager, settings.start_timeout_s * POOL_SIZE)
-            elapsed, session = await timed(manager.create)
-            try:
-                await execute_ok(session)  # the acquired session answers; not timed
-            finally:
-                await manager.close(session.id)
-            log.info("warm acquire %d: %.3f ms", i + 1, elapsed * 1e3)
-            samples.append(elapsed)
-        # Shutting down while a refill is starting a container would leak it (the thread finishes
-        # the start after the task is cancelled), so let the refill finish first.
-        await _pool_full(manager, settings.start_timeout_s * POOL_SIZE)
-    return samples
 
 
 async def _bare_execute(kc: Any, code: str = "1+1") -> None:

@@ -157,3 +157,11 @@ def web_server(web_ui: WebServer, monkeypatch: pytest.MonkeyPatch) -> WebServer:
     web_ui.model.replies.clear()
     monkeypatch.setenv("GRADIO_TEMP_DIR", web_ui.gradio_folder)
     return web_ui
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One CPU thread for PyTorch's operations, here and in the processes the tests start (unless
+    OMP_NUM_THREADS says otherwise): the models and kernels the tests run are small, and on a busy
+    host an operation split over two threads waits for the second to get a core. Set before any
+    test module imports torch, which reads it once."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")

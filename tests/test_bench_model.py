@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers", reason="the transformers backend needs `pip install 'jupybox[local]'`")
 
-from bench import model_check
+from bench import greedy, model_check
 from interpreter.llm import fastpath
 
 TINY = fastpath.DecoderShape(vocab=300, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn=256,
@@ -38,13 +38,13 @@ def test_divergence_names_the_step_and_both_paths_margins() -> None:
     decoder = fastpath.FastDecoder(TINY, fastpath.TensorSource(model.state_dict()), max_seq=64, device="cpu",
                                    dtype=torch.float32)
     prompt = [5, 17, 42, 99, 3, 150, 7]
-    plain = model_check.plain_greedy(model, prompt, 12)
+    plain = greedy.plain_greedy(model, prompt, 12)
     fast = list(decoder.generate(prompt, 12))
-    assert fast == plain and model_check.divergence(model, decoder, prompt, plain, fast) is None
+    assert fast == plain and greedy.divergence(model, decoder, prompt, plain, fast) is None
 
     other = 1 if plain[5] != 1 else 2  # a fast path that parted at step 5
     parted = plain[:5] + [other] + plain[6:]
-    d = model_check.divergence(model, decoder, prompt, plain, parted)
+    d = greedy.divergence(model, decoder, prompt, plain, parted)
     with torch.no_grad():
         logits = model(torch.tensor([prompt + plain[:5]])).logits[0, -1]
     assert d is not None and d["at"] == 5
@@ -55,10 +55,10 @@ def test_divergence_names_the_step_and_both_paths_margins() -> None:
 
 def test_code_prompts_open_definitions_from_the_held_out_text() -> None:
     text = b"x = 1\n" + b"".join(b"\n    def f%d(self):\n        return %d\n" % (i, i) for i in range(40))
-    prompts = model_check._code_prompts(torch.tensor(list(text)), 4, length=24)
+    prompts = model_check.code_prompts(torch.tensor(list(text)), 4, length=24)
     assert len(prompts) == 4 and all(bytes(p).startswith(b"    def f") and len(p) == 24 for p in prompts)
     assert len({bytes(p) for p in prompts}) == 4
-    plain = model_check._code_prompts(torch.tensor(list(b"no definitions here " * 20)), 3, length=16)
+    plain = model_check.code_prompts(torch.tensor(list(b"no definitions here " * 20)), 3, length=16)
     assert len(plain) == 3 and all(len(p) == 16 for p in plain)  # evenly spaced windows instead
 
 
@@ -68,14 +68,14 @@ def test_stdlib_corpus_is_source_text() -> None:
 
 
 def test_bandwidth_bound_uses_the_measured_models_own_shape() -> None:
-    from bench.model import _bound
+    from bench.model import add_bounds
 
     model = model_check.hf_qwen2(TINY, torch.float32, "cpu")
     decoder = fastpath.FastDecoder(TINY, fastpath.TensorSource(model.state_dict()), max_seq=64, device="cpu",
                                    dtype=torch.float32)
     weights = sum(b.numel() * b.element_size() for n, b in decoder.named_buffers() if "cache" not in n)
     report = {"copy_bandwidth_tb_s": 1.0, "fast": {"fp32": {"weight_gb": weights / 1e9}}}
-    _bound(report, "fp32", decoder, [16, 48])
+    add_bounds(report, "fp32", decoder, [16, 48])
     step_bytes = weights - TINY.vocab * TINY.d_model * 4 + 2 * TINY.n_layers * TINY.n_kv_heads * TINY.head_dim * 4 * 8
     assert report["fast"]["fp32"]["bound_16"] == pytest.approx(1e12 / step_bytes)
     assert 0 < report["fast"]["fp32"]["bound_48"] < report["fast"]["fp32"]["bound_16"]

@@ -10,8 +10,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -57,24 +59,80 @@ def run_eval(model: ScriptedModel, out: Path, home: Path, *extra: str, judge: Sc
            "--openai-base-url", model.url, "--openai-model", "scripted-qwen", "--no-progress", *extra]
     if judge is not None:
         cmd += ["--judge-base-url", judge.url, "--judge-model", "scripted-judge"]
-    env = dict(os.environ, JUPYBOX_HOME=str(home), JUPYBOX_INSTANCE="eval-tests")
+    env = dict(os.environ, JUPYBOX_HOME=str(home), JUPYBOX_INSTANCE=instance(home))
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def instance(home: Path) -> str:
+    """Each home its own instance: a run's start-up removes what its instance left, never another's."""
+    return f"eval-tests-{home.name}"
+
+
+def _home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = tmp_path_factory.mktemp("ev")  # short: Unix socket paths are limited to 107 bytes
     yield folder
     # a run killed by a test leaves its containers and mounted workspaces: removed as a user would
     subprocess.run([JUPYBOX, "sandbox", "cleanup"], env=dict(os.environ, JUPYBOX_HOME=str(folder),
-                   JUPYBOX_INSTANCE="eval-tests"), capture_output=True, timeout=120)
+                   JUPYBOX_INSTANCE=instance(folder)), capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
-def full_run(sandbox_image: str, home: Path, tmp_path_factory) -> Iterator[tuple[Path, ScriptedModel, ScriptedModel]]:
-    """The whole sample plus the GSM8K sample, 4 workers, with a judge."""
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    yield from _home(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def killed_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    yield from _home(tmp_path_factory)
+
+
+def kill_once_answered(proc: subprocess.Popen, results: Path, records: int, timeout: float = 240) -> None:
+    """SIGKILL ``proc`` once ``results`` holds ``records`` lines (or at ``timeout``), as a user's ^C^C
+    or a lost machine would stop it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if results.exists() and len(results.read_text().splitlines()) >= records:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@dataclass
+class KilledRun:
+    model: ScriptedModel
+    judge: ScriptedModel
+    out: Path
+    home: Path
+    killer: threading.Thread
+
+
+@pytest.fixture(scope="module")
+def killed_run(sandbox_image: str, killed_home: Path, tmp_path_factory) -> Iterator[KilledRun]:
+    """The visualization task on 1 worker, killed once 3 records are answered. Started before the full
+    run and running beside it (its own home, instance and models): both spend most of their time
+    waiting on kernels, so together they take little longer than the full run alone."""
+    model = ScriptedModel(default=sample_reply(SAMPLE)).start()
+    judge = ScriptedModel(default=judge_reply).start()
+    out = tmp_path_factory.mktemp("killed") / "out"
+    proc = run_eval(model, out, killed_home, "--task", "visualization", "--workers", "1", wait=False)
+    assert isinstance(proc, subprocess.Popen)
+    killer = threading.Thread(target=kill_once_answered, args=(proc, out / "results.jsonl", 3), daemon=True)
+    killer.start()
+    try:
+        yield KilledRun(model, judge, out, killed_home, killer)
+    finally:
+        killer.join()
+        model.stop()
+        judge.stop()
+
+
+@pytest.fixture(scope="module")
+def full_run(sandbox_image: str, home: Path, killed_run: KilledRun,
+             tmp_path_factory) -> Iterator[tuple[Path, ScriptedModel, ScriptedModel]]:
+    """The whole sample plus the GSM8K sample, 4 workers, with a judge (the killed run started first)."""
     model = ScriptedModel(default=sample_reply(SAMPLE)).start()
     judge = ScriptedModel(default=judge_reply).start()
     out = tmp_path_factory.mktemp("out")
@@ -145,50 +203,37 @@ def test_the_judge_sees_the_png_and_the_reference_prompt(full_run) -> None:
     assert len(list((out / "images").glob("*/fig-*.png"))) == 3
 
 
-def test_a_killed_run_resumes_to_the_same_metrics_and_eval_only_agrees(full_run, home: Path, tmp_path: Path) -> None:
+def test_a_killed_run_resumes_to_the_same_metrics_and_eval_only_agrees(full_run, killed_run: KilledRun) -> None:
     full = json.loads((full_run[0] / "metrics.json").read_text())
-    model = ScriptedModel(default=sample_reply(SAMPLE)).start()
-    judge = ScriptedModel(default=judge_reply).start()
-    out = tmp_path / "out"
+    model, judge, out, home = killed_run.model, killed_run.judge, killed_run.out, killed_run.home
     results = out / "results.jsonl"
-    try:
-        proc = run_eval(model, out, home, "--task", "visualization", "--workers", "1", wait=False)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if results.exists() and len(results.read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        answered = [json.loads(line)["query"] for line in results.read_text().splitlines()]
-        assert 3 <= len(answered) < 5
-        asked_before = len(model.history)
-        resumed = run_eval(model, out, home, "--task", "visualization", "--workers", "4", "--resume")
-        assert resumed.returncode == 0, resumed.stderr
-        # answered records are not asked again
-        assert not any(q.split("<|im_end|>")[0] in b["prompt"] for b in model.history[asked_before:] for q in answered)
-        lines = [json.loads(line) for line in results.read_text().splitlines()]
-        assert len(lines) == 5 and len({r["query"] for r in lines}) == 5
-        metrics = json.loads((out / "metrics.json").read_text())
-        assert metrics["counts"]["visualization"] == full["counts"]["visualization"]
-        assert metrics["executable_rate"]["visualization"] == EXPECTED_EXECUTABLE["visualization"]
-        assert metrics["missing_code_rate"]["visualization"] == EXPECTED_MISSING["visualization"]
-        # without a judge: not measured, never guessed
-        assert metrics["accuracy"]["visualization_hard"] is None and metrics["accuracy"]["visualization_easy"] is None
-        assert metrics["visualization_accuracy"].startswith("not measured")
-        assert "not measured" in (out / "report.md").read_text()
-        # --eval-only re-runs the checks from results.jsonl alone (no generation) and, with a judge, scores plots
-        asked = len(model.history)
-        again = run_eval(model, out, home, "--task", "visualization", "--workers", "4", "--eval-only", judge=judge)
-        assert again.returncode == 0, again.stderr
-        assert len(model.history) == asked
-        rescored = json.loads((out / "metrics.json").read_text())
-        assert rescored["executable_rate"] == metrics["executable_rate"]
-        assert rescored["counts"]["visualization"] == full["counts"]["visualization"]
-        assert {k: rescored["accuracy"][k] for k in EXPECTED_VIS} == EXPECTED_VIS
-    finally:
-        model.stop()
-        judge.stop()
+    killed_run.killer.join()
+    answered = [json.loads(line)["query"] for line in results.read_text().splitlines()]
+    assert 3 <= len(answered) < 5
+    asked_before = len(model.history)
+    resumed = run_eval(model, out, home, "--task", "visualization", "--workers", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    # answered records are not asked again
+    assert not any(q.split("<|im_end|>")[0] in b["prompt"] for b in model.history[asked_before:] for q in answered)
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(lines) == 5 and len({r["query"] for r in lines}) == 5
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["counts"]["visualization"] == full["counts"]["visualization"]
+    assert metrics["executable_rate"]["visualization"] == EXPECTED_EXECUTABLE["visualization"]
+    assert metrics["missing_code_rate"]["visualization"] == EXPECTED_MISSING["visualization"]
+    # without a judge: not measured, never guessed
+    assert metrics["accuracy"]["visualization_hard"] is None and metrics["accuracy"]["visualization_easy"] is None
+    assert metrics["visualization_accuracy"].startswith("not measured")
+    assert "not measured" in (out / "report.md").read_text()
+    # --eval-only re-runs the checks from results.jsonl alone (no generation) and, with a judge, scores plots
+    asked = len(model.history)
+    again = run_eval(model, out, home, "--task", "visualization", "--workers", "4", "--eval-only", judge=judge)
+    assert again.returncode == 0, again.stderr
+    assert len(model.history) == asked
+    rescored = json.loads((out / "metrics.json").read_text())
+    assert rescored["executable_rate"] == metrics["executable_rate"]
+    assert rescored["counts"]["visualization"] == full["counts"]["visualization"]
+    assert {k: rescored["accuracy"][k] for k in EXPECTED_VIS} == EXPECTED_VIS
 
 
 def test_existing_results_are_not_overwritten(full_run, home: Path) -> None:

@@ -6,8 +6,11 @@ checked on a GPU, at every load (``MmaInt4._check``), and its speed by ``python 
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -131,24 +134,29 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
+def _compiled_report(source: str, arch: str, folder: Path) -> str:
+    """The compiler's resource report and the disassembly of ``source``'s kernel for ``sm_<arch>``."""
+    path = folder / f"{hashlib.sha256(source.encode()).hexdigest()[:16]}.cubin"
+    path.write_bytes(nvrtc.compile_cubin(source, int4_mma.KERNEL_NAME, arch))
+    return subprocess.run([_tool("cuobjdump"), "-res-usage", "-sass", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+
+
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_every_launch_shape_compiles_with_nvrtc_into_tensor_core_code_without_spilling(arch: str, tmp_path) -> None:
     """The real compiler on every candidate the tuner may time on a GPU (and a group of 64 inputs):
     no compile error, no local memory (registers spilled to memory would cost bandwidth), and the
     multiplies on tensor cores (HMMA); on Hopper the programmatic-launch instructions are in. The
-    SiLU-fused ending is compiled for the shapes a gate/up weight may take."""
+    SiLU-fused ending is compiled for the shapes a gate/up weight may take. The compiles and
+    disassemblies run on every core at once (NVRTC and cuobjdump release the interpreter)."""
     cases = ([(config, 2, False) for config in int4_mma.candidates()] + [(int4_mma.MmaConfig(), 1, False)]
              + [(config, 2, True) for config in int4_mma.candidates(glu=True)])
-    for config, cpg, glu in cases:
-        cubin = nvrtc.compile_cubin(int4_mma.source(config, cpg, pdl=arch == "90", glu=glu), int4_mma.KERNEL_NAME,
-                                    arch)
-        path = tmp_path / "kernel.cubin"
-        path.write_bytes(cubin)
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True,
-                               check=True).stdout
+    sources = [int4_mma.source(config, cpg, pdl=arch == "90", glu=glu) for config, cpg, glu in cases]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        reports = list(pool.map(lambda source: _compiled_report(source, arch, tmp_path), sources))
+    for (config, cpg, _), report in zip(cases, reports):
+        usage, _, sass = report.partition("code for sm_")  # the resource report comes first
         assert re.search(r"LOCAL:0\b", usage), (config, cpg, usage)
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
-                              check=True).stdout
         assert len(re.findall(r"\bHMMA\.16816\.F32\.BF16\b", sass)) >= 8 * cpg, (config, cpg)
         assert ("ACQBULK" in sass) == (arch == "90"), (config, cpg)
 
