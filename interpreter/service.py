@@ -15,6 +15,7 @@ every event and every turn of every front end.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -23,7 +24,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
-from sandbox import Execution, JupyboxError, Session, SessionClosed, SessionManager
+from sandbox import Caller, Execution, JupyboxError, Session, SessionClosed, SessionManager
 from sandbox.workspace import Workspace, WorkspaceFile, read_files
 
 from .conversation import Cell, Conversation
@@ -35,6 +36,19 @@ from .llm.base import Usage
 from .loop import Interpreter, InterpreterSettings
 
 log = logging.getLogger(__name__)
+
+
+# the audit log's hook: (action, user, target such as a session id, detail); the server's Services
+# writes it to its AuditLog, off the event loop
+Audit = Callable[[str, "str | None", "str | None", dict], object]
+
+
+def code_digest(code: str, with_code: bool = False) -> dict[str, Any]:
+    """What the audit log keeps of code: its hash and length, the code itself only when asked."""
+    detail: dict[str, Any] = {"sha256": hashlib.sha256(code.encode()).hexdigest(), "chars": len(code)}
+    if with_code:
+        detail["code"] = code
+    return detail
 
 
 class Observer(Protocol):
@@ -58,6 +72,11 @@ class Chat:
     bound: bool = False  # its session was handed in (an API session): when that goes, so does the chat
     format_asked: str | None = None  # fixed, with the model's default, at the first question
     starting: asyncio.Lock = field(default_factory=asyncio.Lock)  # one session start at a time
+    caller: Caller | None = None  # who it belongs to: its sessions are theirs, within their limits
+
+    @property
+    def user(self) -> str | None:
+        return self.caller.name if self.caller is not None else None
 
     @property
     def busy(self) -> bool:
@@ -104,6 +123,8 @@ class ConversationService:
         self._chats: dict[str, Chat] = {}
         self._tasks: set[asyncio.Task] = set()
         self._given_model = isinstance(model, LLM)
+        self.audit: Audit | None = None
+        self.audit_code = False  # --audit-code: the audit log keeps the code run, not only its hash
         manager.on_reap = self._session_reaped
 
     # -- life cycle -------------------------------------------------------------------------
@@ -196,14 +217,17 @@ class ConversationService:
     def by_session(self, session_id: str) -> Chat | None:
         return next((c for c in self._chats.values() if c.conversation.session_id == session_id), None)
 
-    def open(self, key: str, source: str, *, session_id: str | None = None, fmt: str | None = None) -> Chat:
+    def open(self, key: str, source: str, *, session_id: str | None = None, fmt: str | None = None,
+             caller: Caller | None = None) -> Chat:
         """The conversation named ``key``, made when there is none. ``session_id`` binds it to a
-        session the caller made (it then ends with that session); the format is fixed here."""
+        session the caller made (it then ends with that session); the format is fixed here, and
+        so is its owner, ``caller`` (front ends put the user into ``key`` where the key is theirs
+        to choose)."""
         chat = self._chats.get(key)
         if chat is None:
             conv = Conversation(format="", session_id=session_id)
             chat = self._chats[key] = Chat(key, source, conv, bound=session_id is not None,
-                                           format_asked=fmt or self.models.format)
+                                           format_asked=fmt or self.models.format, caller=caller)
         chat.last_used = time.monotonic()
         return chat
 
@@ -224,7 +248,7 @@ class ConversationService:
                         raise
                     note = ("Your previous session was closed after being idle; a fresh one was started "
                             "(earlier files and variables are gone).")
-            session = await self.manager.create()
+            session = await self.manager.create(caller=chat.caller)
             chat.conversation.session_id = session.id
             chat.pending.clear()
             return session, note
@@ -273,13 +297,14 @@ class ConversationService:
                     self._chats.pop(chat.key, None)
 
     # -- files ------------------------------------------------------------------------------
-    async def upload(self, key: str, source: str, name: str, data: bytes | BinaryIO) -> tuple[WorkspaceFile, str | None]:
+    async def upload(self, key: str, source: str, name: str, data: bytes | BinaryIO,
+                     caller: Caller | None = None) -> tuple[WorkspaceFile, str | None]:
         """Store a file in the conversation's workspace (off the event loop), to be announced to
         the model with the next question; the note as for ``session``."""
         async def store(ws: Workspace) -> list[WorkspaceFile]:
             return [await asyncio.to_thread(ws.write, name, data)]
 
-        stored, note = await self.receive(self.open(key, source), store)
+        stored, note = await self.receive(self.open(key, source, caller=caller), store)
         return stored[0], note
 
     async def receive(self, chat: Chat, store: Callable[[Workspace], Awaitable[list[WorkspaceFile]]],
@@ -292,7 +317,23 @@ class ConversationService:
         for f in stored:
             if f.path not in chat.pending:
                 chat.pending.append(f.path)
+            self.record("file.upload", chat, {"name": f.path, "size": f.size})
         return stored, note
+
+    def record(self, action: str, chat: Chat | None, detail: dict[str, Any], result: str = "ok",
+               user: str | None = None, target: str | None = None) -> None:
+        """One audit line through the server's hook (none: nothing is kept), with the chat's user
+        and session."""
+        if self.audit is None:
+            return
+        if chat is not None:
+            user = user or chat.user
+            target = target or chat.conversation.session_id
+        detail = {**detail, "result": result} if result != "ok" else detail
+        try:
+            self.audit(action, user, target, detail)
+        except Exception:  # noqa: BLE001 - the audit hook's failure is logged, the work goes on
+            log.exception("auditing %s failed", action)
 
     # -- code without a model ---------------------------------------------------------------
     async def execute(self, chat: Chat, code: str, timeout: float | None = None,
@@ -308,6 +349,7 @@ class ConversationService:
             async for item in items:
                 chat.last_used = time.monotonic()
                 if isinstance(item, Execution):
+                    self.record("execute", chat, {**code_digest(code, self.audit_code), "status": item.status.value})
                     chat.conversation.timeline.append(("cell", chat.conversation.add_cell(Cell(code, item))))
                     event = Event("execution", execution=item)
                     for observer in self.observers:
@@ -318,14 +360,14 @@ class ConversationService:
 
     # -- turns ------------------------------------------------------------------------------
     async def turn(self, key: str, source: str, question: str, settings: InterpreterSettings | None = None,
-                   *, close_after: bool = False) -> Turn:
+                   *, close_after: bool = False, caller: Caller | None = None) -> Turn:
         """Start a turn. What can fail before it runs raises, so a front end can answer with a
         status: ``ModelUnavailable`` (no model), ``TurnBusy`` (one is running), ``FormatError``,
         and the sandbox's errors when no session can be had (``CapacityError``...); everything
         after is an event. ``close_after`` closes the conversation and its session once the turn
         has ended (a one-off question)."""
         llm = self.require_model()
-        chat = self.open(key, source)
+        chat = self.open(key, source, caller=caller)
         if chat.busy:
             raise TurnBusy("this conversation is still answering the previous question: wait for it, or stop it")
         settings = settings or self.settings
@@ -386,6 +428,8 @@ class ConversationService:
             chat.last_used = time.monotonic()
             for observer in self.observers:
                 observer.observe_turn(outcome, time.monotonic() - t0, chat.source)
+            self.record("chat.turn", chat, {"source": chat.source, "question_chars": len(question),
+                                            "seconds": round(time.monotonic() - t0, 3)}, result=outcome)
             turn._queue.put_nowait(None)
             if close_after:
                 await self.close(chat.key)

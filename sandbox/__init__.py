@@ -26,7 +26,7 @@ from .errors import (
 from .models import Execution, ExecutionStatus, ImageFile, Output
 
 if TYPE_CHECKING:
-    from .manager import SessionManager
+    from .manager import Caller, SessionManager, UserLimit
     from .kernel_wire import KernelMessage
     from .relay import KernelRelay
     from .session import Session
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 # Imported on first use: the kernel client's libraries (ZeroMQ, Jupyter's) stay unloaded for code
 # that only needs the errors or the result model.
-_LAZY = {"SessionManager": ".manager", "Session": ".session", "Workspace": ".workspace",
+_LAZY = {"SessionManager": ".manager", "Caller": ".manager", "UserLimit": ".manager", "Session": ".session", "Workspace": ".workspace",
          "WorkspaceFile": ".workspace",
          "KernelRelay": ".relay", "KernelMessage": ".kernel_wire"}
 
@@ -50,6 +50,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "SANDBOX_IMAGE",
     "BackendUnavailable",
+    "Caller",
     "CapacityError",
     "Execution",
     "ExecutionStatus",
@@ -68,6 +69,7 @@ __all__ = [
     "Session",
     "SessionClosed",
     "SessionManager",
+    "UserLimit",
     "Workspace",
     "WorkspaceError",
     "WorkspaceFile",

@@ -17,6 +17,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .backends import Backend, create_backend
 from .config import Limits, SandboxSettings
@@ -26,6 +27,27 @@ from . import diskfs
 from .workspace import remove_tree
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks for a session, as the front ends pass it: the session registry keeps an owner
+    per session and answers another user's id exactly as one that does not exist. ``admin``
+    sees and closes everyone's; ``max_sessions`` and ``memory_mb`` are the user's own limits
+    (``None``: only the server's bind)."""
+
+    name: str
+    admin: bool = False
+    max_sessions: int | None = None
+    memory_mb: int | None = None
+
+
+class UserLimit(CapacityError):
+    """A user holds their own maximum of sessions or of memory; other users still start theirs."""
+
+
+# told of each session's life: (action, session id, owner name or None, detail)
+SessionEvents = Callable[[str, str, "str | None", dict], object]
 
 
 def _process_start(pid: int) -> str | None:
@@ -69,6 +91,9 @@ class SessionManager:
         self._warming = 0  # warm-pool sessions being started, counted against the memory budget
         self._closes: set[asyncio.Future] = set()  # closes under way, waited for by shutdown
         self.on_reap = on_reap  # told the id of each session the idle reaper closes
+        self.on_event: SessionEvents | None = None  # session.create / session.close / session.expire
+        self._owners: dict[str, str] = {}  # session id -> the name of the user who started it
+        self._starting_for: list[tuple[str, int]] = []  # (user, memory MiB) of sessions being started
         self.settings.limits.check()
         self.memory_budget_mb = self.settings.memory_budget()
         if self.settings.limits.memory_mb > self.memory_budget_mb:
@@ -132,16 +157,52 @@ class SessionManager:
         return removed
 
     # -- sessions ---------------------------------------------------------------------------
-    async def create(self, limits: Limits | None = None, isolation: str | None = None) -> Session:
+    async def create(self, limits: Limits | None = None, isolation: str | None = None,
+                     caller: Caller | None = None) -> Session:
         """A ready session: from the warm pool when one is there (and ``limits`` and ``isolation``
         are the default), else started now with them. ``isolation``: one of the backend's
-        ``isolations()`` (e.g. ``runsc``), checked by the caller."""
+        ``isolations()`` (e.g. ``runsc``), checked by the caller. ``caller`` owns it, within their
+        own limits (``UserLimit``) as well as the server's."""
         if not self._started:
             await self.start()
         if self._closing:
             raise SandboxError("the sandbox is shutting down: try again once it is back")
         if limits is not None:
             limits.check(ceiling=self.settings.limits)
+        if caller is not None:
+            self._check_user_limits(caller, (limits or self.settings.limits).memory_mb)
+            mine = (caller.name, (limits or self.settings.limits).memory_mb)
+            self._starting_for.append(mine)
+            try:
+                session = await self._create(limits, isolation)
+            finally:
+                self._starting_for.remove(mine)
+            self._owners[session.id] = caller.name
+        else:
+            session = await self._create(limits, isolation)
+        self._emit("session.create", session.id, {"memory_mb": session.limits.memory_mb})
+        return session
+
+    def _check_user_limits(self, caller: Caller, memory_mb: int) -> None:
+        """``UserLimit`` naming the limit when one more session of ``memory_mb`` would pass it."""
+        held = [s.limits.memory_mb for sid, s in self._sessions.items() if self._owners.get(sid) == caller.name]
+        held += [mb for name, mb in self._starting_for if name == caller.name]
+        if caller.max_sessions is not None and len(held) >= caller.max_sessions:
+            raise UserLimit(f"user {caller.name} has {len(held)} open sessions and may hold {caller.max_sessions} "
+                            "(their own limit): close one, or ask the server's admin to raise it")
+        if caller.memory_mb is not None and sum(held) + memory_mb > caller.memory_mb:
+            raise UserLimit(f"user {caller.name}'s sessions hold {sum(held)} MiB of their own limit of "
+                            f"{caller.memory_mb} MiB, and this one asks for {memory_mb} MiB more: close one, ask "
+                            "for less memory, or ask the server's admin to raise the limit")
+
+    def _emit(self, action: str, session_id: str, detail: dict | None = None) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(action, session_id, self._owners.get(session_id), detail or {})
+            except Exception:  # noqa: BLE001 - a listener's failure must not fail the session
+                log.exception("the listener of %s failed", action)
+
+    async def _create(self, limits: Limits | None, isolation: str | None) -> Session:
         # sessions still starting count too, or concurrent callers could all pass the check
         if len(self._sessions) + len(self._starting) >= self.settings.max_sessions:
             raise CapacityError(
@@ -198,19 +259,30 @@ class SessionManager:
             return True
         return self._memory_committed() + memory_mb <= self.memory_budget_mb
 
-    def get(self, session_id: str) -> Session:
-        try:
-            return self._sessions[session_id]
-        except KeyError:
-            raise SessionClosed(f"no open session {session_id!r}: it was closed or never existed") from None
+    def may_use(self, session_id: str, caller: Caller | None) -> bool:
+        """Whether ``caller`` (``None``: the server itself) may see the session: its owner, or an admin."""
+        return caller is None or caller.admin or self._owners.get(session_id) == caller.name
 
-    def list(self) -> list[Session]:
-        return list(self._sessions.values())
+    def owner_of(self, session_id: str) -> str | None:
+        return self._owners.get(session_id)
 
-    async def close(self, session_id: str) -> None:
-        session = self._sessions.pop(session_id, None)
-        if session is None:
-            raise SessionClosed(f"no open session {session_id!r}")
+    def get(self, session_id: str, caller: Caller | None = None) -> Session:
+        """The open session; another user's answers exactly as one that does not exist."""
+        session = self._sessions.get(session_id)
+        if session is None or not self.may_use(session_id, caller):
+            raise SessionClosed(f"no open session {session_id!r}: it was closed or never existed")
+        return session
+
+    def list(self, caller: Caller | None = None) -> list[Session]:
+        return [s for sid, s in self._sessions.items() if self.may_use(sid, caller)]
+
+    async def close(self, session_id: str, caller: Caller | None = None) -> None:
+        session = self._sessions.get(session_id)
+        if session is None or not self.may_use(session_id, caller):
+            raise SessionClosed(f"no open session {session_id!r}: it was closed or never existed")
+        del self._sessions[session_id]
+        self._emit("session.close", session_id, {"by": caller.name} if caller is not None else None)
+        self._owners.pop(session_id, None)
         # in a task of its own, so that a shutdown meanwhile waits for it before closing the backend
         # (and a caller cancelled half-way does not leave a container behind)
         closing = asyncio.ensure_future(session.close())
@@ -251,6 +323,8 @@ class SessionManager:
                 if now - session.last_used > ttl and not session.busy:
                     log.info("closing session %s after %.0f s idle", sid, now - session.last_used)
                     self._sessions.pop(sid, None)
+                    self._emit("session.expire", sid, {"idle_s": round(now - session.last_used)})
+                    self._owners.pop(sid, None)
                     try:
                         await session.close()
                         if self.on_reap is not None:

@@ -8,9 +8,9 @@ import importlib
 import pytest
 
 PUBLIC = {
-    "sandbox": ["BackendUnavailable", "CapacityError", "Execution", "ExecutionStatus", "ImageFile", "ImageNotFound",
+    "sandbox": ["BackendUnavailable", "Caller", "CapacityError", "Execution", "ExecutionStatus", "ImageFile", "ImageNotFound",
                 "JupyboxError", "KernelMessage", "KernelMessageRefused", "KernelRelay", "Limits", "LimitsError", "Output", "QuotaExceeded", "SANDBOX_IMAGE", "SandboxError",
-                "SandboxSettings", "Session", "SessionClosed", "SessionManager", "Workspace", "WorkspaceError",
+                "SandboxSettings", "Session", "SessionClosed", "SessionManager", "UserLimit", "Workspace", "WorkspaceError",
                 "WorkspaceFile", "WorkspacePathError"],
     "interpreter": ["Cell", "Chat", "Conversation", "ConversationService", "Event", "FORMATS", "FormatError",
                     "GenerationOptions", "Interpreter", "InterpreterSettings", "ModelCancelled", "ModelError",

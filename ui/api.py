@@ -33,6 +33,7 @@ from sandbox import Execution, JupyboxError, Session, Workspace, WorkspaceFile
 
 from .metrics import Metrics
 from .middleware import check_text
+from .ownership import caller_of
 from .services import Services
 from .uploads import MultipartUpload
 
@@ -145,18 +146,19 @@ def session_info(services: Services, session: Session) -> SessionInfo:
                        has_conversation=chat is not None, limits=asdict(session.limits))
 
 
-def open_session(services: Services, session_id: str) -> Session:
-    """An open session, or ``SessionClosed`` (404)."""
-    return services.manager.get(session_id)
+def open_session(services: Services, session_id: str, request: Request) -> Session:
+    """An open session of the caller's (any, for an admin), or ``SessionClosed`` (404): another
+    user's id answers exactly as one that does not exist."""
+    return services.manager.get(session_id, caller_of(request))
 
 
-def api_chat(services: Services, session_id: str) -> Chat:
+def api_chat(services: Services, session_id: str, request: Request) -> Chat:
     """The conversation of an API session, made on first use and bound to it: its chat turns, the
     code run through ``execute`` and the files uploaded all go through the conversation service,
     so cells land in its notebook, uploads are announced to the model, and observers count once.
     ``SessionClosed`` (404) when there is no such session."""
-    open_session(services, session_id)
-    return services.service.open(session_id, SOURCE, session_id=session_id)
+    open_session(services, session_id, request)
+    return services.service.open(session_id, SOURCE, session_id=session_id, caller=caller_of(request))
 
 
 async def execution_events(services: Services, chat: Chat, code: str,
@@ -189,7 +191,7 @@ async def create_session(request: Request, body: CreateSessionRequest | None = N
     limits = None
     if body is not None and body.limits is not None:  # checked by the sandbox: LimitsError is a 400
         limits = replace(s.manager.settings.limits, **body.limits.model_dump(exclude_none=True))
-    session = await s.manager.create(limits=limits)
+    session = await s.manager.create(limits=limits, caller=caller_of(request))
     metrics_of(request).sessions_created.inc()
     return session_info(s, session)
 
@@ -197,20 +199,21 @@ async def create_session(request: Request, body: CreateSessionRequest | None = N
 @router.get("/sessions", response_model=SessionList, summary="List open sessions")
 async def list_sessions(request: Request) -> SessionList:
     s = services_of(request)
-    return SessionList(sessions=[session_info(s, x) for x in s.manager.list()])
+    return SessionList(sessions=[session_info(s, x) for x in s.manager.list(caller_of(request))])
 
 
 @router.get("/sessions/{session_id}", response_model=SessionInfo, summary="One session")
 async def get_session(request: Request, session_id: str) -> SessionInfo:
     s = services_of(request)
-    return session_info(s, open_session(s, session_id))
+    return session_info(s, open_session(s, session_id, request))
 
 
 @router.delete("/sessions/{session_id}", status_code=204, summary="Close a session: its kernel and files are removed")
 async def delete_session(request: Request, session_id: str) -> Response:
     s = services_of(request)
+    open_session(s, session_id, request)  # someone else's: a 404 before anything is forgotten
     s.service.forget(session_id)
-    await s.manager.close(session_id)
+    await s.manager.close(session_id, caller_of(request))
     return Response(status_code=204)
 
 
@@ -218,14 +221,14 @@ async def delete_session(request: Request, session_id: str) -> Response:
              summary="A fresh kernel (variables are lost, files stay)")
 async def restart_session(request: Request, session_id: str) -> SessionInfo:
     s = services_of(request)
-    session = open_session(s, session_id)
+    session = open_session(s, session_id, request)
     await session.restart()
     return session_info(s, session)
 
 
 @router.post("/sessions/{session_id}/interrupt", status_code=204, summary="Interrupt the running code")
 async def interrupt_session(request: Request, session_id: str) -> Response:
-    open_session(services_of(request), session_id).interrupt()
+    open_session(services_of(request), session_id, request).interrupt()
     return Response(status_code=204)
 
 
@@ -236,7 +239,7 @@ async def interrupt_session(request: Request, session_id: str) -> Response:
 async def execute(request: Request, session_id: str, body: ExecuteRequest,
                   stream: bool = Query(False, description="same as the body's stream")) -> Response:
     s = services_of(request)
-    chat = api_chat(s, session_id)
+    chat = api_chat(s, session_id, request)
     if body.stream or stream:
         async def events() -> AsyncIterator[bytes]:
             async for event in execution_events(s, chat, body.code, body.timeout_s):
@@ -258,7 +261,7 @@ async def execute(request: Request, session_id: str, body: ExecuteRequest,
                         409: {"description": "a turn is already running in this session"}})
 async def chat(request: Request, session_id: str, body: ChatRequest) -> Response:
     service = services_of(request).service
-    api_chat(services_of(request), session_id)
+    api_chat(services_of(request), session_id, request)
     turn = await service.turn(session_id, SOURCE, body.message)
     if not body.stream:
         events = [e.to_dict() async for e in turn.events()]
@@ -278,7 +281,7 @@ async def chat(request: Request, session_id: str, body: ChatRequest) -> Response
 @router.get("/sessions/{session_id}/notebook", summary="The session's conversation as a Jupyter notebook")
 async def notebook(request: Request, session_id: str) -> Response:
     s = services_of(request)
-    open_session(s, session_id)
+    open_session(s, session_id, request)
     chat = s.service.by_session(session_id)
     if chat is None:
         raise HTTPException(404, f"session {session_id!r} has no conversation yet: POST a chat turn first")
@@ -291,7 +294,7 @@ async def notebook(request: Request, session_id: str) -> Response:
 # -- files -------------------------------------------------------------------------------------
 @router.get("/sessions/{session_id}/files", response_model=FileList, summary="Files in the session's workspace")
 async def list_files(request: Request, session_id: str) -> FileList:
-    ws = open_session(services_of(request), session_id).workspace
+    ws = open_session(services_of(request), session_id, request).workspace
     files = await asyncio.to_thread(ws.list)
     return FileList(files=[FileInfo(**asdict(f)) for f in files], usage=sum(f.size for f in files),
                     quota=ws.limits.workspace_bytes)
@@ -313,8 +316,8 @@ async def upload_files(request: Request, session_id: str,
         finally:
             await asyncio.to_thread(upload.cleanup)
 
-    stored, _ = await s.service.receive(api_chat(s, session_id), receive)  # announced with the next turn
-    workspace = open_session(s, session_id).workspace
+    stored, _ = await s.service.receive(api_chat(s, session_id, request), receive)  # announced with the next turn
+    workspace = open_session(s, session_id, request).workspace
     usage = await asyncio.to_thread(workspace.usage)
     return FileList(files=[FileInfo(**asdict(f)) for f in stored], usage=usage, quota=workspace.limits.workspace_bytes)
 
@@ -322,7 +325,7 @@ async def upload_files(request: Request, session_id: str,
 @router.get("/sessions/{session_id}/files/{name:filename}", summary="Download a file",
             responses={200: {"content": {"application/octet-stream": {}}}})
 async def download_file(request: Request, session_id: str, name: str) -> Response:
-    ws = open_session(services_of(request), session_id).workspace
+    ws = open_session(services_of(request), session_id, request).workspace
     if not await asyncio.to_thread(ws.exists, name):  # refuses unsafe names with WorkspacePathError (400)
         raise HTTPException(404, f"{name!r}: no such file in the workspace")
     fh = await asyncio.to_thread(ws.open, name)
@@ -341,6 +344,8 @@ async def download_file(request: Request, session_id: str, name: str) -> Respons
         finally:
             fh.close()
 
+    services_of(request).service.record("file.download", None, {"name": name, "size": size},
+                                        user=caller_of(request).name, target=session_id)
     filename = name.rsplit("/", 1)[-1]
     return StreamingResponse(chunks(), media_type=mimetypes.guess_type(filename)[0] or "application/octet-stream",
                              headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(filename)}",
@@ -349,10 +354,13 @@ async def download_file(request: Request, session_id: str, name: str) -> Respons
 
 @router.delete("/sessions/{session_id}/files/{name:filename}", status_code=204, summary="Delete a file")
 async def delete_file(request: Request, session_id: str, name: str) -> Response:
-    ws = open_session(services_of(request), session_id).workspace
+    ws = open_session(services_of(request), session_id, request).workspace
     if not await asyncio.to_thread(ws.exists, name):
         raise HTTPException(404, f"{name!r}: no such file in the workspace")
+    size = next((f.size for f in await asyncio.to_thread(ws.list) if f.path == name), None)
     await asyncio.to_thread(ws.delete, name)
+    services_of(request).service.record("file.delete", None, {"name": name, "size": size},
+                                        user=caller_of(request).name, target=session_id)
     return Response(status_code=204)
 
 

@@ -41,6 +41,7 @@ from sandbox import (
 
 from . import api, auth, kernels_api, openai_compat
 from .metrics import Metrics
+from .ownership import caller_of
 from .mcp import JupyboxMcp, McpSessions
 from .middleware import BODY_LIMIT, BodyLimit, SameOrigin, SecurityHeaders, error_body
 from .services import Services
@@ -185,12 +186,15 @@ def create_app(services: Services, ui: bool = True) -> FastAPI:
                 "sessions_open": len(services.manager.list())}
 
     @app.get("/metrics", tags=["server"], summary="Prometheus metrics", response_class=Response)
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        if not caller_of(request).admin:  # counts of everyone's work: for the server's admins
+            raise HTTPException(403, "/metrics is for the server's admins: use the API token or an admin's key "
+                                     "(`jupybox users add NAME --admin`)")
         return Response(metrics.render(), media_type=metrics.content_type)
 
     app.include_router(auth.router, tags=["api"])
     app.include_router(api.router, tags=["api"])
-    kernels_api.install(app, services.manager, metrics)
+    kernels_api.install(app, services.manager, metrics, services.auditor)
     app.include_router(openai_compat.router, tags=["openai"])
     # MCP over streamable HTTP, behind the same middleware as every route (token, Host, Origin, body limits)
     app.router.routes.append(Route("/mcp", StreamableHTTPASGIApp(mcp_sessions), methods=["GET", "POST", "DELETE"]))

@@ -30,11 +30,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketDisconnect
 
-from sandbox import JupyboxError, KernelMessageRefused, KernelRelay, Session, SessionClosed, SessionManager
+from interpreter.service import Audit
+from sandbox import Caller, JupyboxError, KernelMessageRefused, KernelRelay, Session, SessionClosed, SessionManager
 from sandbox.errors import KernelMessageTooLarge
 from sandbox.kernel_wire import V1_PROTOCOL, WireError, WireFormat, encode
 
 from .metrics import Metrics
+from .ownership import caller_of
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +70,10 @@ class Kernels:
     """The kernels started through this API, on the server's session manager. This is the one
     place the module touches the server's services: the manager, its settings and the metrics."""
 
-    def __init__(self, manager: SessionManager, metrics: Metrics) -> None:
+    def __init__(self, manager: SessionManager, metrics: Metrics, audit: Audit | None = None) -> None:
         self.manager = manager
         self.metrics = metrics
+        self.audit = audit  # kernel.start / kernel.shutdown lines, with the user
         self._records: dict[str, KernelRecord] = {}
         self._isolations: dict[str, str | None] | None = None  # kernel name -> isolation, once asked
 
@@ -102,42 +105,52 @@ class Kernels:
     async def specs(self) -> dict[str, dict[str, Any]]:
         return {name: self.spec(name, isolation) for name, isolation in (await self.flavours()).items()}
 
-    async def start(self, name: str | None) -> tuple[KernelRecord, Session]:
+    async def start(self, name: str | None, caller: Caller) -> tuple[KernelRecord, Session]:
         flavours = await self.flavours()
         name = name or KERNEL_NAME
         if name not in flavours:
             raise HTTPException(404, f"no kernel spec {name!r}: this server offers {', '.join(flavours)} "
                                      "(see /api/kernelspecs)")
-        session = await self.manager.create(isolation=flavours[name])
+        session = await self.manager.create(isolation=flavours[name], caller=caller)
         self.metrics.sessions_created.inc()
         record = KernelRecord(str(uuid.uuid4()), session.id, name)
         self._records[record.id] = record
+        self._audit("kernel.start", caller, record)
         return record, session
 
-    def get(self, kernel_id: str) -> tuple[KernelRecord, Session]:
-        """The kernel and its session; a 404 for ids that are not (or no longer) kernels."""
+    def _audit(self, action: str, caller: Caller, record: KernelRecord) -> None:
+        if self.audit is not None:
+            self.audit(action, caller.name, record.id, {"session": record.session_id, "kernel_name": record.name})
+
+    def get(self, kernel_id: str, caller: Caller) -> tuple[KernelRecord, Session]:
+        """The kernel and its session; a 404 for ids that are not (or no longer) kernels, and for
+        another user's, worded the same (the session registry decides whose it is)."""
         record = self._records.get(kernel_id)
         if record is not None:
             try:
-                return record, self.manager.get(record.session_id)
+                session = self.manager.get(record.session_id)
             except SessionClosed:  # closed elsewhere, or expired
                 del self._records[kernel_id]
+            else:
+                if self.manager.may_use(record.session_id, caller):
+                    return record, session
         raise HTTPException(404, f"no kernel {kernel_id!r}: it was shut down, expired after being idle, "
                                  "or was never started through /api/kernels")
 
-    def list(self) -> list[tuple[KernelRecord, Session]]:
+    def list(self, caller: Caller) -> list[tuple[KernelRecord, Session]]:
         found = []
         for kernel_id in list(self._records):
             try:
-                found.append(self.get(kernel_id))
+                found.append(self.get(kernel_id, caller))
             except HTTPException:
                 pass
         return found
 
-    async def shutdown(self, kernel_id: str) -> None:
-        record, _ = self.get(kernel_id)
+    async def shutdown(self, kernel_id: str, caller: Caller) -> None:
+        record, _ = self.get(kernel_id, caller)
         del self._records[kernel_id]
-        await self.manager.close(record.session_id)
+        await self.manager.close(record.session_id, caller)
+        self._audit("kernel.shutdown", caller, record)
 
 
 def model(record: KernelRecord, session: Session) -> dict[str, Any]:
@@ -154,9 +167,9 @@ def kernels_of(conn: HTTPConnection) -> Kernels:
     return conn.app.state.kernels
 
 
-def install(app: FastAPI, manager: SessionManager, metrics: Metrics) -> None:
+def install(app: FastAPI, manager: SessionManager, metrics: Metrics, audit: Audit | None = None) -> None:
     """Add the routes to ``app``; call before any catch-all route under ``/api``."""
-    app.state.kernels = Kernels(manager, metrics)
+    app.state.kernels = Kernels(manager, metrics, audit)
     app.include_router(router, tags=["jupyter kernels"])
 
 
@@ -176,7 +189,7 @@ async def get_kernelspec(request: Request, name: str) -> dict[str, Any]:
 
 @router.get("/kernels", summary="Running kernels (Jupyter Server API)")
 async def list_kernels(request: Request) -> list[dict[str, Any]]:
-    return [model(r, s) for r, s in kernels_of(request).list()]
+    return [model(r, s) for r, s in kernels_of(request).list(caller_of(request))]
 
 
 @router.post("/kernels", status_code=201, summary="Start a kernel: a new sandbox session (Jupyter Server API)")
@@ -192,31 +205,31 @@ async def start_kernel(request: Request) -> JSONResponse:
     if kernels.manager.backend.places_sessions:  # the relay holds the kernel's sockets, which stay on their node
         raise HTTPException(501, "notebook kernels run on this host's sandboxes only: the kernels API is not "
                                  "available with --backend ray; use the JSON API or MCP on a cluster")
-    record, session = await kernels.start(body.name)
+    record, session = await kernels.start(body.name, caller_of(request))
     return JSONResponse(model(record, session), status_code=201, headers={"Location": f"/api/kernels/{record.id}"})
 
 
 @router.get("/kernels/{kernel_id}", summary="One kernel (Jupyter Server API)")
 async def get_kernel(request: Request, kernel_id: str) -> dict[str, Any]:
-    return model(*kernels_of(request).get(kernel_id))
+    return model(*kernels_of(request).get(kernel_id, caller_of(request)))
 
 
 @router.delete("/kernels/{kernel_id}", status_code=204, summary="Shut a kernel down: its session and container go")
 async def shutdown_kernel(request: Request, kernel_id: str) -> Response:
-    await kernels_of(request).shutdown(kernel_id)
+    await kernels_of(request).shutdown(kernel_id, caller_of(request))
     return Response(status_code=204)
 
 
 @router.post("/kernels/{kernel_id}/interrupt", status_code=204, summary="Interrupt the running cell")
 async def interrupt_kernel(request: Request, kernel_id: str) -> Response:
-    _, session = kernels_of(request).get(kernel_id)
+    _, session = kernels_of(request).get(kernel_id, caller_of(request))
     session.interrupt()
     return Response(status_code=204)
 
 
 @router.post("/kernels/{kernel_id}/restart", summary="A fresh kernel in the same session (variables lost, files kept)")
 async def restart_kernel(request: Request, kernel_id: str) -> dict[str, Any]:
-    record, session = kernels_of(request).get(kernel_id)
+    record, session = kernels_of(request).get(kernel_id, caller_of(request))
     await session.restart()
     record.state = "idle"
     return model(record, session)
@@ -227,7 +240,7 @@ async def restart_kernel(request: Request, kernel_id: str) -> dict[str, Any]:
 async def channels(ws: WebSocket, kernel_id: str) -> None:
     kernels = kernels_of(ws)
     try:
-        record, session = kernels.get(kernel_id)
+        record, session = kernels.get(kernel_id, caller_of(ws))
         relay = await session.attach()
     except HTTPException as exc:
         await _deny(ws, exc.status_code, str(exc.detail))

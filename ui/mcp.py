@@ -37,6 +37,8 @@ from typing import Any
 
 import anyio
 import mcp_types as types
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.exceptions import MCPError
@@ -44,12 +46,13 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.types import Receive, Scope, Send
 
 from interpreter import ConversationService
-from sandbox import Execution, JupyboxError
+from sandbox import Caller, Execution, JupyboxError
 from sandbox.errors import QuotaExceeded
 from sandbox.models import clip
 from sandbox.workspace import split_name
 
 from .mcp_tools import SCHEMAS, TOOLS, ToolArgs, ToolError
+from .ownership import caller_of
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,7 @@ class JupyboxMcp:
                 log.exception("closing the sandbox %r of MCP session %s", name, client)
 
     async def _workspace(self, ctx: Any, name: str):
-        chat = self.service.open(self._key(ctx, name), SOURCE)
+        chat = self.service.open(self._key(ctx, name), SOURCE, caller=_caller_of(ctx))
         session, note = await self.service.session(chat)
         return session, note
 
@@ -125,16 +128,26 @@ class JupyboxMcp:
         if params.name not in SCHEMAS or (params.name == "ask" and self.service.llm is None):
             raise MCPError(types.INVALID_PARAMS, f"no tool {params.name!r}: list_tools names them")
         handler = getattr(self, f"_tool_{params.name}")
+        caller = _caller_of(ctx)
+        result = "ok"
         try:
             args = ToolArgs.parse(params.name, params.arguments or {})
-            return await handler(ctx, args)
+            answer = await handler(ctx, args)
+            result = "error" if answer.is_error else "ok"
+            return answer
         except ToolError as exc:
+            result = "refused"
             return _error(str(exc))
         except JupyboxError as exc:  # the sandbox's words: a full host, a bad path, a quota...
+            result = "refused"
             return _error(str(exc))
+        finally:
+            session = str((params.arguments or {}).get("session"))[:40]
+            self.service.record("mcp.tool", None, {"tool": params.name, "session": session}, result=result,
+                                user=caller.name if caller else None, target=f"mcp:{session}")
 
     async def _tool_run_python(self, ctx: Any, args: ToolArgs) -> types.CallToolResult:
-        chat = self.service.open(self._key(ctx, args.session), SOURCE)
+        chat = self.service.open(self._key(ctx, args.session), SOURCE, caller=_caller_of(ctx))
         notes: list[str] = []
         execution: Execution | None = None
         outputs = 0
@@ -237,7 +250,8 @@ class JupyboxMcp:
             data = base64.b64decode(args.content, validate=True) if args.encoding == "base64" else args.content.encode()
         except ValueError:
             raise ToolError("content is not valid base64 (encoding='base64')") from None
-        stored, _ = await self.service.upload(self._key(ctx, args.session), SOURCE, args.path, data)  # announced to `ask`
+        stored, _ = await self.service.upload(self._key(ctx, args.session), SOURCE, args.path, data,
+                                              caller=_caller_of(ctx))  # announced to `ask`
         return types.CallToolResult(content=[types.TextContent(
             text=f"wrote {stored.size:,} bytes to {stored.path} (the code sees /mnt/data/{stored.path})")])
 
@@ -254,7 +268,7 @@ class JupyboxMcp:
 
     async def _tool_ask(self, ctx: Any, args: ToolArgs) -> types.CallToolResult:
         key = self._key(ctx, args.session)
-        self.service.open(key, SOURCE)
+        self.service.open(key, SOURCE, caller=_caller_of(ctx))
         settings = self.service.settings
         if args.max_executions is not None:
             settings = replace(settings, max_executions=args.max_executions)
@@ -318,6 +332,12 @@ class JupyboxMcp:
             await self.server.run(read, write, self.server.create_initialization_options())
 
 
+def _caller_of(ctx: Any) -> Caller | None:
+    """Who calls: the user of the HTTP request (``None`` for the one client of a stdio server)."""
+    request = getattr(ctx, "request", None)
+    return caller_of(request) if request is not None else None
+
+
 def _client_of(ctx: Any) -> str:
     """Which MCP session a request belongs to: its ``Mcp-Session-Id`` (the SDK's transport has
     checked it names this very session), or ``stdio`` for the one client of a stdio server. An
@@ -355,6 +375,10 @@ class McpSessions(StreamableHTTPSessionManager):
                         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return
+        # The SDK binds an MCP session to the principal that opened it, and answers its id replayed
+        # with any other credential exactly as an unknown one (404): the principal is the user.
+        caller = caller_of(scope)
+        scope["user"] = AuthenticatedUser(AccessToken(token="-", client_id=caller.name, scopes=[]))
         await self._inner(scope, receive, send)
 
     async def _discard_session(self, session_id: str, transport: Any) -> None:

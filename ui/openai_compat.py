@@ -31,6 +31,7 @@ from interpreter import Event, InterpreterSettings
 from interpreter.formats.base import Format, ProseStream
 
 from .api import SSE_HEADERS, Edge, services_of, sse
+from .ownership import caller_of, owned_key
 
 router = APIRouter(prefix="/v1")
 SERVED_MODEL = "jupybox"
@@ -163,8 +164,10 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
     service = services_of(request).service
     service.require_model()  # ModelUnavailable (503) before a conversation is made
     _question(body.messages, True)  # 400 before a conversation is made
-    key = f"openai:{body.user}" if body.user else f"openai-once:{uuid.uuid4().hex}"
-    chat = service.open(key, "openai")
+    caller = caller_of(request)
+    # keyed by the caller and the `user` field: two users naming the same `user` share nothing
+    key = f"openai:{owned_key(caller, body.user)}" if body.user else f"openai-once:{uuid.uuid4().hex}"
+    chat = service.open(key, "openai", caller=caller)
     fresh = not chat.conversation.messages
     try:
         turn = await service.turn(key, "openai", _question(body.messages, fresh), body.settings(service.settings),

@@ -42,6 +42,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    "see it in `ps`: prefer --api-token-file or JUPYBOX_API_TOKEN")
     p.add_argument("--api-token-file", help="read the API token from this file's first line (env JUPYBOX_API_TOKEN_FILE)")
     p.add_argument("--audit-log", help="the audit log file (default JUPYBOX_HOME/audit.jsonl; env JUPYBOX_AUDIT_LOG)")
+    p.add_argument("--audit-code", action="store_true", default=None,
+                   help="the audit log keeps the code each execute runs (by default only its sha256 and length)")
     p.add_argument("--cors-origin", action="append", dest="cors_origins",
                    help="allow pages of this origin to call the server (repeatable; by default only the server's own)")
     p.add_argument("--trusted-proxy", action="append", dest="trusted_proxies",
@@ -79,7 +81,8 @@ def serve_settings(args: argparse.Namespace, sandbox: SandboxSettings) -> ServeS
     return ServeSettings.from_env(
         host=args.host, port=args.port, api_token=args.api_token, api_token_file=args.api_token_file,
         cors_origins=args.cors_origins, trusted_proxies=args.trusted_proxies, max_connections=args.max_connections,
-        upload_limit_mb=args.upload_limit_mb, audit_log=args.audit_log, model=ModelSettings.from_args(args),
+        upload_limit_mb=args.upload_limit_mb, audit_log=args.audit_log, audit_code=args.audit_code,
+        model=ModelSettings.from_args(args),
         sandbox=sandbox, interpreter=interpreter_settings(args),
     )
 

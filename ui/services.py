@@ -13,6 +13,8 @@ from interpreter import ConversationService, InterpreterSettings, ModelSettings
 from sandbox import JupyboxError, SandboxSettings, SessionManager
 from store import AuditLog, KeyIndex, UserStore, audit_path
 
+from .ownership import Auditor
+
 log = logging.getLogger(__name__)
 
 
@@ -22,6 +24,7 @@ class ServeSettings:
     port: int = 7860
     api_token: str | None = None  # when set, the API and the UI require it (or a user's key); an admin key
     audit_log: str | None = None  # the audit log's file (default: JUPYBOX_AUDIT_LOG, else JUPYBOX_HOME/audit.jsonl)
+    audit_code: bool = False  # the audit log keeps the code run, not only its hash and length
     cors_origins: list[str] = field(default_factory=list)  # other sites' pages allowed to call (none by default)
     trusted_proxies: list[str] = field(default_factory=list)  # addresses whose X-Forwarded-* headers are believed
     header_timeout_s: float = 10.0  # a connection's request head must arrive within this
@@ -81,6 +84,11 @@ class Services:
         self.users = KeyIndex(UserStore.at_home(settings.sandbox.home))
         self.audit = AuditLog(audit_path(settings.audit_log, settings.sandbox.home),
                               secrets=[settings.api_token] if settings.api_token else [])
+        # session, execute, chat and file events go to the same log, each with its user
+        self.auditor = Auditor(self.audit)
+        self.service.audit = self.auditor
+        self.service.audit_code = settings.audit_code
+        self.manager.on_event = lambda action, sid, owner, detail: self.auditor(action, owner, sid, detail)
 
     async def start(self) -> None:
         await self.service.start()
@@ -88,3 +96,4 @@ class Services:
     async def stop(self) -> None:
         await self.service.stop()
         self.users.close()
+        self.auditor.close()

@@ -32,10 +32,12 @@ import gradio as gr  # noqa: E402
 import nbformat  # noqa: E402
 
 from interpreter import FORMATS, Chat, Conversation, ConversationService, InterpreterSettings  # noqa: E402
-from sandbox import Execution, JupyboxError, Workspace  # noqa: E402
+from sandbox import Caller, Execution, JupyboxError, Workspace  # noqa: E402
 from sandbox.errors import QuotaExceeded  # noqa: E402
 from sandbox.workspace import WorkspaceFile  # noqa: E402
 
+from .auth import identity_of  # noqa: E402
+from .ownership import caller_for, owned_key, tab_prefix  # noqa: E402
 from .services import Services  # noqa: E402
 from .web_guard import UploadCache  # noqa: E402
 from .web_render import ICON_CSS, TurnView, figure_content, file_chip, notice_message, text  # noqa: E402
@@ -56,6 +58,15 @@ CSS = """
 #jb-chat img { max-width: 100%; }
 """ + ICON_CSS
 STREAM_INTERVAL_S = 0.05  # the fastest the page is repainted while text streams
+UNKNOWN = Caller("(unknown)")  # a page request without an identity shares nothing with anyone
+
+
+def page_caller(request: gr.Request | None) -> Caller:
+    """The user of a page event: the identity the server's authentication put into the scope of
+    the HTTP request behind it (a user's key, from their cookie)."""
+    scope = getattr(getattr(request, "request", None), "scope", None)
+    identity = identity_of(scope) if isinstance(scope, dict) else None
+    return caller_for(identity) if identity is not None else UNKNOWN
 
 
 def theme() -> gr.themes.Theme:
@@ -92,6 +103,7 @@ class Tab:
 
     key: str
     folder: Path  # below which the tab's served copies are made
+    caller: Caller = field(default_factory=lambda: UNKNOWN)  # whose tab it is: its session and files are theirs
     history: list[dict] = field(default_factory=list)
     # path -> (size, mtime) the copy was made of, and the bytes it holds on the host
     copies: dict[str, tuple[int, float, int]] = field(default_factory=dict)
@@ -100,14 +112,14 @@ class Tab:
 
     @property
     def conversation_key(self) -> str:
-        return f"web:{self.key}"
+        return f"web:{owned_key(self.caller, self.key)}"
 
     @property
     def served(self) -> Path:
         """Where Gradio may serve this tab's files from: a temporary folder made on first use (a
         page that never shows a file leaves nothing behind)."""
         if self._served is None or not self._served.is_dir():
-            self._served = Path(tempfile.mkdtemp(prefix="tab-", dir=self.folder))
+            self._served = Path(tempfile.mkdtemp(prefix=tab_prefix(self.caller), dir=self.folder))
         return self._served
 
     def forget_files(self) -> None:
@@ -145,11 +157,21 @@ class WebUI:
 
     # -- tabs -------------------------------------------------------------------------------
     def tab(self, tab: Tab | None, request: gr.Request | None) -> Tab:
-        if tab is None:
+        """The page's tab, its user's own: a tab state of another user (a page session id sent
+        with another key) is never handed out, a fresh tab is."""
+        caller = page_caller(request)
+        if tab is None or tab.caller.name != caller.name:
             key = getattr(request, "session_hash", None) or uuid.uuid4().hex
-            tab = self.tabs.get(key) or Tab(key, self.cache.folder)
-            self.tabs[key] = tab
+            slot = self._slot(caller, key)
+            tab = self.tabs.get(slot) or Tab(key, self.cache.folder, caller)
+            self.tabs[slot] = tab
         return tab
+
+    def _slot(self, caller: Caller, key: str) -> str:
+        """Where a tab is kept in ``tabs``: under its page session id, or beside another user's
+        tab of the same id (a replayed id) under one that holds the user too."""
+        held = self.tabs.get(key)
+        return key if held is None or held.caller.name == caller.name else owned_key(caller, key)
 
     def banner(self) -> str:
         if self.service.llm is None:
@@ -166,7 +188,7 @@ class WebUI:
         await asyncio.to_thread(tab.forget_files)
 
     def chat_of(self, tab: Tab, fmt: str) -> Chat:
-        return self.service.open(tab.conversation_key, "web", fmt=fmt if fmt in FORMATS else None)
+        return self.service.open(tab.conversation_key, "web", fmt=fmt if fmt in FORMATS else None, caller=tab.caller)
 
     # -- files ------------------------------------------------------------------------------
     def served_copies(self, tab: Tab, ws: Workspace, files: list[WorkspaceFile]) -> list[str | None]:
@@ -237,7 +259,8 @@ class WebUI:
         for p in paths:
             fh = await asyncio.to_thread(self.cache.open, p)
             try:
-                stored, said = await self.service.upload(tab.conversation_key, "web", Path(p).name, fh)
+                stored, said = await self.service.upload(tab.conversation_key, "web", Path(p).name, fh,
+                                                                    caller=tab.caller)
             finally:
                 fh.close()
             names.append(stored.path)
@@ -251,7 +274,7 @@ class WebUI:
             tab.history, await self.file_list(tab)
 
     async def on_unload(self, request: gr.Request) -> None:
-        tab = self.tabs.pop(getattr(request, "session_hash", None) or "", None)
+        tab = self.tabs.pop(self._slot(page_caller(request), getattr(request, "session_hash", None) or ""), None)
         if tab is not None:
             await self.close_tab(tab)
 
@@ -272,7 +295,8 @@ class WebUI:
         try:
             self.chat_of(tab, fmt)
             with EXAMPLE_DATA.open("rb") as fh:  # the server's own file, not a client's path
-                _, note = await self.service.upload(tab.conversation_key, "web", EXAMPLE_DATA.name, fh)
+                _, note = await self.service.upload(tab.conversation_key, "web", EXAMPLE_DATA.name, fh,
+                                                        caller=tab.caller)
             notice = " ".join(m for m in (note, f"Loaded the example data {EXAMPLE_DATA.name}.") if m)
         except JupyboxError as exc:
             notice = f"Not loaded: {exc}"
@@ -319,7 +343,8 @@ class WebUI:
                 yield snapshot(tab.history), gr.update(), await self.file_list(tab), tab
                 return
             turn = await self.service.turn(tab.conversation_key, "web", question,
-                                           self.turn_settings(model, temperature, max_executions, timeout))
+                                           self.turn_settings(model, temperature, max_executions, timeout),
+                                           caller=tab.caller)
         except JupyboxError as exc:  # no model, busy, an upload refused, no room for a session
             tab.history.append(notice_message("warning", str(exc)))
             yield snapshot(tab.history), gr.update(), await self.file_list(tab), tab
@@ -442,7 +467,9 @@ def _close_soon(ui: WebUI, tab: Tab | None) -> None:
     never sent ``unload``: forget the tab, close its session and remove its served files."""
     if tab is None:
         return
-    ui.tabs.pop(tab.key, None)
+    for slot in (tab.key, owned_key(tab.caller, tab.key)):
+        if ui.tabs.get(slot) is tab:
+            del ui.tabs[slot]
     if ui.service.get(tab.conversation_key) is None:
         tab.forget_files()
         return

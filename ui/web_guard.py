@@ -7,8 +7,8 @@ server can. Two checks close that, both ours:
 
 - ``GradioGate`` (ASGI): only the Gradio routes the page and ``gradio_client`` use are served
   (Gradio's run history, its URL proxy, its monitoring and editor routes are not); a file a request
-  body names must be one the upload route stored (``UploadCache.check``); ``file=`` serves only
-  files in the UI's own folder, never a URL. A refusal is a 400/404 before Gradio sees the request.
+  body names must be one the upload route stored (``UploadCache.check``) for the same user; ``file=``
+  serves only files in the UI's own folder, never a URL, and a tab's files only to its user. A refusal is a 400/404 before Gradio sees the request.
 - ``UploadCache.open`` is how the handlers read what they are given: the same check, then the
   file is opened with ``O_NOFOLLOW``.
 
@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import stat
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,6 +36,7 @@ from sandbox import JupyboxError
 
 from .metrics import Metrics
 from .middleware import InvalidText, check_text, refuse
+from .ownership import caller_of, tab_prefix
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ ROUTES = [
     ({"POST"}, re.compile(r"/(call|run|api)/[\w-]+/?")),
 ]
 OTHER_REFUSED = ("/monitoring",)  # Gradio's analytics pages, outside the prefix
+UPLOAD_ANSWER_BYTES = 1 << 20  # the upload route's answer read at most (a list of paths)
+UPLOADERS_KEPT = 100_000
 
 
 class UploadRefused(JupyboxError):
@@ -142,6 +146,41 @@ class GradioGate:
         self.app = app
         self.cache = cache
         self.metrics = metrics
+        # who uploaded each file the upload route stored: a request may name only its user's own
+        self.uploaders: OrderedDict[str, str] = OrderedDict()
+
+    async def _recording_uploader(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The upload route, its answer (a JSON list of the stored paths) read to note their user."""
+        user = caller_of(scope).name
+        status, body = 0, b""
+
+        async def noting_send(message: Message) -> None:
+            nonlocal status, body
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and status == 200 and len(body) < UPLOAD_ANSWER_BYTES:
+                body += message.get("body", b"")
+                if not message.get("more_body", False):
+                    self._note_uploads(body, user)
+            await send(message)
+
+        await self.app(scope, receive, noting_send)
+
+    def _note_uploads(self, body: bytes, user: str) -> None:
+        try:
+            paths = json.loads(body)
+        except ValueError:
+            return
+        for path in paths if isinstance(paths, list) else []:
+            if isinstance(path, str):
+                self.uploaders[path] = user
+        while len(self.uploaders) > UPLOADERS_KEPT:  # Gradio removes uploads after an hour anyway
+            self.uploaders.popitem(last=False)
+
+    def _theirs(self, scope: Scope, path: str) -> bool:
+        """A tab's served copy goes only to the tab's user (another's answers as a missing file)."""
+        top = Path(path).relative_to(self.cache.folder).parts[0]
+        return not top.startswith("tab-") or top.startswith(tab_prefix(caller_of(scope)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -154,7 +193,8 @@ class GradioGate:
             await refuse(scope, receive, send, self.metrics, 404, f"no route {method} {path}")
             return
         if rest.startswith("/file="):
-            if not self.cache.inside(rest[len("/file="):]):  # the ASGI path is decoded already
+            named = rest[len("/file="):]  # the ASGI path is decoded already
+            if not self.cache.inside(named) or not self._theirs(scope, named):
                 await refuse(scope, receive, send, self.metrics, 404, "no such file")
                 return
         if rest.startswith("/upload") and method == "POST":
@@ -165,7 +205,10 @@ class GradioGate:
                              f"the page's upload space is full ({used >> 20} of {self.cache.limit_bytes >> 20} MiB): "
                              "try again later (old uploads are removed after an hour), or raise JUPYBOX_UI_CACHE_MB")
                 return
-        if method != "POST" or rest.startswith("/upload"):
+        if method == "POST" and rest.startswith("/upload"):
+            await self._recording_uploader(scope, receive, send)
+            return
+        if method != "POST":
             await self.app(scope, receive, send)
             return
         body, more = b"", True
@@ -185,9 +228,13 @@ class GradioGate:
             except ValueError:
                 await refuse(scope, receive, send, self.metrics, 400, "the request body is not valid JSON")
                 return
+            user = caller_of(scope).name
             for reference in file_references(document):
                 try:
                     self.cache.check(reference)
+                    if self.uploaders.get(reference) != user:  # another user's upload, named as its path
+                        raise UploadRefused("only files uploaded through this page can be added: upload the file "
+                                            "again")
                 except UploadRefused as exc:
                     log.warning("refused %s %s: it names %r, not an upload of this page", method, path,
                                 str(reference)[:200])
