@@ -115,23 +115,31 @@ class AuditLog:
             raise StoreUnavailable(f"the audit log {self.path} took {written} of {len(line)} bytes (disk full?)")
 
     def _open_for(self, size: int) -> int:
-        """A descriptor to append ``size`` bytes to, rotating first when the file would pass its limit."""
+        """A descriptor to append ``size`` bytes to, rotating first when the file would pass its limit.
+        Rotations take a lock file of their own and look at the size again under it, so that writers
+        in several processes rotate a full file once, and none of them finds the log missing between
+        a rotation's rename and the next line's ``O_CREAT``."""
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         fd = os.open(self.path, flags, 0o600)
-        st = os.fstat(fd)
-        if st.st_size == 0 or st.st_size + size <= self.max_bytes:
+        held = os.fstat(fd).st_size
+        if held == 0 or held + size <= self.max_bytes:
             return fd
-        fcntl.flock(fd, fcntl.LOCK_EX)  # one rotation per full file, whichever process gets here first
+        os.close(fd)
+        lock = os.open(self.path.with_name(f"{self.path.name}.lock"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            current = os.stat(self.path)
-            if (current.st_dev, current.st_ino) == (st.st_dev, st.st_ino):
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                full = os.stat(self.path).st_size + size > self.max_bytes
+            except FileNotFoundError:  # rotated a moment ago; the open below starts the new file
+                full = False
+            if full:
                 for n in range(self.backups - 1, 0, -1):
                     older = self.path.with_name(f"{self.path.name}.{n}")
                     if older.exists():
                         older.rename(self.path.with_name(f"{self.path.name}.{n + 1}"))
                 self.path.rename(self.path.with_name(f"{self.path.name}.1"))
         finally:
-            os.close(fd)
+            os.close(lock)  # closing the descriptor lets the lock go
         return os.open(self.path, flags, 0o600)
 
     def files(self) -> list[Path]:
