@@ -25,7 +25,6 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from interpreter.llm.gptq_pack import DEQUANTIZE_MIN_ROWS, Int4Weight, PackedInt4, UnsupportedQuantization, fit_group, quantize
-from interpreter.llm.positions import QWEN_LOGN_POSITIONS, logn_factors, ntk_alpha, rope_tables, rotate
-from interpreter.llm.weights import FastPathUnsupported, TensorSource, layer_weights, outer_weights, random_weights
+from interpreter.llm.positions import logn_factors, ntk_alpha, rope_tables, rotate
+from interpreter.llm.weights import (QWEN_7B, DecoderShape, FastPathUnsupported, TensorSource, layer_weights, outer_weights,
+                                     random_weights)
 
 __all__ = ["DecoderShape", "FastDecoder", "FastPathUnsupported", "QWEN_7B", "TensorSource", "load_checkpoint",
            "random_weights"]
@@ -42,67 +42,6 @@ __all__ = ["DecoderShape", "FastDecoder", "FastPathUnsupported", "QWEN_7B", "Ten
 log = logging.getLogger(__name__)
 
 BUCKET = 512  # attended-length granularity of the decode step's CUDA graphs
-
-
-@dataclass(frozen=True)
-class DecoderShape:
-    vocab: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    ffn: int
-    rope_theta: float = 10000.0
-    eps: float = 1e-6
-    qkv_bias: bool = True
-    tie_embeddings: bool = False
-    max_context: int = 8192
-    rope_fp32: bool = False  # Qwen v1 rotates in float32, Qwen2/Llama in the model's dtype
-    naming: str = "qwen2"  # "qwen2" (also Llama, Mistral) or "qwen" (Qwen v1)
-    # Qwen v1 past its training length (``positions``): rotary base scaled per prompt, log-n queries
-    seq_length: int = 0
-    dynamic_ntk: bool = False
-    logn_attn: bool = False
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> DecoderShape:
-        kind = str(cfg.get("model_type", ""))
-        # transformers 5 writes rope_theta and the scaling type into rope_parameters; older configs
-        # have rope_theta and rope_scaling at the top level
-        rope = cfg.get("rope_parameters") or {}
-        scaling = cfg.get("rope_scaling") or rope
-        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-            raise FastPathUnsupported(f"rope scaling {scaling} is not implemented by the fast path")
-        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-        if kind == "qwen":
-            heads = int(cfg["num_attention_heads"])
-            if float(cfg.get("rotary_pct", 1.0)) != 1.0:
-                raise FastPathUnsupported("partial rotary embeddings (rotary_pct < 1) are not implemented by the fast path")
-            trained = int(cfg.get("seq_length", 2048))
-            ntk, logn = bool(cfg.get("use_dynamic_ntk")), bool(cfg.get("use_logn_attn"))
-            return cls(vocab=int(cfg["vocab_size"]), d_model=int(cfg["hidden_size"]), n_layers=int(cfg["num_hidden_layers"]),
-                       n_heads=heads, n_kv_heads=heads, head_dim=int(cfg.get("kv_channels") or cfg["hidden_size"] // heads),
-                       ffn=int(cfg["intermediate_size"]) // 2, rope_theta=float(cfg.get("rotary_emb_base", 10000)),
-                       eps=float(cfg.get("layer_norm_epsilon", 1e-6)), qkv_bias=True, tie_embeddings=False,
-                       max_context=max(trained, QWEN_LOGN_POSITIONS) if ntk or logn else trained, rope_fp32=True,
-                       naming="qwen", seq_length=trained, dynamic_ntk=ntk, logn_attn=logn)
-        if kind in ("qwen2", "llama", "mistral"):
-            if cfg.get("use_sliding_window") or (kind == "mistral" and cfg.get("sliding_window")):
-                raise FastPathUnsupported("sliding-window attention is not implemented by the fast path")
-            heads = int(cfg["num_attention_heads"])
-            return cls(vocab=int(cfg["vocab_size"]), d_model=int(cfg["hidden_size"]), n_layers=int(cfg["num_hidden_layers"]),
-                       n_heads=heads, n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                       head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads), ffn=int(cfg["intermediate_size"]),
-                       rope_theta=theta, eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                       qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias")),
-                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                       max_context=int(cfg.get("max_position_embeddings", 8192)))
-        raise FastPathUnsupported(f"model type {kind!r} is not one the fast path implements (qwen, qwen2, llama, mistral)")
-
-
-# Qwen-7B (v1) and a Qwen2 model of the same size: 32 layers, d_model 4096, 32 heads, FFN 11008.
-QWEN_7B = DecoderShape(vocab=151936, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, ffn=11008)
 
 
 # -- modules ---------------------------------------------------------------------------------------
