@@ -1,18 +1,25 @@
 """One server for a team: two users and an admin on one real server (uvicorn in a thread, real
 Docker sandboxes, the scripted model behind the real OpenAI protocol), through the JSON API with
-httpx, ``/v1`` with the official openai client, MCP with the official mcp client and the kernels
-API's channels websocket. Each user sees only their own work, another user's id answers exactly
-as an id that does not exist, an admin sees and closes everyone's, limits are per user, and the
-audit log says who did what without any key or code in it."""
+httpx, ``/v1`` with the official openai client, MCP with the official mcp client, the kernels
+API's channels websocket and Jupyter Server's gateway client, and the page in Chromium. Each
+user sees only their own work, another user's id answers exactly as an id that does not exist,
+an admin sees and closes everyone's, limits are per user, and the audit log says who did what
+without any key or code in it."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
 
 import httpx
 import openai
@@ -20,19 +27,24 @@ import pytest
 import websockets.sync.client as ws_client
 from gradio_client import Client as PageClient
 from gradio_client import handle_file
+from jupyter_client.jsonutil import json_default
+from jupyter_client.session import Session as JupyterSession
 from websockets.exceptions import InvalidStatus
 
 from bench.scripted_model import ScriptedModel, last_observation, scripted_settings
 from sandbox import Caller, SessionClosed, SessionManager
 from store import UserStore
+from tests.support.browser import Chromium, attach
 from tests.support.mcp import mcp_client
-from tests.support.replies import code_reply
+from tests.support.ports import free_port
+from tests.support.replies import code_reply, fenced
 from tests.support.sandboxes import docker_settings, local_settings
 from tests.support.server import EXAMPLE_CSV, AppServer
 from ui.services import ServeSettings
 
 TOKEN = "ownership-admin-token-41d2"
 MISSING = "0123456789ab"  # a session id that never existed
+JUPYTER_TOKEN = "ownership-jupyter-token-9e2b"  # the local Jupyter Server's own token
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +204,89 @@ def test_kernels_are_their_starters(server: AppServer, clients: dict[str, httpx.
     wait_for_audit(server, "kernel.shutdown", user="alice", target=kid)
 
 
+@contextmanager
+def jupyter_server(gateway: str, key: str, home: Path) -> Iterator[str]:
+    """Jupyter Server (the one under JupyterLab and Notebook) whose kernels live in jupybox, its
+    gateway client holding a user's key; its URL. Its own folders are under ``home``; the Lab
+    extension installed beside it is told to fetch no news and check no updates."""
+    for d in ("config", "data", "runtime", "root"):
+        (home / d).mkdir(parents=True, exist_ok=True)
+    (home / "config" / "jupyter_server_config.json").write_text(json.dumps({"LabApp": {
+        "news_url": None, "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate"}}))
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"),
+           "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "JUPYTER_PLATFORM_DIRS": "1"}
+    port, log = free_port(), home / "jupyter-server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", "--ip=127.0.0.1",
+             f"--port={port}", f"--ServerApp.root_dir={home / 'root'}", f"--IdentityProvider.token={JUPYTER_TOKEN}",
+             f"--gateway-url={gateway}", f"--GatewayClient.auth_token={key}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            try:
+                if httpx.get(f"{url}/api/status", headers=bearer(JUPYTER_TOKEN), timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"Jupyter Server did not answer:\n{log.read_text()[-4000:]}"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def run_cell(ws_url: str, code: str) -> str:
+    """What ``code`` printed, run over a Jupyter Server's channels websocket (its JSON protocol)."""
+    request = JupyterSession().msg("execute_request", {"code": code, "silent": False, "store_history": True,
+                                                       "user_expressions": {}, "allow_stdin": False,
+                                                       "stop_on_error": True})
+    printed = ""
+    with ws_client.connect(ws_url, additional_headers=bearer(JUPYTER_TOKEN), open_timeout=60) as ws:
+        ws.send(json.dumps({**request, "channel": "shell", "buffers": []}, default=json_default))
+        while True:
+            msg = json.loads(ws.recv(timeout=60))
+            if msg["parent_header"].get("msg_id") != request["header"]["msg_id"]:
+                continue
+            if msg["msg_type"] == "stream":
+                printed += msg["content"]["text"]
+            elif msg["msg_type"] == "execute_reply":
+                assert msg["content"]["status"] == "ok", msg["content"]
+                return printed
+
+
+def test_a_jupyter_server_with_a_users_key_starts_and_sees_that_users_kernels(
+        server: AppServer, clients: dict[str, httpx.Client], keys: dict[str, str], tmp_path: Path) -> None:
+    """``--GatewayClient.auth_token=KEY`` with a user's key: Jupyter Server starts and talks to a
+    kernel of that user's, which another user's key does not list or reach."""
+    alice, bob = clients["alice"], clients["bob"]
+    with jupyter_server(server.url, keys["alice"], tmp_path) as url, \
+            httpx.Client(base_url=url, headers=bearer(JUPYTER_TOKEN), timeout=120) as jupyter:
+        started = jupyter.post("/api/kernels", json={"name": "python3"})
+        assert started.status_code == 201, started.text
+        kid = started.json()["id"]
+        ws_url = url.replace("http", "ws") + f"/api/kernels/{kid}/channels"
+        assert run_cell(ws_url, "print(6 * 7)") == "42\n"
+
+        assert [k["id"] for k in alice.get("/api/kernels").json()] == [kid]
+        assert server.services.manager.owner_of(alice.get(f"/api/kernels/{kid}").json()["jupybox"]["session"]) \
+            == "alice"
+        assert kid not in [k["id"] for k in bob.get("/api/kernels").json()]
+        assert bob.get(f"/api/kernels/{kid}").status_code == 404
+        assert [k["id"] for k in jupyter.get("/api/kernels").json()] == [kid]
+
+        assert jupyter.delete(f"/api/kernels/{kid}").status_code == 204
+    assert alice.get("/api/kernels").json() == []
+
+
 # -- /v1 ---------------------------------------------------------------------------------------------
 def test_v1_conversations_are_keyed_by_user_and_the_user_field(
         server: AppServer, model: ScriptedModel, keys: dict[str, str]) -> None:
@@ -284,6 +379,83 @@ def test_the_page_of_one_user_never_offers_another_users_files(server: AppServer
     own = httpx.post(f"{server.url}/gradio_api/call/upload", json=call, headers=bearer(keys["alice"]), timeout=30)
     assert own.status_code == 200, own.text
     alice.predict(api_name="/new_session")  # closes her tab's sandbox
+
+
+def test_in_chromium_one_users_page_never_shows_another_users_work(
+        server: AppServer, model: ScriptedModel, keys: dict[str, str], chromium: Chromium,
+        clients: dict[str, httpx.Client]) -> None:
+    """Two users' pages in Chromium, each logged in with ``/?token=KEY``: alice uploads data and
+    her turn writes a file; dave's page, files panel and sandbox hold none of it, her file's
+    download address and its JSON API address are a 404 with his cookie, and once his key is
+    revoked his page is refused on its next request."""
+    from playwright.sync_api import expect
+
+    store = UserStore.at_home(server.services.settings.sandbox.home)
+    dave_key = store.add("dave")[1]
+    with attach(chromium) as browser:
+        ctx_a, page_a = open_page(browser, server, keys["alice"])
+        ctx_d, page_d = open_page(browser, server, dave_key)
+        page_a.locator("input[data-testid$='upload-button']").set_input_files(str(EXAMPLE_CSV))
+        expect(listed(page_a, "sales.csv")).to_have_count(1, timeout=30_000)
+        model.enqueue(fenced("import pandas as pd\ndf = pd.read_csv('sales.csv')\n"
+                             "open('alice-summary.txt', 'w').write(f'alice rows {len(df)}')\nprint('rows', len(df))"),
+                      lambda body: f"Alice's summary: {last_observation(body)}.")
+        ask(page_a, "Summarise my data")
+        expect(page_a.locator("#jb-chat")).to_contain_text("Alice's summary: rows", timeout=60_000)
+        expect(listed(page_a, "alice-summary.txt")).to_have_count(1, timeout=30_000)
+        href = listed(page_a, "alice-summary.txt").get_attribute("href")
+        download = urljoin(server.url + "/", href)
+        assert ctx_a.request.get(download).text().startswith("alice rows")
+        [sid] = [s.id for s in server.services.manager.list() if s.workspace.exists("alice-summary.txt")]
+        assert server.services.manager.owner_of(sid) == "alice"
+        api_file = f"{server.url}/api/sessions/{sid}/files/alice-summary.txt"
+        assert ctx_a.request.get(api_file).status == 200
+
+        model.enqueue(fenced("import os\nprint(sorted(os.listdir('.')), 'df' in globals())"),
+                      lambda body: f"Dave sees {last_observation(body)}")
+        ask(page_d, "Which files do I have?")
+        chat_d = page_d.locator("#jb-chat")
+        expect(chat_d).to_contain_text("Dave sees [] False", timeout=60_000)
+        assert "alice" not in chat_d.inner_text().lower() and "sales.csv" not in chat_d.inner_text()
+        expect(page_d.locator("#jb-files a")).to_have_count(0)
+        stolen = page_d.goto(download)  # her download address, opened with his cookie
+        missing = ctx_d.request.get(download.replace("alice-summary.txt", "nothing.txt"))
+        assert stolen.status == missing.status == 404 and stolen.text() == missing.text()
+        assert ctx_d.request.get(api_file).status == 404
+
+        store.revoke("dave")
+        refused = page_d.goto(server.url + "/")
+        assert refused.status == 401 and "not valid" in refused.text()
+        assert ctx_a.request.get(download).status == 200  # alice's key still works
+        ctx_a.close()
+        ctx_d.close()
+    for s in clients["token"].get("/api/sessions").json()["sessions"]:  # the tabs' sandboxes, if still open
+        if server.services.manager.owner_of(s["id"]) in ("alice", "dave"):
+            clients["token"].delete(f"/api/sessions/{s['id']}")
+
+
+def open_page(browser: Any, server: AppServer, key: str) -> tuple[Any, Any]:
+    """A fresh browser context logged in with ``key`` (``/?token=`` sets the cookie); its page,
+    ready. Any request off loopback is refused."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, locale="en-US")
+    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(
+        ("http://127.0.0.1:", "data:", "blob:")) else route.abort())
+    page = context.new_page()
+    page.goto(f"{server.url}/?token={key}")
+    assert page.url == f"{server.url}/"  # the key left the address
+    page.locator("#jb-input textarea").wait_for(timeout=30_000)
+    return context, page
+
+
+def ask(page: Any, question: str) -> None:
+    box = page.locator("#jb-input textarea")
+    box.fill(question)
+    box.press("Enter")
+
+
+def listed(page: Any, name: str) -> Any:
+    """The download link of a workspace file in the page's files panel."""
+    return page.locator(f"#jb-files a[href$='/{name}']")
 
 
 # -- no key anywhere --------------------------------------------------------------------------------
