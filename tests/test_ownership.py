@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -27,16 +23,15 @@ import pytest
 import websockets.sync.client as ws_client
 from gradio_client import Client as PageClient
 from gradio_client import handle_file
-from jupyter_client.jsonutil import json_default
-from jupyter_client.session import Session as JupyterSession
 from websockets.exceptions import InvalidStatus
 
 from bench.scripted_model import ScriptedModel, last_observation, scripted_settings
 from sandbox import Caller, SessionClosed, SessionManager
 from store import UserStore
 from tests.support.browser import Chromium, attach
+from tests.support.jupyter import TOKEN as JUPYTER_TOKEN
+from tests.support.jupyter import auth, jupyter_server, run_cell
 from tests.support.mcp import mcp_client
-from tests.support.ports import free_port
 from tests.support.replies import code_reply, fenced
 from tests.support.sandboxes import docker_settings, local_settings
 from tests.support.server import EXAMPLE_CSV, AppServer
@@ -44,7 +39,6 @@ from ui.services import ServeSettings
 
 TOKEN = "ownership-admin-token-41d2"
 MISSING = "0123456789ab"  # a session id that never existed
-JUPYTER_TOKEN = "ownership-jupyter-token-9e2b"  # the local Jupyter Server's own token
 
 
 @pytest.fixture(scope="module")
@@ -204,72 +198,13 @@ def test_kernels_are_their_starters(server: AppServer, clients: dict[str, httpx.
     wait_for_audit(server, "kernel.shutdown", user="alice", target=kid)
 
 
-@contextmanager
-def jupyter_server(gateway: str, key: str, home: Path) -> Iterator[str]:
-    """Jupyter Server (the one under JupyterLab and Notebook) whose kernels live in jupybox, its
-    gateway client holding a user's key; its URL. Its own folders are under ``home``; the Lab
-    extension installed beside it is told to fetch no news and check no updates."""
-    for d in ("config", "data", "runtime", "root"):
-        (home / d).mkdir(parents=True, exist_ok=True)
-    (home / "config" / "jupyter_server_config.json").write_text(json.dumps({"LabApp": {
-        "news_url": None, "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate"}}))
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"),
-           "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "JUPYTER_PLATFORM_DIRS": "1"}
-    port, log = free_port(), home / "jupyter-server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", "--ip=127.0.0.1",
-             f"--port={port}", f"--ServerApp.root_dir={home / 'root'}", f"--IdentityProvider.token={JUPYTER_TOKEN}",
-             f"--gateway-url={gateway}", f"--GatewayClient.auth_token={key}"],
-            env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()[-4000:]
-            try:
-                if httpx.get(f"{url}/api/status", headers=bearer(JUPYTER_TOKEN), timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"Jupyter Server did not answer:\n{log.read_text()[-4000:]}"
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def run_cell(ws_url: str, code: str) -> str:
-    """What ``code`` printed, run over a Jupyter Server's channels websocket (its JSON protocol)."""
-    request = JupyterSession().msg("execute_request", {"code": code, "silent": False, "store_history": True,
-                                                       "user_expressions": {}, "allow_stdin": False,
-                                                       "stop_on_error": True})
-    printed = ""
-    with ws_client.connect(ws_url, additional_headers=bearer(JUPYTER_TOKEN), open_timeout=60) as ws:
-        ws.send(json.dumps({**request, "channel": "shell", "buffers": []}, default=json_default))
-        while True:
-            msg = json.loads(ws.recv(timeout=60))
-            if msg["parent_header"].get("msg_id") != request["header"]["msg_id"]:
-                continue
-            if msg["msg_type"] == "stream":
-                printed += msg["content"]["text"]
-            elif msg["msg_type"] == "execute_reply":
-                assert msg["content"]["status"] == "ok", msg["content"]
-                return printed
-
-
 def test_a_jupyter_server_with_a_users_key_starts_and_sees_that_users_kernels(
         server: AppServer, clients: dict[str, httpx.Client], keys: dict[str, str], tmp_path: Path) -> None:
     """``--GatewayClient.auth_token=KEY`` with a user's key: Jupyter Server starts and talks to a
     kernel of that user's, which another user's key does not list or reach."""
     alice, bob = clients["alice"], clients["bob"]
     with jupyter_server(server.url, keys["alice"], tmp_path) as url, \
-            httpx.Client(base_url=url, headers=bearer(JUPYTER_TOKEN), timeout=120) as jupyter:
+            httpx.Client(base_url=url, headers=auth(JUPYTER_TOKEN), timeout=120) as jupyter:
         started = jupyter.post("/api/kernels", json={"name": "python3"})
         assert started.status_code == 201, started.text
         kid = started.json()["id"]
