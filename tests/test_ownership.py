@@ -394,12 +394,22 @@ def listed(page: Any, name: str) -> Any:
 
 
 # -- no key anywhere --------------------------------------------------------------------------------
-def test_the_audit_log_names_users_and_holds_no_key(server: AppServer, keys: dict[str, str]) -> None:
-    text = server.services.audit.path.read_text()
+def test_the_audit_log_names_users_and_holds_no_key(server: AppServer, keys: dict[str, str],
+                                                    clients: dict[str, httpx.Client]) -> None:
+    sid = clients["alice"].post("/api/sessions").json()["id"]
+    assert clients["alice"].delete(f"/api/sessions/{sid}").status_code == 204
+    deadline = time.monotonic() + 10  # lines are written by the audit worker, after the answer
+    while '"session.close"' not in (text := server.services.audit.path.read_text()) or sid not in text:
+        assert time.monotonic() < deadline, "no session.close line for the session"
+        time.sleep(0.1)
     for key in (*keys.values(), TOKEN):
         assert key not in text
-    users = {json.loads(line).get("user") for line in text.splitlines()}
-    assert {"alice", "bob", "carol"} <= users
+    events = [json.loads(line) for line in text.splitlines()]
+    assert {"alice", "bob", "carol"} <= {e.get("user") for e in events}
+    # what the layers below a request write on its behalf names the client's address too
+    mine = [e for e in events if e.get("target") == sid]
+    assert {e["action"] for e in mine} >= {"session.create", "session.close"}
+    assert all(e.get("user") == "alice" and e.get("client") == "127.0.0.1" for e in mine), mine
 
 
 # -- the registry itself: an idle session's end is audited with its owner -----------------------

@@ -32,6 +32,7 @@ import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
 
@@ -137,6 +138,12 @@ def client_of(scope: Scope) -> str:
     return str(client[0]) if client else "-"
 
 
+# The address of the client whose request is running, for the audit lines that the layers below
+# write on its behalf (session create and close, execute, uploads...): set per request by
+# ``Authenticate``, so tasks the request starts carry it; unset (None) in the server's own tasks.
+request_client: ContextVar[str | None] = ContextVar("jupybox_request_client", default=None)
+
+
 class Authenticate:
     """Pure ASGI (streams and disconnects pass through untouched): see the module docstring."""
 
@@ -157,6 +164,7 @@ class Authenticate:
         if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
+        request_client.set(client_of(scope))
         store_error: StoreUnavailable | None = None
         try:
             keys_needed = self.token is not None or self.keys.has_users()

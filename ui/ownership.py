@@ -20,7 +20,7 @@ from starlette.types import Scope
 from sandbox import Caller
 from store import AuditEvent, AuditLog, StoreError
 
-from .auth import LOOPBACK, Identity, identity_of
+from .auth import LOOPBACK, Identity, identity_of, request_client
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ class Auditor:
     def __call__(self, action: str, user: str | None, target: str | None, detail: dict[str, Any]) -> None:
         detail = dict(detail)
         result = str(detail.pop("result", "ok"))
-        event = AuditEvent(action, user=user, target=target, result=result, detail=detail)
+        event = AuditEvent(action, user=user, client=request_client.get(), target=target, result=result,
+                           detail=detail)
         self._worker.submit(self._write, event)
 
     def _write(self, event: AuditEvent) -> None:
