@@ -244,6 +244,22 @@ def test_deployed_app_runs_code_and_files_in_sibling_sandboxes_and_stops_clean(d
     assert (d.home / "sessions" / sid / "data" / "out" / "total.txt").read_text() == "385"
     assert app["HostConfig"]["ReadonlyRootfs"]
 
+    # the README's team steps: a colleague's key made in the running app, which sees it at once
+    made = d.compose("exec", "-T", "-u", "1000", SERVICE, "jupybox", "users", "add", "alice")
+    key = made.stdout.strip().splitlines()[-1]
+    assert key.startswith("jbx_") and key not in made.stderr
+    with httpx.Client(base_url=d.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as alice:
+        assert alice.get("/api/whoami").json() == {"name": "alice", "admin": False, "via": "key"}
+        assert alice.get(f"/api/sessions/{sid}").status_code == 404  # the admin's session is not hers
+        r = alice.post("/api/sessions")
+        assert r.status_code == 201, r.text
+        hers = r.json()["id"]
+        assert [x["id"] for x in alice.get("/api/sessions").json()["sessions"]] == [hers]
+    with d.client() as c:
+        assert {x["id"] for x in c.get("/api/sessions").json()["sessions"]} == {sid, hers}  # the admin sees all
+    audit = d.compose("exec", "-T", "-u", "1000", SERVICE, "jupybox", "audit", "--user", "alice").stdout
+    assert "user.added" in audit and "session.create" in audit and key not in audit
+
     started = time.monotonic()
     d.compose("stop", timeout=180)
     took = time.monotonic() - started
