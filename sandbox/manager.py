@@ -342,6 +342,9 @@ class SessionManager:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
+        for sid in self._sessions:  # a user's session ends here too: told as a close by the shutdown
+            self._emit("session.close", sid, {"by": "shutdown"})
+        self._owners.clear()
         sessions = list(self._sessions.values()) + self._pool
         self._sessions.clear()
         self._pool.clear()

@@ -428,3 +428,12 @@ async def test_an_expired_session_is_audited_with_its_owner(tmp_path: Path) -> N
             await asyncio.sleep(0.1)
     assert events[0] == ("session.create", session.id, "alice")
     assert manager.owner_of(session.id) is None  # forgotten with the session
+
+
+async def test_sessions_open_at_shutdown_are_audited_as_closed_by_it(tmp_path: Path) -> None:
+    settings = local_settings(tmp_path, instance="own-shutdown", pool_size=0)
+    events: list[tuple[str, str, str | None, dict]] = []
+    async with SessionManager(settings) as manager:
+        manager.on_event = lambda action, sid, owner, detail: events.append((action, sid, owner, detail))
+        session = await manager.create(caller=Caller("alice"))
+    assert events[-1] == ("session.close", session.id, "alice", {"by": "shutdown"})
