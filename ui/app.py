@@ -212,7 +212,7 @@ def create_app(services: Services, ui: bool = True) -> FastAPI:
         app.add_middleware(GradioGate, cache=cache, metrics=metrics)
     app.add_middleware(BodyLimit, upload_limit=settings.upload_limit_mb << 20, metrics=metrics,
                        idle_s=settings.body_idle_s)
-    app.add_middleware(auth.Authenticate, token=settings.api_token, keys=services.users, audit=services.audit,
+    app.add_middleware(auth.Authenticate, token=settings.api_token, keys=services.users, auditor=services.auditor,
                        host=settings.host, metrics=metrics)
     if settings.cors_origins:  # outside the token check: preflights need no token
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,

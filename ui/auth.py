@@ -34,6 +34,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Request
@@ -144,21 +145,51 @@ def client_of(scope: Scope) -> str:
 request_client: ContextVar[str | None] = ContextVar("jupybox_request_client", default=None)
 
 
+class Auditor:
+    """The server's audit hook: lines go to the ``AuditLog`` by one worker thread, so no request
+    waits on the disk, and a log that cannot be written is said in the server's log, not to users."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="jupybox-audit-events")
+
+    def __call__(self, action: str, user: str | None, target: str | None, detail: dict[str, Any]) -> None:
+        detail = dict(detail)
+        result = str(detail.pop("result", "ok"))
+        self.record(AuditEvent(action, user=user, client=request_client.get(), target=target, result=result,
+                               detail=detail))
+
+    def record(self, event: AuditEvent) -> None:
+        try:
+            self._worker.submit(self._write, event)
+        except RuntimeError:  # closed: the server is stopping, and a last request still ran
+            log.error("audit line %s not written: the server is stopping", event.action)
+
+    def _write(self, event: AuditEvent) -> None:
+        try:
+            self.audit.record(event)
+        except StoreError as exc:
+            log.error("audit line %s not written: %s", event.action, exc)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+
+
 class Authenticate:
     """Pure ASGI (streams and disconnects pass through untouched): see the module docstring."""
 
-    def __init__(self, app: ASGIApp, token: str | None, keys: KeyIndex, audit: AuditLog | None, host: str,
+    def __init__(self, app: ASGIApp, token: str | None, keys: KeyIndex, auditor: Auditor | None, host: str,
                  metrics: Metrics) -> None:
         self.app = app
         self.token = token
         self.keys = keys
-        self.audit = audit
+        self.auditor = auditor
         self.metrics = metrics
         self.loopback = LoopbackHostOnly(app, host, metrics)
         self._connections: OrderedDict[tuple[object, str], float] = OrderedDict()
         self._touched: dict[str, float] = {}
         self._store_logged = 0.0
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="jupybox-audit")
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="jupybox-last-use")  # the store's last-use notes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
@@ -314,18 +345,11 @@ class Authenticate:
             self._submit(self._touch, identity.name)
 
     def _record(self, event: AuditEvent) -> None:
-        if self.audit is not None:
-            self._submit(self._write, event)
+        if self.auditor is not None:
+            self.auditor.record(event)
 
     def _submit(self, fn: object, arg: object) -> None:
         asyncio.get_running_loop().run_in_executor(self._worker, fn, arg)  # type: ignore[arg-type]
-
-    def _write(self, event: AuditEvent) -> None:
-        try:
-            assert self.audit is not None
-            self.audit.record(event)
-        except StoreError as exc:
-            log.error("audit line lost: %s", exc)
 
     def _touch(self, name: str) -> None:
         try:

@@ -1,6 +1,6 @@
 """Who owns what, as the front ends see it: the caller's identity (put into the request's scope
 by ``ui.auth.Authenticate``) as the ``sandbox.Caller`` the session registry and the conversation
-service check ownership and per-user limits against, and the audit hook of the server.
+service check ownership and per-user limits against.
 
 Ownership is enforced in one place, the session registry (``SessionManager.get/list/close`` with a
 caller): front ends only pass the caller along, and a key of their own choosing (a ``/v1`` user
@@ -10,19 +10,13 @@ field, an MCP session name) is prefixed with the user's name so that two users n
 from __future__ import annotations
 
 import hashlib
-import logging
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
 from sandbox import Caller
-from store import AuditEvent, AuditLog, StoreError
 
-from .auth import LOOPBACK, Identity, identity_of, request_client
-
-log = logging.getLogger(__name__)
+from .auth import LOOPBACK, Identity, identity_of
 
 
 def caller_for(identity: Identity) -> Caller:
@@ -46,28 +40,3 @@ def tab_prefix(caller: Caller) -> str:
     """The start of the names of a user's tab folders in the UI's folder: the page serves a file
     below one only to that user (the name is a digest: user names stay out of paths)."""
     return f"tab-{hashlib.sha256(caller.name.encode()).hexdigest()[:16]}-"
-
-
-class Auditor:
-    """The server's audit hook: lines go to the ``AuditLog`` by one worker thread, so no request
-    waits on the disk, and a log that cannot be written is said in the server's log, not to users."""
-
-    def __init__(self, audit: AuditLog) -> None:
-        self.audit = audit
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="jupybox-audit-events")
-
-    def __call__(self, action: str, user: str | None, target: str | None, detail: dict[str, Any]) -> None:
-        detail = dict(detail)
-        result = str(detail.pop("result", "ok"))
-        event = AuditEvent(action, user=user, client=request_client.get(), target=target, result=result,
-                           detail=detail)
-        self._worker.submit(self._write, event)
-
-    def _write(self, event: AuditEvent) -> None:
-        try:
-            self.audit.record(event)
-        except StoreError as exc:
-            log.error("audit line %s not written: %s", event.action, exc)
-
-    def close(self) -> None:
-        self._worker.shutdown(wait=True)

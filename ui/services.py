@@ -13,7 +13,7 @@ from interpreter import ConversationService, InterpreterSettings, ModelSettings
 from sandbox import JupyboxError, SandboxSettings, SessionManager
 from store import AuditLog, KeyIndex, UserStore, audit_path
 
-from .ownership import Auditor
+from .auth import Auditor
 
 log = logging.getLogger(__name__)
 
