@@ -28,7 +28,7 @@ from websockets.exceptions import InvalidStatus
 from bench.scripted_model import ScriptedModel, last_observation, scripted_settings
 from sandbox import Caller, SessionClosed, SessionManager
 from store import UserStore
-from tests.support.browser import Chromium, attach
+from tests.support.browser import Chromium, ask, attach
 from tests.support.jupyter import TOKEN as JUPYTER_TOKEN
 from tests.support.jupyter import auth, jupyter_server, run_cell
 from tests.support.mcp import mcp_client
@@ -380,12 +380,6 @@ def open_page(browser: Any, server: AppServer, key: str) -> tuple[Any, Any]:
     assert page.url == f"{server.url}/"  # the key left the address
     page.locator("#jb-input textarea").wait_for(timeout=30_000)
     return context, page
-
-
-def ask(page: Any, question: str) -> None:
-    box = page.locator("#jb-input textarea")
-    box.fill(question)
-    box.press("Enter")
 
 
 def listed(page: Any, name: str) -> Any:

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from bench.scripted_model import last_observation
+from tests.support.browser import ask
 from tests.support.replies import fenced
 from tests.support.sandboxes import ROOT, docker_settings
 from tests.support.server import EXAMPLE_CSV, UPLOAD_LIMIT_MB, AppServer, WebServer
@@ -48,12 +49,6 @@ def open_page(browser, server: WebServer, blocked: list[str], refused: list[str]
     page.goto(server.url)
     page.locator("#jb-input textarea").wait_for(timeout=20_000)
     return context, page
-
-
-def ask(page, question: str) -> None:
-    box = page.locator("#jb-input textarea")
-    box.fill(question)
-    box.press("Enter")
 
 
 def listed(page, name: str):

@@ -71,3 +71,26 @@ def attach(chromium: Chromium) -> Iterator[Any]:
             yield browser
         finally:
             browser.close()  # closes the contexts made through it and disconnects; the process stays
+
+
+def ask(page: Any, question: str, tries: int = 3) -> None:
+    """Types ``question`` into the page's box and sends it; returns once the chat shows it.
+
+    A fresh page can render its box again just after it appears (while its load event is being
+    answered), which drops what was typed before that: the Enter then sends nothing, and the
+    question never reaches the server. Such a lost question is typed again, at most ``tries``
+    times; a question that reaches the chat is sent exactly once."""
+    from playwright.sync_api import expect
+
+    box = page.locator("#jb-input textarea")
+    chat = page.locator("#jb-chat")
+    for attempt in range(tries):
+        box.fill(question)
+        expect(box).to_have_value(question)
+        box.press("Enter")
+        try:
+            expect(chat).to_contain_text(question, timeout=20_000)
+            return
+        except AssertionError:
+            if attempt == tries - 1:
+                raise
