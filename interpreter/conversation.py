@@ -89,6 +89,21 @@ class Conversation:
             "file_data": {k: base64.b64encode(v).decode() for k, v in (file_bytes or {}).items()},
         }
 
+    def to_record(self) -> dict[str, Any]:
+        """``to_dict`` as the session's record keeps it, written after each turn: images are
+        left out of the outputs (each was saved in the workspace, and the execution names its
+        file), so the record stays small however many charts the session drew."""
+        d = self.to_dict()
+        for cell in d["cells"]:
+            for out in cell["execution"]["outputs"]:
+                data = out.get("data") or {}
+                images = [m for m in data if m.startswith("image/")]
+                for mime in images:
+                    del data[mime]
+                if images and "text/plain" not in data:
+                    data["text/plain"] = "[an image, saved in the workspace]"
+        return d
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> tuple[Conversation, dict[str, bytes]]:
         conv = cls(format=d["format"], id=d["id"], files=list(d.get("files", [])))

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, Protocol
 
 from sandbox import Caller, Execution, JupyboxError, Session, SessionClosed, SessionManager
 from sandbox.workspace import Workspace, WorkspaceFile, read_files
+from store import SessionRecord
 
 from .conversation import Cell, Conversation
 from .errors import ModelUnavailable, TurnBusy
@@ -225,11 +226,55 @@ class ConversationService:
         to choose)."""
         chat = self._chats.get(key)
         if chat is None:
-            conv = Conversation(format="", session_id=session_id)
+            conv = self._recorded(session_id, caller) if session_id is not None else None
+            conv = conv or Conversation(format="", session_id=session_id)
             chat = self._chats[key] = Chat(key, source, conv, bound=session_id is not None,
                                            format_asked=fmt or self.models.format, caller=caller)
         chat.last_used = time.monotonic()
         return chat
+
+    def _recorded(self, session_id: str, caller: Caller | None) -> Conversation | None:
+        """The conversation a session's record keeps (the server restarted since it was written)."""
+        record = self.manager.record_of(session_id, caller)
+        if record is None or not record.conversation:
+            return None
+        try:
+            conv, _ = Conversation.from_dict(record.conversation)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("the recorded conversation of session %s cannot be read: %s", session_id, exc)
+            return None
+        conv.session_id = session_id
+        return conv
+
+    def history(self, caller: Caller | None = None) -> list[SessionRecord]:
+        """The caller's sessions, running and paused, newest use first (their records, without
+        the conversations): what a front end lists as earlier work."""
+        return self.manager.history(caller)
+
+    def reopen(self, key: str, source: str, session_id: str, caller: Caller | None = None) -> Chat:
+        """Bind the conversation ``key`` to an earlier session of the caller's, with the
+        conversation its record keeps; its kernel resumes on the next use. ``SessionClosed`` when
+        the session is not the caller's or is gone."""
+        self.manager.get(session_id, caller)  # SessionClosed: gone, or another user's
+        conv = self._recorded(session_id, caller) or Conversation(format="", session_id=session_id)
+        old = self.forget(key)
+        chat = self._chats[key] = Chat(key, source, conv, format_asked=old.format_asked if old else self.models.format,
+                                       caller=caller)
+        return chat
+
+    async def remember(self, chat: Chat) -> None:
+        """Write the chat's conversation into its session's record (after each turn and cell), so
+        that it outlives the server; the first question is its title."""
+        conv, sid = chat.conversation, chat.conversation.session_id
+        if sid is None:
+            return
+        title = next((str(v) for k, v in conv.timeline if k == "question"), "")
+        try:
+            data = await asyncio.to_thread(conv.to_record)
+        except Exception:  # noqa: BLE001 - a record not written is logged, the conversation goes on
+            log.exception("the conversation of session %s could not be recorded", sid)
+            return
+        await self.manager.remember(sid, conversation=data, title=title[:200])
 
     async def session(self, chat: Chat) -> tuple[Session, str | None]:
         """The chat's open session, started when it has none. The note says, in words, when an
@@ -246,8 +291,8 @@ class ConversationService:
                     if chat.bound:
                         self.forget(chat.key)
                         raise
-                    note = ("Your previous session was closed after being idle; a fresh one was started "
-                            "(earlier files and variables are gone).")
+                    note = ("Your previous session was closed (or kept unused past its retention); a fresh one "
+                            "was started (earlier files and variables are gone).")
             session = await self.manager.create(caller=chat.caller)
             chat.conversation.session_id = session.id
             chat.pending.clear()
@@ -351,6 +396,7 @@ class ConversationService:
                 if isinstance(item, Execution):
                     self.record("execute", chat, {**code_digest(code, self.audit_code), "status": item.status.value})
                     chat.conversation.timeline.append(("cell", chat.conversation.add_cell(Cell(code, item))))
+                    await self.remember(chat)
                     event = Event("execution", execution=item)
                     for observer in self.observers:
                         observer.observe_event(event, chat.source)
@@ -430,6 +476,7 @@ class ConversationService:
                 observer.observe_turn(outcome, time.monotonic() - t0, chat.source)
             self.record("chat.turn", chat, {"source": chat.source, "question_chars": len(question),
                                             "seconds": round(time.monotonic() - t0, 3)}, result=outcome)
+            await self.remember(chat)
             turn._queue.put_nowait(None)
             if close_after:
                 await self.close(chat.key)

@@ -82,7 +82,12 @@ class SandboxSettings:
     home: Path = field(default_factory=default_home)  # per-session runtime folders and workspaces
     pool_size: int = 0  # warm sessions kept ready
     max_sessions: int = 64
-    idle_ttl_s: float = 1800.0  # sessions idle longer are closed by the reaper
+    idle_ttl_s: float = 1800.0  # sessions idle longer are paused (closed, where not durable) by the reaper
+    # sessions are records under ``home`` that outlive the server: idle ones and, at shutdown, all are
+    # paused (variables saved, container removed, files kept); False: they end with the server
+    durable: bool = False
+    retain_days: float = 7.0  # a paused session unused this long is deleted with its files
+    pause_timeout_s: float = 120.0  # how long saving a session's variables may take
     start_timeout_s: float = 60.0
     interrupt_grace_s: float = 3.0  # after a timeout, how long an interrupt may take before a restart
     default_timeout_s: float = 30.0
@@ -115,6 +120,10 @@ class SandboxSettings:
             values["max_sessions"] = int(env["JUPYBOX_MAX_SESSIONS"])
         if env.get("JUPYBOX_IDLE_TTL"):
             values["idle_ttl_s"] = float(env["JUPYBOX_IDLE_TTL"])
+        if env.get("JUPYBOX_RETAIN_DAYS"):
+            values["retain_days"] = float(env["JUPYBOX_RETAIN_DAYS"])
+        if env.get("JUPYBOX_DURABLE"):
+            values["durable"] = env["JUPYBOX_DURABLE"].lower() not in ("0", "false", "no", "off")
         if "JUPYBOX_INSTANCE" in env:
             values["instance"] = env["JUPYBOX_INSTANCE"]
         if env.get("JUPYBOX_WORKSPACE_FS"):

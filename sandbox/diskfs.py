@@ -57,6 +57,15 @@ def create(folder: Path, image: Path, size: int, owner: tuple[int, int] | None) 
         pass
 
 
+def remount(folder: Path, image: Path) -> None:
+    """Mount ``image`` on ``folder`` again unless it still is (the host restarted since a server
+    process mounted it); a workspace without an image is left as it is."""
+    if not image.exists() or str(folder.resolve()) in mounts_under(folder):
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    _run(["mount", "-o", "loop,nosuid,nodev,noexec", str(image), str(folder)])
+
+
 def release(folder: Path) -> None:
     """Unmount everything mounted at or below ``folder``, deepest first (a busy mount is detached
     lazily), so that the folder and its image can be deleted. Safe when nothing is mounted."""

@@ -8,6 +8,7 @@ infrastructure around the code::
     │   ├── BackendUnavailable       the isolation backend cannot run on this host (no daemon, no bwrap)
     │   ├── ImageNotFound            the sandbox image is missing: build it
     │   ├── SessionClosed            the session was closed (or reaped) and cannot execute any more
+    │   ├── PauseFailed              a session's variables could not be saved: it runs on as it was
     │   └── CapacityError            the manager is at its session limit
     │       └── ConnectionLimit      ... or a session, or the server, at its notebook-connection limit
     ├── LimitsError                  requested resource limits are invalid or above the server's
@@ -43,6 +44,11 @@ class ImageNotFound(SandboxError):
 
 class SessionClosed(SandboxError):
     """The session was closed and cannot be used any more."""
+
+
+class PauseFailed(SandboxError):
+    """Saving a session's variables failed (its workspace is full, its kernel does not answer):
+    the session was not paused and runs on as it was."""
 
 
 class CapacityError(SandboxError):

@@ -56,6 +56,15 @@ def write_connection_file(runtime_dir: Path, kernel_runtime_path: str, host_path
     return {**info, "ip": str((host_path or runtime_dir) / SOCKET_NAME)}
 
 
+def read_connection_file(runtime_dir: Path, host_path: Path | None = None) -> dict[str, Any]:
+    """The host-side connection info of a kernel that is already running (an earlier server
+    process started it): its ``kernel.json``, with the sockets under ``host_path``."""
+    info = json.loads((runtime_dir / "kernel.json").read_text())
+    if info.get("transport") != "ipc" or not isinstance(info.get("key"), str):
+        raise ValueError("not a connection file of jupybox's")
+    return {**info, "ip": str((host_path or runtime_dir) / SOCKET_NAME)}
+
+
 def sockets_ready(runtime_dir: Path) -> bool:
     return all((runtime_dir / f"{SOCKET_NAME}-{port}").is_socket() for port in PORTS.values())
 
@@ -229,10 +238,12 @@ class KernelClient:
             if msg["parent_header"].get("msg_id") == msg_id:
                 return msg
 
-    def send_execute(self, code: str) -> str:
+    def send_execute(self, code: str, store_history: bool = True) -> str:
         """Send ``code``; returns the request's id for ``collect``. ``allow_stdin=False`` makes
-        ``input()`` fail at once with a clear error instead of waiting for a reply."""
-        return self._client.execute(code, allow_stdin=False, store_history=True)
+        ``input()`` fail at once with a clear error instead of waiting for a reply.
+        ``store_history=False``: the server's own code (saving variables), which leaves the
+        execution count and the history as they were."""
+        return self._client.execute(code, allow_stdin=False, store_history=store_history)
 
     async def collect(self, msg_id: str, collector: OutputCollector, deadline: float,
                       is_alive: Callable[[], Awaitable[bool]]) -> RawResult:

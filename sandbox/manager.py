@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -18,11 +19,15 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from store import PAUSED, RUNNING, SessionRecord, SessionRecords, StoreError
 
 from .backends import Backend, create_backend
 from .config import Limits, SandboxSettings
-from .errors import CapacityError, SandboxError, SessionClosed
+from .errors import CapacityError, LimitsError, SandboxError, SessionClosed
 from .session import Session
+from .state import StateReport
 from . import diskfs
 from .workspace import remove_tree
 
@@ -64,6 +69,26 @@ def make_owner(instance: str) -> str:
     return f"{instance}.{pid}.{_process_start(pid) or 0}"
 
 
+def disk_usage(folder: "os.PathLike[str] | str") -> int:
+    """Bytes the folder's files take on disk (allocated blocks: a sparse workspace image counts
+    what it holds, not its size), without following links; 0 when it is gone."""
+    total, stack = 0, [os.fspath(folder)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            total += st.st_blocks * 512
+            if entry.is_dir(follow_symlinks=False) and not os.path.ismount(entry.path):
+                stack.append(entry.path)
+    return total
+
+
 def owner_is_dead(owner: str, instance: str) -> bool:
     """An owner of *this* instance whose process no longer exists (or is another process now)."""
     m = re.fullmatch(r"(.+)\.(\d+)\.(\d+)", owner)
@@ -103,6 +128,9 @@ class SessionManager:
         # a backend that places sessions on other machines keeps a warm pool per machine itself
         self.pool_size = 0 if self.backend.places_sessions else self.settings.pool_size
         self.loop_workspaces = self._loop_workspaces()
+        # sessions as records that outlive this process (a cluster's sessions end with the server)
+        self.durable = self.settings.durable and not self.backend.places_sessions
+        self.records = SessionRecords.at_home(self.settings.home) if self.durable else None
 
     def _loop_workspaces(self) -> bool:
         """Whether each workspace gets its own size-capped filesystem (``settings.workspace_fs``)."""
@@ -135,6 +163,8 @@ class SessionManager:
             return
         await self.backend.check()
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
+        if self.durable:
+            await self._reopen_recorded()
         removed = await self.cleanup_orphans()
         if removed:
             log.info("removed %d orphaned sandbox(es)", removed)
@@ -144,17 +174,132 @@ class SessionManager:
             await self._fill_pool()
 
     async def cleanup_orphans(self) -> int:
-        dead = lambda owner: owner_is_dead(owner, self.instance)  # noqa: E731
+        """Remove the containers and folders that dead processes of this instance left, except
+        those of sessions that records keep (re-adopted at start, or left for a later start)."""
+        kept = set(self._sessions) | set(await self._recorded_ids())
+        dead = lambda owner, sid="": owner_is_dead(owner, self.instance) and sid not in kept  # noqa: E731
         removed = await self.backend.cleanup_orphans(dead)
         for folder in self.sessions_dir.glob("*"):
             try:
                 owner = (folder / "owner").read_text()
             except OSError:
                 continue
-            if dead(owner):
+            if dead(owner, folder.name):
                 await asyncio.to_thread(diskfs.release, folder)
                 await asyncio.to_thread(remove_tree, folder)
         return removed
+
+    # -- records: sessions that outlive the process ------------------------------------------
+    async def _recorded_ids(self) -> list[str]:
+        if self.records is None:
+            return []
+        try:
+            return [r.id for r in await asyncio.to_thread(self.records.list, self.instance)]
+        except StoreError as exc:
+            log.warning("the session records cannot be read: %s", exc)
+            return []
+
+    async def _record(self, call: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """A change to the records, off the loop; a store that cannot be written is logged (the
+        session works on, it just would not outlive the server), never the caller's failure."""
+        if self.records is None:
+            return None
+        try:
+            return await asyncio.to_thread(call, *args, **kw)
+        except StoreError as exc:
+            log.warning("session record not written: %s", exc)
+            return None
+
+    def record_of(self, session_id: str, caller: Caller | None = None) -> SessionRecord | None:
+        """The session's record, conversation included (``None``: none, or not the caller's)."""
+        if self.records is None or not self.may_use(session_id, caller) or session_id not in self._sessions:
+            return None
+        try:
+            return self.records.get(session_id)
+        except StoreError as exc:
+            log.warning("the session record of %s cannot be read: %s", session_id, exc)
+            return None
+
+    def history(self, caller: Caller | None = None) -> list[SessionRecord]:
+        """The caller's sessions (everyone's for an admin or the server), newest use first, as
+        records without their conversations; ``[]`` where sessions are not durable."""
+        if self.records is None:
+            return []
+        try:
+            records = self.records.list(self.instance)
+        except StoreError as exc:
+            log.warning("the session records cannot be read: %s", exc)
+            return []
+        return [r for r in records if r.id in self._sessions and self.may_use(r.id, caller)]
+
+    async def remember(self, session_id: str, **values: Any) -> None:
+        """Write some fields of the session's record (the conversation service's conversation and
+        title), with its last use now."""
+        if self.records is not None and session_id in self._sessions:
+            await self._record(self.records.update, session_id, last_used=time.time(), **values)
+
+    async def _reopen_recorded(self) -> None:
+        """Take up the sessions the records hold for this instance: kernels still running (the
+        server was killed) are connected again as they are; the others are paused, resumed on
+        their next use. A record whose folder is gone is dropped."""
+        try:
+            records = await asyncio.to_thread(self.records.list, self.instance)  # type: ignore[union-attr]
+        except StoreError as exc:
+            log.warning("the session records cannot be read, earlier sessions are not reopened: %s", exc)
+            return
+        reopened = await asyncio.gather(*(self._reopen(r) for r in records), return_exceptions=True)
+        for record, outcome in zip(records, reopened):
+            if isinstance(outcome, BaseException):
+                log.warning("session %s could not be reopened: %s", record.id, outcome)
+        if records:
+            log.info("reopened %d of %d recorded session(s)", sum(o is True for o in reopened), len(records))
+
+    async def _reopen(self, record: SessionRecord) -> bool:
+        folder = self.sessions_dir / record.id
+        if not await asyncio.to_thread(folder.is_dir):
+            await self._record(self.records.delete, record.id)  # type: ignore[union-attr]
+            return False
+        try:
+            limits = Limits(**record.limits) if record.limits else self.settings.limits
+            limits.check()
+        except (TypeError, LimitsError):
+            limits = self.settings.limits
+        await asyncio.to_thread((folder / "owner").write_text, self.owner)
+        session = Session(self.backend, self.settings, self.owner, folder, record.id,
+                          limits if limits != self.settings.limits else None,
+                          own_filesystem=(folder / diskfs.IMAGE_NAME).exists(), isolation=record.isolation)
+        handle = await self.backend.adopt(session.kernel_spec()) if record.state == RUNNING else None
+        await session.reopen(handle)
+        session.created = record.created
+        session.pause_note = record.note if session.paused else None
+        session.last_used = time.monotonic() - max(time.time() - record.last_used, 0.0)
+        session.before_resume, session.after_resume = self._admit_resume, self._resumed
+        self._sessions[record.id] = session
+        if record.owner is not None:
+            self._owners[record.id] = record.owner
+        if session.paused and record.state == RUNNING:  # its kernel ended while no server ran
+            note = ("the kernel stopped while the server was down: variables were not saved" if not
+                    session.will_restore else "variables saved earlier are loaded on the next use")
+            session.pause_note = note
+            await self._record(self.records.update, record.id, state=PAUSED, paused=time.time(),  # type: ignore[union-attr]
+                               note=note)
+        return True
+
+    async def _resumed(self, session: Session) -> None:
+        if self.records is not None and session.id in self._sessions:
+            await self._record(self.records.update, session.id, state=RUNNING, paused=None, last_used=time.time())
+        self._emit("session.resume", session.id)
+
+    def _admit_resume(self, session: Session) -> None:
+        """Called before a paused session starts a kernel again: it needs the room a new one does."""
+        running = [s for s in self._sessions.values() if not s.paused]
+        if len(running) + len(self._starting) >= self.settings.max_sessions:
+            raise CapacityError(f"{len(running)} sessions are running, the limit is {self.settings.max_sessions}: "
+                                "this paused session resumes once one is closed or paused")
+        if not self._memory_fits(session.limits.memory_mb):
+            raise CapacityError(f"the running sessions hold {self._memory_committed()} MiB of the "
+                                f"{self.memory_budget_mb} MiB this host grants them: this paused session "
+                                "resumes once one is closed or paused")
 
     # -- sessions ---------------------------------------------------------------------------
     async def create(self, limits: Limits | None = None, isolation: str | None = None,
@@ -180,12 +325,18 @@ class SessionManager:
             self._owners[session.id] = caller.name
         else:
             session = await self._create(limits, isolation)
+        session.before_resume, session.after_resume = self._admit_resume, self._resumed
+        if self.records is not None:
+            await self._record(self.records.put, SessionRecord(
+                session.id, self.instance, caller.name if caller is not None else None, RUNNING,
+                created=session.created, limits=dataclasses.asdict(session.limits), isolation=session.isolation))
         self._emit("session.create", session.id, {"memory_mb": session.limits.memory_mb})
         return session
 
     def _check_user_limits(self, caller: Caller, memory_mb: int) -> None:
         """``UserLimit`` naming the limit when one more session of ``memory_mb`` would pass it."""
-        held = [s.limits.memory_mb for sid, s in self._sessions.items() if self._owners.get(sid) == caller.name]
+        held = [s.limits.memory_mb for sid, s in self._sessions.items()
+                if self._owners.get(sid) == caller.name and not s.paused]
         held += [mb for name, mb in self._starting_for if name == caller.name]
         if caller.max_sessions is not None and len(held) >= caller.max_sessions:
             raise UserLimit(f"user {caller.name} has {len(held)} open sessions and may hold {caller.max_sessions} "
@@ -204,10 +355,11 @@ class SessionManager:
 
     async def _create(self, limits: Limits | None, isolation: str | None) -> Session:
         # sessions still starting count too, or concurrent callers could all pass the check
-        if len(self._sessions) + len(self._starting) >= self.settings.max_sessions:
+        running = sum(not s.paused for s in self._sessions.values())
+        if running + len(self._starting) >= self.settings.max_sessions:
             raise CapacityError(
-                f"{len(self._sessions)} sessions are open, the limit is {self.settings.max_sessions}: "
-                "close idle sessions or raise max_sessions"
+                f"{running} sessions are running, the limit is {self.settings.max_sessions}: "
+                "close or pause idle sessions, or raise max_sessions"
             )
         custom = (limits is not None and limits != self.settings.limits) or isolation is not None
         session = self._pool.pop(0) if self._pool and not custom else None
@@ -250,7 +402,7 @@ class SessionManager:
 
     def _memory_committed(self) -> int:
         """MiB of memory limits held by open, warm and starting sessions."""
-        held = [*self._sessions.values(), *self._pool]
+        held = [*(s for s in self._sessions.values() if not s.paused), *self._pool]
         starting = sum(lim.memory_mb for lim in self._starting) + self._warming * self.settings.limits.memory_mb
         return sum(s.limits.memory_mb for s in held) + starting
 
@@ -283,6 +435,8 @@ class SessionManager:
         del self._sessions[session_id]
         self._emit("session.close", session_id, {"by": caller.name} if caller is not None else None)
         self._owners.pop(session_id, None)
+        if self.records is not None:
+            await self._record(self.records.delete, session_id)
         # in a task of its own, so that a shutdown meanwhile waits for it before closing the backend
         # (and a caller cancelled half-way does not leave a container behind)
         closing = asyncio.ensure_future(session.close())
@@ -297,7 +451,7 @@ class SessionManager:
 
     async def _fill_pool(self) -> None:
         while len(self._pool) < self.pool_size and not self._closing:
-            if len(self._sessions) + len(self._pool) >= self.settings.max_sessions:
+            if sum(not s.paused for s in self._sessions.values()) + len(self._pool) >= self.settings.max_sessions:
                 return
             if not self._memory_fits(self.settings.limits.memory_mb):
                 return
@@ -316,24 +470,75 @@ class SessionManager:
 
     async def _reap_idle(self) -> None:
         ttl = self.settings.idle_ttl_s
+        retain_s = self.settings.retain_days * 86400
+        period = min(max(min(ttl, retain_s) / 4, 0.5), 30)
         while True:
-            await asyncio.sleep(min(max(ttl / 4, 0.5), 30))
+            await asyncio.sleep(period)
             now = time.monotonic()
             for sid, session in list(self._sessions.items()):
-                if now - session.last_used > ttl and not session.busy:
-                    log.info("closing session %s after %.0f s idle", sid, now - session.last_used)
-                    self._sessions.pop(sid, None)
-                    self._emit("session.expire", sid, {"idle_s": round(now - session.last_used)})
-                    self._owners.pop(sid, None)
-                    try:
-                        await session.close()
-                        if self.on_reap is not None:
-                            self.on_reap(sid)
-                    except Exception:  # one bad session must not end reaping for the others
-                        log.exception("closing idle session %s failed", sid)
+                idle = now - session.last_used
+                try:
+                    if session.paused:
+                        if idle > retain_s and self._sessions.get(sid) is session:
+                            log.info("deleting session %s: paused and unused for %.1f days", sid, idle / 86400)
+                            await self._drop(sid, session, "session.expire", {"retained_days": self.settings.retain_days})
+                    elif idle > ttl and not session.busy:
+                        if self.durable:
+                            log.info("pausing session %s after %.0f s idle", sid, idle)
+                            report = await session.pause(force=True)
+                            await self._paused(session, report, "idle")
+                        else:
+                            log.info("closing session %s after %.0f s idle", sid, idle)
+                            await self._drop(sid, session, "session.expire", {"idle_s": round(idle)})
+                except Exception:  # one bad session must not end reaping for the others
+                    log.exception("reaping idle session %s failed", sid)
+
+    async def _drop(self, sid: str, session: Session, action: str, detail: dict) -> None:
+        """Close ``session`` for the server (idle or past retention): record, files and all."""
+        self._sessions.pop(sid, None)
+        self._emit(action, sid, detail)
+        self._owners.pop(sid, None)
+        if self.records is not None:
+            await self._record(self.records.delete, sid)
+        await session.close()
+        if self.on_reap is not None:
+            self.on_reap(sid)
+
+    # -- pause -----------------------------------------------------------------------------
+    async def pause(self, session_id: str, caller: Caller | None = None) -> StateReport:
+        """Pause the session: its variables saved, its container removed, its files kept; the next
+        use resumes it. ``PauseFailed`` (the session runs on as it was) when nothing could be saved;
+        ``SandboxError`` where sessions do not outlive the server."""
+        session = self.get(session_id, caller)
+        if not self.durable or not hasattr(session, "pause"):
+            raise SandboxError("this server does not keep sessions (durable sessions are off, or they run on a "
+                               "cluster): nothing can be paused")
+        report = await session.pause()
+        await self._paused(session, report, caller.name if caller is not None else "server")
+        return report
+
+    async def _paused(self, session: Session, report: StateReport, by: str) -> None:
+        wall = time.time() - max(time.monotonic() - session.last_used, 0.0)
+        size = await asyncio.to_thread(disk_usage, session.folder)
+        await self._record(self.records.update, session.id, state=PAUSED, paused=time.time(),  # type: ignore[union-attr]
+                           last_used=wall, note=report.words(), disk_bytes=size)
+        self._emit("session.pause", session.id, {"by": by, "saved": len(report.saved), "skipped": len(report.skipped),
+                                                 "bytes": report.bytes, **({"error": report.error} if report.error else {})})
+
+    async def _pause_for_shutdown(self, session: Session) -> None:
+        if session.paused or session.closed:
+            return
+        try:
+            report = await session.pause(force=True)
+        except Exception:  # noqa: BLE001 - a session that cannot pause is still stopped below
+            log.exception("session %s could not be paused at shutdown", session.id)
+            await session.close(keep_workspace=True)
+            return
+        await self._paused(session, report, "shutdown")
 
     async def shutdown(self) -> None:
-        """Close every session and the pool; nothing is left running. Idempotent."""
+        """Pause every session (durable) or close it, and close the pool; nothing is left
+        running. Idempotent."""
         self._closing = True
         for task in (self._reaper, self._refill):
             if task is not None:
@@ -342,6 +547,14 @@ class SessionManager:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
+        if self.durable:  # nothing runs while the server is gone: every session is paused, kept for later
+            await asyncio.gather(*(self._pause_for_shutdown(s) for s in list(self._sessions.values())),
+                                 return_exceptions=True)
+            kept = list(self._sessions.values())
+            self._sessions.clear()
+            await asyncio.gather(*(s.close(keep_workspace=True) for s in kept), return_exceptions=True)
+            # no mount is left behind either: the next start mounts the workspaces it reopens
+            await asyncio.gather(*(asyncio.to_thread(diskfs.release, s.folder) for s in kept), return_exceptions=True)
         for sid in self._sessions:  # a user's session ends here too: told as a close by the shutdown
             self._emit("session.close", sid, {"by": "shutdown"})
         self._owners.clear()

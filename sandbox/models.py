@@ -82,6 +82,7 @@ class Execution:
     truncated: int = 0  # output bytes dropped to stay within the budget
     state_lost: bool = False  # the kernel was restarted: variables from earlier executions are gone
     reason: str | None = None  # why the status is timeout or crashed, in words
+    resumed: str | None = None  # the session was paused and resumed for this run: what came back, in words
 
     @property
     def ok(self) -> bool:
@@ -107,7 +108,8 @@ class Execution:
         """What a person is told under a cell besides its outputs, one sentence each: the images it
         saved (unless the front end shows them itself), why it timed out or crashed (or did not
         run), and how much output was dropped. Every front end renders these, in its own markup."""
-        notes = [f"image saved: {img.path}" for img in self.images] if images else []
+        notes = [f"session resumed: {self.resumed}"] if self.resumed else []
+        notes += [f"image saved: {img.path}" for img in self.images] if images else []
         if self.reason:
             notes.append(f"{self.status.value}: {self.reason}" if self.status is not ExecutionStatus.OK else self.reason)
         if self.truncated:
@@ -117,7 +119,8 @@ class Execution:
     def text(self, budget: int = 4000) -> str:
         """Render for a language model: streams, plain-text results, image paths and the error,
         cut to ``budget`` characters keeping the head and the tail."""
-        parts = [out.plain_text() for out in self.outputs]
+        parts = [f"[the session was paused and resumed on a fresh kernel: {self.resumed}]\n"] if self.resumed else []
+        parts += [out.plain_text() for out in self.outputs]
         for img in self.images:
             parts.append(f"![{img.path.rsplit('/', 1)[-1].split('.')[0]}]({img.path})\n")
         if self.reason and (self.status in (ExecutionStatus.TIMEOUT, ExecutionStatus.CRASHED) or self.error is None):

@@ -50,9 +50,10 @@ def node_name() -> str:
 
 
 def node_settings(server: SandboxSettings) -> SandboxSettings:
-    """The server's settings as this node applies them: its own home, its own owner names."""
+    """The server's settings as this node applies them: its own home, its own owner names. A
+    node's sessions end with the server that placed them (no records are kept on nodes)."""
     return dataclasses.replace(server, backend="docker", home=default_home(), instance=f"node-{node_name()}",
-                               pool_size=0, ray_address=None)
+                               pool_size=0, ray_address=None, durable=False)
 
 
 @dataclasses.dataclass

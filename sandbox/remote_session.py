@@ -46,6 +46,11 @@ class RemoteSession:
         self.created = time.time()
         self.last_used = time.monotonic()
         self.executions = 0
+        self.paused = False  # a cluster's sessions are never paused: they end with the server
+        self.before_resume: Any = None
+        self.after_resume: Any = None
+        self.pause_note: str | None = None
+        self.isolation: str | None = None
         self.workspace = RemoteWorkspace(self)
         self._actor = actor
         self._lost_reason = lost_reason  # (node id, node name) -> why it is gone, in words

@@ -17,16 +17,25 @@ import stat
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from . import diskfs
 from .backends.base import Backend, KernelHandle, KernelSpec
 from .config import Limits, SandboxSettings
-from .errors import ConnectionLimit, SandboxError, SessionClosed, WorkspaceError
-from .kernel import KernelClient, OutputCollector, OutputCallback, RawResult, sockets_ready, write_connection_file
+from .errors import ConnectionLimit, PauseFailed, SandboxError, SessionClosed, WorkspaceError
+from .kernel import (
+    KernelClient,
+    OutputCallback,
+    OutputCollector,
+    RawResult,
+    read_connection_file,
+    sockets_ready,
+    write_connection_file,
+)
 from .models import Execution, ExecutionStatus, ImageFile, Output
 from .relay import MAX_RELAYS, MAX_RELAYS_PER_SESSION, KernelRelay, open_relays
+from .state import STATE_DIR, StateReport, parse_report, restore_code, save_code
 from .supervisor import DIED, RESTARTED, KernelSupervisor, Replacement, Watched
 from .workspace import Workspace, remove_tree
 
@@ -34,6 +43,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/svg+xml": "svg", "image/gif": "gif"}
 MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes
+STATE_OUTPUT_BYTES = 1 << 20  # what the state code may print: its report, the names it skipped
+PAUSED = Replacement("was paused", "the session was paused: its variables were saved and are loaded again "
+                     "when it is next used", autorestart=False)
 
 
 def _image_mime(out: Output) -> str | None:
@@ -109,6 +121,14 @@ class Session:
         self.supervisor = KernelSupervisor(backend, settings.kernel_watch, self._lock, self.id, self._replace,
                                            self._end_relays, self._watched)
         self.isolation = isolation  # one of the backend's isolations(), or None for its default
+        self.paused = False  # no kernel: variables saved (``pause``), loaded again on the next use
+        self.pause_report: StateReport | None = None  # what the last pause saved
+        self.pause_note: str | None = None  # the same in words, also for a pause an earlier process made
+        self._restore = False  # the next kernel loads the saved variables
+        self._resumed: str | None = None  # what the last resume brought back, for the next execution
+        # told before a paused session starts a kernel again (the manager checks there is room), and after
+        self.before_resume: Callable[[Session], None] | None = None
+        self.after_resume: Callable[[Session], Awaitable[None]] | None = None
 
     @property
     def closed(self) -> bool:
@@ -135,6 +155,34 @@ class Session:
         except BaseException:
             await self.close()
             raise
+
+    async def reopen(self, handle: KernelHandle | None) -> None:
+        """Take up a session an earlier server process left: its workspace is remounted where it
+        has its own filesystem, and ``handle``, its kernel still running (the server was killed),
+        is connected to again as it is, variables and all. Without a handle, or when the kernel
+        does not answer, the session is paused: its next use starts a kernel and loads what the
+        last pause saved."""
+        if self._own_filesystem:
+            await asyncio.to_thread(diskfs.remount, self.workspace.root, self.folder / diskfs.IMAGE_NAME)
+        if handle is not None:
+            try:
+                rt = self.runtime_dir
+                if len(str(rt)) + 12 > MAX_SOCKET_PATH:
+                    self._socket_dir = await asyncio.to_thread(socket_alias, f"{os.getpid()}-{self.id}", rt)
+                info = await asyncio.to_thread(read_connection_file, rt, self._socket_dir)
+                self._handle = handle
+                self._client = KernelClient(info)
+                await self._client.connect(self.settings.start_timeout_s / 4)
+                self._connection_info = info
+                self.supervisor.started(handle)
+                return
+            except Exception as exc:  # noqa: BLE001 - a kernel that cannot be reached is replaced
+                log.warning("session %s: its running kernel could not be reached again (%s): it is paused", self.id, exc)
+                await self._stop_kernel()
+                if handle.ref is not None:
+                    await self.backend.stop(handle)
+        self.paused = True
+        self._restore = await asyncio.to_thread(self.workspace.root.joinpath(STATE_DIR).is_dir)
 
     async def _start_kernel(self) -> None:
         rt = self.runtime_dir
@@ -167,6 +215,16 @@ class Session:
         await asyncio.to_thread(self._lock_runtime_dir)
         self._connection_info = info
         self.supervisor.started(self._handle)
+        was_paused, self.paused = self.paused, False
+        if self._restore:
+            self._restore = False
+            self._resumed = (await self._load_state()).words()
+        elif was_paused:
+            self._resumed = "nothing was saved when it was paused: a fresh kernel, no variables"
+            if self.pause_report is not None and self.pause_report.error:
+                self._resumed = f"nothing was restored: {self.pause_report.error}"
+        if was_paused and self.after_resume is not None:
+            await self.after_resume(self)
 
     def _fresh_runtime_dir(self, kernel_rt: str) -> dict:
         """An empty runtime folder with a new connection file, writable by the kernel while it
@@ -195,6 +253,15 @@ class Session:
         os.chmod(rt / "kernel.json", 0o400)
         os.chown(rt, 0, 0)
         os.chmod(rt, 0o711)
+
+    @property
+    def will_restore(self) -> bool:
+        """The next kernel loads variables that a pause saved."""
+        return self._restore
+
+    def kernel_spec(self) -> KernelSpec:
+        """What the backend is asked for to run this session's kernel (its labels, folders, limits)."""
+        return self._spec_base()
 
     def _spec_base(self) -> KernelSpec:
         lim = self.limits
@@ -231,6 +298,8 @@ class Session:
     async def _replace(self, why: Replacement) -> None:
         """The supervisor's one way to replace the kernel (it holds the lock): stop it, start a fresh one."""
         self._check_open()
+        if self.paused and self.before_resume is not None:
+            self.before_resume(self)
         await self._stop_kernel(why)
         await self._start_kernel()
 
@@ -239,6 +308,91 @@ class Session:
         async with self._lock:
             self._check_open()
             await self.supervisor.replace_locked(self.supervisor.generation)
+
+    # -- pause and resume --------------------------------------------------------------------
+    async def pause(self, force: bool = False) -> StateReport:
+        """Save the kernel's variables into the workspace (``sandbox.state``), then stop the kernel
+        and remove its container; the workspace stays. The next use (an execution, a notebook
+        client) starts a fresh kernel that loads them. A running cell is interrupted first, and the
+        report says so. ``PauseFailed`` when nothing could be saved (the workspace is full, the
+        kernel does not answer): the session then runs on as it was, unless ``force`` (the server
+        is stopping), which stops the kernel all the same."""
+        self._check_open()
+        interrupted = self._lock.locked()
+        if interrupted:
+            self.interrupt()
+        try:
+            await asyncio.wait_for(self._lock.acquire(), self.settings.interrupt_grace_s + 2)
+        except asyncio.TimeoutError:
+            if not force:
+                raise PauseFailed("a cell is running and did not stop when interrupted: stop it (or wait), "
+                                  "then pause again") from None
+            locked = False
+        else:
+            locked = True
+        try:
+            self._check_open()
+            if self.paused:
+                return self.pause_report or StateReport()
+            if self._client is None or self.supervisor.needs_replacement or not await self.supervisor.alive():
+                report = StateReport(error="the kernel was not running: no variables to save")
+            elif not locked:
+                report = StateReport(error="a running cell did not stop: the variables could not be saved")
+            else:
+                report = await self._save_state()
+            report.interrupted = interrupted
+            if report.error and not force and self._client is not None and locked:
+                raise PauseFailed(f"the session was not paused, its kernel runs on: {report.error}")
+            if report.error:  # an older state would be stale now: the next kernel starts empty
+                await asyncio.to_thread(remove_tree, self.workspace.root / STATE_DIR)
+            await self._stop_kernel(PAUSED)
+            self.paused, self._restore, self.pause_report = True, not report.error, report
+            self.pause_note = report.words()
+            log.info("session %s paused: %s", self.id, report.words())
+            return report
+        finally:
+            if locked:
+                self._lock.release()
+
+    def take_resumed(self) -> str | None:
+        """What the last resume restored, in words, once (the next execution reports it)."""
+        words, self._resumed = self._resumed, None
+        return words
+
+    async def _save_state(self) -> StateReport:
+        kernel_ws = self.backend.kernel_paths(self._spec_base())[1]
+        code = save_code(kernel_ws, max_var_bytes=max(self.limits.workspace_bytes // 2, 1 << 20))
+        stdout = await self._run_quietly(code, self.settings.pause_timeout_s)
+        return parse_report(stdout)
+
+    async def _load_state(self) -> StateReport:
+        """In the fresh kernel (the lock is held): load what the last pause saved, then remove it,
+        so that the quota is free again and a later crash never brings back stale variables."""
+        kernel_ws = self.backend.kernel_paths(self._spec_base())[1]
+        try:
+            report = parse_report(await self._run_quietly(restore_code(kernel_ws), self.settings.pause_timeout_s))
+        except SandboxError as exc:
+            report = StateReport(error=f"the saved variables could not be loaded ({exc}): a fresh kernel")
+        await asyncio.to_thread(remove_tree, self.workspace.root / STATE_DIR)
+        return report
+
+    async def _run_quietly(self, code: str, timeout: float) -> str:
+        """Run the server's own ``code`` (the lock is held) and return what it printed; it leaves
+        no history and no execution count. ``SandboxError`` when the kernel died or timed out."""
+        assert self._client is not None and self._handle is not None
+        raw = RawResult()
+        collector = OutputCollector(raw, STATE_OUTPUT_BYTES, 0, 0, None)
+        handle = self._handle
+        msg_id = self._client.send_execute(code, store_history=False)
+        await self._client.collect(msg_id, collector, time.monotonic() + timeout,
+                                   lambda: self.backend.is_alive(handle))
+        if raw.died:
+            raise SandboxError("the kernel died while its variables were being saved or loaded "
+                               f"({await self.backend.exit_reason(handle)})")
+        if not raw.done:
+            self._client.interrupt()
+            raise SandboxError(f"saving or loading the variables took longer than {timeout:g} s")
+        return "".join(o.text or "" for o in raw.outputs if o.kind == "stream")
 
     def interrupt(self, task: asyncio.Task | None = None) -> None:
         """Interrupt what the kernel is running now (from another task than the one executing);
@@ -372,9 +526,11 @@ class Session:
         if sup.needs_replacement or self._client is None:  # notebook clients still attached hear why
             await sup.replace_locked(sup.generation, RESTARTED if sup.handle is None else DIED)
         assert self._client is not None and self._handle is not None
+        resumed = self.take_resumed()
         generation = sup.generation
         if cancel is not None and cancel.is_set():  # no await from here to the request: it is sent or not at all
-            return Execution(status=ExecutionStatus.ERROR, reason="Stopped before it ran: nothing was executed.")
+            return Execution(status=ExecutionStatus.ERROR, reason="Stopped before it ran: nothing was executed.",
+                             resumed=resumed)
         lim = self.limits
         raw = RawResult()
         collector = OutputCollector(raw, lim.output_bytes + 1024, lim.max_images, lim.max_image_bytes, on_output)
@@ -414,7 +570,7 @@ class Session:
         execution = Execution(
             status=status, outputs=raw.outputs, execution_count=raw.execution_count,
             duration_s=round(time.monotonic() - t0, 4), truncated=raw.dropped,
-            state_lost=state_lost, reason=reason,
+            state_lost=state_lost, reason=reason, resumed=resumed,
         )
         if any(_image_mime(out) for out in raw.outputs):  # most runs have none: no thread hop for them
             execution.images = await asyncio.to_thread(self._save_images, raw.outputs)  # file IO off the loop

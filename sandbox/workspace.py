@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .config import Limits
+from .state import STATE_DIR
 from .errors import QuotaExceeded, WorkspaceError, WorkspacePathError
 
 log = logging.getLogger(__name__)
@@ -288,6 +289,8 @@ class Workspace:
                             seen += 1
                             if seen > MAX_LISTED:
                                 break
+                            if depth == 0 and entry.name == STATE_DIR:  # a paused session's variables
+                                continue
                             try:
                                 st = entry.stat(follow_symlinks=False)
                                 if stat.S_ISREG(st.st_mode):

@@ -19,11 +19,12 @@ from .errors import (
 )
 from .home import default_home
 from .keys import KEY_MAX_CHARS, KEY_PATTERN, KEY_PREFIX, key_digest, new_key, redact_keys
+from .sessions import PAUSED, RUNNING, SessionRecord, SessionRecords
 from .users import STORE_FILE, KeyIndex, User, UserStore, check_name
 
 __all__ = [
     "AUDIT_FILE", "AuditEvent", "AuditLog", "InvalidLimit", "InvalidUserName", "KEY_MAX_CHARS", "KEY_PATTERN",
-    "KEY_PREFIX", "KeyIndex", "STORE_FILE", "StoreCorrupt", "StoreError", "StoreLocked", "StoreUnavailable",
+    "KEY_PREFIX", "KeyIndex", "PAUSED", "RUNNING", "STORE_FILE", "SessionRecord", "SessionRecords", "StoreCorrupt", "StoreError", "StoreLocked", "StoreUnavailable",
     "User", "UserExists", "UserNotFound", "UserStore", "audit_path", "check_name", "default_home", "key_digest",
     "new_key", "redact_keys",
 ]

@@ -86,6 +86,17 @@ class SessionInfo(BaseModel):
     busy: bool = Field(description="a chat turn is running")
     has_conversation: bool
     limits: dict[str, Any]
+    state: str = Field("running", description="running, or paused: variables saved, no kernel; the next use resumes it")
+    note: str | None = Field(None, description="what the last pause saved, or why it saved nothing")
+
+
+class PauseReport(BaseModel):
+    id: str
+    state: str
+    saved: list[str] = Field(description="variables saved, loaded again when the session resumes")
+    skipped: dict[str, str] = Field(description="variables not saved, each with why (a module, too large...)")
+    bytes: int = Field(description="size of the saved variables, counted in the workspace quota")
+    note: str = Field(description="the same in one line")
 
 
 class SessionList(BaseModel):
@@ -143,7 +154,9 @@ def session_info(services: Services, session: Session) -> SessionInfo:
     chat = services.service.by_session(session.id)
     return SessionInfo(id=session.id, created=session.created, idle_s=round(time.monotonic() - session.last_used, 3),
                        executions=session.executions, busy=chat is not None and chat.busy,
-                       has_conversation=chat is not None, limits=asdict(session.limits))
+                       has_conversation=chat is not None, limits=asdict(session.limits),
+                       state="paused" if session.paused else "running",
+                       note=session.pause_note if session.paused else None)
 
 
 def open_session(services: Services, session_id: str, request: Request) -> Session:
@@ -215,6 +228,16 @@ async def delete_session(request: Request, session_id: str) -> Response:
     s.service.forget(session_id)
     await s.manager.close(session_id, caller_of(request))
     return Response(status_code=204)
+
+
+@router.post("/sessions/{session_id}/pause", response_model=PauseReport,
+             summary="Pause a session: variables saved, kernel stopped, files kept; its next use resumes it")
+async def pause_session(request: Request, session_id: str) -> PauseReport:
+    s = services_of(request)
+    open_session(s, session_id, request)
+    report = await s.manager.pause(session_id, caller_of(request))  # PauseFailed: 409, it runs on
+    return PauseReport(id=session_id, state="paused", saved=report.saved, skipped=report.skipped,
+                       bytes=report.bytes, note=report.words())
 
 
 @router.post("/sessions/{session_id}/restart", response_model=SessionInfo,

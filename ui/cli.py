@@ -25,6 +25,7 @@ from interpreter.events import Event
 from sandbox import Execution, JupyboxError, SandboxSettings, Session, SessionManager
 from sandbox.models import Output
 from ui.flags import add_model_flags
+from ui.sessions_cli import add_session_commands, run_session_command
 from ui.users_cli import add_user_commands, run_user_command
 
 log = logging.getLogger("jupybox")
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.model import add_model_flags as add_bench_model_flags
     add_bench_model_flags(m)
     add_user_commands(sub)
+    add_session_commands(sub)
     return parser
 
 
@@ -206,6 +208,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await asyncio.to_thread(run_model_bench, args)
     if args.command in ("users", "audit"):
         return run_user_command(args)
+    if args.command == "sessions":
+        return run_session_command(args)
     if args.command == "eval":
         from bench.eval import run_eval_command
 

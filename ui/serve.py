@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from dataclasses import replace
@@ -55,7 +56,14 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pool-size", type=int, help="warm sessions kept ready (default 0; env JUPYBOX_POOL_SIZE)")
     g.add_argument("--max-sessions", type=int, help="open sessions at most (default 64; env JUPYBOX_MAX_SESSIONS)")
     g.add_argument("--idle-ttl", type=float,
-                   help="close sessions idle this many seconds (default 1800; env JUPYBOX_IDLE_TTL)")
+                   help="pause sessions idle this many seconds: variables saved, container removed, files kept "
+                        "(default 1800; env JUPYBOX_IDLE_TTL)")
+    g.add_argument("--retain-days", type=float,
+                   help="delete paused sessions, files and all, unused this many days (default 7; env JUPYBOX_RETAIN_DAYS)")
+    g.add_argument("--durable", action=argparse.BooleanOptionalAction, default=None,
+                   help="sessions outlive the server: kept as records, paused at shutdown and when idle, "
+                        "resumed on their next use (default on; --no-durable: they end with the server and "
+                        "idle ones are closed; env JUPYBOX_DURABLE=0)")
     g.add_argument("--memory-mb", type=int, help="memory per session (default 1024; env JUPYBOX_MEMORY_MB)")
     g.add_argument("--cpus", type=float, help="CPUs per session (default 1; env JUPYBOX_CPUS)")
     g.add_argument("--pids", type=int, help="processes per session (default 256; env JUPYBOX_PIDS)")
@@ -67,8 +75,12 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
 
 def sandbox_overrides(args: argparse.Namespace) -> dict[str, object]:
     """The sandbox settings serve's flags set, for ``SandboxSettings.from_env``."""
+    durable = args.durable
+    if durable is None and not os.environ.get("JUPYBOX_DURABLE"):
+        durable = True  # the server's default; other commands' sessions end with them
     return {"pool_size": args.pool_size, "max_sessions": args.max_sessions, "idle_ttl_s": args.idle_ttl,
-            "default_timeout_s": args.exec_timeout, "memory_budget_mb": args.memory_budget_mb}
+            "default_timeout_s": args.exec_timeout, "memory_budget_mb": args.memory_budget_mb,
+            "retain_days": args.retain_days, "durable": durable}
 
 
 def serve_settings(args: argparse.Namespace, sandbox: SandboxSettings) -> ServeSettings:

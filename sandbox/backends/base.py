@@ -100,10 +100,17 @@ class Backend(abc.ABC):
         """Called on close and before a restart: kill the kernel and release everything it held
         (container, processes). Must be idempotent and never raise for an already-gone kernel."""
 
-    async def cleanup_orphans(self, is_orphan_owner: Any) -> int:
+    async def cleanup_orphans(self, is_orphan: Any) -> int:
         """Called once at manager start-up: remove what dead jupybox processes left behind.
-        ``is_orphan_owner(owner) -> bool``. Returns how many things were removed."""
+        ``is_orphan(owner, session_id) -> bool`` (a dead owner's session that no record keeps).
+        Returns how many things were removed."""
         return 0
+
+    async def adopt(self, spec: KernelSpec) -> KernelHandle | None:
+        """Called at manager start-up for each session an earlier server process left (the
+        server was killed): its kernel, when it still runs, as a handle this process can use and
+        stop; ``None`` when there is none. Default: kernels end with the server (bwrap, local)."""
+        return None
 
     async def open_session(self, session_id: str, limits: Limits) -> Any:
         """Called by the manager instead of building a local ``Session`` when ``places_sessions``:

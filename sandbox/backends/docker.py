@@ -182,7 +182,22 @@ class DockerBackend(Backend):
         except Exception as exc:  # already removed
             log.debug("removing %s: %s", handle.spec.session_id, exc)
 
-    async def cleanup_orphans(self, is_orphan_owner: Callable[[str], bool]) -> int:
+    async def adopt(self, spec: KernelSpec) -> KernelHandle | None:
+        """The session's container, still running since an earlier server started it."""
+        client = self._docker()
+        try:
+            container = await asyncio.to_thread(client.containers.get, f"jupybox-{spec.session_id}")
+        except Exception:  # noqa: BLE001 - not there (removed, host restarted): the session is paused
+            return None
+        labels = container.labels or {}
+        if labels.get(f"{LABEL}.session") != spec.session_id or any(labels.get(k) != v for k, v in self.labels.items()):
+            return None
+        if container.status != "running":
+            await self.stop(KernelHandle(spec=spec, ref=container))
+            return None
+        return KernelHandle(spec=spec, ref=container)
+
+    async def cleanup_orphans(self, is_orphan: Callable[[str, str], bool]) -> int:
         client = self._docker()
         # sparse: one list call, no inspect per container (which races with others removing theirs)
         wanted = [LABEL, *(f"{k}={v}" for k, v in self.labels.items())]
@@ -190,7 +205,7 @@ class DockerBackend(Backend):
         removed = 0
         for c in containers:
             labels = c.attrs.get("Labels") or {}
-            if is_orphan_owner(labels.get(f"{LABEL}.owner", "")):
+            if is_orphan(labels.get(f"{LABEL}.owner", ""), labels.get(f"{LABEL}.session", "")):
                 log.info("removing orphaned sandbox container %s", c.id[:12])
                 try:
                     await asyncio.to_thread(client.api.remove_container, c.id, force=True)
