@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .config import Limits
-from .state import STATE_DIR
 from .errors import QuotaExceeded, WorkspaceError, WorkspacePathError
+from .state import STATE_DIR
 
 log = logging.getLogger(__name__)
 
