@@ -9,7 +9,7 @@ import pytest
 
 PUBLIC = {
     "sandbox": ["BackendUnavailable", "Caller", "CapacityError", "Execution", "ExecutionStatus", "ImageFile", "ImageNotFound",
-                "JupyboxError", "KernelMessage", "KernelMessageRefused", "KernelRelay", "Limits", "LimitsError", "Output", "QuotaExceeded", "SANDBOX_IMAGE", "SandboxError",
+                "JupyboxError", "KernelMessage", "KernelMessageRefused", "KernelRelay", "Limits", "LimitsError", "Output", "PauseFailed", "QuotaExceeded", "SANDBOX_IMAGE", "SandboxError",
                 "SandboxSettings", "Session", "SessionClosed", "SessionManager", "UserLimit", "Workspace", "WorkspaceError",
                 "WorkspaceFile", "WorkspacePathError"],
     "interpreter": ["Cell", "Chat", "Conversation", "ConversationService", "Event", "FORMATS", "FormatError",
