@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 IMAGE_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/svg+xml": "svg", "image/gif": "gif"}
 MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes
 STATE_OUTPUT_BYTES = 1 << 20  # what the state code may print: its report, the names it skipped
+# notebook clients are told ``autorestarting``, as for a restart: they reconnect, which resumes it
 PAUSED = Replacement("was paused", "the session was paused: its variables were saved and are loaded again "
-                     "when it is next used", autorestart=False)
+                     "by the kernel that resumes it")
 
 
 def _image_mime(out: Output) -> str | None:

@@ -459,6 +459,38 @@ def test_refusals_leave_the_kernel_working(jupybox: Jupybox) -> None:
         assert jc.delete(f"/api/sessions/{other}").status_code == 204
 
 
+def test_a_paused_kernel_tells_its_client_and_resumes_on_the_next_connect(jupybox: Jupybox) -> None:
+    """The server is durable: pausing the kernel's session saves its variables and removes its
+    container; the client attached hears ``autorestarting`` (as after a restart) and, connecting
+    again, finds its variables on the kernel that resumed."""
+    with jupybox.client() as jc:
+        before = {s["id"] for s in jc.get("/api/sessions").json()["sessions"]}
+        kernel_id = jc.post("/api/kernels").json()["id"]
+        (sid,) = {s["id"] for s in jc.get("/api/sessions").json()["sessions"]} - before
+
+        async def talk() -> None:
+            async with connect(jupybox.ws, kernel_id, TOKEN, v1=True) as ws:
+                channels = Channels(ws, v1=True)
+                await channels.execute("x = 5")
+                report = await asyncio.to_thread(jc.post, f"/api/sessions/{sid}/pause")
+                assert report.status_code == 200 and "x" in report.json()["saved"], report.text
+                states = []
+                with pytest.raises(websockets.ConnectionClosed):
+                    while True:
+                        m = await channels.recv(timeout=30)
+                        if m["msg_type"] == "status":
+                            states.append(m["content"]["execution_state"])
+                assert "autorestarting" in states
+            assert jc.get(f"/api/sessions/{sid}").json()["state"] == "paused"
+            async with connect(jupybox.ws, kernel_id, TOKEN, v1=True) as ws:
+                _, out = await Channels(ws, v1=True).execute("print(x * 2)")
+                assert text_of(out) == "10\n"
+
+        asyncio.run(talk())
+        assert jc.get(f"/api/sessions/{sid}").json()["state"] == "running"
+        assert jc.delete(f"/api/kernels/{kernel_id}").status_code == 204
+
+
 # -- JupyterLab in a browser -------------------------------------------------------------------
 NOTEBOOK_CELLS = [
     "import os, socket\nprint('uid', os.getuid())\ntry:\n    socket.create_connection(('pypi.org', 443), timeout=5)\n"
