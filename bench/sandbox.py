@@ -4,8 +4,9 @@ Measured on the settings' backend, one phase after the other, every session clos
 cold start of a session, acquire from a warm pool, the round-trip of ``1+1`` next to a bare local
 ipykernel measured in the same run (alternating, so noise hits both), idle memory per kernel
 (docker), the kernel's own resident memory idle and after a soak of cells that each print a few
-megabytes (it must stay flat: printed output is not kept), and how many sessions this host holds
-before its free memory nears a reserve.
+megabytes (it must stay flat: printed output is not kept), how long pausing and resuming a session
+holding 100 MB of variables takes (a durable manager, as the server runs) and the disk the paused
+session takes, and how many sessions this host holds before its free memory nears a reserve.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from jupyter_client.manager import AsyncKernelManager
 
 from sandbox import JupyboxError, SandboxError, SandboxSettings, Session, SessionManager
+from sandbox.manager import disk_usage
 
 from .session_timing import POOL_SIZE, cold_starts, execute_ok, percentile, timed, warm_acquires
 
@@ -40,7 +42,13 @@ TARGETS: dict[str, tuple[float, str, str]] = {
     "cold_start_p50_s": (1.5, "<", "< 1.5 s"),
     "warm_acquire_p50_ms": (50.0, "<", "< 50 ms"),
     "roundtrip_ratio_p50": (1.5, "<=", "<= 1.5x"),
+    "resume_p50_s": (2.0, "<", "< 2 s"),
 }
+# the variables a paused session holds in the pause and resume phase: 100 MB (an array, a DataFrame)
+STATE_CODE = ("import numpy as np, pandas as pd\n"
+              "big = np.random.default_rng(0).random(6_250_000)\n"
+              "frame = pd.DataFrame({'a': np.arange(3_125_000, dtype='float64'), 'b': big[:3_125_000] * 2})\n"
+              "print(big.nbytes + int(frame.memory_usage(index=False).sum()))")
 
 
 def mem_available() -> int:
@@ -153,6 +161,36 @@ async def kernel_soak(manager: SessionManager, cells: int) -> tuple[int, int]:
         await manager.close(session.id)
 
 
+async def pause_resume(settings: SandboxSettings, runs: int) -> dict[str, Any]:
+    """Pause and resume one session holding ``STATE_CODE``'s 100 MB of variables, ``runs`` times, on
+    a durable manager of its own instance: seconds per pause (saving, container removed), per resume
+    (a kernel started and the variables loaded, until a cell's result is back), and bytes on disk."""
+    durable = dataclasses.replace(settings, durable=True, pool_size=0,
+                                  instance=f"{settings.instance or 'bench'}-pause")
+    async with SessionManager(durable) as manager:
+        session = await manager.create()
+        try:
+            made = await session.execute(STATE_CODE, timeout=120)
+            if not made.ok:
+                raise SandboxError(f"the pause phase could not make its variables: {made.reason or made.text()}")
+            pauses, resumes, disk, saved = [], [], 0, 0
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                report = await manager.pause(session.id)
+                pauses.append(time.perf_counter() - t0)
+                saved, disk = report.bytes, await asyncio.to_thread(disk_usage, session.folder)
+                t0 = time.perf_counter()
+                back = await session.execute("float(big[-1] + frame['a'].iloc[-1])")
+                resumes.append(time.perf_counter() - t0)
+                if not back.ok or not back.resumed or "big" not in back.resumed:
+                    raise SandboxError(f"the session did not resume with its variables: {back.resumed or back.text()}")
+            return {"variables_mb": int(made.stdout) / 1e6, "state_mb": saved / 1e6, "paused_disk_mb": disk / 1e6,
+                    "pause_p50_s": percentile(pauses, 0.5), "resume_p50_s": percentile(resumes, 0.5),
+                    "resume_max_s": max(resumes)}
+        finally:
+            await manager.close(session.id)
+
+
 async def capacity(manager: SessionManager, max_sessions: int, per_session: int) -> tuple[int, float, str]:
     """Open sessions one after the other until a limit; returns (held, seconds, why it stopped)."""
     held: list[Session] = []
@@ -196,11 +234,13 @@ async def measure(settings: SandboxSettings, runs: int, max_sessions: int) -> di
         idle_rss, soak_rss = await kernel_soak(manager, cells)
         f.update(kernel_idle_rss_mib=idle_rss / (1 << 20), kernel_soak_rss_mib=soak_rss / (1 << 20),
                  soak_printed_mb=cells * SOAK_CELL_BYTES / 1e6)
+        if settings.backend == "docker":
+            f.update(await pause_resume(settings, max(2, min(runs, 5))))
         per_session = sum(mem) // len(mem) if mem else settings.limits.memory_mb << 20
         held, seconds, why = await capacity(manager, max_sessions, per_session)
         f.update(capacity_sessions=held, capacity_s=seconds)
     targets = {k: {"target": t, "value": f[k], "met": f[k] < t if op == "<" else f[k] <= t}
-               for k, (t, op, _) in TARGETS.items()}
+               for k, (t, op, _) in TARGETS.items() if k in f}
     return {"backend": settings.backend, "runtime": settings.docker_runtime, "runs": runs,
             "roundtrips": len(ours), "figures": f, "targets": targets, "capacity_stopped": why}
 
@@ -221,6 +261,11 @@ def render(r: dict[str, Any]) -> str:
         (f"idle memory per kernel (mean of {MEMORY_SESSIONS})", mem, ""),
         ("kernel RSS idle / after printing " + f"{f['soak_printed_mb']:.0f} MB",
          f"{f['kernel_idle_rss_mib']:.1f} / {f['kernel_soak_rss_mib']:.1f} MiB", ""),
+        *([(f"pause / resume, {f['variables_mb']:.0f} MB of variables (p50)",
+            f"{f['pause_p50_s']:.2f} / {f['resume_p50_s']:.2f} s (max {f['resume_max_s']:.2f})", met("resume_p50_s")),
+           ("resume / cold start (p50)", f"{f['resume_p50_s'] / f['cold_start_p50_s']:.2f}x", ""),
+           ("paused session: saved state / disk", f"{f['state_mb']:.0f} / {f['paused_disk_mb']:.0f} MB", "")]
+          if "resume_p50_s" in f else []),
         ("capacity: sessions held / time", f"{f['capacity_sessions']} in {f['capacity_s']:.1f} s", ""),
     ]
     head = f"jupybox sandbox benchmark: backend {r['backend']}" + (f" ({r['runtime']})" if r["runtime"] else "")

@@ -70,22 +70,29 @@ def make_owner(instance: str) -> str:
 
 
 def disk_usage(folder: "os.PathLike[str] | str") -> int:
-    """Bytes the folder's files take on disk (allocated blocks: a sparse workspace image counts
-    what it holds, not its size), without following links; 0 when it is gone."""
+    """Bytes a session's folder takes on disk, without following links; 0 when it is gone. A
+    workspace on its own filesystem counts what that filesystem holds (its image file's blocks lag
+    behind what was just written, and it is sparse), plain files their allocated blocks."""
     total, stack = 0, [os.fspath(folder)]
+    mounted = os.path.ismount(os.path.join(os.fspath(folder), "data"))
     while stack:
+        top = stack.pop()
         try:
-            entries = list(os.scandir(stack.pop()))
+            entries = list(os.scandir(top))
         except OSError:
             continue
         for entry in entries:
             try:
-                st = entry.stat(follow_symlinks=False)
+                if entry.is_dir(follow_symlinks=False):
+                    if os.path.ismount(entry.path):
+                        st = os.statvfs(entry.path)
+                        total += (st.f_blocks - st.f_bfree) * st.f_frsize
+                    else:
+                        stack.append(entry.path)
+                elif not (mounted and top == os.fspath(folder) and entry.name == diskfs.IMAGE_NAME):
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
             except OSError:
                 continue
-            total += st.st_blocks * 512
-            if entry.is_dir(follow_symlinks=False) and not os.path.ismount(entry.path):
-                stack.append(entry.path)
     return total
 
 

@@ -142,10 +142,11 @@ async def test_idle_sessions_are_paused_and_deleted_after_retention(sandbox_imag
         session = await manager.create()
         await session.execute("kept = 'yes'")
         deadline = time.monotonic() + 30
-        while not session.paused:
+        while ("session.pause", session.id) not in events:  # told once paused and recorded
             assert time.monotonic() < deadline, "the idle session was not paused"
             await asyncio.sleep(0.2)
-        assert ("session.pause", session.id) in events and not container_exists(session.id)
+        assert session.paused and not container_exists(session.id)
+        assert manager.records.get(session.id).state == "paused"
         ex = await session.execute("print(kept)")  # resumed by its use: the retention starts again from here
         assert ex.stdout == "yes\n" and ex.resumed
 
