@@ -247,6 +247,13 @@ class Server:
         return out
 
 
+def sessions_list(home: Path, *args: str, as_json: bool = True) -> str:
+    """What `jupybox sessions list` prints for ``home``, as a separate process reading the store."""
+    return subprocess.run([sys.executable, "-m", "ui.cli", "sessions", "list", *args, *(["--json"] if as_json else [])],
+                          cwd=ROOT, env={**os.environ, "JUPYBOX_HOME": str(home), "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, check=True).stdout
+
+
 @pytest.fixture
 def server_home(jb_home: Path) -> Iterator[Path]:
     home = jb_home / "serve"
@@ -293,12 +300,14 @@ def test_the_server_killed_or_stopped_keeps_sessions_files_variables_and_cells(s
             assert c.get(f"/api/sessions/{sid}/files/result.txt").content == b"done"
             report = c.post(f"/api/sessions/{sid}/pause").json()
             assert "x" in report["saved"] and not container_exists(sid)
+            (kept,) = [json.loads(line) for line in sessions_list(server_home).splitlines()]
+            assert kept["id"] == sid and kept["state"] == "paused" and kept["disk_bytes"] >= report["bytes"] > 0
+            table = sessions_list(server_home, as_json=False)  # the table for people
+            assert table.startswith("ID") and sid in table and "paused" in table
+            assert sessions_list(server_home, "--user", "nobody") == ""
             assert c.delete(f"/api/sessions/{sid}").status_code == 204
             assert not (server_home / "sessions" / sid).exists()
-            listed = subprocess.run([sys.executable, "-m", "ui.cli", "sessions", "list", "--json"], cwd=ROOT,
-                                    env={**os.environ, "JUPYBOX_HOME": str(server_home), "PYTHONPATH": str(ROOT)},
-                                    capture_output=True, text=True, check=True).stdout
-            assert sid not in listed
+            assert sid not in sessions_list(server_home)
     finally:
         if server.proc is not None and server.proc.poll() is None:
             server.stop(signal.SIGTERM)
