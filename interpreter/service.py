@@ -331,14 +331,18 @@ class ConversationService:
 
     async def _sweep(self) -> None:
         """Forget conversations idle past the TTL whose session is gone (tabs never closed, users
-        who went away); one with an open session lives as long as the sandbox keeps it."""
+        who went away), or paused where the record brings it back (an API session's); one with a
+        running session lives as long as the sandbox keeps it."""
         while True:
             await asyncio.sleep(min(max(self.idle_ttl_s / 4, 0.5), 60))
             now = time.monotonic()
+            running = {s.id for s in self.manager.list() if not s.paused}
+            paused = {s.id for s in self.manager.list() if s.paused}
             for chat in list(self._chats.values()):
                 sid = chat.conversation.session_id
-                open_ = sid is not None and any(s.id == sid for s in self.manager.list())
-                if not chat.busy and not open_ and now - chat.last_used > self.idle_ttl_s:
+                # an API session's conversation comes back from its record when it is next used
+                kept = sid in running or (sid in paused and not chat.bound)
+                if not chat.busy and not kept and now - chat.last_used > self.idle_ttl_s:
                     self._chats.pop(chat.key, None)
 
     # -- files ------------------------------------------------------------------------------

@@ -198,10 +198,11 @@ class SessionManager:
 
     # -- records: sessions that outlive the process ------------------------------------------
     async def _recorded_ids(self) -> list[str]:
-        if self.records is None:
-            return []
+        """Sessions of this instance that records keep, also read by a manager that keeps none
+        itself (`jupybox sandbox cleanup` beside a durable server's home)."""
+        records = self.records or SessionRecords.at_home(self.settings.home)
         try:
-            return [r.id for r in await asyncio.to_thread(self.records.list, self.instance)]
+            return [r.id for r in await asyncio.to_thread(records.list, self.instance)]
         except StoreError as exc:
             log.warning("the session records cannot be read: %s", exc)
             return []

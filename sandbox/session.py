@@ -335,14 +335,19 @@ class Session:
             self._check_open()
             if self.paused:
                 return self.pause_report or StateReport()
+            saving = False
             if self._client is None or self.supervisor.needs_replacement or not await self.supervisor.alive():
                 report = StateReport(error="the kernel was not running: no variables to save")
             elif not locked:
                 report = StateReport(error="a running cell did not stop: the variables could not be saved")
             else:
-                report = await self._save_state()
+                saving = True
+                try:
+                    report = await self._save_state()
+                except SandboxError as exc:  # the kernel died or did not answer in time
+                    report = StateReport(error=str(exc))
             report.interrupted = interrupted
-            if report.error and not force and self._client is not None and locked:
+            if report.error and saving and not force:
                 raise PauseFailed(f"the session was not paused, its kernel runs on: {report.error}")
             if report.error:  # an older state would be stale now: the next kernel starts empty
                 await asyncio.to_thread(remove_tree, self.workspace.root / STATE_DIR)

@@ -275,6 +275,10 @@ def test_the_server_killed_or_stopped_keeps_sessions_files_variables_and_cells(s
             assert ex["status"] == "ok", ex
         out = server.stop(signal.SIGKILL)
         assert container_running(sid), out  # the kernel outlives a killed server
+        cleanup = subprocess.run([sys.executable, "-m", "ui.cli", "sandbox", "cleanup"], cwd=ROOT, text=True,
+                                 capture_output=True, env={**os.environ, "JUPYBOX_HOME": str(server_home),
+                                                           "JUPYBOX_INSTANCE": "durable-serve", "PYTHONPATH": str(ROOT)})
+        assert cleanup.returncode == 0 and container_running(sid), cleanup  # a recorded session is no orphan
 
         server = Server(server_home, "durable-serve").start()
         with httpx.Client(base_url=server.url, timeout=60) as c:
