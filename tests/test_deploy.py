@@ -267,28 +267,49 @@ def test_deployed_app_runs_code_and_files_in_sibling_sandboxes_and_stops_clean(d
     assert not state["Running"] and state["ExitCode"] == 0, d.logs()
     assert took < 30, f"the app took {took:.0f} s to stop: it was killed, not shut down"
     assert sandbox_containers(d.instance) == [], "stopping the app left sandbox containers"
-    assert list((d.home / "sessions").iterdir()) == [], "stopping the app left session folders"
+    # the sessions were paused, not lost: an upgrade or a `docker compose down` keeps a day's work
+    assert {p.name for p in (d.home / "sessions").iterdir()} == {sid, hers}
+
+    d.up()
+    d.wait_healthy()
+    with d.client() as c:
+        listed = {x["id"]: x["state"] for x in c.get("/api/sessions").json()["sessions"]}
+        assert listed == {sid: "paused", hers: "paused"}
+        ex = c.post(f"/api/sessions/{sid}/execute", json={"code": "print(x, total)"}).json()
+        assert ex["outputs"][0]["text"] == "42 385\n" and "x" in ex["resumed"], ex
+        assert c.get(f"/api/sessions/{sid}/files/out/total.txt").content == b"385"
+        for gone in (sid, hers):
+            assert c.delete(f"/api/sessions/{gone}").status_code == 204
+    assert list((d.home / "sessions").iterdir()) == []
 
 
-def test_a_restarted_app_removes_the_sandboxes_a_killed_one_left(deployment: Deployment) -> None:
+def test_a_restarted_app_takes_up_the_sandboxes_a_killed_one_left(deployment: Deployment) -> None:
     d = deployment.up()
     d.wait_healthy()
     with d.client() as c:
         r = c.post("/api/sessions")
         assert r.status_code == 201, r.text
-    [left] = sandbox_containers(d.instance)
+        sid = r.json()["id"]
+        assert c.post(f"/api/sessions/{sid}/execute", json={"code": "kept = 'here'"}).json()["status"] == "ok"
+        orphan = subprocess.run(["docker", "run", "-d", "--label", "jupybox=1", "--label",
+                                 f"jupybox.owner={d.instance}.999999.1", "--label", "jupybox.session=norecord",
+                                 os.environ.get("JUPYBOX_IMAGE", "jupybox-sandbox:latest"), "sleep", "300"], capture_output=True, text=True, check=True)
+    [left] = [x for x in sandbox_containers(d.instance) if x["name"] == f"jupybox-{sid}"]
 
     subprocess.run(["docker", "kill", "--signal", "KILL", d.container], capture_output=True, check=True)
-    assert [c["id"] for c in sandbox_containers(d.instance)] == [left["id"]], "a killed app cannot clean up"
+    assert left["id"] in [c["id"] for c in sandbox_containers(d.instance)], "a killed app cannot clean up"
 
     d.up()  # the same service, so the same JUPYBOX_INSTANCE
     d.wait_healthy()
-    assert sandbox_containers(d.instance) == [], "the restarted app did not remove the orphan"
-    assert list((d.home / "sessions").iterdir()) == []
-    with d.client() as c:  # and it works
-        sid = c.post("/api/sessions").json()["id"]
-        ex = c.post(f"/api/sessions/{sid}/execute", json={"code": "print('again')"}).json()
-        assert ex["outputs"][0]["text"] == "again\n"
+    # the session's kernel is taken up as it was; a container no record keeps is an orphan, removed
+    assert [c["id"] for c in sandbox_containers(d.instance)] == [left["id"]]
+    assert orphan.stdout.strip() not in subprocess.run(["docker", "ps", "-aq", "--no-trunc"], capture_output=True,
+                                                       text=True, check=True).stdout
+    with d.client() as c:
+        ex = c.post(f"/api/sessions/{sid}/execute", json={"code": "print(kept)"}).json()
+        assert ex["outputs"][0]["text"] == "here\n" and not ex.get("resumed"), ex
+        assert c.delete(f"/api/sessions/{sid}").status_code == 204
+    assert sandbox_containers(d.instance) == [] and list((d.home / "sessions").iterdir()) == []
 
 
 def test_the_app_image_hash_covers_what_it_installs_and_nothing_else() -> None:
