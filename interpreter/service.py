@@ -226,7 +226,8 @@ class ConversationService:
         to choose)."""
         chat = self._chats.get(key)
         if chat is None:
-            conv = self._recorded(session_id, caller) if session_id is not None else None
+            recorded = session_id or self.manager.recorded_chat(key, caller)  # the server restarted meanwhile
+            conv = self._recorded(recorded, caller) if recorded is not None else None
             conv = conv or Conversation(format="", session_id=session_id)
             chat = self._chats[key] = Chat(key, source, conv, bound=session_id is not None,
                                            format_asked=fmt or self.models.format, caller=caller)
@@ -274,7 +275,7 @@ class ConversationService:
         except Exception:  # noqa: BLE001 - a record not written is logged, the conversation goes on
             log.exception("the conversation of session %s could not be recorded", sid)
             return
-        await self.manager.remember(sid, conversation=data, title=title[:200])
+        await self.manager.remember(sid, conversation=data, title=title[:200], chat=chat.key)
 
     async def session(self, chat: Chat) -> tuple[Session, str | None]:
         """The chat's open session, started when it has none. The note says, in words, when an

@@ -240,6 +240,14 @@ class SessionManager:
             return []
         return [r for r in records if r.id in self._sessions and self.may_use(r.id, caller)]
 
+    def recorded_chat(self, chat: str, caller: Caller | None = None) -> str | None:
+        """The newest session of the caller's whose record names the front end's conversation
+        ``chat`` (an OpenAI client's ``user``, say), so that it continues after a restart."""
+        for record in self.history(caller):
+            if record.chat == chat:
+                return record.id
+        return None
+
     async def remember(self, session_id: str, **values: Any) -> None:
         """Write some fields of the session's record (the conversation service's conversation and
         title), with its last use now."""

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     title TEXT NOT NULL DEFAULT '',
     note TEXT,
     disk_bytes INTEGER NOT NULL DEFAULT 0,
+    chat TEXT,
     conversation TEXT
 )
 """
@@ -66,6 +67,7 @@ class SessionRecord:
     title: str = ""  # the conversation's first question, for lists of earlier work
     note: str | None = None
     disk_bytes: int = 0  # what the session's folder took on disk when last measured
+    chat: str | None = None  # the front end's name for its conversation (e.g. an OpenAI client's user)
     conversation: dict[str, Any] | None = None
 
     def row(self) -> tuple:

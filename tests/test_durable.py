@@ -316,3 +316,28 @@ def test_the_server_killed_or_stopped_keeps_sessions_files_variables_and_cells(s
         if server.proc is not None and server.proc.poll() is None:
             server.stop(signal.SIGTERM)
     assert not container_exists(sid)
+
+
+async def test_a_front_end_conversation_continues_in_its_session_after_a_restart(sandbox_image: str,
+                                                                                  jb_home: Path) -> None:
+    """A conversation a front end names itself (an OpenAI client's ``user``) finds its session and
+    its cells again when the server comes back; another user's name for it finds nothing."""
+    from interpreter import ConversationService
+
+    settings = docker_settings(jb_home / "chat", instance="durable-chat", durable=True)
+    alice = Caller("alice")
+    async with SessionManager(settings) as manager:
+        service = ConversationService(manager)
+        chat = service.open("openai:alice:u1", "openai", caller=alice)
+        events = [e async for e in service.execute(chat, "v = 'first'")]
+        assert events[-1].execution.ok
+        sid = chat.conversation.session_id
+    async with SessionManager(settings) as manager:
+        service = ConversationService(manager)
+        assert manager.recorded_chat("openai:alice:u1", Caller("bob")) is None  # not hers to find
+        chat = service.open("openai:alice:u1", "openai", caller=alice)
+        assert chat.conversation.session_id == sid and [c.code for c in chat.conversation.cells] == ["v = 'first'"]
+        events = [e async for e in service.execute(chat, "print(v)")]
+        assert events[-1].execution.stdout == "first\n" and "v" in events[-1].execution.resumed
+        assert len(chat.conversation.cells) == 2
+        await manager.close(sid)
