@@ -305,9 +305,12 @@ class Session:
         await self._start_kernel()
 
     async def restart(self) -> None:
-        """A fresh kernel; the workspace stays."""
+        """A fresh kernel; the workspace stays (a paused session's saved variables do not)."""
         async with self._lock:
             self._check_open()
+            if self._restore:
+                self._restore = False
+                await asyncio.to_thread(remove_tree, self.workspace.root / STATE_DIR)
             await self.supervisor.replace_locked(self.supervisor.generation)
 
     # -- pause and resume --------------------------------------------------------------------
