@@ -25,7 +25,7 @@ from store import PAUSED, RUNNING, SessionRecord, SessionRecords, StoreError
 
 from .backends import Backend, create_backend
 from .config import Limits, SandboxSettings
-from .errors import CapacityError, LimitsError, SandboxError, SessionClosed
+from .errors import CapacityError, LimitsError, PauseFailed, SandboxError, SessionClosed
 from .session import Session
 from .state import StateReport
 from . import diskfs
@@ -501,7 +501,12 @@ class SessionManager:
                     elif idle > ttl and not session.busy:
                         if self.durable:
                             log.info("pausing session %s after %.0f s idle", sid, idle)
-                            report = await session.pause(force=True)
+                            try:
+                                report = await session.pause()
+                            except PauseFailed as exc:  # it runs on as it was; tried again after another TTL
+                                log.warning("idle session %s was not paused: %s", sid, exc)
+                                session.touch()
+                                continue
                             await self._paused(session, report, "idle")
                         else:
                             log.info("closing session %s after %.0f s idle", sid, idle)
