@@ -62,7 +62,11 @@ RUN set -eu; \
 
 COPY --from=sandbox-venv /opt/jupybox/venv /opt/jupybox/venv
 
-ENV PATH=/opt/jupybox/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+# pipshim first: `pip` and `python -m pip` ask jupybox to install from the server's wheelhouse (the
+# sandbox has no network); the venv's real pip stays for the image's own build steps only.
+ENV PATH=/opt/jupybox/pipshim/bin:/opt/jupybox/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONPATH=/opt/jupybox/pipshim \
+    JUPYBOX_SITE=/opt/jupybox/site \
     LANG=C.UTF-8 \
     HOME=/tmp \
     IPYTHONDIR=/tmp/.ipython \
@@ -81,6 +85,9 @@ assert 'WenQuanYi Micro Hei' in names, sorted(names)"; \
     chmod -R u=rwX,go=rX /opt/jupybox/matplotlib
 
 COPY sandbox/image/kernel_boot.py /opt/jupybox/kernel_boot.py
+COPY sandbox/image/pipshim /opt/jupybox/pipshim
+# the session's installed packages are mounted here, read-only (see sandbox/packages.py)
+RUN mkdir -p /opt/jupybox/site
 
 USER 70000:70000
 WORKDIR /mnt/data

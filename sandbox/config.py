@@ -102,6 +102,8 @@ class SandboxSettings:
     # backend "ray": the cluster to join (host:port of its head); None starts a one-node Ray on loopback
     ray_address: str | None = None
     kernel_watch: KernelWatch = field(default_factory=KernelWatch)
+    # wheels sandboxed code may install (``jupybox packages``); None: ``wheelhouse`` under ``home``
+    wheelhouse: Path | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> SandboxSettings:
@@ -130,6 +132,8 @@ class SandboxSettings:
             values["workspace_fs"] = env["JUPYBOX_WORKSPACE_FS"]
         if env.get("JUPYBOX_MEMORY_BUDGET_MB"):
             values["memory_budget_mb"] = int(env["JUPYBOX_MEMORY_BUDGET_MB"])
+        if env.get("JUPYBOX_WHEELHOUSE"):
+            values["wheelhouse"] = Path(env["JUPYBOX_WHEELHOUSE"])
         if env.get("RAY_ADDRESS"):
             values["ray_address"] = env["RAY_ADDRESS"]
         limits = {}

@@ -29,6 +29,7 @@ from jupyter_client.asynchronous import AsyncKernelClient
 
 from .errors import SandboxError
 from .models import Output
+from .packages import PIP_MIME, parse_marker_lines
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,11 @@ class OutputCollector:
     """Turns iopub messages into ordered outputs within the budget."""
 
     def __init__(self, result: RawResult, budget: int, max_images: int, max_image_bytes: int,
-                 on_output: OutputCallback | None) -> None:
+                 on_output: OutputCallback | None, on_pip: Callable[[Any], None] | None = None) -> None:
+        """``on_pip`` takes the kernel's requests to install packages (``sandbox.packages``), which
+        are then not outputs; without it they pass as what they look like."""
         self.result = result
+        self.on_pip = on_pip
         self.budget = budget
         self.max_images = max_images
         self.max_image_bytes = max_image_bytes
@@ -121,6 +125,22 @@ class OutputCollector:
             log.debug("dropped a malformed kernel message", exc_info=True)
             self.result.dropped += 1
 
+    def _take_pip_requests(self, kind: str, content: dict[str, Any]) -> dict[str, Any] | None:
+        """Hand pip requests to ``on_pip`` and return what is left of the message to show."""
+        assert self.on_pip is not None
+        if kind == "display_data":
+            data = content.get("data")
+            if isinstance(data, dict) and PIP_MIME in data:
+                self.on_pip(data[PIP_MIME])
+                return None
+            return content
+        text, requests = parse_marker_lines(str(content.get("text", "")))
+        for request in requests:
+            self.on_pip(request)
+        if not requests:
+            return content
+        return {**content, "text": text} if text else None
+
     def _take_text(self, text: str, rich: bool = False) -> str | None:
         """Charge ``text`` to the execution's budget (streams and rich outputs each have one, so a
         flood of HTML does not hide the last print): all of it, a head, or nothing."""
@@ -141,6 +161,10 @@ class OutputCollector:
         return text
 
     def _handle(self, kind: str, content: dict[str, Any]) -> None:
+        if self.on_pip is not None and kind in ("stream", "display_data"):
+            content = self._take_pip_requests(kind, content)
+            if content is None:
+                return
         if kind == "stream":
             kept = self._take_text(str(content.get("text", "")))
             if kept is not None:

@@ -34,6 +34,7 @@ from .kernel import (
     write_connection_file,
 )
 from .models import Execution, ExecutionStatus, ImageFile, Output
+from .packages import SitePackages
 from .relay import MAX_RELAYS, MAX_RELAYS_PER_SESSION, KernelRelay, open_relays
 from .state import STATE_DIR, StateReport, parse_report, restore_code, save_code
 from .supervisor import DIED, RESTARTED, KernelSupervisor, Replacement, Watched
@@ -106,6 +107,7 @@ class Session:
         owner_ids = (settings.sandbox_uid, settings.sandbox_gid) if os.geteuid() == 0 else None
         self.limits = limits or settings.limits
         self.workspace = Workspace(folder / "data", self.limits, owner_ids)
+        self.site = SitePackages(folder / "site", settings, self.workspace)  # what %pip installed
         self.created = time.time()
         self.last_used = time.monotonic()
         self.executions = 0
@@ -195,6 +197,7 @@ class Session:
         if kernel_rt == str(rt):  # a kernel on this host's filesystem binds where this host connects
             kernel_rt = str(self._socket_dir)
         info = await asyncio.to_thread(self._fresh_runtime_dir, kernel_rt)
+        await asyncio.to_thread(self.site.prepare)
         spec = self._spec_base()
         spec.boot_args = ["-f", f"{kernel_rt}/kernel.json", "--HistoryManager.enabled=False"]
         self._handle = await self.backend.start(spec)
@@ -268,9 +271,9 @@ class Session:
         lim = self.limits
         return KernelSpec(limits=lim, isolation=self.isolation,
             session_id=self.id, owner=self.owner, runtime_dir=self.runtime_dir,
-            workspace_dir=self.workspace.root,
+            workspace_dir=self.workspace.root, site_dir=self.site.folder,
             env={"JUPYBOX_OUTPUT_LIMIT": str(lim.output_bytes), "JUPYBOX_IMAGE_LIMIT": str(lim.max_image_bytes),
-                 "JUPYBOX_SESSION": self.id},
+                 "JUPYBOX_SESSION": self.id, "JUPYBOX_SITE": self.backend.site_mount or str(self.site.folder)},
         )
 
     async def _stop_kernel(self, why: Replacement = RESTARTED) -> None:
@@ -542,7 +545,9 @@ class Session:
                              resumed=resumed)
         lim = self.limits
         raw = RawResult()
-        collector = OutputCollector(raw, lim.output_bytes + 1024, lim.max_images, lim.max_image_bytes, on_output)
+        self.site.new_execution()
+        collector = OutputCollector(raw, lim.output_bytes + 1024, lim.max_images, lim.max_image_bytes, on_output,
+                                    self.site.submit)
         handle = self._handle
         is_alive = lambda: self.backend.is_alive(handle)  # noqa: E731
         t0 = time.monotonic()
@@ -552,6 +557,7 @@ class Session:
             raw.done = raw.aborted = False
             msg_id = self._client.send_execute(code)
             await self._client.collect(msg_id, collector, t0 + timeout, is_alive)
+        await self.site.settle()  # an install the code stopped waiting for still finishes
         status, reason, state_lost = ExecutionStatus.OK, None, False
         if not raw.done and not raw.died:
             self._client.interrupt()

@@ -42,6 +42,7 @@ class KernelSpec:
     boot_args: list[str] = field(default_factory=list)  # arguments for kernel_boot.py (kernel paths)
     env: dict[str, str] = field(default_factory=dict)
     isolation: str | None = None  # one of the backend's ``isolations()``; None: the backend's default
+    site_dir: Path | None = None  # host folder: packages installed for the session, read-only for the kernel
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Backend(abc.ABC):
     #: Where the kernel sees its runtime folder and its workspace. ``None`` means the host paths.
     runtime_mount: ClassVar[str | None] = "/run/jupybox"
     workspace_mount: ClassVar[str | None] = "/mnt/data"
+    site_mount: ClassVar[str | None] = "/opt/jupybox/site"
 
     def __init__(self, settings: SandboxSettings) -> None:
         self.settings = settings

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 BOOT = Path(__file__).resolve().parent.parent / "image" / "kernel_boot.py"
 BOOT_MOUNT = "/opt/jupybox/kernel_boot.py"
+PIPSHIM = BOOT.parent / "pipshim"  # pip that asks jupybox to install from the wheelhouse
+PIPSHIM_MOUNT = "/opt/jupybox/pipshim"
 AS_HEADROOM_MB = 512  # address space a kernel maps without using: ~200 MiB bare, ~400 with numpy/pandas/matplotlib
 ETC = ("ssl", "fonts", "ld.so.cache", "mime.types")  # what the kernel's Python may read from /etc
 OOM_MARKS = ("MemoryError", "std::bad_alloc", "Cannot allocate memory", "out of memory")
@@ -168,7 +170,8 @@ class BwrapBackend(Backend):
     def _sandbox_args(self, spec: KernelSpec | None, fds: list[int]) -> list[str]:
         lim = spec.limits if spec else self.settings.limits
         threads = str(max(1, math.ceil(lim.cpus)))
-        env = {"PATH": f"{sys.prefix}/bin:/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8",
+        env = {"PATH": f"{PIPSHIM_MOUNT}/bin:{sys.prefix}/bin:/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
+               "LANG": "C.UTF-8", "PYTHONPATH": PIPSHIM_MOUNT, "JUPYBOX_SITE": str(self.site_mount),
                "MPLCONFIGDIR": "/tmp/matplotlib", "IPYTHONDIR": "/tmp/.ipython", "OMP_NUM_THREADS": threads,
                "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "MALLOC_ARENA_MAX": "2",
                **(spec.env if spec else {})}
@@ -210,6 +213,9 @@ class BwrapBackend(Backend):
         if sys.prefix != os.path.realpath(sys.prefix):  # a venv reached through a symlink
             bind(os.path.realpath(sys.prefix), sys.prefix, "--symlink")
         bind(str(BOOT), BOOT_MOUNT)
+        bind(str(PIPSHIM), PIPSHIM_MOUNT)
+        if spec is not None and spec.site_dir is not None:
+            bind(str(spec.site_dir), str(self.site_mount))  # read-only: the host installs, the kernel imports
         if spec is not None:
             runtime, workspace = self.kernel_paths(spec)
             bind(str(spec.runtime_dir), runtime, "--bind")

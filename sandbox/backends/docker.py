@@ -121,6 +121,8 @@ class DockerBackend(Backend):
             volumes={
                 str(spec.runtime_dir): {"bind": self.runtime_mount, "mode": "rw"},
                 str(spec.workspace_dir): {"bind": self.workspace_mount, "mode": "rw"},
+                # installed packages: read-only, and not noexec, so a wheel's .so loads
+                **({str(spec.site_dir): {"bind": self.site_mount, "mode": "ro"}} if spec.site_dir else {}),
             },
             labels={LABEL: "1", f"{LABEL}.session": spec.session_id, f"{LABEL}.owner": spec.owner, **self.labels},
             runtime=spec.isolation or self.settings.docker_runtime,

@@ -24,6 +24,7 @@ class LocalBackend(Backend):
     name = "local"
     runtime_mount = None
     workspace_mount = None
+    site_mount = None
 
     def __init__(self, settings: SandboxSettings) -> None:
         if not settings.allow_unsafe_local:

@@ -12,6 +12,8 @@ a bubblewrap root as a single file. Guards:
   the budget. jupybox keeps no use for that history, so it is switched off: what a session prints
   does not stay in kernel memory.
 * ``input()`` already fails fast because jupybox sends ``allow_stdin=False``.
+* ``pip`` installs from the server's wheelhouse (``jupybox_pip``, where the image has it): earlier
+  installs of the session are importable, and ``%pip install`` asks the host.
 
 Usage: ``python kernel_boot.py -f CONNECTION_FILE``
 """
@@ -192,6 +194,15 @@ def forget_output_history(shell):
             setattr(history, name, Forgetful())
 
 
+def use_wheelhouse(shell):
+    """``%pip`` and the session's installed packages; absent from images older than the shim."""
+    try:
+        import jupybox_pip
+    except ImportError:
+        return
+    jupybox_pip.activate(shell)
+
+
 def main(argv):
     seed_matplotlib_config()
     pipe_forked_output_over_ipc()
@@ -209,6 +220,7 @@ def main(argv):
     shell.events.register("post_execute", budget.finish)
     image_limit = int(os.environ.get("JUPYBOX_IMAGE_LIMIT", "10000000")) * 4 // 3 + 4  # base64 of the raw limit
     cap_rich_outputs(shell, limit, image_limit)
+    use_wheelhouse(shell)
     app.start()
 
 

@@ -1,0 +1,1 @@
+"""Stands in for pip inside the sandbox, which has no network: see ``jupybox_pip``."""
