@@ -171,10 +171,10 @@ class SitePackages:
             out = staging / "lib"
             done = run_pip(["install", "--no-index", "--find-links", str(house.path), "--find-links", str(stubs),
                             "-c", str(constraints), "--target", str(out), "--no-compile", "--no-warn-script-location",
-                            "--quiet", *target.pip_options(), *todo], timeout=INSTALL_TIMEOUT_S)
+                            *target.pip_options(), *todo], timeout=INSTALL_TIMEOUT_S)
             if done.returncode != 0:
                 log.info("pip install in session failed: %s", done.stderr[-4000:])
-                raise WheelhouseError(f"could not install {', '.join(todo)}: {pip_reason(done.stderr)}")
+                raise WheelhouseError(f"could not install {', '.join(todo)}: {pip_reason(done)}")
             for info in list(out.glob("*.dist-info")):
                 if (info / STUB_MARKER).exists():
                     shutil.rmtree(info)

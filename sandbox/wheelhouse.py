@@ -170,18 +170,28 @@ def write_stubs(folder: Path, target: SandboxTarget, dists: dict[str, str]) -> P
     return constraints
 
 
-def pip_reason(stderr: str) -> str:
+def pip_reason(done: subprocess.CompletedProcess[str]) -> str:
     """pip's own ERROR lines (what it could not find, what conflicts), without its advice."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR:")]
-    conflict = [line for line in lines if " depends on " in line or line.startswith("The conflict is caused by")]
+    lines = [line.strip() for line in (done.stderr + "\n" + done.stdout).splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR: ") for line in lines
+              if line.startswith("ERROR:") and not line.startswith("ERROR: ResolutionImpossible")]
+    conflict = [line.rstrip(".") + "." for line in lines
+                if " depends on " in line or line.startswith("The user requested (constraint)")]
     words = " ".join(errors[:2] + conflict[:4]) or (lines[-1] if lines else "pip failed")
     return words[:1200]
 
 
-def run_pip(args: list[str], timeout: float = PIP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    """This host's pip (the one jupybox runs on), never prompting, ignoring any user config."""
-    env = {**os.environ, "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_CONFIG_FILE": os.devnull}
+# what ``packages add`` keeps of the host's pip settings: where the index is and how to reach it
+INDEX_SETTINGS = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_CERT", "PIP_CLIENT_CERT",
+                  "PIP_PROXY", "PIP_TIMEOUT", "PIP_DEFAULT_TIMEOUT", "PIP_RETRIES")
+
+
+def run_pip(args: list[str], timeout: float = PIP_TIMEOUT_S, index: bool = False) -> subprocess.CompletedProcess[str]:
+    """This host's pip (the one jupybox runs on), never prompting, with no config file and no
+    ``PIP_*`` setting of the host's (a ``PIP_FIND_LINKS`` would add wheels beside the wheelhouse),
+    except, with ``index``, those that say how to reach the package index."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") or (index and k in INDEX_SETTINGS)}
+    env.update(PIP_NO_INPUT="1", PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_CONFIG_FILE=os.devnull)
     return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -231,10 +241,10 @@ class Wheelhouse:
             args = ["download", "--dest", str(dest), "--progress-bar", "off", *self.target.pip_options(),
                     "--find-links", str(stubs), "--find-links", str(self.path), "-c", str(constraints),
                     *(str(r) for r in reqs)]
-            done = run_pip(args)
+            done = run_pip(args, index=True)
             if done.returncode != 0:
                 log.info("pip download failed: %s", done.stderr[-4000:])
-                raise WheelhouseError(f"could not add {', '.join(map(str, reqs))}: {pip_reason(done.stderr)}. "
+                raise WheelhouseError(f"could not add {', '.join(map(str, reqs))}: {pip_reason(done)}. "
                                       f"Only wheels for the sandbox's Python ({self.target.describe()}) are taken: "
                                       "check the name, or pick a version that has such a wheel")
             have = {w.filename for w in self.wheels()}
@@ -294,7 +304,7 @@ def _closure(house: Wheelhouse, reqs: list[str]) -> set[str]:
                         "--find-links", str(house.path), "--find-links", str(stubs), "-c", str(constraints),
                         "--target", str(Path(tmp) / "t"), *house.target.pip_options(), *reqs])
         if done.returncode != 0:
-            raise WheelhouseError(f"the requirements do not resolve from the wheelhouse: {pip_reason(done.stderr)}")
+            raise WheelhouseError(f"the requirements do not resolve from the wheelhouse: {pip_reason(done)}")
         files = set()
         for item in json.loads(report.read_text()).get("install", []):
             url = item.get("download_info", {}).get("url", "")

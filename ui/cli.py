@@ -2,7 +2,8 @@
 
 Subcommands: ``exec`` (run code in a fresh sandbox session), ``serve`` (the browser UI and HTTP API),
 ``mcp`` (the sandbox as MCP tools over stdio),
-``demo``, ``sandbox build-image`` / ``sandbox cleanup``, ``bench sandbox``, ``bench model``, ``users``
+``demo``, ``sandbox build-image`` / ``sandbox cleanup``, ``packages`` (the wheelhouse), ``bench sandbox``,
+``bench model``, ``users``
 (the server's users and keys) and ``audit`` (its audit log). Errors are printed as one
 sentence with a next step; no traceback reaches the user (``--debug`` shows it).
 """
@@ -25,6 +26,7 @@ from interpreter.events import Event
 from sandbox import Execution, JupyboxError, SandboxSettings, Session, SessionManager
 from sandbox.models import Output
 from ui.flags import add_model_flags
+from ui.packages_cli import add_package_commands, run_package_command
 from ui.sessions_cli import add_session_commands, run_session_command
 from ui.users_cli import add_user_commands, run_user_command
 
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_model_flags(m)
     add_user_commands(sub)
     add_session_commands(sub)
+    add_package_commands(sub)
     return parser
 
 
@@ -208,6 +211,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await asyncio.to_thread(run_model_bench, args)
     if args.command in ("users", "audit"):
         return run_user_command(args)
+    if args.command == "packages":
+        return await asyncio.to_thread(run_package_command, args)
     if args.command == "sessions":
         return run_session_command(args)
     if args.command == "eval":
