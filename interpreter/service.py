@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
 from sandbox import Caller, Execution, JupyboxError, Session, SessionClosed, SessionManager
+from sandbox.packages import listing
 from sandbox.workspace import Workspace, WorkspaceFile, read_files
 from store import SessionRecord
 
@@ -32,6 +33,7 @@ from .conversation import Cell, Conversation
 from .errors import ModelUnavailable, TurnBusy
 from .events import Event
 from .formats import Format, get_format
+from .formats.base import packages_note
 from .llm import LLM, ModelSettings
 from .llm.base import Usage
 from .loop import Interpreter, InterpreterSettings
@@ -110,6 +112,9 @@ class Turn:
         self.cancel.set()
 
 
+PACKAGES_TTL_S = 60.0
+
+
 class ConversationService:
     def __init__(self, manager: SessionManager, model: ModelSettings | LLM | None = None,
                  settings: InterpreterSettings | None = None, *, idle_ttl_s: float | None = None) -> None:
@@ -126,6 +131,7 @@ class ConversationService:
         self._given_model = isinstance(model, LLM)
         self.audit: Audit | None = None
         self.audit_code = False  # --audit-code: the audit log keeps the code run, not only its hash
+        self._packages: tuple[float, str] | None = None  # (when, the prompt's note on packages)
         manager.on_reap = self._session_reaped
 
     # -- life cycle -------------------------------------------------------------------------
@@ -427,6 +433,7 @@ class ConversationService:
         else:
             fmt = get_format(chat.format_asked, llm, settings.model)
             chat.conversation.format = fmt.name
+        fmt.packages = await self.packages_note()
         interpreter = Interpreter(llm, fmt, settings)
         turn = chat.turn = Turn(chat, fmt)  # busy from here: a second caller waiting below is refused
         try:
@@ -438,6 +445,15 @@ class ConversationService:
             raise
         turn.task = self.spawn(self._run(chat, turn, interpreter, session, note, question, close_after))
         return turn
+
+    async def packages_note(self) -> str:
+        """What the model is told about packages (the image's, the wheelhouse's), looked at again
+        after ``PACKAGES_TTL_S`` so that an admin's ``jupybox packages add`` shows without a restart."""
+        now = time.monotonic()
+        if self._packages is None or now - self._packages[0] > PACKAGES_TTL_S:
+            found = await listing(self.manager.settings)
+            self._packages = (now, packages_note(found.importable, found.installable))
+        return self._packages[1]
 
     def stop_turn(self, key: str) -> bool:
         """Stop the conversation's running turn (the model and the kernel); False when none runs."""

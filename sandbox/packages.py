@@ -229,7 +229,8 @@ async def listing(settings: SandboxSettings) -> PackageListing:
     try:
         target = await target_for(settings)
         importable = [n for n in MAIN_PACKAGES if n in target.installed]
-    except WheelhouseError:
+    except Exception as exc:  # noqa: BLE001 - no image or daemon yet: the turn itself will say so
+        log.debug("the sandbox's packages could not be listed: %s", exc)
         target, importable = SandboxTarget(), list(MAIN_PACKAGES)
     names = await asyncio.to_thread(lambda: Wheelhouse(wheelhouse_dir(settings), target).names())
     return PackageListing(importable=importable, installable=[n for n in names if n not in target.installed])

@@ -111,7 +111,7 @@ def parse_requirement(text: str) -> Requirement:
 def probe_target(settings: SandboxSettings) -> SandboxTarget:
     """The sandbox's Python, asked once per image and cached under the home: the docker image's
     own interpreter (a throwaway container without network), or this host's for bwrap and local."""
-    if settings.backend == "docker":
+    if settings.backend in ("docker", "ray"):  # the cluster's nodes run the same image
         image_id = _docker(["image", "inspect", "--format", "{{.Id}}", settings.image]).strip()
         cache = settings.home / "packages" / f"target-{image_id.replace(':', '-')[:80]}.json"
         command = ["docker", "run", "--rm", "--network", "none", "--entrypoint", "python", settings.image, "-I", "-c", PROBE]

@@ -17,6 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.scripted_model import ScriptedModel
+from interpreter.formats.base import packages_note
+from interpreter.llm.openai import OpenAILLM
+from interpreter.service import ConversationService
 from sandbox import Limits, SessionManager
 from sandbox.packages import listing
 from tests.support.sandboxes import docker_settings
@@ -141,11 +145,30 @@ async def test_the_kernel_keeps_no_network_and_cannot_write_its_packages(manager
     await manager.close(session.id)
 
 
-async def test_the_prompt_listing_names_the_image_packages_and_the_wheelhouse(manager: SessionManager) -> None:
+@pytest.mark.parametrize("fmt", ["fenced", "react", "tools"])
+async def test_the_model_is_told_what_imports_and_what_pip_can_add(manager: SessionManager, model: ScriptedModel,
+                                                                   fmt: str) -> None:
     found = await listing(manager.settings)
     assert {"numpy", "pandas", "matplotlib"} <= set(found.importable)
-    assert {"jbfast", "jbpure", "jbtable"} <= set(found.installable)
-    assert "numpy" not in found.installable
+    assert {"jbfast", "jbpure", "jbtable"} <= set(found.installable) and "numpy" not in found.installable
+    svc = ConversationService(manager, OpenAILLM(model="scripted-model", base_url=model.url, backoff=0.01))
+    model.enqueue("Final Answer: done" if fmt == "react" else "done")
+    svc.open("k", "test", fmt=fmt)
+    turn = await svc.turn("k", "test", "Which packages can I use?")
+    assert [e async for e in turn.events()][-1].type == "answer"
+    body = model.history[-1]
+    system = body["prompt"].split("<|im_end|>")[0] if fmt == "react" else body["messages"][0]["content"]
+    assert "numpy, pandas, scipy" in system and "`%pip install NAME`" in system
+    assert "jbpure" in system and "jbtable" in system
+    await svc.close("k")
+    await svc.llm.close()
+
+
+def test_the_package_note_stays_within_a_few_hundred_tokens() -> None:
+    names = [f"package-number-{i}" for i in range(500)]
+    note = packages_note(["numpy"], names)
+    assert len(note) < 1600 and note.rstrip(".").endswith("more") and "package-number-0" in note
+    assert "Nothing else can be installed" in packages_note(["numpy"], [])
 
 
 def _jupybox(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -32,8 +32,30 @@ class Step:
     tool_calls: list = field(default_factory=list)
 
 
+PACKAGE_NAMES_CHARS = 1200  # about 300 tokens of names that %pip install can add
+
+
+def packages_note(importable: list[str], installable: list[str]) -> str:
+    """What the model is told about packages, so it stops guessing: what imports as it is, and what
+    ``%pip install`` can add from the server's wheelhouse (names cut to ``PACKAGE_NAMES_CHARS``)."""
+    note = f"Python packages: {', '.join(importable)} and the standard library are importable."
+    if not installable:
+        return note + " Nothing else can be installed: the sandbox has no network."
+    names, used = [], 0
+    for name in installable:
+        if used + len(name) + 2 > PACKAGE_NAMES_CHARS:
+            names.append(f"and {len(installable) - len(names)} more")
+            break
+        names.append(name)
+        used += len(name) + 2
+    return (note + " The sandbox has no network; `%pip install NAME` installs from the server's own set only, "
+            f"which holds: {', '.join(names)}.")
+
+
 class Format(abc.ABC):
     name: ClassVar[str]
+    #: ``packages_note`` for this server, set by whoever starts the turn; part of the system prompt
+    packages: str = ""
 
     def check(self, llm: LLM | type[LLM]) -> None:
         """Raise ``FormatError`` when ``llm`` cannot serve this format."""

@@ -21,7 +21,7 @@ class FencedFormat(Format):
 
     def add_user(self, messages: list[Message], question: str, files: list[str]) -> None:
         if not messages:
-            messages.append(Message("system", self.system))
+            messages.append(Message("system", f"{self.system} {self.packages}".strip()))
         note = f"(Uploaded files: {', '.join(files)})\n" if files else ""
         messages.append(Message("user", note + question))
 

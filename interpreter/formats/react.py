@@ -77,7 +77,7 @@ class ReactFormat(Format):
         turn (the scratchpad so far) is continued. A question that already holds ChatML with an open
         assistant turn (a benchmark record with a first code step) is continued inside that turn."""
         last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
-        parts = [f"{IM_START}system\n{SYSTEM}{IM_END}"]
+        parts = [f"{IM_START}system\n{SYSTEM} {self.packages}".rstrip() + IM_END]
         for i, m in enumerate(messages):
             text = m.text()
             if i == last_user:
