@@ -21,7 +21,7 @@ from bench.scripted_model import ScriptedModel
 from interpreter.formats.base import packages_note
 from interpreter.llm.openai import OpenAILLM
 from interpreter.service import ConversationService
-from sandbox import Limits, SessionManager
+from sandbox import Limits, SandboxSettings, SessionManager
 from sandbox.packages import listing
 from tests.support.sandboxes import docker_settings
 from tests.support.wheels import compiled_wheel, pure_wheel
@@ -208,3 +208,18 @@ async def test_many_sessions_install_at_once_each_into_its_own_site(manager: Ses
     assert all((s.site.folder / "1" / "jbtable").is_dir() for s in sessions)
     for s in sessions:
         await manager.close(s.id)
+
+
+async def test_bwrap_sessions_install_from_the_wheelhouse_read_only_too(tmp_path_factory: pytest.TempPathFactory,
+                                                                        wheelhouse: Path) -> None:
+    settings = SandboxSettings(backend="bwrap", home=tmp_path_factory.mktemp("bw"), instance="tests-packages-bwrap",
+                               wheelhouse=wheelhouse)
+    async with SessionManager(settings) as bwrap:
+        session = await bwrap.create()
+        ex = await session.execute("%pip install jbpure\nimport jbpure\nprint(jbpure.hello())\n"
+                                   "try:\n    open('/opt/jupybox/site/1/x', 'w')\nexcept OSError as e:\n    print('refused', e.errno)",
+                                   timeout=60)
+        assert "Successfully installed jbfast-1.0 jbpure-0.1" in ex.stdout and "hi 42" in ex.stdout, ex.text()
+        assert "refused 30" in ex.stdout
+        refused = await session.execute("!pip install --index-url https://example.com/simple jbpure")
+        assert "--index-url is not available" in refused.stdout + refused.stderr
