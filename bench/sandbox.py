@@ -6,7 +6,7 @@ ipykernel measured in the same run (alternating, so noise hits both), idle memor
 (docker), the kernel's own resident memory idle and after a soak of cells that each print a few
 megabytes (it must stay flat: printed output is not kept), how long pausing and resuming a session
 holding 100 MB of variables takes (a durable manager, as the server runs) and the disk the paused
-session takes, and how many sessions this host holds before its free memory nears a reserve.
+session takes, how long ``%pip install NAME; import NAME`` of a small wheelhouse package takes, and how many sessions this host holds before its free memory nears a reserve.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from jupyter_client.manager import AsyncKernelManager
 from sandbox import JupyboxError, SandboxError, SandboxSettings, Session, SessionManager
 from sandbox.manager import disk_usage
 
+from .packages import pip_install_times
 from .session_timing import POOL_SIZE, cold_starts, execute_ok, percentile, timed, warm_acquires
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ TARGETS: dict[str, tuple[float, str, str]] = {
     "warm_acquire_p50_ms": (50.0, "<", "< 50 ms"),
     "roundtrip_ratio_p50": (1.5, "<=", "<= 1.5x"),
     "resume_p50_s": (2.0, "<", "< 2 s"),
+    "pip_install_import_p50_s": (3.0, "<", "< 3 s"),
 }
 # the variables a paused session holds in the pause and resume phase: 100 MB (an array, a DataFrame)
 STATE_CODE = ("import numpy as np, pandas as pd\n"
@@ -236,6 +238,8 @@ async def measure(settings: SandboxSettings, runs: int, max_sessions: int) -> di
                  soak_printed_mb=cells * SOAK_CELL_BYTES / 1e6)
         if settings.backend == "docker":
             f.update(await pause_resume(settings, max(2, min(runs, 5))))
+        if settings.backend in ("docker", "bwrap"):
+            f.update(await pip_install_times(settings, max(3, min(runs, 10))))
         per_session = sum(mem) // len(mem) if mem else settings.limits.memory_mb << 20
         held, seconds, why = await capacity(manager, max_sessions, per_session)
         f.update(capacity_sessions=held, capacity_s=seconds)
@@ -266,6 +270,10 @@ def render(r: dict[str, Any]) -> str:
            ("resume / cold start (p50)", f"{f['resume_p50_s'] / f['cold_start_p50_s']:.2f}x", ""),
            ("paused session: saved state / disk", f"{f['state_mb']:.0f} / {f['paused_disk_mb']:.0f} MB", "")]
           if "resume_p50_s" in f else []),
+        *([("%pip install NAME; import NAME p50 / max / first", f"{f['pip_install_import_p50_s']:.2f} / "
+            f"{f['pip_install_import_max_s']:.2f} / {f['pip_install_import_first_s']:.2f} s", met("pip_install_import_p50_s")),
+           ("  baseline: import json in the same session (p50)", f"{f['pip_baseline_import_p50_ms']:.2f} ms", "")]
+          if "pip_install_import_p50_s" in f else []),
         ("capacity: sessions held / time", f"{f['capacity_sessions']} in {f['capacity_s']:.1f} s", ""),
     ]
     head = f"jupybox sandbox benchmark: backend {r['backend']}" + (f" ({r['runtime']})" if r["runtime"] else "")

@@ -1,13 +1,16 @@
-"""Wheels made here, so tests of the wheelhouse need no network: a pure-Python one written as a
-zip, and one with a C extension compiled by this host's compiler (the host and the sandbox image
+"""Wheels made here, so tests of the wheelhouse need no network: a pure-Python one (the benchmark's
+own maker), and one with a C extension compiled by this host's compiler (the host and the sandbox image
 are both CPython 3.11 on x86_64 glibc, so it loads there)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
+
+from bench.packages import pure_wheel
+
+__all__ = ["compiled_wheel", "pure_wheel"]
 
 C_SOURCE = """#include <Python.h>
 static PyObject *twice(PyObject *self, PyObject *arg) {
@@ -19,23 +22,6 @@ static PyMethodDef methods[] = {{"twice", twice, METH_O, "twice the number"}, {N
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "%(name)s", NULL, -1, methods};
 PyMODINIT_FUNC PyInit_%(name)s(void) { return PyModule_Create(&module); }
 """
-
-
-def pure_wheel(dest: Path, name: str, version: str = "0.1", requires: tuple[str, ...] = (),
-               code: str = "VALUE = 1\n", extra: dict[str, bytes] | None = None) -> Path:
-    """A ``py3-none-any`` wheel of package ``name`` whose ``__init__`` is ``code``."""
-    info = f"{name}-{version}.dist-info"
-    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
-        f"Requires-Dist: {r}\n" for r in requires)
-    path = dest / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(f"{name}/__init__.py", code)
-        for member, data in (extra or {}).items():
-            zf.writestr(f"{name}/{member}", data)
-        zf.writestr(f"{info}/METADATA", metadata)
-        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        zf.writestr(f"{info}/RECORD", "")
-    return path
 
 
 def compiled_wheel(dest: Path, work: Path, name: str, version: str = "1.0") -> Path:
