@@ -25,6 +25,7 @@ import re
 import socket
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import diskfs
@@ -50,10 +51,12 @@ def node_name() -> str:
 
 
 def node_settings(server: SandboxSettings) -> SandboxSettings:
-    """The server's settings as this node applies them: its own home, its own owner names. A
-    node's sessions end with the server that placed them (no records are kept on nodes)."""
+    """The server's settings as this node applies them: its own home and wheelhouse, its own owner
+    names. A node's sessions end with the server that placed them (no records are kept on nodes)."""
+    wheelhouse = os.environ.get("JUPYBOX_WHEELHOUSE")
     return dataclasses.replace(server, backend="docker", home=default_home(), instance=f"node-{node_name()}",
-                               pool_size=0, ray_address=None, durable=False)
+                               pool_size=0, ray_address=None, durable=False,
+                               wheelhouse=Path(wheelhouse) if wheelhouse else None)
 
 
 @dataclasses.dataclass

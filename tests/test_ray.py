@@ -26,6 +26,7 @@ import pytest
 
 from sandbox import (CapacityError, Execution, ExecutionStatus, Output, QuotaExceeded, SandboxSettings,
                      SessionClosed, SessionManager, WorkspacePathError)
+from bench.packages import pure_wheel
 from sandbox.cluster import SLOT, import_ray
 from sandbox.diskfs import mounts_under
 from sandbox.node import NODE_LABEL
@@ -98,6 +99,22 @@ async def _last(items: AsyncIterator[Output | Execution]) -> Execution:
         found = [item async for item in items]
     assert isinstance(found[-1], Execution)
     return found[-1]
+
+
+async def test_each_node_installs_from_its_own_wheelhouse(manager: SessionManager, ray_cluster: LocalCluster) -> None:
+    for role in ("head", "w1", "w2"):  # one package name, a different wheel on each node
+        house = ray_cluster.home(role) / "wheelhouse"
+        house.mkdir(parents=True, exist_ok=True)
+        pure_wheel(house, "jbnode", code=f"WHERE = {ray_cluster.name(role)!r}\n")
+    sessions = await asyncio.gather(*(manager.create() for _ in range(3)))
+    try:
+        runs = await asyncio.gather(*(s.execute("%pip install jbnode\nimport jbnode\nprint(jbnode.WHERE)", timeout=90)
+                                      for s in sessions))
+        for session, ex in zip(sessions, runs):
+            assert ex.ok and ex.stdout.rstrip().endswith(session.node), ex.text()
+            assert "jupybox-pip" not in ex.stdout
+    finally:
+        await asyncio.gather(*(manager.close(s.id) for s in sessions))
 
 
 async def test_twelve_sessions_run_at_once_spread_evenly_keep_their_state_and_fill_the_cluster(
