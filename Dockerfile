@@ -133,12 +133,13 @@ COPY interpreter /tmp/build/src/interpreter
 COPY ui /tmp/build/src/ui
 COPY bench /tmp/build/src/bench
 # README.md is the package's long description only: an empty one keeps README edits from
-# rebuilding the image. Then the build tools leave the virtualenv.
+# rebuilding the image. Then the build tools leave the virtualenv; pip stays: the server installs
+# packages from the wheelhouse into sessions with it (`jupybox packages`, sandbox/packages.py).
 RUN set -eu; \
     cp /tmp/build/pyproject.toml /tmp/build/src/; \
     : > /tmp/build/src/README.md; \
     /opt/jupybox/app/bin/pip install --no-deps --no-build-isolation /tmp/build/src; \
-    /opt/jupybox/app/bin/pip uninstall -y setuptools wheel pip; \
+    /opt/jupybox/app/bin/pip uninstall -y setuptools wheel; \
     find /opt/jupybox/app/lib -type d -name tests -prune -exec rm -rf {} +
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
@@ -111,21 +112,21 @@ def parse_requirement(text: str) -> Requirement:
 def probe_target(settings: SandboxSettings) -> SandboxTarget:
     """The sandbox's Python, asked once per image and cached under the home: the docker image's
     own interpreter (a throwaway container without network), or this host's for bwrap and local."""
+    cache = None
     if settings.backend in ("docker", "ray"):  # the cluster's nodes run the same image
-        image_id = _docker(["image", "inspect", "--format", "{{.Id}}", settings.image]).strip()
+        image_id = _docker(settings.image, lambda client: client.images.get(settings.image).id)
         cache = settings.home / "packages" / f"target-{image_id.replace(':', '-')[:80]}.json"
-        command = ["docker", "run", "--rm", "--network", "none", "--entrypoint", "python", settings.image, "-I", "-c", PROBE]
-    else:
-        cache = None
-        command = [sys.executable, "-I", "-c", PROBE]
     if cache is not None and cache.is_file():
         raw = json.loads(cache.read_text())
     else:
-        try:
-            out = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise WheelhouseError(f"could not ask the sandbox's Python what it is ({exc}): is the image built "
-                                  "(`jupybox sandbox build-image`)?") from None
+        if cache is not None:
+            out = _docker(settings.image, lambda client: client.containers.run(
+                settings.image, ["python", "-I", "-c", PROBE], network_mode="none", remove=True, stderr=False))
+        else:
+            try:
+                out = subprocess.run([sys.executable, "-I", "-c", PROBE], capture_output=True, timeout=120, check=True).stdout
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise WheelhouseError(f"could not ask the kernel's Python what it is ({exc})") from None
         raw = json.loads(out)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -136,14 +137,23 @@ def probe_target(settings: SandboxSettings) -> SandboxTarget:
                          installed={canonicalize_name(n): v for n, v in raw["dists"]})
 
 
-def _docker(args: list[str]) -> str:
+def _docker(image: str, call: Callable[[Any], Any]) -> Any:
+    """``call(client)`` on the Docker daemon about ``image``, its failures in words with the next step."""
+    import docker
+    from docker.errors import DockerException, ImageNotFound
+
     try:
-        return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60, check=True).stdout
-    except subprocess.CalledProcessError as exc:
-        raise WheelhouseError(f"docker {args[0]} failed: {exc.stderr.strip()[-300:]}; build the sandbox image with "
-                              "`jupybox sandbox build-image`") from None
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise WheelhouseError(f"docker is not reachable ({exc})") from None
+        client = docker.from_env(timeout=120)
+        try:
+            return call(client)
+        finally:
+            client.close()
+    except ImageNotFound:
+        raise WheelhouseError(f"the sandbox image {image!r} is missing: build it with `jupybox sandbox build-image` "
+                              "(or name another with --image / JUPYBOX_IMAGE)") from None
+    except DockerException as exc:
+        raise WheelhouseError(f"could not ask the sandbox image what it holds ({exc}): is the Docker daemon "
+                              "running and the image built (`jupybox sandbox build-image`)?") from None
 
 
 def write_stubs(folder: Path, target: SandboxTarget, dists: dict[str, str]) -> Path:
