@@ -223,3 +223,16 @@ async def test_bwrap_sessions_install_from_the_wheelhouse_read_only_too(tmp_path
         assert "refused 30" in ex.stdout
         refused = await session.execute("!pip install --index-url https://example.com/simple jbpure")
         assert "--index-url is not available" in refused.stdout + refused.stderr
+
+
+async def test_a_paused_session_resumes_with_its_packages(sandbox_image: str, tmp_path_factory: pytest.TempPathFactory,
+                                                         wheelhouse: Path) -> None:
+    settings = docker_settings(tmp_path_factory.mktemp("pp"), instance="tests-packages-durable", wheelhouse=wheelhouse,
+                               durable=True)
+    async with SessionManager(settings) as durable:
+        session = await durable.create()
+        assert (await session.execute("%pip install jbpure", timeout=60)).ok
+        await durable.pause(session.id)
+        back = await session.execute("import jbpure\nprint(jbpure.hello())")
+        assert back.stdout == "hi 42\n", back.text()
+        await durable.close(session.id)
