@@ -29,7 +29,7 @@ from jupyter_client.asynchronous import AsyncKernelClient
 
 from .errors import SandboxError
 from .models import Output
-from .packages import PIP_MIME, parse_marker_lines
+from .packages import take_pip_requests
 
 log = logging.getLogger(__name__)
 
@@ -125,22 +125,6 @@ class OutputCollector:
             log.debug("dropped a malformed kernel message", exc_info=True)
             self.result.dropped += 1
 
-    def _take_pip_requests(self, kind: str, content: dict[str, Any]) -> dict[str, Any] | None:
-        """Hand pip requests to ``on_pip`` and return what is left of the message to show."""
-        assert self.on_pip is not None
-        if kind == "display_data":
-            data = content.get("data")
-            if isinstance(data, dict) and PIP_MIME in data:
-                self.on_pip(data[PIP_MIME])
-                return None
-            return content
-        text, requests = parse_marker_lines(str(content.get("text", "")))
-        for request in requests:
-            self.on_pip(request)
-        if not requests:
-            return content
-        return {**content, "text": text} if text else None
-
     def _take_text(self, text: str, rich: bool = False) -> str | None:
         """Charge ``text`` to the execution's budget (streams and rich outputs each have one, so a
         flood of HTML does not hide the last print): all of it, a head, or nothing."""
@@ -162,7 +146,7 @@ class OutputCollector:
 
     def _handle(self, kind: str, content: dict[str, Any]) -> None:
         if self.on_pip is not None and kind in ("stream", "display_data"):
-            content = self._take_pip_requests(kind, content)
+            content = take_pip_requests(kind, content, self.on_pip)
             if content is None:
                 return
         if kind == "stream":

@@ -23,6 +23,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ SITE_MOUNT = "/opt/jupybox/site"
 ANSWERS = ".answers"
 ID_RE = re.compile(r"^[0-9a-f]{16,32}$")
 MAX_REQUIREMENTS = 20
-MAX_REQUESTS_PER_EXECUTION = 10
+MAX_REQUESTS_PER_MINUTE = 20
 INSTALL_TIMEOUT_S = 50.0  # under the shim's own wait (60 s), so it always hears an answer
 
 
@@ -66,6 +68,26 @@ def parse_marker_lines(text: str) -> tuple[str, list[Any]]:
     return "\n".join(kept), requests
 
 
+def take_pip_requests(kind: str, content: dict[str, Any], submit: Callable[[Any], None]) -> dict[str, Any] | None:
+    """Hand the pip requests an iopub ``stream`` or ``display_data`` message carries to ``submit``
+    and return what is left of its content to show: ``None`` when nothing is, ``content`` itself
+    when it carried none."""
+    if kind == "display_data":
+        data = content.get("data")
+        if isinstance(data, dict) and PIP_MIME in data:
+            submit(data[PIP_MIME])
+            return None
+        return content
+    if kind != "stream":
+        return content
+    text, requests = parse_marker_lines(str(content.get("text", "")))
+    for request in requests:
+        submit(request)
+    if not requests:
+        return content
+    return {**content, "text": text} if text else None
+
+
 @dataclass
 class SitePackages:
     """One session's installed packages: ``folder`` on the host (``<n>/`` per install, ``.answers/``),
@@ -76,7 +98,8 @@ class SitePackages:
     workspace: Workspace
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tasks: set[asyncio.Task] = field(default_factory=set)
-    _requests: int = 0
+    _recent: list[float] = field(default_factory=list)  # when the last requests came (a rate bound)
+    _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)  # request ids: each relay sees each one
 
     def prepare(self) -> None:
         """Called before a kernel starts: the folders exist (the mount needs them), readable by the
@@ -85,19 +108,23 @@ class SitePackages:
         os.chmod(self.folder, 0o755)
         os.chmod(self.folder / ANSWERS, 0o755)
 
-    def new_execution(self) -> None:
-        self._requests = 0
-
     def submit(self, request: Any) -> None:
-        """Called by the output collector with the kernel's request (untrusted JSON); the answer
-        is written when the install is done. Bounded per execution."""
+        """Called by the output collector or a notebook relay with the kernel's request (untrusted
+        JSON; each id is served once); the answer is written when the install is done. Bounded to
+        ``MAX_REQUESTS_PER_MINUTE``."""
         if not isinstance(request, dict) or not isinstance(request.get("id"), str) or not ID_RE.match(request["id"]):
             log.debug("dropped a pip request without a valid id")
             return
-        self._requests += 1
-        if self._requests > MAX_REQUESTS_PER_EXECUTION:
-            self._write_answer(request["id"], {"ok": False, "error": f"more than {MAX_REQUESTS_PER_EXECUTION} "
-                                               "pip requests in one execution: install them in one line"})
+        if request["id"] in self._seen:
+            return
+        self._seen[request["id"]] = None
+        while len(self._seen) > 256:
+            self._seen.popitem(last=False)
+        now = time.monotonic()
+        self._recent = [t for t in self._recent if now - t < 60] + [now]
+        if len(self._recent) > MAX_REQUESTS_PER_MINUTE:
+            self._write_answer(request["id"], {"ok": False, "error": f"more than {MAX_REQUESTS_PER_MINUTE} pip "
+                                               "requests in a minute: install several packages in one line"})
             return
         task = asyncio.ensure_future(self._answer(request))
         self._tasks.add(task)

@@ -24,6 +24,7 @@ a ``RelayOwner``; ``Session.attach()`` creates relays, nothing else should.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -40,6 +41,7 @@ from .config import KernelWatch, Limits
 from .errors import KernelMessageRefused, KernelMessageTooLarge, SandboxError
 from .kernel import MAX_MESSAGE_BYTES, _bounded_context
 from .kernel_wire import MAX_BUFFERS, KernelMessage, WireError, WireFormat, decode, dumps, encode_v1, loads_object
+from .packages import take_pip_requests
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,10 @@ class RelayOwner(Protocol):
     def replace_kernel(self, generation: int, what: str, reason: str) -> None:
         """Kernel ``generation`` outlived a client's shutdown request: replace it (once, however
         many ask); ``what`` goes to the log, ``reason`` to the clients, who are ended."""
+
+    def pip_request(self, request: Any) -> None:
+        """The kernel asked for packages (``sandbox.packages``; the same request may come through
+        every relay of the kernel): install them. The message is not passed on."""
 
 
 class RelayBudget:
@@ -384,6 +390,12 @@ class KernelRelay:
         # kernel: a nudge answered after its relay ended must not reach the next client)
         if parent.startswith(NUDGE_PREFIX):
             return
+        if msg.channel == "iopub" and msg.msg_type in ("stream", "display_data"):
+            content = take_pip_requests(msg.msg_type, msg.content, self.owner.pip_request)
+            if content is None:
+                return
+            if content is not msg.content:
+                msg = dataclasses.replace(msg, content=content)
         if self._running.get(parent, -1) > 0 and (msg.msg_type == "execute_reply" or
                                         (msg.msg_type == "status" and msg.content.get("execution_state") == "idle")):
             del self._running[parent]

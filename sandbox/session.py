@@ -472,6 +472,9 @@ class Session:
     def replace_kernel(self, generation: int, what: str, reason: str) -> None:
         self.supervisor.replace_soon(generation, Replacement(what, reason))
 
+    def pip_request(self, request: object) -> None:
+        self.site.submit(request)
+
     # -- execution --------------------------------------------------------------------------
     async def execute(self, code: str, timeout: float | None = None,
                       on_output: OutputCallback | None = None, cancel: asyncio.Event | None = None) -> Execution:
@@ -545,7 +548,6 @@ class Session:
                              resumed=resumed)
         lim = self.limits
         raw = RawResult()
-        self.site.new_execution()
         collector = OutputCollector(raw, lim.output_bytes + 1024, lim.max_images, lim.max_image_bytes, on_output,
                                     self.site.submit)
         handle = self._handle

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from bench.scripted_model import ScriptedModel
 from interpreter.formats.base import packages_note
 from interpreter.llm.openai import OpenAILLM
 from interpreter.service import ConversationService
-from sandbox import Limits, SandboxSettings, SessionManager
+from sandbox import KernelMessage, Limits, SandboxSettings, SessionManager
 from sandbox.packages import listing
 from tests.support.sandboxes import docker_settings
 from tests.support.wheels import compiled_wheel, pure_wheel
@@ -236,3 +237,26 @@ async def test_a_paused_session_resumes_with_its_packages(sandbox_image: str, tm
         back = await session.execute("import jbpure\nprint(jbpure.hello())")
         assert back.stdout == "hi 42\n", back.text()
         await durable.close(session.id)
+
+
+async def test_a_notebook_client_installs_through_its_relay(manager: SessionManager) -> None:
+    session = await manager.create()
+    relays = [await session.attach(), await session.attach()]  # the request reaches both: served once
+    header = {"msg_id": uuid.uuid4().hex, "msg_type": "execute_request", "session": "tests", "username": "tests",
+              "version": "5.3", "date": "2026-01-01T00:00:00.000000Z"}
+    cell = KernelMessage("shell", header, content={"code": "%pip install jbtable\nimport jbtable\nprint(jbtable.ROWS)",
+                                                   "silent": False, "store_history": True, "user_expressions": {},
+                                                   "allow_stdin": False})
+    await relays[0].send(cell)
+    seen, idle = [], False
+    while not idle:
+        m = await asyncio.wait_for(relays[0].receive(), 60)
+        assert m is not None, relays[0].end_reason
+        if m.parent_id == header["msg_id"]:
+            seen.append(m)
+            idle = m.msg_type == "status" and m.content.get("execution_state") == "idle"
+    text = "".join(m.content.get("text", "") for m in seen if m.msg_type == "stream")
+    assert "Successfully installed jbtable-0.1" in text and "3\n" in text, text
+    assert not any(m.msg_type == "display_data" for m in seen)  # the request itself is not passed on
+    assert len(list(session.site.folder.glob("[0-9]*"))) == 1
+    await manager.close(session.id)
