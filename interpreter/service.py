@@ -113,6 +113,7 @@ class Turn:
 
 
 PACKAGES_TTL_S = 60.0
+PACKAGES_MIN_CONTEXT = 4096  # tokens of context a model needs to be told about packages (about 300 of them)
 
 
 class ConversationService:
@@ -433,7 +434,9 @@ class ConversationService:
         else:
             fmt = get_format(chat.format_asked, llm, settings.model)
             chat.conversation.format = fmt.name
-        fmt.packages = await self.packages_note()
+        # a model of a small context is not told: the list would crowd out its conversation
+        if (llm.context_tokens or PACKAGES_MIN_CONTEXT) >= PACKAGES_MIN_CONTEXT:
+            fmt.packages = await self.packages_note()
         interpreter = Interpreter(llm, fmt, settings)
         turn = chat.turn = Turn(chat, fmt)  # busy from here: a second caller waiting below is refused
         try:
