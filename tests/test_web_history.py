@@ -70,10 +70,24 @@ def open_page(browser: Any, server: AppServer, key: str) -> tuple[Any, Any]:
     return context, page
 
 
-def pick(page: Any, title: str) -> None:
-    """Choose the earlier conversation whose label starts with ``title`` in the page's history."""
-    page.locator("#jb-history input").click()
-    page.locator("#jb-history li[role='option']", has_text=title).first.click()
+def pick(page: Any, title: str, tries: int = 3) -> None:
+    """Choose the earlier conversation whose label starts with ``title`` in the page's history;
+    returns once the history shows it chosen. A click that lands while the list is drawn again
+    (the page's history was just updated) selects nothing: it is clicked again."""
+    from playwright.sync_api import expect
+
+    options = page.locator("#jb-history li[role='option']")
+    for attempt in range(tries):
+        if not options.first.is_visible():  # the list is closed: open it
+            page.locator("#jb-history input").click()
+        options.filter(has_text=title).first.click()
+        try:
+            expect(page.locator("#jb-history input")).to_have_value(re.compile("^" + re.escape(title)),
+                                                                    timeout=10_000)
+            return
+        except AssertionError:
+            if attempt == tries - 1:
+                raise
 
 
 def said(body: dict) -> str:
@@ -133,6 +147,8 @@ def test_a_reload_shows_the_conversation_and_continues_its_session(server: AppSe
     expect(chat).to_contain_text("Fresh kernel: False.", timeout=60_000)
     assert len(sessions_of(server, "alice")) == 2 and first in sessions_of(server, "alice")
     expect(page.locator("#jb-files a[href$='/fig-001.png']")).to_have_count(0)
+    expect(page.locator("#jb-history input")).to_have_value(re.compile(r"^Is there a secret here\? · "),
+                                                            timeout=20_000)  # the history followed the turn
     pick(page, "Set a secret and draw a chart")
     expect(chat).to_contain_text("Still here: twice 84.", timeout=30_000)
     expect(chat).not_to_contain_text("Is there a secret here?")
@@ -156,6 +172,38 @@ def test_a_reload_shows_the_conversation_and_continues_its_session(server: AppSe
     expect(page.locator("#jb-history li[role='option']")).to_have_count(1)
     expect(page.locator("#jb-history li[role='option']").first).to_contain_text("Is there a secret here?")
     context.close()
+
+
+def test_one_conversation_is_held_by_one_tab(server: AppServer, model: ScriptedModel, keys: dict[str, str],
+                                             browser: Any) -> None:
+    """A second tab of the same user does not open the conversation the first one holds; picked
+    there, it moves, and the first tab says so instead of asking in a session it let go of."""
+    from playwright.sync_api import expect
+
+    ctx_a, page_a = open_page(browser, server, keys["bob"])
+    model.enqueue(fenced("mine = 'from tab a'\nprint(mine)"), lambda body: f"Tab A: {said(body)}.")
+    ask(page_a, "Remember something in tab A")
+    expect(page_a.locator("#jb-chat")).to_contain_text("Tab A: from tab a.", timeout=60_000)
+    expect(page_a.locator("#jb-history input")).to_have_value(re.compile("^Remember something in tab A"),
+                                                              timeout=20_000)
+
+    ctx_b, page_b = open_page(browser, server, keys["bob"])
+    page_b.locator("#jb-history input").click()
+    expect(page_b.locator("#jb-history li[role='option']")).to_have_count(1, timeout=20_000)  # loaded
+    expect(page_b.locator("#jb-history input")).to_have_value("")
+    assert "Remember something" not in page_b.locator("#jb-chat").inner_text()
+    pick(page_b, "Remember something in tab A")
+    expect(page_b.locator("#jb-chat")).to_contain_text("Tab A: from tab a.", timeout=30_000)
+
+    before = len(model.history)
+    ask(page_a, "Anything else?")
+    expect(page_a.locator("#jb-chat")).to_contain_text("now open in another tab", timeout=30_000)
+    assert len(model.history) == before  # not asked: tab B holds the conversation
+    model.enqueue(fenced("print(mine)"), lambda body: f"Tab B: {said(body)}.")
+    ask(page_b, "What did tab A remember?")
+    expect(page_b.locator("#jb-chat")).to_contain_text("Tab B: from tab a.", timeout=60_000)
+    ctx_a.close()
+    ctx_b.close()
 
 
 def test_another_users_session_id_is_refused_by_the_page_api(server: AppServer, keys: dict[str, str]) -> None:

@@ -407,12 +407,16 @@ class WebUI:
             yield snapshot(tab.history), keep, keep, tab
             return
         if chat is None and tab.session_id is not None:  # the page shows a conversation it no longer holds
-            if self.service.by_session(tab.session_id) is not None:
-                tab.history.append(notice_message("warning", TAKEN))
+            if self.service.by_session(tab.session_id) is not None:  # not sent: the box keeps the question
+                tab.history += [question_message(question, [Path(f).name for f in files]),
+                                notice_message("warning", TAKEN)]
                 yield snapshot(tab.history), keep, keep, tab
                 return
-            tab.session_id = None
-            tab.history.append(notice_message("info", ENDED))
+            try:  # let go of meanwhile, as the service lets go of idle ones its records bring back
+                await self.earlier.take(tab.conversation_key, tab.caller, tab.session_id, await self.own_history(tab))
+            except JupyboxError:
+                tab.session_id = None
+                tab.history.append(notice_message("info", ENDED))
         tab.history.append(question_message(question, [Path(f).name for f in files]))
         yield snapshot(tab.history), {"text": "", "files": []}, keep, tab
         try:
