@@ -126,11 +126,14 @@ class Tab:
     copies: dict[str, tuple[int, float, int]] = field(default_factory=dict)
     refused: dict[str, tuple[int, float]] = field(default_factory=dict)  # not served: over the budget
     session_id: str | None = None  # the session whose conversation the page shows, once it has one
+    # counts "New session"s: each starts a conversation under a key of its own, since the service
+    # brings back the session whose record names a conversation's key
+    started: int = 0
     _served: Path | None = None
 
     @property
     def conversation_key(self) -> str:
-        return page_key(self.caller, self.key)
+        return page_key(self.caller, f"{self.key}#{self.started}")
 
     @property
     def served(self) -> Path:
@@ -468,6 +471,7 @@ class WebUI:
         tab = self.tab(tab, request)
         await self.close_tab(tab)
         tab.history, tab.session_id = [], None
+        tab.started += 1
         notice = "New session: a fresh kernel and an empty workspace start with your next question."
         if self.durable:
             notice += " The earlier conversation stays in History · 历史."
