@@ -22,6 +22,8 @@ from .llm.base import Message, ToolCall
 # the server's memory without bound
 KEPT_OUTPUT_BYTES = 32 << 20
 SLIM_TEXT_CHARS = 2000
+# an output's metadata key in a record: the image MIME types left out of it (its text stands in)
+IMAGE_LEFT_OUT = "jupybox/image-left-out"
 
 
 @dataclass
@@ -92,7 +94,9 @@ class Conversation:
     def to_record(self) -> dict[str, Any]:
         """``to_dict`` as the session's record keeps it, written after each turn: images are
         left out of the outputs (each was saved in the workspace, and the execution names its
-        file), so the record stays small however many charts the session drew."""
+        file), so the record stays small however many charts the session drew. Such an output is
+        marked (``IMAGE_LEFT_OUT`` in its metadata), so that whoever shows it again knows its text
+        stands in for an image."""
         d = self.to_dict()
         for cell in d["cells"]:
             for out in cell["execution"]["outputs"]:
@@ -100,6 +104,8 @@ class Conversation:
                 images = [m for m in data if m.startswith("image/")]
                 for mime in images:
                     del data[mime]
+                if images:
+                    out["metadata"] = {**(out.get("metadata") or {}), IMAGE_LEFT_OUT: images}
                 if images and "text/plain" not in data:
                     data["text/plain"] = "[an image, saved in the workspace]"
         return d

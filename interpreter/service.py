@@ -332,6 +332,15 @@ class ConversationService:
             except SessionClosed:
                 pass
 
+    async def delete(self, session_id: str, caller: Caller | None = None) -> None:
+        """Close an earlier session of the caller's for good (record, files and variables go),
+        and forget every conversation bound to it (their turns are stopped). ``SessionClosed``
+        when the session is not the caller's or is gone."""
+        self.manager.get(session_id, caller)  # SessionClosed: gone, or another user's
+        for chat in [c for c in self._chats.values() if c.conversation.session_id == session_id]:
+            self.forget(chat.key)
+        await self.manager.close(session_id, caller)
+
     def _session_reaped(self, session_id: str) -> None:
         chat = self.by_session(session_id)
         if chat is not None and chat.bound:

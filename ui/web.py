@@ -2,11 +2,18 @@
 
 ``build_ui(services)`` returns the Blocks; the HTTP app mounts it (``mount_ui`` does that with the
 theme and options the page needs: local fonts only, nothing fetched from other hosts). A tab's
-session (kernel and workspace) starts on its first upload or question, and is closed when the tab
-closes, on "New session", or by the sandbox manager's idle TTL.
+session (kernel and workspace) starts on its first upload or question.
+
+Where sessions are durable (``jupybox serve``'s default), a session outlives its tab: a tab that
+closes or reloads only forgets its conversation (the manager pauses the idle session, and deletes
+it after its retention), "New session" starts another one, and the page lists its user's earlier
+conversations ("History"): picking one shows it again from its record and continues it in its
+session; "Delete" closes it for good. A page that loads reopens the newest conversation of its
+user that no other tab holds, so a reload shows what was there. Elsewhere a session is closed when
+its tab closes, on "New session", or by the sandbox manager's idle TTL.
 
 Named API endpoints (for ``gradio_client``): ``/ask``, ``/upload``, ``/stop``, ``/new_session``,
-``/files``, ``/notebook``.
+``/files``, ``/notebook``, ``/reopen``, ``/delete_session``.
 """
 
 from __future__ import annotations
@@ -32,15 +39,25 @@ import gradio as gr  # noqa: E402
 import nbformat  # noqa: E402
 
 from interpreter import FORMATS, Chat, Conversation, ConversationService, InterpreterSettings  # noqa: E402
-from sandbox import Caller, Execution, JupyboxError, Workspace  # noqa: E402
+from sandbox import Caller, Execution, JupyboxError, SessionClosed, Workspace  # noqa: E402
 from sandbox.errors import QuotaExceeded  # noqa: E402
 from sandbox.workspace import WorkspaceFile  # noqa: E402
+from store import SessionRecord  # noqa: E402
 
 from .auth import identity_of  # noqa: E402
 from .ownership import caller_for, owned_key, tab_prefix  # noqa: E402
 from .services import Services  # noqa: E402
 from .web_guard import UploadCache  # noqa: E402
-from .web_render import ICON_CSS, TurnView, figure_content, file_chip, notice_message, text  # noqa: E402
+from .web_history import ENDED, GONE, TAKEN, EarlierConversations, page_key, session_id_of  # noqa: E402
+from .web_render import (  # noqa: E402
+    ICON_CSS,
+    TurnView,
+    figure_content,
+    history_label,
+    notice_message,
+    question_message,
+    replay,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +125,15 @@ class Tab:
     # path -> (size, mtime) the copy was made of, and the bytes it holds on the host
     copies: dict[str, tuple[int, float, int]] = field(default_factory=dict)
     refused: dict[str, tuple[int, float]] = field(default_factory=dict)  # not served: over the budget
+    session_id: str | None = None  # the session whose conversation the page shows, once it has one
+    # counts "New session"s: each starts a conversation under a key of its own, since the service
+    # brings back the session whose record names a conversation's key
+    started: int = 0
     _served: Path | None = None
 
     @property
     def conversation_key(self) -> str:
-        return f"web:{owned_key(self.caller, self.key)}"
+        return page_key(self.caller, f"{self.key}#{self.started}")
 
     @property
     def served(self) -> Path:
@@ -150,6 +171,7 @@ class WebUI:
         self.services = services
         self.cache = cache
         self.tabs: dict[str, Tab] = {}  # by Gradio session hash, to close them on unload
+        self.earlier = EarlierConversations(services.service)
 
     @property
     def service(self) -> ConversationService:
@@ -183,12 +205,65 @@ class WebUI:
     def model_name(self) -> str:
         return self.service.model_name
 
+    @property
+    def durable(self) -> bool:
+        """Whether sessions outlive their tabs (see the module's docstring)."""
+        return self.services.manager.durable
+
     async def close_tab(self, tab: Tab) -> None:
-        await self.service.close(tab.conversation_key)
+        """A tab that goes away (or starts anew): its conversation is forgotten, and its session
+        kept where sessions are durable, closed elsewhere; the copies it served are removed."""
+        if self.durable:
+            self.service.forget(tab.conversation_key)
+        else:
+            await self.service.close(tab.conversation_key)
         await asyncio.to_thread(tab.forget_files)
 
     def chat_of(self, tab: Tab, fmt: str) -> Chat:
         return self.service.open(tab.conversation_key, "web", fmt=fmt if fmt in FORMATS else None, caller=tab.caller)
+
+    # -- earlier conversations --------------------------------------------------------------
+    async def own_history(self, tab: Tab) -> list[SessionRecord]:
+        """The tab's user's earlier conversations (none where sessions end with their tabs, or
+        for a page without an identity)."""
+        if not self.durable or tab.caller.name == UNKNOWN.name:
+            return []
+        return await self.earlier.of(tab.caller)
+
+    async def history_update(self, tab: Tab, records: list[SessionRecord] | None = None) -> Any:
+        """The history's choices (label, session id), the tab's own conversation selected."""
+        if not self.durable:
+            return gr.update()
+        records = await self.own_history(tab) if records is None else records
+        now = time.time()
+        shown = tab.session_id if any(r.id == tab.session_id for r in records) else None
+        return gr.update(choices=[(history_label(r, now), r.id) for r in records], value=shown)
+
+    async def open_earlier(self, tab: Tab, session_id: str, records: list[SessionRecord]) -> None:
+        """Show an earlier conversation (``EarlierConversations.take`` says what is refused) from
+        its record, its figures served from its workspace, and continue it in this tab."""
+        chat = await self.earlier.take(tab.conversation_key, tab.caller, session_id, records)
+        tab.session_id = session_id
+        if chat is None:  # the tab's own conversation already
+            return
+        await asyncio.to_thread(tab.forget_files)
+        ws = await self.service.workspace(tab.conversation_key)
+
+        def figures(execution: Execution) -> list[dict]:
+            return self.shown_figures(tab, ws, execution) if ws is not None else []
+
+        tab.history = await asyncio.to_thread(replay, chat.conversation, figures)
+
+    async def resume_newest(self, tab: Tab) -> None:
+        """A new page shows the newest conversation of its user that no other tab holds."""
+        records = await self.own_history(tab)
+        sid = await self.earlier.newest_free(tab.conversation_key, tab.caller, records)
+        if sid is None:
+            return
+        try:
+            await self.open_earlier(tab, sid, records)
+        except JupyboxError as exc:  # gone or taken meanwhile: the page starts empty
+            log.info("not reopening session %s in a new page: %s", sid, exc)
 
     # -- files ------------------------------------------------------------------------------
     def served_copies(self, tab: Tab, ws: Workspace, files: list[WorkspaceFile]) -> list[str | None]:
@@ -270,8 +345,10 @@ class WebUI:
     # -- handlers ---------------------------------------------------------------------------
     async def on_load(self, tab: Tab | None, request: gr.Request) -> tuple:
         tab = self.tab(tab, request)
+        if self.durable and not tab.history and self.service.get(tab.conversation_key) is None:
+            await self.resume_newest(tab)
         return tab, gr.update(value=self.banner(), visible=self.service.llm is None), self.model_name(), \
-            tab.history, await self.file_list(tab)
+            snapshot(tab.history), await self.file_list(tab), await self.history_update(tab)
 
     async def on_unload(self, request: gr.Request) -> None:
         tab = self.tabs.pop(self._slot(page_caller(request), getattr(request, "session_hash", None) or ""), None)
@@ -323,31 +400,41 @@ class WebUI:
         message = {"text": message, "files": []} if isinstance(message, str) else (message or {})
         question = str(message.get("text") or "").strip()
         files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
-        keep_box = gr.update()
+        keep = gr.update()
         chat = self.service.get(tab.conversation_key)
         if chat is not None and chat.busy:
             gr.Warning("Still working on the previous question: wait, or press Stop.")
-            yield snapshot(tab.history), keep_box, gr.update(), tab
+            yield snapshot(tab.history), keep, keep, tab
             return
         if not question and not files:
-            yield snapshot(tab.history), keep_box, gr.update(), tab
+            yield snapshot(tab.history), keep, keep, tab
             return
-        tab.history.append({"role": "user", "content": [text(question or "(files)")] +
-                            [text(file_chip(Path(f).name)) for f in files]})
-        yield snapshot(tab.history), {"text": "", "files": []}, gr.update(), tab
+        if chat is None and tab.session_id is not None:  # the page shows a conversation it no longer holds
+            if self.service.by_session(tab.session_id) is not None:  # not sent: the box keeps the question
+                tab.history += [question_message(question, [Path(f).name for f in files]),
+                                notice_message("warning", TAKEN)]
+                yield snapshot(tab.history), keep, keep, tab
+                return
+            try:  # let go of meanwhile, as the service lets go of idle ones its records bring back
+                await self.earlier.take(tab.conversation_key, tab.caller, tab.session_id, await self.own_history(tab))
+            except JupyboxError:
+                tab.session_id = None
+                tab.history.append(notice_message("info", ENDED))
+        tab.history.append(question_message(question, [Path(f).name for f in files]))
+        yield snapshot(tab.history), {"text": "", "files": []}, keep, tab
         try:
             _, note = await self.save_uploads(tab, fmt, files)
             if note:
                 tab.history.append(notice_message("info", note))
             if not question:
-                yield snapshot(tab.history), gr.update(), await self.file_list(tab), tab
+                yield snapshot(tab.history), keep, await self.file_list(tab), tab
                 return
             turn = await self.service.turn(tab.conversation_key, "web", question,
                                            self.turn_settings(model, temperature, max_executions, timeout),
                                            caller=tab.caller)
         except JupyboxError as exc:  # no model, busy, an upload refused, no room for a session
             tab.history.append(notice_message("warning", str(exc)))
-            yield snapshot(tab.history), gr.update(), await self.file_list(tab), tab
+            yield snapshot(tab.history), keep, await self.file_list(tab), tab
             return
         view = TurnView(tab.history, turn.format)
         last = 0.0
@@ -364,8 +451,17 @@ class WebUI:
                 now = time.monotonic()
                 if event.type != "text_delta" or now - last >= STREAM_INTERVAL_S:
                     last = now
-                    yield snapshot(tab.history), gr.update(), gr.update(), tab
-        yield snapshot(tab.history), gr.update(), await self.file_list(tab), tab
+                    yield snapshot(tab.history), keep, keep, tab
+        yield snapshot(tab.history), keep, await self.file_list(tab), tab
+
+    async def noted(self, tab: Tab | None, request: gr.Request) -> Any:
+        """After a question, an upload or a new session: the history, showing the session the
+        tab's conversation has now (its first question or upload started one)."""
+        tab = self.tab(tab, request)
+        chat = self.service.get(tab.conversation_key)
+        if chat is not None and chat.conversation.session_id is not None:
+            tab.session_id = chat.conversation.session_id
+        return await self.history_update(tab)
 
     async def stop(self, tab: Tab | None, request: gr.Request) -> str:
         tab = self.tab(tab, request)
@@ -374,8 +470,42 @@ class WebUI:
     async def new_session(self, tab: Tab | None, request: gr.Request) -> tuple:
         tab = self.tab(tab, request)
         await self.close_tab(tab)
-        tab.history = []
-        return [], [], tab, "New session: a fresh kernel and an empty workspace start with your next question."
+        tab.history, tab.session_id = [], None
+        tab.started += 1
+        notice = "New session: a fresh kernel and an empty workspace start with your next question."
+        if self.durable:
+            notice += " The earlier conversation stays in History · 历史."
+        return [], [], tab, notice
+
+    async def reopen(self, choice: str | None, tab: Tab | None, request: gr.Request) -> tuple:
+        """The history's choice: show that conversation and continue it here."""
+        tab = self.tab(tab, request)
+        records = await self.own_history(tab)
+        try:
+            sid = session_id_of(choice)
+            if sid is None:
+                raise SessionClosed(GONE)
+            await self.open_earlier(tab, sid, records)
+            notice = "Reopened: your next question continues this conversation (its variables come back on first use)."
+        except JupyboxError as exc:
+            notice = str(exc)
+        return snapshot(tab.history), await self.file_list(tab), tab, notice, await self.history_update(tab)
+
+    async def delete(self, choice: str | None, tab: Tab | None, request: gr.Request) -> tuple:
+        """The history's choice, closed for good: its record, files and variables go."""
+        tab = self.tab(tab, request)
+        sid = session_id_of(choice)
+        try:
+            if sid is None:
+                raise SessionClosed(GONE)
+            await self.earlier.delete(tab.conversation_key, tab.caller, sid, await self.own_history(tab))
+            notice = "Deleted: that conversation, its files and its variables are gone."
+        except JupyboxError as exc:
+            notice = str(exc)
+        if sid is not None and tab.session_id == sid and self.service.get(tab.conversation_key) is None:
+            tab.history, tab.session_id = [], None
+            await asyncio.to_thread(tab.forget_files)
+        return snapshot(tab.history), await self.file_list(tab), tab, notice, await self.history_update(tab)
 
     async def files(self, tab: Tab | None, request: gr.Request) -> tuple:
         tab = self.tab(tab, request)
@@ -420,6 +550,14 @@ def build_ui(services: Services, cache: UploadCache) -> gr.Blocks:
                 files = gr.File(label="Workspace files · 工作区文件", file_count="multiple", interactive=False,
                                 elem_id="jb-files")
                 refresh_btn = gr.Button("Refresh files", size="sm")
+                durable = services.manager.durable
+                # the choice is checked by the handlers (``ui.web_history``), not against the choices
+                # Gradio keeps per page session: a client's value is refused in jupybox's own words
+                history = gr.Dropdown(choices=[], value=None, label="History · 历史", interactive=True,
+                                      info="Your earlier conversations, newest first: pick one to continue it.",
+                                      allow_custom_value=True, elem_id="jb-history", visible=durable)
+                delete_btn = gr.Button("Delete this conversation · 删除", size="sm", elem_id="jb-delete",
+                                       visible=durable)
                 nb_file = gr.File(label="Notebook", visible=True, interactive=False, elem_id="jb-nb-file")
                 examples = gr.Dataset(label="Examples · 示例", components=[gr.Textbox(visible=False)],
                                       samples=[[p["label"]] for p in EXAMPLE_PROMPTS], type="index")
@@ -437,22 +575,34 @@ def build_ui(services: Services, cache: UploadCache) -> gr.Blocks:
 
         run_inputs = [box, state, model, fmt, temperature, max_exec, timeout]
         run_outputs = [chat, box, files, state]
-        demo.load(ui.on_load, [state], [state, banner, model, chat, files], api_visibility="private")
+
+        def then_history(event: Any) -> None:
+            """The history follows a question, an upload or a new session as a step of its own, so
+            that the named endpoints answer as they always have."""
+            if durable:
+                event.then(ui.noted, [state], [history], api_visibility="private", concurrency_limit=None)
+
+        demo.load(ui.on_load, [state], [state, banner, model, chat, files, history], api_visibility="private")
         demo.unload(ui.on_unload)
-        box.submit(ui.ask, run_inputs, run_outputs, api_name="ask", concurrency_limit=None)
+        then_history(box.submit(ui.ask, run_inputs, run_outputs, api_name="ask", concurrency_limit=None))
         stop_btn.click(ui.stop, [state], [notice], api_name="stop", concurrency_limit=None)
-        new_btn.click(ui.new_session, [state], [chat, files, state, notice], api_name="new_session",
+        then_history(new_btn.click(ui.new_session, [state], [chat, files, state, notice], api_name="new_session",
+                                   concurrency_limit=None))
+        history.input(ui.reopen, [history, state], [chat, files, state, notice, history], api_name="reopen",
                       concurrency_limit=None)
-        upload_btn.upload(ui.upload, [upload_btn, state, fmt], [files, state, notice], api_name="upload",
-                          concurrency_limit=None)
+        delete_btn.click(ui.delete, [history, state], [chat, files, state, notice, history],
+                         api_name="delete_session", concurrency_limit=None)
+        then_history(upload_btn.upload(ui.upload, [upload_btn, state, fmt], [files, state, notice],
+                                       api_name="upload", concurrency_limit=None))
         refresh_btn.click(ui.files, [state], [files, state], api_name="files", concurrency_limit=None)
         nb_btn.click(ui.notebook, [state], [nb_file, state], api_name="notebook", concurrency_limit=None)
-        examples.click(ui.use_example, [examples, state, fmt], [box, files, state, notice],
-                       api_visibility="private").then(ui.ask, run_inputs, run_outputs, api_visibility="private",
-                                                      concurrency_limit=None)
-        chat.example_select(ui.example_selected, [state, fmt], [box, files, state, notice],
-                            api_visibility="private").then(ui.ask, run_inputs, run_outputs,
-                                                           api_visibility="private", concurrency_limit=None)
+        then_history(examples.click(ui.use_example, [examples, state, fmt], [box, files, state, notice],
+                                    api_visibility="private").then(ui.ask, run_inputs, run_outputs,
+                                                                   api_visibility="private", concurrency_limit=None))
+        then_history(chat.example_select(ui.example_selected, [state, fmt], [box, files, state, notice],
+                                         api_visibility="private").then(ui.ask, run_inputs, run_outputs,
+                                                                        api_visibility="private",
+                                                                        concurrency_limit=None))
     return demo
 
 
@@ -464,7 +614,8 @@ def snapshot(history: list[dict]) -> list[dict]:
 
 def _close_soon(ui: WebUI, tab: Tab | None) -> None:
     """Gradio drops a tab's state when the tab closes or its state expires, also for a client that
-    never sent ``unload``: forget the tab, close its session and remove its served files."""
+    never sent ``unload``: forget the tab and its conversation (``close_tab``: its session is
+    closed too where sessions are not durable) and remove its served files."""
     if tab is None:
         return
     for slot in (tab.key, owned_key(tab.caller, tab.key)):

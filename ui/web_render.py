@@ -4,7 +4,8 @@ A turn shows, in order: the model's prose of each step (its format's ``display``
 without the code it wrote and without labels), each code cell as a collapsible block titled with
 its status with the outputs under the code and its notes, the cell's images as their own message
 right below (so a chart stays visible when the cell is folded), and the answer. The messages are
-plain dicts in the Chatbot's "messages" shape.
+plain dicts in the Chatbot's "messages" shape. A conversation reopened from its record is shown by
+the same view (``replay``), fed events made from the record's timeline.
 
 Icons are small SVG images inlined as data URLs (the page's policy allows ``data:`` images): emoji
 are empty boxes in a browser without an emoji font.
@@ -15,12 +16,16 @@ from __future__ import annotations
 import base64
 import html
 import re
+from collections.abc import Callable, Sequence
 
-from interpreter import Event
+from interpreter import Conversation, Event
+from interpreter.conversation import IMAGE_LEFT_OUT
 from interpreter.formats.base import Format
 from sandbox.models import Execution, ExecutionStatus, Output, clip
+from store import SessionRecord
 
 TEXT_LIMIT = 20_000  # characters of one cell's text outputs shown in the page
+TITLE_CHARS = 60  # of a conversation's first question, in the history's list
 SVG_INLINE_BYTES = 2_000_000  # an SVG figure up to this size is shown inline (data URL), else offered as a file
 _PATHS = {  # 16x16 strokes, drawn in the icon's colour
     "ok": ("#1a7f37", "M3 8.5l3.2 3.2L13 4.8"),
@@ -61,6 +66,11 @@ def file_chip(name: str) -> str:
     return f"{icon('file')} `{name}`"
 
 
+def question_message(question: str, files: Sequence[str] = ()) -> dict:
+    """The person's question as the chat shows it, with a chip for each file sent with it."""
+    return {"role": "user", "content": [text(question or "(files)")] + [text(file_chip(f)) for f in files]}
+
+
 def notice_message(kind: str, words: str) -> dict:
     """A line from jupybox, not the model: ``kind`` is info or warning."""
     return {"role": "assistant", "content": [text(f"{icon(kind)} {words}")]}
@@ -79,8 +89,8 @@ def render_output(out: Output) -> str:
         tb = "\n".join(out.traceback or []) or f"{out.ename}: {out.evalue}"
         return fence(tb, "pytb")
     data = out.data or {}
-    if out.is_image:
-        return ""  # images are their own message
+    if out.is_image or (out.metadata or {}).get(IMAGE_LEFT_OUT):
+        return ""  # images are their own message (a record keeps only a stand-in's text)
     if "text/html" in data and "<table" in str(data["text/html"]):
         return re.sub(r"<style.*?</style>", "", str(data["text/html"]), flags=re.S)
     if "text/markdown" in data:
@@ -131,7 +141,7 @@ class TurnView:
     """Applies one turn's events to ``history`` (a list of Chatbot message dicts) in place. The
     page's handler adds a cell's images (``show_images``) once it has made them servable."""
 
-    def __init__(self, history: list[dict], fmt: Format) -> None:
+    def __init__(self, history: list[dict], fmt: Format | None) -> None:
         self.history = history
         self.fmt = fmt
         self._step_raw = ""
@@ -182,6 +192,8 @@ class TurnView:
             self.history.append({"role": "assistant", "content": figures})
 
     def _show_prose(self, final: bool) -> None:
+        if self.fmt is None or not self._step_raw:
+            return
         shown = self.fmt.display(self._step_raw, final)
         if not shown:
             return
@@ -190,3 +202,40 @@ class TurnView:
             self._step_at = len(self.history) - 1
         else:
             self.history[self._step_at]["content"] = [text(shown)]
+
+
+def replay(conv: Conversation, figures: Callable[[Execution], list[dict]]) -> list[dict]:
+    """The chat of a conversation kept in a record: its questions, each cell with its outputs and
+    ``figures`` (the chat's content for the images the execution saved), and the answers, in the
+    order they happened, through the same ``TurnView`` a live turn goes through. The model's prose
+    between cells is not kept, so it is not shown. Blocking where ``figures`` is."""
+    history: list[dict] = []
+    view = TurnView(history, None)
+    for kind, value in conv.timeline:
+        if kind == "question":
+            history.append(question_message(str(value)))
+        elif kind == "answer":
+            view.apply(Event("answer", text=str(value), finish_reason="stop"))
+        elif kind == "cell" and isinstance(value, int) and 0 <= value < len(conv.cells):
+            cell = conv.cells[value]
+            view.apply(Event("code", code=cell.code))
+            view.apply(Event("execution", execution=cell.execution))
+            view.show_images(figures(cell.execution))
+    return history
+
+
+def age(seconds: float) -> str:
+    """How long ago, in the largest unit that fits (the page's reader may be in any time zone)."""
+    seconds = max(seconds, 0.0)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit} ago"
+    return "just now"
+
+
+def history_label(record: SessionRecord, now: float) -> str:
+    """One earlier conversation in the page's history: its first question (one line, cut), when it
+    was last used, and whether its kernel runs or is paused."""
+    title = " ".join(record.title.split())
+    title = title if len(title) <= TITLE_CHARS else title[:TITLE_CHARS - 1] + "…"
+    return f"{title or '(no question yet)'} · {age(now - record.last_used)} · {record.state}"
