@@ -33,7 +33,6 @@ from .conversation import Cell, Conversation
 from .errors import ModelUnavailable, TurnBusy
 from .events import Event
 from .formats import Format, get_format
-from .formats.base import packages_note
 from .llm import LLM, ModelSettings
 from .llm.base import Usage
 from .loop import Interpreter, InterpreterSettings
@@ -132,7 +131,7 @@ class ConversationService:
         self._given_model = isinstance(model, LLM)
         self.audit: Audit | None = None
         self.audit_code = False  # --audit-code: the audit log keeps the code run, not only its hash
-        self._packages: tuple[float, str] | None = None  # (when, the prompt's note on packages)
+        self._packages: tuple[float, tuple[list[str], list[str]]] | None = None  # (when, packages_listing())
         manager.on_reap = self._session_reaped
 
     # -- life cycle -------------------------------------------------------------------------
@@ -445,7 +444,7 @@ class ConversationService:
             chat.conversation.format = fmt.name
         # a model of a small context is not told: the list would crowd out its conversation
         if (llm.context_tokens or PACKAGES_MIN_CONTEXT) >= PACKAGES_MIN_CONTEXT:
-            fmt.packages = await self.packages_note()
+            fmt.listing = await self.packages_listing()
         interpreter = Interpreter(llm, fmt, settings)
         turn = chat.turn = Turn(chat, fmt)  # busy from here: a second caller waiting below is refused
         try:
@@ -458,13 +457,14 @@ class ConversationService:
         turn.task = self.spawn(self._run(chat, turn, interpreter, session, note, question, close_after))
         return turn
 
-    async def packages_note(self) -> str:
-        """What the model is told about packages (the image's, the wheelhouse's), looked at again
-        after ``PACKAGES_TTL_S`` so that an admin's ``jupybox packages add`` shows without a restart."""
+    async def packages_listing(self) -> tuple[list[str], list[str]]:
+        """What imports in the sandbox and what ``%pip install`` can add (the wheelhouse's names),
+        looked at again after ``PACKAGES_TTL_S`` so that an admin's ``jupybox packages add`` shows
+        without a restart."""
         now = time.monotonic()
         if self._packages is None or now - self._packages[0] > PACKAGES_TTL_S:
             found = await listing(self.manager.settings)
-            self._packages = (now, packages_note(found.importable, found.installable))
+            self._packages = (now, (found.importable, found.installable))
         return self._packages[1]
 
     def stop_turn(self, key: str) -> bool:

@@ -172,6 +172,20 @@ def test_the_package_note_stays_within_a_few_hundred_tokens() -> None:
     assert "Nothing else can be installed" in packages_note(["numpy"], [])
 
 
+def test_react_keeps_qwens_system_prompt_unless_the_wheelhouse_offers_packages() -> None:
+    from interpreter.formats.react import SYSTEM, ReactFormat
+
+    fmt = ReactFormat()
+    messages: list = []
+    fmt.add_user(messages, "What is 6 * 7?", [])
+    plain = fmt.render(messages)
+    assert f"system\n{SYSTEM}<|im_end|>" in plain
+    fmt.listing = (["numpy", "pandas"], [])
+    assert fmt.render(messages) == plain  # what the model and the benchmark were made with
+    fmt.listing = (["numpy", "pandas"], ["statsmodels"])
+    assert "statsmodels" in fmt.render(messages) and "numpy, pandas" in fmt.render(messages)
+
+
 def _jupybox(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "ui.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)

@@ -54,8 +54,14 @@ def packages_note(importable: list[str], installable: list[str]) -> str:
 
 class Format(abc.ABC):
     name: ClassVar[str]
-    #: ``packages_note`` for this server, set by whoever starts the turn; part of the system prompt
-    packages: str = ""
+    #: what imports and what ``%pip install`` can add on this server: (importable, installable) names,
+    #: set by whoever starts the turn; ``packages`` puts it into the system prompt
+    listing: tuple[list[str], list[str]] | None = None
+
+    @property
+    def packages(self) -> str:
+        """The system prompt's note on packages (``packages_note``), or nothing where unknown."""
+        return packages_note(*self.listing) if self.listing is not None else ""
 
     def check(self, llm: LLM | type[LLM]) -> None:
         """Raise ``FormatError`` when ``llm`` cannot serve this format."""

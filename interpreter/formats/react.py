@@ -60,6 +60,13 @@ def react_prompt(question: str) -> str:
 class ReactFormat(Format):
     name = "react"
 
+    @property
+    def packages(self) -> str:
+        """Qwen's own system prompt ("You are a helpful assistant.") is what its models and the
+        code-interpreter benchmark were made with: it is kept as it is unless the server's
+        wheelhouse has packages to offer, which the model could not guess."""
+        return super().packages if self.listing is not None and self.listing[1] else ""
+
     def check(self, llm: LLM | type[LLM]) -> None:
         if not llm.supports_prompt:
             raise FormatError(f"the ReAct format continues a raw prompt, which the {llm.name} backend cannot; "
