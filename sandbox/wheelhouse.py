@@ -109,14 +109,19 @@ def parse_requirement(text: str) -> Requirement:
     return req
 
 
+_PROBED: dict[str, dict[str, Any]] = {}  # image id, or this host's Python -> what the probe said
+
+
 def probe_target(settings: SandboxSettings) -> SandboxTarget:
     """The sandbox's Python, asked once per image and cached under the home: the docker image's
     own interpreter (a throwaway container without network), or this host's for bwrap and local."""
-    cache = None
+    cache, key = None, sys.executable
     if settings.backend in ("docker", "ray"):  # the cluster's nodes run the same image
         image_id = _docker(settings.image, lambda client: client.images.get(settings.image).id)
-        cache = settings.home / "packages" / f"target-{image_id.replace(':', '-')[:80]}.json"
-    if cache is not None and cache.is_file():
+        cache, key = settings.home / "packages" / f"target-{image_id.replace(':', '-')[:80]}.json", image_id
+    if key in _PROBED:  # this process asked already (another home, the same image or Python)
+        raw = _PROBED[key]
+    elif cache is not None and cache.is_file():
         raw = json.loads(cache.read_text())
     else:
         if cache is not None:
@@ -131,6 +136,7 @@ def probe_target(settings: SandboxSettings) -> SandboxTarget:
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(raw))
+    _PROBED[key] = raw
     libc = raw.get("libc") or ["glibc", "2.17"]
     major, _, minor = (libc[1] or "2.17").partition(".")
     return SandboxTarget(python=raw["python"], machine=raw["machine"], glibc=(int(major), int(minor or 17)),
