@@ -274,3 +274,16 @@ async def test_a_notebook_client_installs_through_its_relay(manager: SessionMana
     assert not any(m.msg_type == "display_data" for m in seen)  # the request itself is not passed on
     assert len(list(session.site.folder.glob("[0-9]*"))) == 1
     await manager.close(session.id)
+
+
+async def test_a_gvisor_session_installs_and_loads_a_compiled_wheel(gvisor_runtime: str,
+                                                                    manager: SessionManager) -> None:
+    """Under gVisor the session's site folder is bound read-only as under runc, and its .so loads."""
+    session = await manager.create(isolation=gvisor_runtime)
+    try:
+        ex = await session.execute("%pip install jbpure\nimport jbpure\nprint(jbpure.hello())", timeout=120)
+        assert ex.ok and ex.stdout.splitlines()[-1] == "hi 42", ex.text()
+        denied = await session.execute("open('/opt/jupybox/site/x', 'w')")
+        assert denied.error is not None and denied.error.ename in ("OSError", "PermissionError"), denied.text()
+    finally:
+        await manager.close(session.id)
