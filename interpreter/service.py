@@ -352,8 +352,9 @@ class ConversationService:
         while True:
             await asyncio.sleep(min(max(self.idle_ttl_s / 4, 0.5), 60))
             now = time.monotonic()
-            running = {s.id for s in self.manager.list() if not s.paused}
-            paused = {s.id for s in self.manager.list() if s.paused}
+            sessions = self.manager.list()
+            running = {s.id for s in sessions if not s.paused}
+            paused = {s.id for s in sessions if s.paused}
             for chat in list(self._chats.values()):
                 sid = chat.conversation.session_id
                 # an API session's conversation comes back from its record when it is next used

@@ -228,13 +228,14 @@ class SessionManager:
             log.warning("the session record of %s cannot be read: %s", session_id, exc)
             return None
 
-    def history(self, caller: Caller | None = None) -> list[SessionRecord]:
+    def history(self, caller: Caller | None = None, chat: str | None = None) -> list[SessionRecord]:
         """The caller's sessions (everyone's for an admin or the server), newest use first, as
-        records without their conversations; ``[]`` where sessions are not durable."""
+        records without their conversations, only those whose record names the front end's
+        conversation ``chat`` where given; ``[]`` where sessions are not durable."""
         if self.records is None:
             return []
         try:
-            records = self.records.list(self.instance)
+            records = self.records.list(self.instance, chat=chat)
         except StoreError as exc:
             log.warning("the session records cannot be read: %s", exc)
             return []
@@ -243,10 +244,8 @@ class SessionManager:
     def recorded_chat(self, chat: str, caller: Caller | None = None) -> str | None:
         """The newest session of the caller's whose record names the front end's conversation
         ``chat`` (an OpenAI client's ``user``, say), so that it continues after a restart."""
-        for record in self.history(caller):
-            if record.chat == chat:
-                return record.id
-        return None
+        found = self.history(caller, chat=chat)
+        return found[0].id if found else None
 
     async def remember(self, session_id: str, **values: Any) -> None:
         """Write some fields of the session's record (the conversation service's conversation and
@@ -308,9 +307,9 @@ class SessionManager:
 
     def _admit_resume(self, session: Session) -> None:
         """Called before a paused session starts a kernel again: it needs the room a new one does."""
-        running = [s for s in self._sessions.values() if not s.paused]
-        if len(running) + len(self._starting) >= self.settings.max_sessions:
-            raise CapacityError(f"{len(running)} sessions are running, the limit is {self.settings.max_sessions}: "
+        running = self._running()
+        if running + len(self._starting) >= self.settings.max_sessions:
+            raise CapacityError(f"{running} sessions are running, the limit is {self.settings.max_sessions}: "
                                 "this paused session resumes once one is closed or paused")
         if not self._memory_fits(session.limits.memory_mb):
             raise CapacityError(f"the running sessions hold {self._memory_committed()} MiB of the "
@@ -371,7 +370,7 @@ class SessionManager:
 
     async def _create(self, limits: Limits | None, isolation: str | None) -> Session:
         # sessions still starting count too, or concurrent callers could all pass the check
-        running = sum(not s.paused for s in self._sessions.values())
+        running = self._running()
         if running + len(self._starting) >= self.settings.max_sessions:
             raise CapacityError(
                 f"{running} sessions are running, the limit is {self.settings.max_sessions}: "
@@ -415,6 +414,10 @@ class SessionManager:
                           own_filesystem=self.loop_workspaces, isolation=isolation)
         await session.start()
         return session
+
+    def _running(self) -> int:
+        """Open sessions with a kernel (paused ones hold none), as ``max_sessions`` counts them."""
+        return sum(not s.paused for s in self._sessions.values())
 
     def _memory_committed(self) -> int:
         """MiB of memory limits held by open, warm and starting sessions."""
@@ -467,7 +470,7 @@ class SessionManager:
 
     async def _fill_pool(self) -> None:
         while len(self._pool) < self.pool_size and not self._closing:
-            if sum(not s.paused for s in self._sessions.values()) + len(self._pool) >= self.settings.max_sessions:
+            if self._running() + len(self._pool) >= self.settings.max_sessions:
                 return
             if not self._memory_fits(self.settings.limits.memory_mb):
                 return

@@ -138,15 +138,15 @@ class SessionRecords:
             row = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM sessions WHERE id = ?", (session_id,)).fetchone()
         return SessionRecord.from_row(COLUMNS, row) if row else None
 
-    def list(self, instance: str | None = None, owner: str | None = None,
+    def list(self, instance: str | None = None, owner: str | None = None, chat: str | None = None,
              with_conversation: bool = False) -> list[SessionRecord]:
-        """Records newest use first, of one server and one owner where given; the conversations
-        (the large part) only when asked for."""
+        """Records newest use first, of one server, one owner and one front end's conversation name
+        where given; the conversations (the large part) only when asked for."""
         if not self.path.exists():
             return []
         names = COLUMNS if with_conversation else SUMMARY
         where, args = [], []
-        for column, value in (("instance", instance), ("owner", owner)):
+        for column, value in (("instance", instance), ("owner", owner), ("chat", chat)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
