@@ -1,5 +1,5 @@
 """``python -m bench.attention``: the fast path's decode attention kernel alone (bias, rotary, the
-cache's write and the attention of one token in one launch, ``interpreter/llm/decode_attention.py``)
+cache's write and the attention of one token in one launch, ``interpreter/llm/fastpath/kernels/decode_attention.py``)
 against SDPA alone on the same cache, at the Qwen-7B attention shape (32 heads of 128), for the
 32 layers of one token, against the copy bound measured in the same run. Figures, never pass/fail.
 
@@ -33,9 +33,10 @@ def measure(positions: list[int], sweep: bool) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from bench.model import copy_bandwidth
-    from interpreter.llm import decode_attention as da
-    from interpreter.llm import fastpath, gemv
-    from interpreter.llm.positions import rope_tables
+    from interpreter.llm.fastpath.kernels import decode_attention as da
+    from interpreter.llm import fastpath
+    from interpreter.llm.fastpath.kernels import gemv
+    from interpreter.llm.fastpath.positions import rope_tables
 
     props = torch.cuda.get_device_properties(0)
     report: dict[str, Any] = {"date": datetime.date.today().isoformat(), "gpu": props.name, "torch": torch.__version__,

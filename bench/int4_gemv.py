@@ -33,7 +33,7 @@ LABELS = {"mma": "mma int4", "triton": "triton int4", "torch_int4": "torch int4"
 def _time_graph(calls: list[Callable[[], Any]], repeats: int = 7) -> float:
     """Median seconds of one pass over ``calls``, captured once as a CUDA graph and replayed
     ``repeats`` times (the kernels' own tuning timer, per pass rather than per call)."""
-    from interpreter.llm.gemv import graph_seconds
+    from interpreter.llm.fastpath.kernels.gemv import graph_seconds
 
     return graph_seconds(calls, repeats=1, replays=repeats) * len(calls)
 
@@ -43,8 +43,8 @@ def _weights(n_out: int, n_in: int, copies: int, kinds: tuple[str, ...]) -> dict
     not depend on the values), and only those: the two bf16 kernels read the same weights."""
     import torch
 
-    from interpreter.llm import int4_gemv, int4_mma
-    from interpreter.llm.gptq_pack import INNER_K_TILES
+    from interpreter.llm.fastpath.kernels import int4_gemv, int4_mma
+    from interpreter.llm.fastpath.gptq_pack import INNER_K_TILES
 
     out: dict[str, list[Any]] = {kind: [] for kind in kinds}
     groups = n_in // GROUP
@@ -74,14 +74,14 @@ def _calls(kind: str, weights: list[Any], x: Any, config: Any = None) -> list[Ca
     import torch
     import torch.nn.functional as F
 
-    from interpreter.llm import int4_gemv, int4_mma
+    from interpreter.llm.fastpath.kernels import int4_gemv, int4_mma
 
     if kind == "mma":
         return [lambda w=w: int4_mma.launch(x[0], w, config) for w in weights]
     if kind == "triton":
         return int4_gemv.product_calls(x[0], weights, config)
     if kind == "triton_bf16":
-        from interpreter.llm import bf16_gemv
+        from interpreter.llm.fastpath.kernels import bf16_gemv
 
         counts = [bf16_gemv.counters(w.shape[0], config, x.device) for w in weights]
         return [lambda w=w, c=c: bf16_gemv.launch(x[0], w, config, c) for w, c in zip(weights, counts)]
@@ -100,8 +100,8 @@ def check(kinds: tuple[str, ...], n_out: int = 4096, n_in: int = 4096) -> dict[s
     """Relative error of each int4 kernel against the dequantized weight on fresh random data."""
     import torch
 
-    from interpreter.llm import int4_gemv, int4_mma
-    from interpreter.llm.gptq_pack import PackedInt4, quantize
+    from interpreter.llm.fastpath.kernels import int4_gemv, int4_mma
+    from interpreter.llm.fastpath.gptq_pack import PackedInt4, quantize
 
     w = quantize(torch.randn(n_out, n_in, device="cuda") * 0.02, GROUP)
     x = torch.randn(1, n_in, device="cuda").to(torch.bfloat16)
@@ -123,7 +123,7 @@ def _config(kind: str, weight: Any, processors: int) -> Any:
     """The launch shape the fast path would use for this weight: timed over every candidate once
     per GPU, then read from ``$JUPYBOX_HOME/gemv.json`` (so a probe after a model run does not time
     them again)."""
-    from interpreter.llm import bf16_gemv, int4_gemv, int4_mma
+    from interpreter.llm.fastpath.kernels import bf16_gemv, int4_gemv, int4_mma
 
     if kind == "mma":
         return int4_mma.tune(weight)

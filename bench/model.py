@@ -56,7 +56,7 @@ def programmatic_launch() -> bool:
     Triton there, ``JUPYBOX_PDL`` not 0)."""
     import torch
 
-    from interpreter.llm import gemv
+    from interpreter.llm.fastpath.kernels import gemv
 
     return gemv.programmatic_launch(torch.device("cuda", 0))
 

@@ -188,7 +188,7 @@ def trained(seconds: float = 60.0, n: int = 256, prompts: int = 16, device: str 
     variant (``bf16``, ``int4``: keyword arguments of ``FastDecoder``)."""
     import torch
 
-    from interpreter.llm.gptq_pack import quantize
+    from interpreter.llm.fastpath.gptq_pack import quantize
 
     variants = variants or {"bf16": {}, "int4": {"quantize_to": "int4"}}
     model, held, report = train_small(seconds, device, shape)

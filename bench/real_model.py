@@ -102,7 +102,7 @@ def greedy_check(n: int = 96, device: str = "cuda", variants: tuple[str, ...] = 
 
     from bench.greedy import divergence, leading_equal, margins, plain_greedy
     from interpreter.llm import fastpath
-    from interpreter.llm.gptq_pack import quantize
+    from interpreter.llm.fastpath.gptq_pack import quantize
 
     folder = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="the kernel needs Triton (`pip install 'jupybox[dev]'` brings it)")
 
-from interpreter.llm import bf16_gemv  # noqa: E402
+from interpreter.llm.fastpath.kernels import bf16_gemv  # noqa: E402
 from tests.support.triton import run_under_triton_interpreter  # noqa: E402
 
 # each case: n_out, n_in, block_n, block_k, warps, splits
@@ -22,7 +22,7 @@ CASES = [(40, 256, 16, 256, 4, 1), (37, 800, 8, 256, 4, 3), (64, 1024, 32, 256, 
 SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    from interpreter.llm import bf16_gemv
+    from interpreter.llm.fastpath.kernels import bf16_gemv
     gen = torch.Generator().manual_seed(0)
     out = []
     for n_out, n_in, block_n, block_k, warps, splits in json.loads(sys.argv[1]):

@@ -1,4 +1,4 @@
-"""The fast path's decode attention kernel (``interpreter/llm/decode_attention.py``), run on the CPU
+"""The fast path's decode attention kernel (``interpreter/llm/fastpath/kernels/decode_attention.py``), run on the CPU
 by Triton's interpreter: the very kernel source a GPU compiles, against SDPA, on cases that
 exercise its masks (slices with no visible position, the position at a slice's edge, position 0,
 grouped-query heads), and inside the decoder's step against the SDPA step. Its speed is measured on
@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="the kernel needs Triton (`pip install 'jupybox[dev]'` brings it)")
 
-from interpreter.llm import decode_attention  # noqa: E402
+from interpreter.llm.fastpath.kernels import decode_attention  # noqa: E402
 from tests.support.triton import run_under_triton_interpreter  # noqa: E402
 
 # heads, kv heads, head dim, cache positions, attended length, position, bias, log-n, launch (splits, block, stages)
@@ -26,8 +26,8 @@ CASES = [(4, 4, 64, 256, 256, 100, True, False, None), (6, 2, 64, 512, 512, 511,
 SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    from interpreter.llm import decode_attention as da
-    from interpreter.llm.positions import rope_tables
+    from interpreter.llm.fastpath.kernels import decode_attention as da
+    from interpreter.llm.fastpath.positions import rope_tables
     out = []
     gen = torch.Generator().manual_seed(0)
     for heads, kv_heads, hd, max_seq, length, pos, bias, logn, launch in json.loads(sys.argv[1]):
@@ -73,7 +73,9 @@ def test_the_kernel_attends_as_the_unfused_step_does_under_the_interpreter() -> 
 STEP = textwrap.dedent("""
     import dataclasses, json, sys
     import torch
-    from interpreter.llm import decode_attention, fastpath, weights
+    from interpreter.llm import fastpath
+    from interpreter.llm.fastpath import weights
+    from interpreter.llm.fastpath.kernels import decode_attention
     shape = dataclasses.replace(fastpath.QWEN_7B, vocab=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                 head_dim=16, ffn=128, max_context=1024, rope_fp32=True, logn_attn=True,
                                 seq_length=64)  # log-n factors above 1 from position 65

@@ -13,7 +13,7 @@ pytest.importorskip("transformers", reason="the transformers backend needs `pip 
 
 from interpreter.llm import fastpath
 from interpreter.llm.base import GenerationRequest
-from interpreter.llm.gptq_pack import Int4Weight, PackedInt4, from_gptq, gptq_dequantize, quantize
+from interpreter.llm.fastpath.gptq_pack import Int4Weight, PackedInt4, from_gptq, gptq_dequantize, quantize
 from interpreter.llm.transformers import TransformersLLM
 from tests.support.tiny_models import PROMPT, write_tiny_qwen2
 
@@ -145,7 +145,7 @@ async def test_backend_fast_flag_serves_the_same_text_on_cpu(tiny_model: Path) -
 def test_the_packed_weight_unpacks_to_its_values_through_the_learnt_layout() -> None:
     """What a long prompt multiplies by on a GPU: the weight unpacked from the kernel's own layout.
     The CPU op's layout differs from the CUDA one; both are learnt by the same code."""
-    from interpreter.llm.gptq_pack import _unpack_dequantize, compiled_unpacker
+    from interpreter.llm.fastpath.gptq_pack import _unpack_dequantize, compiled_unpacker
 
     w = quantize(torch.randn(192, 512, generator=torch.Generator().manual_seed(3)) * 0.02, 128)
     packed = PackedInt4(w, "cpu")
@@ -160,7 +160,7 @@ def test_the_packed_weight_unpacks_to_its_values_through_the_learnt_layout() -> 
 
 
 def test_a_layout_that_does_not_reproduce_the_weight_is_not_used() -> None:
-    from interpreter.llm.gptq_pack import NibbleLayout, _layout_for, _pack_cpu
+    from interpreter.llm.fastpath.gptq_pack import NibbleLayout, _layout_for, _pack_cpu
 
     q = torch.randint(0, 16, (96, 256), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
     # the CPU op's block of rows depends on the processor's vector width (64 rows with AVX-512: then

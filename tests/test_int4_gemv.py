@@ -12,9 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="the int4 kernel needs Triton (`pip install 'jupybox[dev]'` brings it)")
 
-from interpreter.llm import int4_gemv  # noqa: E402
+from interpreter.llm.fastpath.kernels import int4_gemv  # noqa: E402
 from tests.support.triton import run_under_triton_interpreter  # noqa: E402
-from interpreter.llm.gptq_pack import fit_group, quantize  # noqa: E402
+from interpreter.llm.fastpath.gptq_pack import fit_group, quantize  # noqa: E402
 
 # each case: n_out, n_in, group, block_n, warps, step, splits, finish (the kernel adds the splits)
 CASES = [(96, 256, 128, 128, 1, 1, 1, False), (200, 512, 64, 128, 1, 2, 3, False), (960, 576, 32, 256, 2, 2, 4, False),
@@ -25,8 +25,8 @@ CASES = [(96, 256, 128, 128, 1, 1, 1, False), (200, 512, 64, 128, 1, 2, 3, False
 SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    from interpreter.llm import int4_gemv
-    from interpreter.llm.gptq_pack import quantize
+    from interpreter.llm.fastpath.kernels import int4_gemv
+    from interpreter.llm.fastpath.gptq_pack import quantize
     out = []
     gen = torch.Generator().manual_seed(0)
     for n_out, n_in, group, block_n, warps, step, splits, finish in json.loads(sys.argv[1]):

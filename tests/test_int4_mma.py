@@ -1,4 +1,4 @@
-"""The fast path's int4 tensor-core kernel (``interpreter/llm/int4_mma.py``) on a machine without a
+"""The fast path's int4 tensor-core kernel (``interpreter/llm/fastpath/kernels/int4_mma.py``) on a machine without a
 GPU: its weight layout against the PTX operand layout of ``mma.m16n8k16``, the kernel's arithmetic
 read through that layout against the dequantized weight, and its CUDA source compiled by the real
 NVRTC for Ampere and Hopper with the compiler's resource report checked. That it runs correctly is
@@ -17,8 +17,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from interpreter.llm import int4_mma, nvrtc  # noqa: E402
-from interpreter.llm.gptq_pack import PackedInt4, quantize  # noqa: E402
+from interpreter.llm.fastpath.kernels import int4_mma, nvrtc  # noqa: E402
+from interpreter.llm.fastpath.gptq_pack import PackedInt4, quantize  # noqa: E402
 
 SHAPES = [(48, 576, 64), (32, 256, 128), (16, 512, 256), (64, 1024, 128)]
 
@@ -81,7 +81,7 @@ def test_a_gate_up_weight_packs_in_tile_pairs_and_unpacks_to_its_own_rows() -> N
     ref = w.dequantize(torch.float64) @ x.double()
     assert float((int4_mma.emulate(x, packed) - ref[order]).norm() / ref.norm()) < 1e-12  # rows as stored
     # a prompt multiplies by the weight unpacked to its own row order, by the compiled unpacker a GPU runs
-    from interpreter.llm.gptq_pack import compiled_unpacker
+    from interpreter.llm.fastpath.gptq_pack import compiled_unpacker
 
     unpacked = compiled_unpacker(int4_mma.dequantize)(packed.words, packed.sz, 64, torch.float32, True)
     assert torch.equal(unpacked, w.dequantize(torch.float32))
@@ -94,7 +94,7 @@ def test_a_gate_up_weight_packs_in_tile_pairs_and_unpacks_to_its_own_rows() -> N
 def test_the_load_time_check_passes_the_kernels_arithmetic_and_refuses_a_wrong_product() -> None:
     """``gptq_pack.product_error``, which every 4-bit kernel's check at load runs, fed the kernel's
     own arithmetic read through its layout (plain and SiLU-fused) and two wrong products."""
-    from interpreter.llm.gptq_pack import product_error
+    from interpreter.llm.fastpath.gptq_pack import product_error
 
     w = quantize(torch.randn(128, 512, generator=torch.Generator().manual_seed(3)), 64)
     plain, fused = int4_mma.pack(w.q, w.scales_zeros, 64), int4_mma.pack(w.q, w.scales_zeros, 64, glu=True)
@@ -119,7 +119,7 @@ def test_weights_the_kernel_cannot_take_are_refused_with_the_reason() -> None:
 
 
 def test_without_a_gpu_the_layer_refuses_and_the_fast_path_keeps_pytorchs_kernel(monkeypatch) -> None:
-    from interpreter.llm import fastpath
+    from interpreter.llm.fastpath import decoder as fastpath
 
     w = quantize(torch.randn(64, 256) * 0.02, 128)
     with pytest.raises(int4_mma.Int4MmaUnavailable, match="CUDA GPU"):

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from bench.qwen_v1 import random_state  # noqa: E402
 from interpreter.llm import fastpath  # noqa: E402
-from interpreter.llm.positions import QWEN_LOGN_POSITIONS, ntk_alpha  # noqa: E402
+from interpreter.llm.fastpath.positions import QWEN_LOGN_POSITIONS, ntk_alpha  # noqa: E402
 
 CONFIG = {"model_type": "qwen", "vocab_size": 64, "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2,
           "intermediate_size": 96, "seq_length": 16, "rotary_emb_base": 10000, "layer_norm_epsilon": 1e-6,

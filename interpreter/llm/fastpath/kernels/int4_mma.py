@@ -46,7 +46,7 @@ from dataclasses import asdict, astuple, dataclass
 
 import torch
 
-from interpreter.llm import gemv, nvrtc
+from interpreter.llm.fastpath.kernels import gemv, nvrtc
 
 log = logging.getLogger(__name__)
 
@@ -561,7 +561,7 @@ class MmaInt4(torch.nn.Module):
         """One product against the dequantized weight (with ``w.glu``, the SiLU-fused launch against
         ``silu(gate) * up`` of it, rounded as the unfused model rounds), so that a kernel this GPU
         computes wrongly is refused at load rather than answering garbage."""
-        from interpreter.llm.gptq_pack import Int4Weight, product_error
+        from interpreter.llm.fastpath.gptq_pack import Int4Weight, product_error
 
         err = product_error(Int4Weight(q, scales_zeros, self.group), lambda x: launch(x, w, self.config, w.glu)[0],
                             glu=w.glu)
@@ -574,7 +574,7 @@ class MmaInt4(torch.nn.Module):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight ``[n_out, n_in]`` in ``dtype``, rows in their own order."""
-        from interpreter.llm.gptq_pack import compiled_unpacker
+        from interpreter.llm.fastpath.gptq_pack import compiled_unpacker
 
         return compiled_unpacker(dequantize)(self.words, self.sz, self.group, dtype, self.fuses_glu)
 
@@ -602,7 +602,7 @@ class MmaInt4(torch.nn.Module):
 def dequantize(words: torch.Tensor, sz: torch.Tensor, group: int, dtype: torch.dtype, glu: bool = False) -> torch.Tensor:
     """The ``[n_out, n_in]`` weight in ``dtype`` from the packed form (for prompts), rows in their
     own order."""
-    from interpreter.llm.gptq_pack import Int4Weight
+    from interpreter.llm.fastpath.gptq_pack import Int4Weight
 
     q, scales_zeros = unpack(MmaWeight(words, sz, group, glu))
     return Int4Weight(q, scales_zeros, group).dequantize(dtype)

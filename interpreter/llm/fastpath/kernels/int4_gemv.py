@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from interpreter.llm import gemv
+from interpreter.llm.fastpath.kernels import gemv
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ class TritonInt4(torch.nn.Module):
     def _check(self, q: torch.Tensor, scales_zeros: torch.Tensor) -> None:
         """One product against the dequantized weight, so that a kernel this GPU or Triton version
         computes wrongly is refused at load rather than answering garbage."""
-        from interpreter.llm.gptq_pack import Int4Weight, product_error
+        from interpreter.llm.fastpath.gptq_pack import Int4Weight, product_error
 
         err = product_error(Int4Weight(q, scales_zeros, self.group),
                             lambda x: launch(x, self.packed, self.config, self.counts).sum(0))
@@ -396,6 +396,6 @@ class TritonInt4(torch.nn.Module):
 
 def _unpacker(cuda: bool) -> Any:
     """On a GPU, one fused kernel per weight shape rather than a few full-size temporaries."""
-    from interpreter.llm.gptq_pack import compiled_unpacker
+    from interpreter.llm.fastpath.gptq_pack import compiled_unpacker
 
     return compiled_unpacker(unpack_dequantize) if cuda else unpack_dequantize

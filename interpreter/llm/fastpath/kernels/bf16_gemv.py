@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from interpreter.llm import gemv
+from interpreter.llm.fastpath.kernels import gemv
 
 log = logging.getLogger(__name__)
 

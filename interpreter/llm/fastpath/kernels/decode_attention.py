@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from interpreter.llm import gemv
-from interpreter.llm.positions import rope_tables, rotate
+from interpreter.llm.fastpath.kernels import gemv
+from interpreter.llm.fastpath.positions import rope_tables, rotate
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from interpreter.llm.gptq_pack import DEQUANTIZE_MIN_ROWS, Int4Weight, PackedInt4, UnsupportedQuantization, fit_group, quantize
-from interpreter.llm.positions import logn_factors, ntk_alpha, rope_tables, rotate
-from interpreter.llm.weights import (QWEN_7B, DecoderShape, FastPathUnsupported, TensorSource, layer_weights, outer_weights,
+from interpreter.llm.fastpath.gptq_pack import DEQUANTIZE_MIN_ROWS, Int4Weight, PackedInt4, UnsupportedQuantization, fit_group, quantize
+from interpreter.llm.fastpath.positions import logn_factors, ntk_alpha, rope_tables, rotate
+from interpreter.llm.fastpath.weights import (QWEN_7B, DecoderShape, FastPathUnsupported, TensorSource, layer_weights, outer_weights,
                                      random_weights)
 
 __all__ = ["DecoderShape", "FastDecoder", "FastPathUnsupported", "QWEN_7B", "TensorSource", "load_checkpoint",
@@ -68,7 +68,7 @@ class Projection(torch.nn.Module):
         counts = None
         self.interleaved = False  # gate and up rows in turn: the decode kernel ends in silu(gate) * up
         if self.gemv is not None:
-            from interpreter.llm import bf16_gemv
+            from interpreter.llm.fastpath.kernels import bf16_gemv
 
             counts = bf16_gemv.counters(self.weight.shape[0], self.gemv, device)
             if glu and bias is None and bf16_gemv.glu_fits(self.weight, self.gemv):
@@ -116,7 +116,7 @@ def bf16_kernel(weight: torch.Tensor) -> Any:
     CPU, without Triton, or with ``JUPYBOX_BF16_KERNEL=cublas``)."""
     if weight.device.type != "cuda" or os.environ.get("JUPYBOX_BF16_KERNEL", "auto") == "cublas":
         return None
-    from interpreter.llm import bf16_gemv
+    from interpreter.llm.fastpath.kernels import bf16_gemv
 
     config = bf16_gemv.tune(weight) if bf16_gemv.supports(weight) else None
     return config if config is not None and bf16_gemv.agrees(weight, config) else None
@@ -129,7 +129,7 @@ def decode_attention_kernel(shape: DecoderShape, device: torch.device, dtype: to
     ``JUPYBOX_DECODE_ATTENTION=sdpa``."""
     if device.type != "cuda" or os.environ.get("JUPYBOX_DECODE_ATTENTION", "auto") == "sdpa":
         return False
-    from interpreter.llm import decode_attention
+    from interpreter.llm.fastpath.kernels import decode_attention
 
     rope_dtype = torch.float32 if shape.rope_fp32 else dtype
     return decode_attention.available() and decode_attention.agrees(
@@ -145,7 +145,7 @@ def int4_layer(w: Int4Weight, device: torch.device, glu: bool = False) -> torch.
     ``JUPYBOX_INT4_GLU=0``) the tensor-core kernel ends in ``silu(gate) * up``."""
     kernel = os.environ.get("JUPYBOX_INT4_KERNEL", "auto")
     if device.type == "cuda" and kernel in ("auto", "mma"):
-        from interpreter.llm import int4_mma
+        from interpreter.llm.fastpath.kernels import int4_mma
 
         if int4_mma.available(device) and int4_mma.supports(*w.shape, w.group):
             try:
@@ -153,7 +153,7 @@ def int4_layer(w: Int4Weight, device: torch.device, glu: bool = False) -> torch.
             except int4_mma.Int4MmaUnavailable as exc:
                 log.warning("%s: PyTorch's int4 kernel runs this weight instead", exc)
     if device.type == "cuda" and kernel == "triton":
-        from interpreter.llm import int4_gemv
+        from interpreter.llm.fastpath.kernels import int4_gemv
 
         if int4_gemv.available() and int4_gemv.supports(*w.shape, w.group):
             try:
@@ -212,7 +212,7 @@ class FastDecoder(torch.nn.Module):
             # for the one before ahead of its first access to memory that one may use
             import torch._inductor.config as inductor
 
-            from interpreter.llm import gemv
+            from interpreter.llm.fastpath.kernels import gemv
 
             pdl = gemv.programmatic_launch(self.device) and hasattr(inductor.triton, "enable_pdl")
             self._step = torch.compile(self._decode, fullgraph=True, dynamic=False,

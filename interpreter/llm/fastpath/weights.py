@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from interpreter.llm.gptq_pack import Int4Weight, cat_rows, from_gptq
-from interpreter.llm.positions import QWEN_LOGN_POSITIONS
+from interpreter.llm.fastpath.gptq_pack import Int4Weight, cat_rows, from_gptq
+from interpreter.llm.fastpath.positions import QWEN_LOGN_POSITIONS
 
 
 class FastPathUnsupported(ValueError):
