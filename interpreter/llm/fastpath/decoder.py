@@ -42,6 +42,7 @@ __all__ = ["DecoderShape", "FastDecoder", "FastPathUnsupported", "QWEN_7B", "Ten
 log = logging.getLogger(__name__)
 
 BUCKET = 512  # attended-length granularity of the decode step's CUDA graphs
+BATCHES = (1, 2, 4, 8, 16, 32)  # batch sizes of the decode step's CUDA graphs: a batch is padded up to one
 
 
 # -- modules ---------------------------------------------------------------------------------------
@@ -164,8 +165,11 @@ def int4_layer(w: Int4Weight, device: torch.device, glu: bool = False) -> torch.
 
 
 class Layer(torch.nn.Module):
+    """One decoder layer's weights and its KV cache: one slot of ``max_seq`` positions per stream
+    (``[slots, kv_heads, max_seq, head_dim]``)."""
+
     def __init__(self, w: Mapping[str, Any], shape: DecoderShape, max_seq: int, device: torch.device,
-                 dtype: torch.dtype, quantize_to: str | None, group: int) -> None:
+                 dtype: torch.dtype, quantize_to: str | None, group: int, slots: int = 1) -> None:
         super().__init__()
         self.register_buffer("attn_norm", w["attn_norm"].to(device, dtype))
         self.register_buffer("mlp_norm", w["mlp_norm"].to(device, dtype))
@@ -173,27 +177,33 @@ class Layer(torch.nn.Module):
         self.o = Projection(w["o"], None, device, dtype, quantize_to, group)
         self.gate_up = Projection(w["gate_up"], None, device, dtype, quantize_to, group, glu=True)
         self.down = Projection(w["down"], None, device, dtype, quantize_to, group)
-        cache = (shape.n_kv_heads, max_seq, shape.head_dim)
+        cache = (slots, shape.n_kv_heads, max_seq, shape.head_dim)
         self.register_buffer("k_cache", torch.zeros(cache, device=device, dtype=dtype))
         self.register_buffer("v_cache", torch.zeros(cache, device=device, dtype=dtype))
 
 
 class FastDecoder(torch.nn.Module):
-    """Batch-1 greedy/sampled decoding with a static cache of ``max_seq`` positions."""
+    """Greedy/sampled decoding with a static cache of ``max_seq`` positions per slot. ``generate``
+    runs one stream in slot 0; ``prefill(slot=, start=)`` and ``decode_batch`` let a scheduler
+    (``fastpath.scheduler``) run up to ``slots`` streams in one step each."""
 
     def __init__(self, shape: DecoderShape, src: TensorSource, *, max_seq: int, device: str | torch.device = "cuda",
                  dtype: torch.dtype = torch.bfloat16, quant: Mapping[str, Any] | None = None,
-                 quantize_to: str | None = None, group: int = 128, compile: bool | None = None) -> None:
+                 quantize_to: str | None = None, group: int = 128, compile: bool | None = None, slots: int = 1) -> None:
         super().__init__()
         self.shape, self.device, self.dtype = shape, torch.device(device), dtype
         self.max_seq = min(max_seq, shape.max_context)
+        if slots < 1:
+            raise ValueError("a decoder needs at least one cache slot")
+        self.slots = slots
         outer = outer_weights(src, shape)
         self.register_buffer("embed", outer["embed"].to(self.device, dtype))
         self.register_buffer("norm", outer["norm"].to(self.device, dtype))
         # the lm_head keeps cuBLAS: it streams 1.2 GB a token at the copy bandwidth already
         self.lm_head = Projection(outer["lm_head"], None, self.device, dtype, own_kernel=False)
         self.layers = torch.nn.ModuleList(
-            Layer(layer_weights(src, shape, i, quant or {}), shape, self.max_seq, self.device, dtype, quantize_to, group)
+            Layer(layer_weights(src, shape, i, quant or {}), shape, self.max_seq, self.device, dtype, quantize_to, group,
+                  slots)
             for i in range(shape.n_layers))
         self._alpha = 1.0  # the dynamic-NTK factor the rotary tables hold (Qwen v1)
         cos, sin = rope_tables(shape.rope_theta, shape.head_dim, self.max_seq, self.device, self._rope_dtype)
@@ -202,7 +212,7 @@ class FastDecoder(torch.nn.Module):
         self.register_buffer("logn", logn_factors(self.max_seq, shape.seq_length, self.device, dtype)
                              if shape.logn_attn else None)
         self.register_buffer("positions", torch.arange(self.max_seq, device=self.device))
-        self.register_buffer("attn_counts", torch.zeros(shape.n_heads, dtype=torch.int32, device=self.device)
+        self.register_buffer("attn_counts", torch.zeros(BATCHES[-1] * shape.n_heads, dtype=torch.int32, device=self.device)
                              if decode_attention_kernel(shape, self.device, dtype) else None)
         self.use_graphs = self.device.type == "cuda" if compile is None else compile
         self._step: Callable[..., torch.Tensor] = self._decode
@@ -217,10 +227,12 @@ class FastDecoder(torch.nn.Module):
             pdl = gemv.programmatic_launch(self.device) and hasattr(inductor.triton, "enable_pdl")
             self._step = torch.compile(self._decode, fullgraph=True, dynamic=False,
                                        options={"triton.enable_pdl": True} if pdl else None)
-        self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}  # (batch, attended length) -> graph, logits
         self._pool: Any = None
-        self._tok = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        # a captured step's inputs, one set per batch size: tokens, positions, slots; and how many rows are streams
+        self._inputs = {n: tuple(torch.zeros(n, dtype=torch.long, device=self.device) for _ in range(3)) for n in BATCHES}
+        self._tok, self._pos, self._slot0 = self._inputs[1]
+        self._rows = torch.ones(1, dtype=torch.int32, device=self.device)
 
     @property
     def _rope_dtype(self) -> torch.dtype:
@@ -247,10 +259,15 @@ class FastDecoder(torch.nn.Module):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         for layer in self.layers:
-            cache = (self.shape.n_kv_heads, max_seq, self.shape.head_dim)
+            cache = (self.slots, self.shape.n_kv_heads, max_seq, self.shape.head_dim)
             layer.k_cache = torch.zeros(cache, device=self.device, dtype=self.dtype)
             layer.v_cache = torch.zeros(cache, device=self.device, dtype=self.dtype)
         self.max_seq = max_seq
+
+    def slot_bytes(self) -> int:
+        """The KV cache's bytes per slot (one stream's share of the decoder's memory)."""
+        s = self.shape
+        return 2 * s.n_layers * s.n_kv_heads * self.max_seq * s.head_dim * self.dtype.itemsize
 
     def warm_up(self) -> None:
         """Compile the decode step, capture every attended-length graph and compile the 4-bit
@@ -261,6 +278,10 @@ class FastDecoder(torch.nn.Module):
         self.prefill(self._tok.repeat(min(DEQUANTIZE_MIN_ROWS, self.max_seq)))
         for length in range(BUCKET, self.max_seq + BUCKET, BUCKET):
             self.decode(self._tok, min(length, self.max_seq) - 1)
+            for batch in BATCHES[1:]:
+                if batch // 2 < self.slots:  # a batch of this size can occur
+                    self.decode_batch([0] * min(batch, self.slots), [min(length, self.max_seq) - 1] * min(batch, self.slots),
+                                      list(range(min(batch, self.slots))))
         torch.cuda.synchronize(self.device)
 
     # -- the model's arithmetic ------------------------------------------------------------
@@ -269,7 +290,11 @@ class FastDecoder(torch.nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.shape.eps)
         return w * h.to(x.dtype)
 
-    def _qkv(self, layer: Layer, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, layer: Layer, x: torch.Tensor, pos: torch.Tensor,
+             slot: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of rows ``x`` at positions ``pos``, the keys and values also
+        written to the cache: all rows into ``slot`` (an int: a prompt), or row ``b`` into slot
+        ``slot[b]`` (a tensor: a batch of streams, one row each)."""
         s = self.shape
         qkv = layer.qkv(self._rms(x, layer.attn_norm))
         q, k, v = qkv.split([s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], dim=-1)
@@ -279,81 +304,156 @@ class FastDecoder(torch.nn.Module):
             q = q * self.logn[pos].view(-1, 1, 1)
         k = rotate(k.view(-1, s.n_kv_heads, s.head_dim), cos, sin)
         v = v.view(-1, s.n_kv_heads, s.head_dim)
-        layer.k_cache.index_copy_(1, pos, k.transpose(0, 1))
-        layer.v_cache.index_copy_(1, pos, v.transpose(0, 1))
+        if isinstance(slot, int):
+            layer.k_cache[slot].index_copy_(1, pos, k.transpose(0, 1))
+            layer.v_cache[slot].index_copy_(1, pos, v.transpose(0, 1))
+        else:
+            layer.k_cache[slot, :, pos] = k
+            layer.v_cache[slot, :, pos] = v
         return q, k, v
 
     def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         return x + layer.down(layer.gate_up.glu(self._rms(x, layer.mlp_norm)))
 
+    def alpha_for(self, prompt_length: int) -> float:
+        """The dynamic-NTK factor a prompt of this length rotates with (1 unless Qwen v1 past its
+        training length): streams of different factors cannot share a step."""
+        return ntk_alpha(prompt_length, self.shape.seq_length) if self.shape.dynamic_ntk else 1.0
+
     @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """Run the prompt (positions 0..T-1) into the cache; float32 logits of the last position
-        (or of every position)."""
+    def prefill(self, tokens: torch.Tensor, all_logits: bool = False, *, slot: int = 0, start: int = 0,
+                prompt_length: int | None = None) -> torch.Tensor:
+        """Run ``tokens`` at positions ``start..start + T - 1`` into cache slot ``slot``, attending
+        to what the slot holds before ``start`` (a prompt in chunks: the first chunk at 0, each
+        next one where the last ended); float32 logits of the last position (or of every position).
+        The rotary tables are set for ``prompt_length`` (default: this chunk's end) on a first chunk."""
         s = self.shape
-        self._use_alpha(int(tokens.shape[0]))
-        pos = self.positions[: tokens.shape[0]]
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} of a decoder with {self.slots}")
+        end = start + int(tokens.shape[0])
+        if end > self.max_seq:
+            raise FastPathUnsupported(f"{end} positions exceed the fast path's cache of {self.max_seq}")
+        if start == 0:
+            self._use_alpha(prompt_length or end)
+        pos = self.positions[start:end]
         x = F.embedding(tokens, self.embed)
+        causal = None if start == 0 else (self.positions[:end].view(1, -1) <= pos.view(-1, 1)).view(1, 1, -1, end)
         for layer in self.layers:
-            q, k, v = self._qkv(layer, x, pos)
-            attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                                  is_causal=True, enable_gqa=s.n_kv_heads != s.n_heads)
+            q, k, v = self._qkv(layer, x, pos, slot)
+            if start:  # earlier chunks' keys and values from the cache
+                k, v = layer.k_cache[slot, :, :end], layer.v_cache[slot, :, :end]
+            else:
+                k, v = k.transpose(0, 1), v.transpose(0, 1)
+            attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=causal,
+                                                  is_causal=causal is None, enable_gqa=s.n_kv_heads != s.n_heads)
             x = x + layer.o(attn[0].transpose(0, 1).reshape(x.shape[0], -1))
             x = self._mlp(layer, x)
         x = self._rms(x if all_logits else x[-1:], self.norm)
         return self.lm_head(x).float()
 
-    def _decode(self, token: torch.Tensor, pos: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
-        """One token at ``pos`` attending to the cache's first ``len(span)`` positions."""
+    def _decode(self, token: torch.Tensor, pos: torch.Tensor, span: torch.Tensor, slot: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row (``token``, ``pos`` and ``slot`` ``[batch]``; slot 0 by default), each
+        attending to its slot's first ``len(span)`` positions up to its own; ``rows`` (a one-element
+        tensor) says how many rows are streams, the rest pad a captured batch. Float32 logits
+        ``[batch, vocab]``."""
         s = self.shape
-        length = span.shape[0]
-        visible = (span <= pos).view(1, 1, 1, length)
+        length, batch = span.shape[0], token.shape[0]
+        slot = self._slot0[:1].expand(batch) if slot is None else slot
         x = F.embedding(token, self.embed)
         for layer in self.layers:
             if self.attn_counts is not None:  # this project's kernel (``decode_attention``): bias,
                 # rotary, log-n, the cache's write and the attention in one launch
                 qkv = layer.qkv(self._rms(x, layer.attn_norm), add_bias=False)
-                attn = torch.ops.jupybox.decode_attention(qkv.view(-1), layer.qkv.bias, self.cos, self.sin, self.logn,
-                                                          layer.k_cache, layer.v_cache, pos, length, self.attn_counts)
+                attn = torch.ops.jupybox.decode_attention(qkv, layer.qkv.bias, self.cos, self.sin, self.logn,
+                                                          layer.k_cache, layer.v_cache, pos, slot,
+                                                          self._rows if rows is None else rows, length,
+                                                          self.attn_counts)
             else:  # SDPA, as the prefill and the plain path use: scores and softmax accumulate in float32
-                q, _, _ = self._qkv(layer, x, pos)
-                keys, values = layer.k_cache[:, :length], layer.v_cache[:, :length]
-                attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                                      attn_mask=visible, enable_gqa=s.n_kv_heads != s.n_heads)
-            x = x + layer.o(attn.reshape(1, -1))
+                q, _, _ = self._qkv(layer, x, pos, slot)
+                if batch == 1 and not self.use_graphs:  # a view of the slot, not a copy
+                    keys, values = layer.k_cache[int(slot[0])][None, :, :length], layer.v_cache[int(slot[0])][None, :, :length]
+                else:
+                    keys, values = layer.k_cache[slot, :, :length], layer.v_cache[slot, :, :length]
+                visible = (span.view(1, -1) <= pos.view(-1, 1)).view(batch, 1, 1, length)
+                attn = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=visible,
+                                                      enable_gqa=s.n_kv_heads != s.n_heads)
+            x = x + layer.o(attn.reshape(batch, -1))
             x = self._mlp(layer, x)
-        return self.lm_head(self._rms(x, self.norm)).float()[0]
+        return self.lm_head(self._rms(x, self.norm)).float()
 
     @torch.no_grad()
     def decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
-        """Float32 logits ``[vocab]`` for ``token`` (a one-element long tensor) at position ``pos``."""
+        """Float32 logits ``[vocab]`` for ``token`` (a one-element long tensor) at position ``pos``
+        of slot 0."""
         length = min(self.max_seq, (pos // BUCKET + 1) * BUCKET)
-        span = self.positions[:length]
         if not self.use_graphs:
-            return self._decode(token, self.positions[pos:pos + 1], span)
+            return self._decode(token, self.positions[pos:pos + 1], self.positions[:length])[0]
         self._tok.copy_(token)
         self._pos.fill_(pos)
-        if length not in self._graphs:
+        self._slot0.zero_()
+        self._rows.fill_(1)
+        return self._replay(1, length)[0]
+
+    @torch.no_grad()
+    def decode_batch(self, tokens: list[int] | torch.Tensor, positions: list[int], slots: list[int]) -> torch.Tensor:
+        """Float32 logits ``[batch, vocab]``: row ``b`` is token ``tokens[b]`` at position
+        ``positions[b]`` of slot ``slots[b]`` (distinct slots), one step for all. On a GPU the batch
+        runs as the CUDA graph of the next size in ``BATCHES`` (padded rows do nothing). On a CPU
+        each row runs alone, so a stream's numbers do not depend on its neighbours (a matrix
+        product's summation order can change with its row count)."""
+        batch = len(positions)
+        if (not 0 < batch <= min(self.slots, BATCHES[-1]) or len(slots) != batch or len(set(slots)) != batch
+                or len(tokens) != batch):
+            raise ValueError(f"a step takes 1 to {min(self.slots, BATCHES[-1])} rows in distinct slots")
+        if max(positions) >= self.max_seq or min(positions) < 0 or not all(0 <= s < self.slots for s in slots):
+            raise ValueError("a row's position or slot is outside the cache")
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device).view(batch)
+        if not self.use_graphs:
+            return torch.cat([self._decode(tokens[b:b + 1], self.positions[p:p + 1],
+                                           self.positions[:min(self.max_seq, (p // BUCKET + 1) * BUCKET)],
+                                           torch.tensor([s], device=self.device))
+                              for b, (p, s) in enumerate(zip(positions, slots))])
+        size = next(n for n in BATCHES if n >= batch)
+        tok, pos, slot = self._inputs[size]
+        pad = size - batch  # padded rows repeat row 0 (the attention skips them; their products are dropped)
+        tok.copy_(torch.cat([tokens, tokens[:1].expand(pad)]) if pad else tokens)
+        pos.copy_(torch.tensor(positions + positions[:1] * pad), non_blocking=True)
+        slot.copy_(torch.tensor(slots + slots[:1] * pad), non_blocking=True)
+        self._rows.fill_(batch)
+        length = min(self.max_seq, (max(positions) // BUCKET + 1) * BUCKET)
+        return self._replay(size, length)[:batch]
+
+    def _replay(self, batch: int, length: int) -> torch.Tensor:
+        """Replay (capturing it first) the step's graph for this batch size and attended length."""
+        key = (batch, length)
+        if key not in self._graphs:
+            span = self.positions[:length]
             torch._dynamo.maybe_mark_dynamic(span, 0)  # one compiled step for every length
-            self._graphs[length] = self._capture(span)
-        graph, logits = self._graphs[length]
+            if batch > 1:  # and one for every batch size above 1
+                for t in self._inputs[batch]:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+            self._graphs[key] = self._capture(batch, span)
+        graph, logits = self._graphs[key]
         graph.replay()
         return logits
 
-    def _capture(self, span: torch.Tensor) -> tuple[Any, torch.Tensor]:
-        """A CUDA graph of the compiled step for one attended length. Its warm-up runs write the
-        current token's K/V at the current position, which the replay then writes again."""
+    def _capture(self, batch: int, span: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """A CUDA graph of the compiled step for one batch size and attended length. Its warm-up
+        runs write the current tokens' K/V at the current positions, which the replay then writes
+        again."""
+        tok, pos, slot = self._inputs[batch]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step(self._tok, self._pos, span)
+                self._step(tok, pos, span, slot, self._rows)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._step(self._tok, self._pos, span)
+            logits = self._step(tok, pos, span, slot, self._rows)
         return graph, logits
 
     # -- the loop ----------------------------------------------------------------------------
@@ -456,8 +556,10 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
 
 # -- entry points ------------------------------------------------------------------------------------
 def load_checkpoint(folder: str | Path, *, device: str | torch.device, dtype: torch.dtype, max_seq: int = 8192,
-                    quantize_to: str | None = None, group: int = 128, compile: bool | None = None) -> FastDecoder:
-    """A decoder from a checkpoint folder (config.json + weights), bf16/fp16/fp32 or GPTQ 4-bit."""
+                    quantize_to: str | None = None, group: int = 128, compile: bool | None = None,
+                    slots: int = 1) -> FastDecoder:
+    """A decoder from a checkpoint folder (config.json + weights), bf16/fp16/fp32 or GPTQ 4-bit,
+    with ``slots`` cache slots (streams decoded together)."""
     folder = Path(folder).expanduser()
     try:
         cfg = json.loads((folder / "config.json").read_text())
@@ -471,6 +573,6 @@ def load_checkpoint(folder: str | Path, *, device: str | torch.device, dtype: to
         raise FastPathUnsupported("act-order (desc_act) GPTQ checkpoints are not supported by the fast path")
     try:
         return FastDecoder(shape, TensorSource(folder=folder), max_seq=max_seq, device=device, dtype=dtype,
-                           quant=quant, quantize_to=quantize_to, group=group, compile=compile)
+                           quant=quant, quantize_to=quantize_to, group=group, compile=compile, slots=slots)
     except (KeyError, UnsupportedQuantization) as exc:
         raise FastPathUnsupported(f"{folder} does not have the weights the fast path expects: {exc}") from exc

@@ -86,21 +86,33 @@ if triton is not None:
         return ok, k, v
 
     @triton.jit
-    def _attend_kernel(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, logn_ptr, k_ptr, v_ptr, pos_ptr, part_ptr, count_ptr,
-                       out_ptr, seq_stride, scale,
+    def _attend_kernel(qkv_ptr, bias_ptr, cos_ptr, sin_ptr, logn_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, rows_ptr,
+                       part_ptr, count_ptr, out_ptr, seq_stride, slot_stride, qkv_stride, scale,
                        HD: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, SPLITS: tl.constexpr,
                        BLOCK: tl.constexpr, LINES: tl.constexpr, STAGES: tl.constexpr, BIAS: tl.constexpr,
                        LOGN: tl.constexpr, PDL: tl.constexpr):
-        """Program (head, split): slice ``split`` of the positions ``0..pos``. The cache holds the
+        """Program (head, split, row): slice ``split`` of the positions ``0..pos`` of the stream in
+        batch row ``row``, whose cache is slot ``slot`` of the caches. The cache holds the
         positions before ``pos``; this step's key and value come from ``qkv`` (the projection's
         row: queries, keys, values), rotated here, written to the cache at ``pos`` by one program
-        per key head and attended from registers. Partials per (head, split): ``HD`` weighted sums,
-        then max and sum (base-2 exponents, the query scaled by ``scale * log2(e)``)."""
+        per key head and attended from registers. Partials per (row, head, split): ``HD`` weighted
+        sums, then max and sum (base-2 exponents, the query scaled by ``scale * log2(e)``). Rows
+        from ``rows`` on pad a batch to its captured size: they do nothing."""
         head = tl.program_id(0)
         split = tl.program_id(1)
+        row = tl.program_id(2)
+        # the rows, positions and slots were written before the step began, never by the kernel just ahead
+        if row >= tl.load(rows_ptr):
+            return
         kv = head // (HEADS // KV_HEADS)
-        # the position was written before the step began, never by the kernel just ahead
-        pos = tl.load(pos_ptr).to(tl.int32)
+        pos = tl.load(pos_ptr + row).to(tl.int32)
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        k_ptr += slot * slot_stride
+        v_ptr += slot * slot_stride
+        qkv_ptr += row * qkv_stride
+        part_ptr += row * (HEADS * SPLITS * (HD + 2))
+        count_ptr += row * HEADS
+        out_ptr += row * (HEADS * HD)
         per = tl.cdiv(tl.cdiv(pos + 1, SPLITS), BLOCK) * BLOCK
         start = split * per
         end = tl.minimum(start + per, pos + 1)
@@ -196,32 +208,50 @@ class Launch:
 
 def attend(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
            logn: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, length: int,
-           counts: torch.Tensor, scale: float | None = None, launch: Launch = Launch()) -> torch.Tensor:
+           counts: torch.Tensor, scale: float | None = None, launch: Launch = Launch(), slots: torch.Tensor | None = None,
+           rows: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step's attention from the qkv projection's row ``qkv`` (``[(heads + 2 * kv_heads)
     * hd]``, before its ``bias``): queries and this step's key rotated by ``cos``/``sin``
     (``[positions, hd]``) at ``pos`` (a one-element tensor, written before the step), queries
     scaled by ``logn[pos]`` if given; this step's key and value written to the caches
     (``[kv_heads, max_seq, hd]``) at ``pos``; ``softmax(q K^T * scale) V`` over positions ``0..pos``
     (``length``, the attended bucket, sets the slices) as ``[heads, hd]`` in qkv's dtype.
-    ``counts`` (int32 ``[heads]``) is zero before and after."""
+    ``counts`` (int32 ``[heads]``) is zero before and after.
+
+    A batch of streams: ``qkv`` ``[batch, width]``, ``pos`` and ``slots`` ``[batch]``, caches
+    ``[slots, kv_heads, max_seq, hd]`` (row ``b`` reads and writes slot ``slots[b]``), ``counts``
+    ``[batch * heads]``; the result is ``[batch, heads, hd]``. ``rows`` (a one-element tensor,
+    default: all) says how many rows are streams; the rest pad a captured batch and do nothing."""
     if triton is None:
         raise DecodeAttentionUnavailable("the decode attention kernel needs Triton")
-    kv_heads, seq_stride, hd = k_cache.shape
-    heads = qkv.numel() // hd - 2 * kv_heads
-    if not all(t.is_contiguous() for t in (k_cache, v_cache, cos, sin)) or cos.shape[-1] != hd:
+    single = qkv.dim() == 1
+    qkv2 = qkv.view(1, -1) if single else qkv
+    kc, vc = (k_cache[None], v_cache[None]) if k_cache.dim() == 3 else (k_cache, v_cache)
+    batch, width = qkv2.shape
+    _, kv_heads, seq_stride, hd = kc.shape
+    heads = width // hd - 2 * kv_heads
+    if not all(t.is_contiguous() for t in (kc, vc, cos, sin)) or cos.shape[-1] != hd:
         raise DecodeAttentionUnavailable("the kernel reads contiguous caches and [positions, head_dim] rotary tables")
-    splits = launch.splits or splits_for(length, heads, _processors(qkv.device), launch.block)
-    parts = torch.empty((heads, splits, hd + 2), dtype=torch.float32, device=qkv.device)
-    out = torch.empty((heads, hd), dtype=qkv.dtype, device=qkv.device)
+    if counts.numel() < batch * heads:
+        raise DecodeAttentionUnavailable(f"{counts.numel()} arrival counts for {batch} rows of {heads} heads")
+    if slots is None:
+        slots = torch.zeros(batch, dtype=torch.long, device=qkv.device)
+    if rows is None:
+        rows = torch.full((1,), batch, dtype=torch.int32, device=qkv.device)
+    splits = launch.splits or splits_for(length, heads * batch, _processors(qkv.device), launch.block)
+    parts = torch.empty((batch, heads, splits, hd + 2), dtype=torch.float32, device=qkv.device)
+    out = torch.empty((batch, heads, hd), dtype=qkv.dtype, device=qkv.device)
     scale = (1.0 / math.sqrt(hd) if scale is None else scale) * math.log2(math.e)
     pdl = gemv.programmatic_launch(qkv.device)
-    _attend_kernel[(heads, splits)](qkv.contiguous(), qkv if bias is None else bias, cos, sin,
-                                    cos if logn is None else logn, k_cache, v_cache, pos, parts, counts, out,
-                                    seq_stride, scale, HD=hd, HEADS=heads, KV_HEADS=kv_heads, SPLITS=splits,
-                                    BLOCK=launch.block, LINES=max(1, hd * qkv.element_size() // 128),
-                                    STAGES=launch.stages, BIAS=bias is not None, LOGN=logn is not None, PDL=pdl,
-                                    num_warps=launch.warps, launch_pdl=pdl)
-    return out
+    qkv2 = qkv2.contiguous()
+    _attend_kernel[(heads, splits, batch)](qkv2, qkv2 if bias is None else bias, cos, sin,
+                                           cos if logn is None else logn, kc, vc, pos, slots, rows, parts, counts, out,
+                                           seq_stride, kv_heads * seq_stride * hd, width, scale, HD=hd, HEADS=heads,
+                                           KV_HEADS=kv_heads, SPLITS=splits, BLOCK=launch.block,
+                                           LINES=max(1, hd * qkv.element_size() // 128), STAGES=launch.stages,
+                                           BIAS=bias is not None, LOGN=logn is not None, PDL=pdl,
+                                           num_warps=launch.warps, launch_pdl=pdl)
+    return out[0] if single else out
 
 
 _PROCESSORS: dict[int, int] = {}
@@ -241,16 +271,18 @@ if triton is not None:
     @torch.library.custom_op("jupybox::decode_attention", mutates_args=("k_cache", "v_cache"))
     def _attend_op(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                    logn: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                   length: int, counts: torch.Tensor) -> torch.Tensor:
-        """The kernel as an operator a compiled step keeps whole; ``counts`` is zero before and
-        after every launch, so it is not declared as mutated."""
-        return attend(qkv, bias, cos, sin, logn, k_cache, v_cache, pos, length, counts)
+                   slots: torch.Tensor, rows: torch.Tensor, length: int, counts: torch.Tensor) -> torch.Tensor:
+        """The kernel as an operator a compiled step keeps whole (``qkv`` ``[batch, width]``, caches
+        ``[slots, kv_heads, max_seq, hd]``); ``counts`` is zero before and after every launch, so it
+        is not declared as mutated."""
+        return attend(qkv, bias, cos, sin, logn, k_cache, v_cache, pos, length, counts, slots=slots, rows=rows)
 
     @_attend_op.register_fake
     def _(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-          logn: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, length: int,
-          counts: torch.Tensor) -> torch.Tensor:
-        return qkv.new_empty((qkv.numel() // k_cache.shape[2] - 2 * k_cache.shape[0], k_cache.shape[2]))
+          logn: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+          slots: torch.Tensor, rows: torch.Tensor, length: int, counts: torch.Tensor) -> torch.Tensor:
+        hd = k_cache.shape[-1]
+        return qkv.new_empty((qkv.shape[0], qkv.shape[1] // hd - 2 * k_cache.shape[-3], hd))
 
 
 def reference(qkv: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
