@@ -140,7 +140,7 @@ def run(kinds: tuple[str, ...]) -> dict[str, Any]:
     import torch
     import triton
 
-    from bench.model import copy_bandwidth
+    from bench.gpu_probe import copy_bandwidth
 
     props = torch.cuda.get_device_properties(0)
     report: dict[str, Any] = {"date": datetime.date.today().isoformat(), "gpu": props.name, "torch": torch.__version__,

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.gpu_probe import VARIANTS, copy_bandwidth, weight_bytes
+
 # Qwen-7B-Chat-Int4 model card: A100-80G, PyTorch 2.0.1, batch 1
 CARD = {"int4": {"decode_2048": 50.09, "decode_8192": 38.61, "mem_encode_2048_gb": 8.21, "mem_generate_8192_gb": 13.63},
         "bf16": {"decode_2048": 40.93, "decode_8192": 36.14, "mem_encode_2048_gb": 16.99, "mem_generate_8192_gb": 22.53}}
@@ -41,6 +43,10 @@ def add_model_flags(p: Any) -> None:
                    help="greedy-equality checks against plain generate (random, fp32, trained; comma-separated) "
                         "or none; see bench/model_check.py")
     p.add_argument("--train-seconds", type=float, default=60.0, help="training time of the 'trained' check's model")
+    p.add_argument("--streams", help="stream counts for the several-streams phase (e.g. 1,8,16,32); when given, "
+                   "only that phase runs (bench/streams.py)")
+    p.add_argument("--stream-prompt", type=int, default=128, help="prompt tokens of each stream in that phase")
+    p.add_argument("--stream-tokens", type=int, default=256, help="greedy steps of each stream in that phase")
     p.add_argument("--out", type=Path, help="also write the JSON here, updated after every phase")
     p.add_argument("--json", action="store_true")
 
@@ -59,24 +65,6 @@ def programmatic_launch() -> bool:
     from interpreter.llm.fastpath.kernels import gemv
 
     return gemv.programmatic_launch(torch.device("cuda", 0))
-
-
-def copy_bandwidth() -> float:
-    """Bytes read plus written per second by a 1 GiB device-to-device copy (median of 20)."""
-    import torch
-
-    a = torch.empty(1 << 29, dtype=torch.float16, device="cuda").normal_()
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        b.copy_(a)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del a, b
-    return 2 * (1 << 30) / statistics.median(times[5:])
 
 
 def _decode_rate(decoder: Any, n: int) -> dict[str, float]:
@@ -171,9 +159,6 @@ def _hf_generate(model: Any, prompt: list[int], n: int, stop_after: int | None =
     return new, (len(new) - 1) / (time.perf_counter() - stamps[0])
 
 
-VARIANTS = {"bf16": {}, "int4": {"quantize_to": "int4"}}
-
-
 def bench_plain_and_check(shape: Any, tokens: list[int], baselines: list[str], default_tokens: int,
                           checks: list[str], report: dict[str, Any], save: Any) -> None:
     """Plain ``generate`` on a random Qwen2 model of the shape: the 'random' greedy check against
@@ -231,6 +216,11 @@ def run_model_bench(args: Any) -> int:
         dtypes = names("--dtype", args.dtype, VARIANTS)
         baselines = names("--baseline", args.baseline, ("static", "default"))
         checks = names("--check", args.check, CHECKS)
+        if args.streams is not None and not all(t.strip().isdigit() and 1 <= int(t) <= 32
+                                                for t in str(args.streams).split(",")):
+            raise ValueError(f"--streams takes stream counts from 1 to 32, comma-separated (got {args.streams!r})")
+        if args.stream_prompt < 1 or args.stream_tokens < 9:
+            raise ValueError("--stream-prompt takes a count from 1 and --stream-tokens one from 9")
     except ValueError as exc:
         print(f"jupybox bench model: {exc}")
         return 2
@@ -254,6 +244,14 @@ def run_model_bench(args: Any) -> int:
 
     report["copy_bandwidth_tb_s"] = copy_bandwidth() / 1e12
     save()
+    if args.streams is not None:
+        from bench import streams
+
+        streams.run(args, report, save)
+        save()
+        print(json.dumps(report, indent=1) if args.json else "\n".join(render(report).splitlines()[:2]
+                                                                         + streams.render(report)))
+        return 0
     big = fastpath.DecoderShape(**{**dataclasses.asdict(fastpath.QWEN_7B), "max_context": 32768})
     if args.model and (baselines or "random" in checks):
         report["not_run"] = "the plain baselines and the 'random' check use random weights of the Qwen-7B shape, not --model"
@@ -284,11 +282,6 @@ def run_model_bench(args: Any) -> int:
     save()
     print(json.dumps(report, indent=1) if args.json else render(report))
     return 0
-
-
-def weight_bytes(decoder: Any) -> int:
-    """Bytes of the decoder's weights (its caches aside)."""
-    return sum(b.numel() * b.element_size() for n, b in decoder.named_buffers() if "cache" not in n)
 
 
 def bound_tokens_per_s(decoder: Any, bandwidth: float, context: int) -> float:

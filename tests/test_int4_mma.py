@@ -124,6 +124,8 @@ def test_without_a_gpu_the_layer_refuses_and_the_fast_path_keeps_pytorchs_kernel
     w = quantize(torch.randn(64, 256) * 0.02, 128)
     with pytest.raises(int4_mma.Int4MmaUnavailable, match="CUDA GPU"):
         int4_mma.MmaInt4(w.q, w.scales_zeros, 128, "cpu")
+    with pytest.raises(fastpath.FastPathUnsupported):  # the one base every "cannot serve" of the fast path has
+        int4_mma.MmaInt4(w.q, w.scales_zeros, 128, "cpu")
     monkeypatch.setenv("JUPYBOX_INT4_KERNEL", "mma")
     assert isinstance(fastpath.int4_layer(w, torch.device("cpu")), PackedInt4)
 

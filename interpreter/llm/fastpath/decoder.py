@@ -94,8 +94,9 @@ class Projection(torch.nn.Module):
     def glu(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` of a ``[gate; up]`` projection: on the decode step of an interleaved
         weight, inside the matrix-vector kernel."""
-        if getattr(self.packed, "fuses_glu", False) and self.bias is None and x.numel() == x.shape[-1]:
-            return self.packed.glu(x)  # one row: the int4 tensor-core kernel's own ending
+        if getattr(self.packed, "fuses_glu", False) and self.bias is None and (
+                x.numel() == x.shape[-1] or self.packed.batched(x.numel() // x.shape[-1]) is not None):
+            return self.packed.glu(x)  # one row, or a decode step's rows: the int4 tensor-core kernel's own ending
         if not self.interleaved:
             gate, up = self(x).chunk(2, dim=-1)
             return F.silu(gate) * up
@@ -205,6 +206,10 @@ class FastDecoder(torch.nn.Module):
             Layer(layer_weights(src, shape, i, quant or {}), shape, self.max_seq, self.device, dtype, quantize_to, group,
                   slots)
             for i in range(shape.n_layers))
+        if slots > 1:  # a decode step of several streams: the 4-bit kernel's batched launches, timed and checked now
+            for module in self.modules():
+                if hasattr(module, "prepare_batches"):
+                    module.prepare_batches(min(slots, BATCHES[-1]))
         self._alpha = 1.0  # the dynamic-NTK factor the rotary tables hold (Qwen v1)
         cos, sin = rope_tables(shape.rope_theta, shape.head_dim, self.max_seq, self.device, self._rope_dtype)
         self.register_buffer("cos", cos)

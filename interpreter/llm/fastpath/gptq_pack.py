@@ -31,13 +31,15 @@ from typing import Any
 
 import torch
 
+from interpreter.llm.fastpath.errors import FastPathUnsupported
+
 log = logging.getLogger(__name__)
 
 INNER_K_TILES = 8
 DEQUANTIZE_MIN_ROWS = 32  # from this many rows on, dequantize-then-matmul beats the packed kernel
 
 
-class UnsupportedQuantization(ValueError):
+class UnsupportedQuantization(FastPathUnsupported):
     """The checkpoint's quantization is not one the fast path can repack."""
 
 

@@ -10,12 +10,9 @@ from typing import Any
 
 import torch
 
+from interpreter.llm.fastpath.errors import FastPathUnsupported
 from interpreter.llm.fastpath.gptq_pack import Int4Weight, cat_rows, from_gptq
 from interpreter.llm.fastpath.positions import QWEN_LOGN_POSITIONS
-
-
-class FastPathUnsupported(ValueError):
-    """This model or option is outside what the fast path implements (the plain path still works)."""
 
 
 # -- the decoder's shape ---------------------------------------------------------------------------

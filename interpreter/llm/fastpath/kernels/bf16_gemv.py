@@ -213,32 +213,23 @@ def time_shape(weight: torch.Tensor, configs: list[Bf16Config]) -> tuple[dict[Bf
     return times, cublas
 
 
-_TUNED: dict[str, Bf16Config | None] = {}
 
 
 def tune(weight: torch.Tensor) -> Bf16Config | None:
     """The fastest launch shape for this weight's shape on this GPU, or None where cuBLAS was
     faster: timed once, then read from memory or the cache file."""
     n_out, n_in = weight.shape
-    key = gemv.cache_key(weight.device, f"bf16 v2 {n_out}x{n_in} {str(weight.dtype).removeprefix('torch.')}")
-    if key in _TUNED:
-        return _TUNED[key]
-    saved = gemv.read_cache()
-    if key in saved:
-        entry = saved[key]
-        try:
-            _TUNED[key] = Bf16Config(**entry["config"]) if entry.get("config") else None
-            return _TUNED[key]
-        except (TypeError, AttributeError):
-            pass
-    processors = torch.cuda.get_device_properties(weight.device).multi_processor_count
-    times, cublas = time_shape(weight, candidates(n_out, n_in, processors))
-    best = min(times, key=times.__getitem__) if times else None
-    choice = best if best is not None and times[best] < cublas else None
-    log.info("bf16 %dx%d: kernel %s %.1f us, cuBLAS %.1f us: %s", n_out, n_in, best,
-             times.get(best, float("nan")) * 1e6 if best else float("nan"), cublas * 1e6,
-             "kernel" if choice else "cuBLAS")
-    _TUNED[key] = choice
-    gemv.write_cache(key, {"config": asdict(choice) if choice else None,
-                                "kernel_us": times[best] * 1e6 if best else None, "cublas_us": cublas * 1e6})
-    return choice
+
+    def measure() -> tuple[Bf16Config | None, dict]:
+        processors = torch.cuda.get_device_properties(weight.device).multi_processor_count
+        times, cublas = time_shape(weight, candidates(n_out, n_in, processors))
+        best = min(times, key=times.__getitem__) if times else None
+        choice = best if best is not None and times[best] < cublas else None
+        log.info("bf16 %dx%d: kernel %s %.1f us, cuBLAS %.1f us: %s", n_out, n_in, best,
+                 times.get(best, float("nan")) * 1e6 if best else float("nan"), cublas * 1e6,
+                 "kernel" if choice else "cuBLAS")
+        return choice, {"config": asdict(choice) if choice else None,
+                        "kernel_us": times[best] * 1e6 if best else None, "cublas_us": cublas * 1e6}
+
+    return gemv.tuned(gemv.cache_key(weight.device, f"bf16 v2 {n_out}x{n_in} {str(weight.dtype).removeprefix('torch.')}"),
+                      lambda e: Bf16Config(**e["config"]) if e.get("config") else None, measure)

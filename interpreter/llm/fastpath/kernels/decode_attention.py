@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from interpreter.llm.fastpath.errors import KernelUnavailable
+
 from interpreter.llm.fastpath.kernels import gemv
 from interpreter.llm.fastpath.positions import rope_tables, rotate
 
@@ -42,7 +44,7 @@ BLOCK = 64  # positions a loop step (fastest of 16, 32 and 64 at 1024 and 2048 p
 MAX_SPLITS = 64
 
 
-class DecodeAttentionUnavailable(RuntimeError):
+class DecodeAttentionUnavailable(KernelUnavailable):
     """No Triton here, or the kernel disagrees with the unfused step on this GPU."""
 
 

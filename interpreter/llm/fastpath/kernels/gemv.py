@@ -53,6 +53,30 @@ def write_cache(key: str, value: Any) -> None:
         log.info("could not cache the kernels' launch shapes in %s: %s", path, exc)
 
 
+_TUNED: dict[str, Any] = {}
+
+
+def tuned(key: str, read: Callable[[Any], Any], measure: Callable[[], tuple[Any, Any]]) -> Any:
+    """The launch shape a kernel chose for ``key`` (``cache_key``): from memory, else from the
+    cache file (its entry decoded by ``read``; an entry ``read`` cannot decode is stale and timed
+    again), else timed now by ``measure``, which returns the choice and the entry to save (None:
+    nothing worth saving). One helper for every kernel's tuning, so each only says what it times."""
+    if key in _TUNED:
+        return _TUNED[key]
+    saved = read_cache()
+    if key in saved:
+        try:
+            _TUNED[key] = read(saved[key])
+            return _TUNED[key]
+        except (TypeError, KeyError, AttributeError, ValueError):
+            log.info("a stale launch shape for %s: timed again", key)
+    choice, entry = measure()
+    _TUNED[key] = choice
+    if entry is not None:
+        write_cache(key, entry)
+    return choice
+
+
 def cache_key(device: torch.device, what: str) -> str:
     """A cache entry's name: the GPU, the Triton version, whether kernels launch as programmatic
     dependents, and ``what`` was timed (the kernel, its version and the weight's shape): a new

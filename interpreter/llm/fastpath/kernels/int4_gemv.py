@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from interpreter.llm.fastpath.errors import KernelUnavailable
+
 from interpreter.llm.fastpath.kernels import gemv
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ class GemvConfig:
         return 1 if self.finish or self.splits == 1 else self.splits
 
 
-class Int4GemvUnavailable(RuntimeError):
+class Int4GemvUnavailable(KernelUnavailable):
     """No Triton here, or its kernel disagrees with the dequantized weight on this GPU."""
 
 
@@ -277,7 +279,6 @@ def candidates(n_out: int, n_in: int, group: int, processors: int) -> list[GemvC
     return out
 
 
-_TUNED: dict[str, GemvConfig] = {}
 
 
 def product_calls(x: torch.Tensor, weights: list[PackedGemvWeight], config: GemvConfig) -> list[Callable[[], Any]]:
@@ -320,28 +321,19 @@ def tune(w: PackedGemvWeight) -> GemvConfig:
     memory or from a small JSON cache in ``$JUPYBOX_HOME`` (default ``~/.cache/jupybox``)."""
     device = w.words.device
     n_out, n_in = w.shape
-    key = gemv.cache_key(device, f"int4 v3 {n_out}x{n_in}/{w.group}")
-    if key in _TUNED:
-        return _TUNED[key]
-    saved = gemv.read_cache()
-    if isinstance(saved.get(key), dict):
-        try:
-            _TUNED[key] = GemvConfig(**saved[key])
-            return _TUNED[key]
-        except TypeError:
-            pass
-    if device.type != "cuda":
-        _TUNED[key] = GemvConfig(block_n=128, warps=1, step=1, splits=1)
-        return _TUNED[key]
-    processors = torch.cuda.get_device_properties(device).multi_processor_count
-    times = time_configs(w, candidates(n_out, n_in, w.group, processors))
-    if not times:
-        raise Int4GemvUnavailable(f"no launch shape of the int4 kernel ran for a {n_out}x{n_in} weight")
-    best = min(times, key=times.__getitem__)
-    log.info("int4 kernel for %dx%d: %s, %.1f us", n_out, n_in, best, times[best] * 1e6)
-    _TUNED[key] = best
-    gemv.write_cache(key, asdict(best))
-    return best
+
+    def measure() -> tuple[GemvConfig, dict | None]:
+        if device.type != "cuda":
+            return GemvConfig(block_n=128, warps=1, step=1, splits=1), None
+        processors = torch.cuda.get_device_properties(device).multi_processor_count
+        times = time_configs(w, candidates(n_out, n_in, w.group, processors))
+        if not times:
+            raise Int4GemvUnavailable(f"no launch shape of the int4 kernel ran for a {n_out}x{n_in} weight")
+        best = min(times, key=times.__getitem__)
+        log.info("int4 kernel for %dx%d: %s, %.1f us", n_out, n_in, best, times[best] * 1e6)
+        return best, asdict(best)
+
+    return gemv.tuned(gemv.cache_key(device, f"int4 v3 {n_out}x{n_in}/{w.group}"), lambda e: GemvConfig(**e), measure)
 
 
 # -- the layer ----------------------------------------------------------------------------------------

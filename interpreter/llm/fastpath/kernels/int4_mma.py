@@ -43,8 +43,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, astuple, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+
+from interpreter.llm.fastpath.errors import KernelUnavailable
 
 from interpreter.llm.fastpath.kernels import gemv, nvrtc
 
@@ -52,222 +56,11 @@ log = logging.getLogger(__name__)
 
 ROWS, CHUNK = 16, 64  # rows of a tile, inputs of a chunk
 
-SOURCE = r"""
-#define TILES %(tiles)d
-#define WARPS %(warps)d
-#define UNROLL %(unroll)d
-#define CPG %(cpg)d
-#define PDL %(pdl)d
-#define STAGES %(stages)d
-#define GLU %(glu)d
-
-// a programmatic dependent launch: wait for the kernel before (it writes x) / let the next start
-__device__ __forceinline__ void wait_for_inputs() {
-#if PDL
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void let_next_start() {
-#if PDL
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void mma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                    unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%%0,%%1,%%2,%%3}, {%%4,%%5,%%6,%%7}, "
-        "{%%8,%%9}, {%%0,%%1,%%2,%%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// two nibbles (bits s..s+3 and 16+s..19+s) as the bf16 pair (128 + lo, 128 + hi): one shift and
-// one three-input logic op, (a & b) | c (the compiler would spend two on its two constants)
-__device__ __forceinline__ unsigned pair(unsigned w, int s) {
-    unsigned out;
-    asm("lop3.b32 %%0, %%1, %%2, %%3, 0xEA;" : "=r"(out) : "r"(w >> s), "r"(0x000F000Fu), "r"(0x43004300u));
-    return out;
-}
-
-__device__ __forceinline__ float round_bf16(float v) {  // to the nearest bf16, ties to even
-    const unsigned u = __float_as_uint(v);
-    return __uint_as_float((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
-}
-
-__device__ __forceinline__ uint4 stream(const uint4* p) {  // read once: keep it out of L1
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%%0,%%1,%%2,%%3}, [%%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-
-// the activation, which the kernel before writes while this one may already run (a programmatic
-// launch): read through the L2, never the read-only path, whose lines may predate that kernel's stores
-__device__ __forceinline__ uint4 load_l2(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.cg.v4.u32 {%%0,%%1,%%2,%%3}, [%%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ unsigned word(const uint4& v, int j) {
-    return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
-}
-
-#define STEP (WARPS * UNROLL)
-
-// what a warp reads for UNROLL of its groups: the weights of each tile, the activation, the scales
-struct Stage {
-    uint4 w[UNROLL][TILES][CPG], x[UNROLL][CPG][2];
-    uint2 s[UNROLL][TILES];
-};
-
-__device__ __forceinline__ void load_weights(Stage& st, const uint4* __restrict__ words, const uint2* __restrict__ sz,
-                                             const int (&tile)[TILES], int g0, int groups, int lane) {
-    const int chunks = groups * CPG;
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-        const int g = g0 + u * WARPS;
-        if (g < groups) {
-#pragma unroll
-            for (int i = 0; i < TILES; ++i) {
-#pragma unroll
-                for (int c = 0; c < CPG; ++c)
-                    st.w[u][i][c] = stream(words + ((size_t)tile[i] * chunks + g * CPG + c) * 32 + lane);
-                st.s[u][i] = sz[((size_t)tile[i] * groups + g) * 8 + (lane >> 2)];
-            }
-        }
-    }
-}
-
-__device__ __forceinline__ void load_x(Stage& st, const uint4* x, int g0, int groups, int t) {
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-        const int g = g0 + u * WARPS;
-        if (g < groups) {
-#pragma unroll
-            for (int c = 0; c < CPG; ++c) {
-                st.x[u][c][0] = load_l2(x + (g * CPG + c) * 8 + 2 * t);
-                st.x[u][c][1] = load_l2(x + (g * CPG + c) * 8 + 2 * t + 1);
-            }
-        }
-    }
-}
-
-__device__ __forceinline__ void multiply(const Stage& st, float (&acc)[TILES][2], int g0, int groups) {
-    const unsigned ONE = 0x3F803F80u;  // the bf16 pair (1, 1)
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-        if (g0 + u * WARPS < groups) {
-            float sum_x[4] = {0.f, 0.f, 0.f, 0.f};
-            float dot[TILES][4];
-#pragma unroll
-            for (int i = 0; i < TILES; ++i) dot[i][0] = dot[i][1] = dot[i][2] = dot[i][3] = 0.f;
-#pragma unroll
-            for (int c = 0; c < CPG; ++c) {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const unsigned b0 = word(st.x[u][c][j >> 1], (j & 1) * 2);
-                    const unsigned b1 = word(st.x[u][c][j >> 1], (j & 1) * 2 + 1);
-                    mma(sum_x, ONE, ONE, ONE, ONE, b0, b1);
-#pragma unroll
-                    for (int i = 0; i < TILES; ++i) {
-                        const unsigned w = word(st.w[u][i][c], j);
-                        mma(dot[i], pair(w, 0), pair(w, 4), pair(w, 8), pair(w, 12), b0, b1);
-                    }
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < TILES; ++i) {
-                const float s0 = __uint_as_float(st.s[u][i].x << 16), z0 = __uint_as_float(st.s[u][i].x & 0xFFFF0000u);
-                const float s1 = __uint_as_float(st.s[u][i].y << 16), z1 = __uint_as_float(st.s[u][i].y & 0xFFFF0000u);
-                acc[i][0] += s0 * dot[i][0] + (z0 - 136.f * s0) * sum_x[0];
-                acc[i][1] += s1 * dot[i][2] + (z1 - 136.f * s1) * sum_x[0];
-            }
-        }
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
-jupybox_int4_mma(const uint4* __restrict__ words, const uint2* __restrict__ sz, const uint4* x,
-                 float* __restrict__ out, int tiles, int groups) {
-    // every block of this kernel is running: the next kernel may be placed now and read its own
-    // weights; it waits for this one to finish before it reads what this one writes
-    let_next_start();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int t = lane & 3, g8 = lane >> 2;
-    int tile[TILES];
-#pragma unroll
-    for (int i = 0; i < TILES; ++i) tile[i] = min(blockIdx.x * TILES + i, tiles - 1);
-    float acc[TILES][2];
-#pragma unroll
-    for (int i = 0; i < TILES; ++i) acc[i][0] = acc[i][1] = 0.f;
-
-    Stage a;
-    int g0 = warp;
-    load_weights(a, words, sz, tile, g0, groups, lane);  // before the kernel before has finished
-    wait_for_inputs();
-    load_x(a, x, g0, groups, t);
-#if STAGES == 2
-    Stage b;  // two stages: the next groups' loads are in flight while these are multiplied
-    for (; g0 < groups; g0 += 2 * STEP) {
-        load_weights(b, words, sz, tile, g0 + STEP, groups, lane);
-        load_x(b, x, g0 + STEP, groups, t);
-        multiply(a, acc, g0, groups);
-        if (g0 + STEP >= groups) break;
-        load_weights(a, words, sz, tile, g0 + 2 * STEP, groups, lane);
-        load_x(a, x, g0 + 2 * STEP, groups, t);
-        multiply(b, acc, g0 + STEP, groups);
-    }
-#else
-    for (; g0 < groups; g0 += STEP) {
-        multiply(a, acc, g0, groups);
-        load_weights(a, words, sz, tile, g0 + STEP, groups, lane);
-        load_x(a, x, g0 + STEP, groups, t);
-    }
-#endif
-
-    __shared__ float partial[WARPS][TILES * 16];
-    if (t == 0) {
-#pragma unroll
-        for (int i = 0; i < TILES; ++i) {
-            partial[warp][i * 16 + g8] = acc[i][0];
-            partial[warp][i * 16 + g8 + 8] = acc[i][1];
-        }
-    }
-    __syncthreads();
-#if GLU
-    // tiles 2p and 2p + 1 hold gate and up rows 16p..16p+15: store silu(gate) * up in bf16, rounded
-    // where the unfused model rounds (gate, silu(gate), up and the product)
-    unsigned short* glu = reinterpret_cast<unsigned short*>(out);
-    for (int r = threadIdx.x; r < TILES * 8; r += WARPS * 32) {
-        const int pair = r / 16, i = r %% 16;
-        float gate = 0.f, up = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-            gate += partial[w][pair * 32 + i];
-            up += partial[w][pair * 32 + 16 + i];
-        }
-        const int out_pair = blockIdx.x * (TILES / 2) + pair;
-        if (2 * out_pair < tiles) {
-            const float g = round_bf16(gate);
-            const float act = round_bf16(g / (1.f + expf(-g)));
-            glu[out_pair * 16 + i] = (unsigned short)(__float_as_uint(round_bf16(act * round_bf16(up))) >> 16);
-        }
-    }
-#else
-    for (int r = threadIdx.x; r < TILES * 16; r += WARPS * 32) {
-        float total = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) total += partial[w][r];
-        const int row_tile = blockIdx.x * TILES + r / 16;
-        if (row_tile < tiles) out[row_tile * 16 + r %% 16] = total;
-    }
-#endif
-}
-"""
-
+HERE = Path(__file__).parent
 KERNEL_NAME = "jupybox_int4_mma"
+BATCH_KERNEL_NAME = "jupybox_int4_mma_batch"
+MAX_ROWS = 32  # activation rows the batched kernel takes: 8 a column tile, up to 4 tiles
+
 
 
 @dataclass(frozen=True)
@@ -282,7 +75,7 @@ class MmaConfig:
     stages: int = 2
 
 
-class Int4MmaUnavailable(RuntimeError):
+class Int4MmaUnavailable(KernelUnavailable):
     """No CUDA GPU with bf16 tensor cores, no run-time compiler, or the kernel disagrees with the
     dequantized weight on this GPU."""
 
@@ -396,24 +189,34 @@ def emulate(x: torch.Tensor, w: MmaWeight) -> torch.Tensor:
 _KERNELS: dict[tuple[int, ...], nvrtc.Kernel] = {}
 
 
-def source(config: MmaConfig, cpg: int, pdl: bool, glu: bool = False) -> str:
+def column_tiles(rows: int) -> int:
+    """Column tiles of 8 rows a batched launch takes for ``rows`` activation rows: 1, 2 or 4."""
+    return 1 if rows <= 8 else 2 if rows <= 16 else 4
+
+
+def source(config: MmaConfig, cpg: int, pdl: bool, glu: bool = False, nt: int = 0) -> str:
     """The kernel's CUDA source for one launch shape, ``cpg`` chunks a group, with or without the
     programmatic-launch instructions (Hopper on), ending in float32 sums or (``glu``) in
-    ``silu(gate) * up`` in bf16."""
-    return SOURCE % {"tiles": config.tiles, "warps": config.warps, "unroll": config.unroll, "stages": config.stages,
-                     "cpg": cpg, "pdl": int(pdl), "glu": int(glu)}
+    ``silu(gate) * up`` in bf16: the single-row kernel (``int4_mma.cu``), or with ``nt`` column
+    tiles the batched one (``int4_mma_batch.cu``)."""
+    defines = {"TILES": config.tiles, "WARPS": config.warps, "UNROLL": config.unroll, "STAGES": config.stages,
+               "CPG": cpg, "PDL": int(pdl), "GLU": int(glu), "NT": nt}
+    head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
+    body = (HERE / ("int4_mma_batch.cu" if nt else "int4_mma.cu")).read_text()
+    return head + (HERE / "int4_mma_common.cuh").read_text() + body
 
 
-def kernel(config: MmaConfig, cpg: int, device: torch.device, glu: bool = False) -> nvrtc.Kernel:
-    """The compiled kernel for one launch shape, chunks per group and ending on ``device``
-    (compiled once a process, for the device's own architecture)."""
+def kernel(config: MmaConfig, cpg: int, device: torch.device, glu: bool = False, nt: int = 0) -> nvrtc.Kernel:
+    """The compiled kernel for one launch shape, chunks per group, ending and (batched) column
+    tiles on ``device`` (compiled once a process, for the device's own architecture)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (*astuple(config), cpg, glu, index)
+    key = (*astuple(config), cpg, glu, nt, index)
     if key not in _KERNELS:
         major, minor = torch.cuda.get_device_capability(index)
+        name = BATCH_KERNEL_NAME if nt else KERNEL_NAME
         try:
-            cubin = nvrtc.compile_cubin(source(config, cpg, pdl=major >= 9, glu=glu), KERNEL_NAME, f"{major}{minor}")
-            _KERNELS[key] = nvrtc.Kernel(cubin, KERNEL_NAME, torch.device("cuda", index))
+            cubin = nvrtc.compile_cubin(source(config, cpg, pdl=major >= 9, glu=glu, nt=nt), name, f"{major}{minor}")
+            _KERNELS[key] = nvrtc.Kernel(cubin, name, torch.device("cuda", index))
         except nvrtc.NvrtcError as exc:
             raise Int4MmaUnavailable(f"the int4 mma kernel is not available here: {exc}") from exc
     return _KERNELS[key]
@@ -446,6 +249,46 @@ def launch_packed(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group:
     return out
 
 
+def launch_batch(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int, config: MmaConfig,
+                 glu: bool = False) -> torch.Tensor:
+    """Up to ``MAX_ROWS`` activation rows ``x`` ``[rows, n_in]`` (taken in bf16) times the weight
+    in one launch of the batched kernel: float32 ``[rows, n_out]`` (rows as stored), or with
+    ``glu`` ``silu(gate) * up`` in bf16 ``[rows, n_out / 2]``."""
+    tiles, chunks = words.shape[:2]
+    groups = sz.shape[1]
+    rows = int(x.shape[0])
+    if not 0 < rows <= MAX_ROWS:
+        raise Int4MmaUnavailable(f"the batched int4 mma kernel takes 1 to {MAX_ROWS} rows, not {rows}")
+    if glu and config.tiles % 2:
+        raise Int4MmaUnavailable(f"a SiLU-fused launch takes tiles in pairs, not {config.tiles} a block")
+    xb = x.to(torch.bfloat16).contiguous()
+    if xb.data_ptr() % 16:
+        xb = xb.clone()
+    out = torch.empty((rows, tiles * ROWS // 2 if glu else tiles * ROWS),
+                      dtype=torch.bfloat16 if glu else torch.float32, device=words.device)
+    try:
+        kernel(config, chunks // groups, words.device, glu, column_tiles(rows))(
+            (-(-tiles // config.tiles), 1, 1), (32 * config.warps, 1, 1), [words, sz, xb, out, tiles, groups, rows],
+            programmatic=gemv.programmatic_launch(words.device))
+    except nvrtc.NvrtcError as exc:
+        raise Int4MmaUnavailable(f"the batched int4 mma kernel did not launch: {exc}") from exc
+    return out
+
+
+@torch.library.custom_op("jupybox::int4_mma_batch", mutates_args=())
+def _mma_batch_op(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int, tiles: int, warps: int,
+                  unroll: int, stages: int, glu: bool) -> torch.Tensor:
+    """The batched kernel as an operator a compiled step keeps whole."""
+    return launch_batch(x, words, sz, group, MmaConfig(tiles, warps, unroll, stages), glu)
+
+
+@_mma_batch_op.register_fake
+def _(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int, tiles: int, warps: int,
+      unroll: int, stages: int, glu: bool) -> torch.Tensor:
+    rows = words.shape[0] * ROWS
+    return words.new_empty((x.shape[0], rows // 2 if glu else rows), dtype=torch.bfloat16 if glu else torch.float32)
+
+
 @torch.library.custom_op("jupybox::int4_mma", mutates_args=())
 def _mma_op(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int, tiles: int, warps: int,
             unroll: int, stages: int, glu: bool) -> torch.Tensor:
@@ -461,61 +304,62 @@ def _(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int, tiles:
 
 
 # -- choosing a launch shape per weight shape ---------------------------------------------------------
-def candidates(glu: bool = False) -> list[MmaConfig]:
+def candidates(glu: bool = False, nt: int = 0) -> list[MmaConfig]:
     """Launch shapes worth timing: 1, 2 or 4 tiles a block (pairs for a SiLU-fused launch), 4 to
     16 warps, one or two register stages of 1 to 4 groups' loads, at most 4 tile-groups of weights
-    in registers in all."""
-    return [MmaConfig(tiles, warps, unroll, stages) for tiles in ((2, 4) if glu else (1, 2, 4)) for unroll in (1, 2, 4)
-            for stages in (1, 2) if tiles * unroll * stages <= 4
-            for warps in (4, 8, 16)]
+    in registers in all. For the batched kernel (``nt`` column tiles), what keeps its activations
+    and sums in registers (at most 64 activation words and 8 tile-column sums a thread) and its
+    partial sums in 48 KiB of shared memory."""
+    if not nt:
+        return [MmaConfig(tiles, warps, unroll, stages) for tiles in ((2, 4) if glu else (1, 2, 4))
+                for unroll in (1, 2, 4) for stages in (1, 2) if tiles * unroll * stages <= 4 for warps in (4, 8, 16)]
+    return [MmaConfig(tiles, warps, 1, stages) for tiles in ((2, 4) if glu else (1, 2, 4))
+            for stages in (1, 2) for warps in (4, 8, 16)
+            if tiles * stages <= 4 and stages * nt <= 4 and tiles * nt <= 8
+            and warps * tiles * nt * 16 * 8 * 4 <= 48 * 1024]
 
 
-_TUNED: dict[str, MmaConfig] = {}
-
-
-def time_configs(w: MmaWeight, configs: list[MmaConfig], repeats: int = 5) -> dict[MmaConfig, float]:
-    """Seconds per product for each config (SiLU-fused for a weight packed with ``glu``), weights
-    streamed from memory (enough copies of the weight to overflow the L2 cache), replayed as one
-    CUDA graph."""
+def time_configs(w: MmaWeight, configs: list[MmaConfig], repeats: int = 5, rows: int = 0) -> dict[MmaConfig, float]:
+    """Seconds per product for each config (SiLU-fused for a weight packed with ``glu``; of
+    ``rows`` activation rows through the batched kernel, or one through the single-row one),
+    weights streamed from memory (enough copies of the weight to overflow the L2 cache), replayed
+    as one CUDA graph."""
     device = w.words.device
     size = w.words.numel() * 4 + w.sz.numel() * 4
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
     weights = [w] + [MmaWeight(w.words.clone(), w.sz.clone(), w.group, w.glu)
                      for _ in range(max(1, -(-3 * l2 // size) - 1))]
-    x = torch.randn(w.shape[1], device=device, dtype=torch.bfloat16)
+    x = torch.randn(max(rows, 1), w.shape[1], device=device, dtype=torch.bfloat16)
     out: dict[MmaConfig, float] = {}
     for config in configs:
+        if rows:
+            calls = [lambda v=v: launch_batch(x, v.words, v.sz, v.group, config, v.glu) for v in weights]
+        else:
+            calls = [lambda v=v: launch(x[0], v, config, v.glu) for v in weights]
         try:
-            out[config] = gemv.graph_seconds([lambda v=v: launch(x, v, config, v.glu) for v in weights], repeats)
+            out[config] = gemv.graph_seconds(calls, repeats)
         except Exception as exc:  # a shape this GPU refuses (registers, shared memory): not a candidate
             log.info("int4 mma config %s failed for %dx%d: %s", config, *w.shape, exc)
     return out
 
 
-def tune(w: MmaWeight) -> MmaConfig:
-    """The fastest launch shape for this weight's shape (and ending) on this GPU: timed once, then
-    read from memory or from the kernels' JSON cache in ``$JUPYBOX_HOME``."""
-    device = w.words.device
+def tune(w: MmaWeight, nt: int = 0) -> MmaConfig:
+    """The fastest launch shape for this weight's shape (and ending) on this GPU, for one row or
+    (``nt``) the batched kernel's ``8 nt`` rows: timed once, then read from memory or from the
+    kernels' JSON cache in ``$JUPYBOX_HOME``."""
     n_out, n_in = w.shape
-    key = gemv.cache_key(device, f"int4 mma v2 {n_out}x{n_in}/{w.group}{' glu' if w.glu else ''}")
-    if key in _TUNED:
-        return _TUNED[key]
-    saved = gemv.read_cache().get(key)
-    if isinstance(saved, dict):
-        try:
-            _TUNED[key] = MmaConfig(**saved)
-            return _TUNED[key]
-        except TypeError:
-            pass
-    times = time_configs(w, candidates(w.glu))
-    if not times:
-        raise Int4MmaUnavailable(f"no launch shape of the int4 mma kernel ran for a {n_out}x{n_in} weight")
-    best = min(times, key=times.__getitem__)
-    log.info("int4 mma kernel for %dx%d%s: %s, %.1f us", n_out, n_in, " (SiLU-fused)" if w.glu else "", best,
-             times[best] * 1e6)
-    _TUNED[key] = best
-    gemv.write_cache(key, asdict(best))
-    return best
+    what = f"int4 mma v2 {n_out}x{n_in}/{w.group}{' glu' if w.glu else ''}" + (f" batch{8 * nt}" if nt else "")
+
+    def measure() -> tuple[MmaConfig, dict]:
+        times = time_configs(w, candidates(w.glu, nt), rows=8 * nt)
+        if not times:
+            raise Int4MmaUnavailable(f"no launch shape of the int4 mma kernel ran for a {n_out}x{n_in} weight")
+        best = min(times, key=times.__getitem__)
+        log.info("int4 mma kernel for %dx%d%s%s: %s, %.1f us", n_out, n_in, " (SiLU-fused)" if w.glu else "",
+                 f" x {8 * nt} rows" if nt else "", best, times[best] * 1e6)
+        return best, asdict(best)
+
+    return gemv.tuned(gemv.cache_key(w.words.device, what), lambda e: MmaConfig(**e), measure)
 
 
 # -- the layer ----------------------------------------------------------------------------------------
@@ -552,6 +396,31 @@ class MmaInt4(torch.nn.Module):
         self.register_buffer("words", w.words)
         self.register_buffer("sz", w.sz)
         self.register_buffer("stored_to_rows", torch.argsort(glu_order(self.n_out, device)) if self.fuses_glu else None)
+        self.batch_configs: dict[int, MmaConfig] = {}  # column tiles -> launch shape, once ``prepare_batches`` ran
+
+    def prepare_batches(self, rows: int = MAX_ROWS) -> None:
+        """Time and check the batched kernel for up to ``rows`` activation rows (a decode step of
+        several streams), so that a compiled step finds its launch shapes ready; where a check
+        fails, those rows keep the bf16 product of the unpacked weight."""
+        from interpreter.llm.fastpath.gptq_pack import Int4Weight
+
+        q, scales_zeros = unpack(MmaWeight(self.words, self.sz, self.group))
+        if self.stored_to_rows is not None:  # unpack gives rows as stored: their own order for the check
+            q, scales_zeros = q[self.stored_to_rows], scales_zeros[:, self.stored_to_rows]
+        reference = Int4Weight(q, scales_zeros, self.group)
+        for nt in sorted({column_tiles(r) for r in range(2, min(rows, MAX_ROWS) + 1)}):
+            try:
+                config = tune(self.packed, nt)
+                err = batch_error(reference, lambda x: launch_batch(x, self.words, self.sz, self.group, config,
+                                                                    self.fuses_glu), 8 * nt, self.fuses_glu)
+            except Int4MmaUnavailable as exc:
+                log.warning("%s: %d rows of a %dx%d weight keep the unpacked product", exc, 8 * nt, self.n_out, self.n_in)
+                continue
+            if err < (1e-2 if self.fuses_glu else 1e-3):
+                self.batch_configs[nt] = config
+            else:
+                log.warning("the batched int4 mma kernel is off by %.1e (relative) on a %dx%d weight x %d rows: "
+                            "those rows keep the unpacked product", err, self.n_out, self.n_in, 8 * nt)
 
     @property
     def packed(self) -> MmaWeight:
@@ -578,11 +447,21 @@ class MmaInt4(torch.nn.Module):
 
         return compiled_unpacker(dequantize)(self.words, self.sz, self.group, dtype, self.fuses_glu)
 
+    def batched(self, rows: int) -> MmaConfig | None:
+        """The batched kernel's launch shape for ``rows`` activation rows, if it serves them."""
+        return self.batch_configs.get(column_tiles(rows)) if 1 < rows <= MAX_ROWS else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.n_in)
-        if x2.shape[0] == 1:
-            y = self._kernel(x2[0], glu=False)
+        config = self.batched(x2.shape[0])
+        if x2.shape[0] == 1 or config is not None:
+            if config is None:
+                y = self._kernel(x2[0], glu=False)
+            else:
+                c = config
+                y = torch.ops.jupybox.int4_mma_batch(x2, self.words, self.sz, self.group, c.tiles, c.warps, c.unroll,
+                                                     c.stages, False)
             if self.stored_to_rows is not None:
                 y = y[:, self.stored_to_rows]
         else:
@@ -590,9 +469,17 @@ class MmaInt4(torch.nn.Module):
         return y.to(dtype).reshape(*lead, self.n_out)
 
     def glu(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu(gate) * up`` of one row ``x`` through a weight packed with ``glu`` (``fuses_glu``),
-        inside the kernel (more rows go through ``forward``, as an unfused projection's do)."""
-        return self._kernel(x.reshape(-1), glu=True).to(x.dtype).view(*x.shape[:-1], -1)
+        """``silu(gate) * up`` of one row ``x`` (or of rows the batched kernel serves) through a
+        weight packed with ``glu`` (``fuses_glu``), inside the kernel (more rows go through
+        ``forward``, as an unfused projection's do)."""
+        x2 = x.reshape(-1, self.n_in)
+        config = self.batched(x2.shape[0])
+        if config is None:
+            return self._kernel(x.reshape(-1), glu=True).to(x.dtype).view(*x.shape[:-1], -1)
+        c = config
+        y = torch.ops.jupybox.int4_mma_batch(x2, self.words, self.sz, self.group, c.tiles, c.warps, c.unroll, c.stages,
+                                             True)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
 
     def _kernel(self, x: torch.Tensor, glu: bool) -> torch.Tensor:
         c = self.config
@@ -607,3 +494,19 @@ def dequantize(words: torch.Tensor, sz: torch.Tensor, group: int, dtype: torch.d
     q, scales_zeros = unpack(MmaWeight(words, sz, group, glu))
     return Int4Weight(q, scales_zeros, group).dequantize(dtype)
 
+
+
+def batch_error(w: Any, run: Any, rows: int, glu: bool = False) -> float:
+    """Relative error of ``run(x)`` for ``rows`` activation rows (bf16, a fixed seed; rows of
+    different sizes, so a row read in place of another shows) against the dequantized weight's
+    product in float32 (with ``glu``: ``silu(gate) * up``, rounded where the unfused model rounds),
+    the worst row's."""
+    gen = torch.Generator(device=w.q.device).manual_seed(1)
+    x = (torch.randn(rows, w.shape[1], device=w.q.device, generator=gen)
+         * torch.arange(1, rows + 1, device=w.q.device).view(-1, 1)).to(torch.bfloat16)
+    ref = x.float() @ w.dequantize(torch.float32).T
+    if glu:
+        gate, up = ref.to(torch.bfloat16).float().chunk(2, dim=-1)
+        ref = (torch.nn.functional.silu(gate).to(torch.bfloat16).float() * up).to(torch.bfloat16).float()
+    got = run(x).float()
+    return float(((got - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)).max())

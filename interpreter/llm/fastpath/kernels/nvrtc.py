@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 
+from interpreter.llm.fastpath.errors import KernelUnavailable
+
 log = logging.getLogger(__name__)
 
 
-class NvrtcError(RuntimeError):
+class NvrtcError(KernelUnavailable):
     """No NVRTC or driver library here, or the source did not compile or load."""
 
 
