@@ -136,10 +136,10 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def _compiled_report(source: str, arch: str, folder: Path) -> str:
+def _compiled_report(source: str, arch: str, folder: Path, name: str = int4_mma.KERNEL_NAME) -> str:
     """The compiler's resource report and the disassembly of ``source``'s kernel for ``sm_<arch>``."""
     path = folder / f"{hashlib.sha256(source.encode()).hexdigest()[:16]}.cubin"
-    path.write_bytes(nvrtc.compile_cubin(source, int4_mma.KERNEL_NAME, arch))
+    path.write_bytes(nvrtc.compile_cubin(source, name, arch))
     return subprocess.run([_tool("cuobjdump"), "-res-usage", "-sass", str(path)], capture_output=True, text=True,
                           check=True).stdout
 
@@ -161,6 +161,32 @@ def test_every_launch_shape_compiles_with_nvrtc_into_tensor_core_code_without_sp
         assert re.search(r"LOCAL:0\b", usage), (config, cpg, usage)
         assert len(re.findall(r"\bHMMA\.16816\.F32\.BF16\b", sass)) >= 8 * cpg, (config, cpg)
         assert ("ACQBULK" in sass) == (arch == "90"), (config, cpg)
+
+
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_every_batched_launch_shape_compiles_into_tensor_core_code_without_spilling(arch: str, tmp_path) -> None:
+    """The batched kernel (8 activation rows a column tile, 1, 2 or 4 tiles) on every candidate the
+    tuner may time: no local memory, and per group of 128 inputs one mma a (weight tile, column
+    tile) for each of 8 steps, plus one for the rows' sums per column tile."""
+    cases = [(config, nt, glu) for nt in (1, 2, 4) for glu in (False, True) for config in int4_mma.candidates(glu, nt)]
+    assert {nt for _, nt, _ in cases} == {1, 2, 4}
+    sources = [int4_mma.source(config, 2, pdl=arch == "90", glu=glu, nt=nt) for config, nt, glu in cases]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        reports = list(pool.map(lambda source: _compiled_report(source, arch, tmp_path, int4_mma.BATCH_KERNEL_NAME),
+                                sources))
+    for (config, nt, glu), report in zip(cases, reports):
+        usage, _, sass = report.partition("code for sm_")
+        assert re.search(r"LOCAL:0\b", usage), (config, nt, glu, usage)
+        assert len(re.findall(r"\bHMMA\.16816\.F32\.BF16\b", sass)) >= 8 * nt * (config.tiles + 1), (config, nt)
+        assert ("ACQBULK" in sass) == (arch == "90"), (config, nt)
+
+
+def test_the_batched_kernel_refuses_more_rows_than_it_takes_before_any_launch() -> None:
+    q = quantize(torch.randn(32, 256) * 0.02, 128)
+    w = int4_mma.pack(q.q, q.scales_zeros, 128)
+    with pytest.raises(int4_mma.Int4MmaUnavailable, match="1 to 32 rows"):
+        int4_mma.launch_batch(torch.zeros(33, 256), w.words, w.sz, 128, int4_mma.MmaConfig())
+    assert [int4_mma.column_tiles(r) for r in (1, 8, 9, 16, 17, 32)] == [1, 1, 2, 2, 4, 4]
 
 
 def test_a_source_that_does_not_compile_is_a_typed_error_with_the_compilers_message() -> None:
