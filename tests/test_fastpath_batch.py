@@ -135,3 +135,56 @@ def test_the_batched_attention_kernel_attends_each_row_in_its_own_slot_under_the
     assert max(result["errs"]) < 2e-3, result  # float16 rounding of the query and the output
     assert max(result["cache_errs"]) < 1e-2 and result["counts"] == 0, result
     assert result["others_kept"], result  # the padded row (slot 1) and the free slot (2) are untouched
+
+
+def test_the_steps_batched_arithmetic_agrees_with_each_row_alone(tiny_model: Path) -> None:
+    """The step a GPU runs as one graph for several streams (the rows' products together, each row's
+    attention over its own slot with the later positions masked, padded rows repeating row 0) against
+    each row through the step alone: equal up to float32 summation order."""
+    dec = fastpath.load_checkpoint(tiny_model, device="cpu", dtype=torch.float32, slots=3)
+    prompts = [[5, 6, 7], list(range(1, 60)), [9]]
+    for slot, p in enumerate(prompts):
+        dec.prefill(torch.tensor(p), slot=slot)
+    tokens, positions, slots = [11, 12, 13], [len(p) for p in prompts], [0, 1, 2]
+    alone = dec.decode_batch(tokens, positions, slots)  # on a CPU: each row alone
+    for slot, p in enumerate(prompts):  # the same K/V again: the step above wrote this position
+        dec.prefill(torch.tensor(p), slot=slot)
+    padded = torch.tensor(tokens + tokens[:1])
+    pos = torch.tensor(positions + positions[:1])
+    with torch.no_grad():
+        together = dec._decode(padded, pos, dec.positions[:512], torch.tensor(slots + slots[:1]))
+    assert together.shape[0] == 4
+    assert torch.allclose(together[:3], alone, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(together[3], alone[0], atol=1e-4, rtol=1e-4)  # the pad: row 0 again, dropped by the caller
+
+
+BATCHED_STEP = """
+import dataclasses, json
+import torch
+from interpreter.llm import fastpath
+from interpreter.llm.fastpath import weights
+from interpreter.llm.fastpath.kernels import decode_attention  # noqa: F401 - registers the kernel's operator
+shape = dataclasses.replace(fastpath.QWEN_7B, vocab=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                            head_dim=16, ffn=128, max_context=1024, rope_fp32=True, logn_attn=True, seq_length=64)
+dec = fastpath.FastDecoder(shape, weights.random_weights(shape, "cpu", torch.float32), max_seq=1024, device="cpu",
+                           dtype=torch.float32, compile=False, slots=3)
+for slot, n in enumerate((40, 3, 600)):
+    dec.prefill(torch.arange(n) % 64, slot=slot)
+tokens, pos, slots = torch.tensor([1, 2, 3, 1]), torch.tensor([40, 3, 600, 40]), torch.tensor([0, 1, 2, 0])
+span = dec.positions[:1024]
+with torch.no_grad():
+    ref = dec._decode(tokens, pos, span, slots)  # SDPA
+    dec.attn_counts = torch.zeros(4 * shape.n_heads, dtype=torch.int32)
+    rows = torch.tensor([3], dtype=torch.int32)
+    got = dec._decode(tokens, pos, span, slots, rows)  # the kernel, the fourth row a pad
+errs = [float((got[b] - ref[b]).norm() / ref[b].norm()) for b in range(3)]
+print(json.dumps({"errs": errs, "counts": int(dec.attn_counts.abs().sum())}))
+"""
+
+
+def test_the_decoders_batched_step_with_the_kernel_matches_its_sdpa_step() -> None:
+    pytest.importorskip("triton", reason="the kernel needs Triton (`pip install 'jupybox[dev]'` brings it)")
+    from tests.support.triton import run_under_triton_interpreter
+
+    result = run_under_triton_interpreter(BATCHED_STEP, None)
+    assert max(result["errs"]) < 1e-4 and result["counts"] == 0, result
