@@ -1,0 +1,477 @@
+"""Several generations on one ``FastDecoder`` at once: a decode scheduler that owns the decoder.
+
+Why: decoding one token is bound by reading the weights, which one step reads once for every stream
+in it, so streams that share steps cost little more than one alone. The scheduler runs the decoder
+in a thread of its own; callers ``submit`` a ``StreamRequest`` and read tokens from the
+``StreamHandle`` it returns (from a thread or from an event loop), and may ``cancel`` it.
+
+Each turn of its loop:
+
+1. streams that were cancelled leave and free their cache slots;
+2. the oldest waiting request takes a free slot (first come, first served: a request never
+   overtakes an older one) and one chunk of its prompt, ``chunk`` tokens at positions ``0, C, 2C...``,
+   is prefilled: a long prompt delays the running streams by one chunk per turn, never by its whole
+   length, and a stream's numbers do not depend on what else runs;
+3. one ``decode_batch`` step for every running stream; each picks its next token with its own
+   sampling settings, repetition-penalty state and random generator. A stream that produced an end
+   token, met its stop predicate or its token limit leaves at once.
+
+An exception in one request's prefill (a prompt too large for the memory left, say) fails that
+request only; one in a decode step fails the streams of that step, and the loop goes on.
+
+Qwen v1 past its training length rotates with a dynamic-NTK factor held in the decoder's global
+tables (``FastDecoder.alpha_for``): a request whose factor differs from the running streams' waits
+at the head of the queue until they are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from interpreter.llm.fastpath.decoder import BATCHES, FastDecoder, _penalize, _pick
+from interpreter.llm.fastpath.errors import FastPathUnsupported
+
+__all__ = ["DecodeScheduler", "SchedulerStats", "StepRecord", "StreamHandle", "StreamRequest", "fit_slots"]
+
+log = logging.getLogger(__name__)
+
+CHUNK = 512  # prompt tokens prefilled per loop turn
+RATE_WINDOW_S = 10.0  # tokens/s is measured over this much recent time
+STEP_HISTORY = 4096  # per-turn records kept for benchmarks
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """One generation. ``stop(tokens)`` is called with the tokens so far after each one (in the
+    scheduler's thread: keep it short); True ends the stream after that token, as an end token
+    does. ``seed`` seeds the stream's own random generator (None: torch's global one)."""
+
+    prompt: list[int]
+    max_new: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    end_tokens: frozenset[int] = frozenset()
+    stop: Callable[[list[int]], bool] | None = None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One loop turn: when it started, how many streams it stepped, the prompt tokens it
+    prefilled, and how long each part took (``turn_s``: the whole turn, the gap the running
+    streams saw between two tokens)."""
+
+    at: float
+    batch: int
+    prefill_tokens: int
+    prefill_s: float
+    decode_s: float
+    turn_s: float
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    streams: int  # how many streams may decode together
+    active: int  # streams holding a slot (decoding, or their prompt being prefilled)
+    queued: int  # requests waiting for a slot
+    tokens: int  # tokens generated since the start
+    tokens_per_s: float  # over the last RATE_WINDOW_S
+
+
+class StreamHandle:
+    """The caller's side of one stream: tokens as they come, thread-safe. Iterate it in a thread
+    (``for token in handle``) or in an event loop (``async for token in handle``); ``cancel()``
+    ends it at the next step. ``finish_reason`` once done: ``end`` (an end token), ``stop`` (the
+    stop predicate), ``length``, ``cancelled`` or ``error`` (``error`` holds the exception)."""
+
+    def __init__(self, request: StreamRequest, on_cancel: Callable[[], None]) -> None:
+        self.request = request
+        self.submitted_at = time.monotonic()
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.admission: int | None = None  # the order in which streams got a slot: 0, 1, 2...
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self._tokens: list[int] = []
+        self._lock = threading.Condition()
+        self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._cancelled = threading.Event()
+        self._on_cancel = on_cancel
+
+    # -- the scheduler's side ------------------------------------------------------------------
+    def _push(self, token: int) -> None:
+        with self._lock:
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            self._tokens.append(token)
+            self._wake()
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        with self._lock:
+            if self.finish_reason is not None:
+                return
+            self.finish_reason, self.error = reason, error
+            self._wake()
+
+    def _wake(self) -> None:  # under the lock
+        self._lock.notify_all()
+        wakers, self._wakers = self._wakers, []
+        for loop, event in wakers:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop is closed: no one waits there any more
+                pass
+
+    # -- the caller's side ---------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def tokens(self) -> list[int]:
+        """The tokens so far (a copy)."""
+        with self._lock:
+            return list(self._tokens)
+
+    def cancel(self) -> None:
+        """End the stream at the next step (or take it off the queue); idempotent."""
+        if not self._cancelled.is_set():
+            self._cancelled.set()
+            self._on_cancel()
+
+    def __iter__(self) -> Iterator[int]:
+        i = 0
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: len(self._tokens) > i or self.finish_reason is not None)
+                new, done = self._tokens[i:], self.finish_reason is not None
+            i += len(new)
+            yield from new
+            if done and not new:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[int]:
+        loop = asyncio.get_running_loop()
+        i = 0
+        while True:
+            wake = asyncio.Event()
+            with self._lock:
+                new, done = self._tokens[i:], self.finish_reason is not None
+                if not new and not done:
+                    self._wakers.append((loop, wake))
+            i += len(new)
+            for token in new:
+                yield token
+            if new:
+                continue
+            if done:
+                return
+            await wake.wait()
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        """Every token, once the stream is done; raises its error, if it failed."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: self.finish_reason is not None, timeout):
+                raise TimeoutError(f"the stream is not done after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.tokens
+
+
+@dataclass
+class _Stream:
+    """A stream holding a slot: what the loop keeps for it."""
+
+    handle: StreamHandle
+    slot: int
+    alpha: float
+    generator: torch.Generator | None
+    seen: torch.Tensor | None = None  # ids seen (prompt and answer), for the repetition penalty
+    prefilled: int = 0  # prompt tokens in the slot so far
+    last: int = 0  # the token the next step feeds
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def request(self) -> StreamRequest:
+        return self.handle.request
+
+    @property
+    def position(self) -> int:
+        """Where the next step writes ``last``."""
+        return len(self.request.prompt) + len(self.generated) - 1
+
+
+class DecodeScheduler:
+    """Up to ``streams`` generations sharing each decode step of ``decoder`` (at most its
+    slots, and at most the largest step it runs). ``start()`` starts the loop's thread; requests
+    submitted before it wait in the queue. ``close()`` ends the thread and every stream."""
+
+    def __init__(self, decoder: FastDecoder, *, streams: int | None = None, chunk: int = CHUNK) -> None:
+        if chunk < 1:
+            raise ValueError("a prefill chunk holds at least one token")
+        self.decoder = decoder
+        self.streams = max(1, min(streams or decoder.slots, decoder.slots, BATCHES[-1]))
+        self.chunk = chunk
+        self.steps: deque[StepRecord] = deque(maxlen=STEP_HISTORY)
+        self._cond = threading.Condition()
+        self._queue: deque[StreamHandle] = deque()
+        self._admitting: _Stream | None = None  # the stream whose prompt is being prefilled
+        self._running: list[_Stream] = []
+        self._free = list(range(self.streams))
+        self._admitted = 0
+        self._tokens = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (when, tokens) of recent steps
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # -- the callers' side ---------------------------------------------------------------------
+    def start(self) -> DecodeScheduler:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="jupybox-decode", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, request: StreamRequest) -> StreamHandle:
+        """Queue a request; its tokens arrive on the handle. A request the decoder cannot hold
+        fails at once (the handle's error), without waiting in the queue."""
+        handle = StreamHandle(request, self._poke)
+        problem = self._refusal(request)
+        if problem is not None:
+            handle._finish("error", problem)
+            return handle
+        with self._cond:
+            if self._closed:
+                handle._finish("error", RuntimeError("the decode scheduler is closed"))
+                return handle
+            self._queue.append(handle)
+            self._cond.notify_all()
+        return handle
+
+    def stats(self) -> SchedulerStats:
+        with self._cond:
+            active = len(self._running) + (self._admitting is not None)
+            now = time.monotonic()
+            recent = sum(n for at, n in self._recent if at >= now - RATE_WINDOW_S)
+            return SchedulerStats(streams=self.streams, active=active, queued=len(self._queue), tokens=self._tokens,
+                                  tokens_per_s=recent / RATE_WINDOW_S)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the loop after its current turn; streams still running or queued end as cancelled."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        with self._cond:
+            for handle in self._queue:
+                handle._finish("cancelled")
+            self._queue.clear()
+        for stream in [*self._running, *([self._admitting] if self._admitting else [])]:
+            stream.handle._finish("cancelled")
+
+    def __enter__(self) -> DecodeScheduler:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _poke(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _refusal(self, request: StreamRequest) -> Exception | None:
+        if not request.prompt:
+            return ValueError("a generation needs at least one prompt token")
+        if request.max_new < 1:
+            return ValueError("a generation makes at least one token")
+        if len(request.prompt) + request.max_new > self.decoder.max_seq:
+            return FastPathUnsupported(f"{len(request.prompt)} + {request.max_new} tokens exceed the fast path's cache "
+                                       f"of {self.decoder.max_seq}: ask for fewer new tokens")
+        return None
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._queue or self._running or self._admitting)
+                if self._closed:
+                    return
+            try:
+                self._turn()
+            except Exception:  # noqa: BLE001 - the loop must outlive any one turn
+                log.exception("a decode scheduler turn failed")
+
+    def _turn(self) -> None:
+        started = time.monotonic()
+        self._reap()
+        self._admit()
+        prefill_tokens, prefill_s = self._prefill_chunk()
+        decode_started = time.monotonic()
+        batch = len(self._running)
+        if batch:
+            self._step()
+        ended = time.monotonic()
+        self.steps.append(StepRecord(at=started, batch=batch, prefill_tokens=prefill_tokens, prefill_s=prefill_s,
+                                     decode_s=ended - decode_started if batch else 0.0, turn_s=ended - started))
+
+    def _reap(self) -> None:
+        """Cancelled streams leave: queued ones, the one being admitted, running ones."""
+        with self._cond:
+            for handle in [h for h in self._queue if h.cancelled]:
+                self._queue.remove(handle)
+                handle._finish("cancelled")
+        if self._admitting is not None and self._admitting.handle.cancelled:
+            self._leave(self._admitting, "cancelled")
+        for stream in [s for s in self._running if s.handle.cancelled]:
+            self._leave(stream, "cancelled")
+
+    def _admit(self) -> None:
+        """The oldest request takes a free slot, unless its rotary factor differs from the running
+        streams' (then it waits, and so does everyone behind it)."""
+        if self._admitting is not None or not self._free:
+            return
+        with self._cond:
+            if not self._queue:
+                return
+            handle = self._queue[0]
+            alpha = self.decoder.alpha_for(len(handle.request.prompt))
+            if self._running and self._running[0].alpha != alpha:
+                return
+            self._queue.popleft()
+            slot = min(self._free)
+            self._free.remove(slot)
+            handle.admission, self._admitted = self._admitted, self._admitted + 1
+        handle.admitted_at = time.monotonic()
+        r = handle.request
+        generator = None if r.seed is None else torch.Generator(self.decoder.device).manual_seed(r.seed)
+        self._admitting = _Stream(handle, slot, alpha, generator)
+
+    def _prefill_chunk(self) -> tuple[int, float]:
+        """One chunk of the admitted stream's prompt; after the last one it picks its first token
+        and joins the running streams (or leaves, done already)."""
+        stream = self._admitting
+        if stream is None:
+            return 0, 0.0
+        started = time.monotonic()
+        prompt = stream.request.prompt
+        start = stream.prefilled
+        piece = prompt[start:start + self.chunk]
+        try:
+            tokens = torch.tensor(piece, dtype=torch.long, device=self.decoder.device)
+            logits = self.decoder.prefill(tokens, slot=stream.slot, start=start, prompt_length=len(prompt))[0]
+            stream.prefilled += len(piece)
+            if stream.prefilled < len(prompt):
+                return len(piece), time.monotonic() - started
+            r = stream.request
+            if r.repetition_penalty != 1.0:
+                ids = torch.tensor(prompt, dtype=torch.long, device=self.decoder.device)
+                stream.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.decoder.device).index_fill_(0, ids, True)
+            token = self._pick(stream, logits)
+        except Exception as exc:  # noqa: BLE001 - this request fails; the running streams carry on
+            log.warning("a prompt of %d tokens could not be prefilled: %s", len(prompt), exc)
+            self._leave(stream, "error", exc)
+            return len(piece), time.monotonic() - started
+        self._admitting = None
+        self._running.append(stream)
+        self._count(1)
+        self._emit(stream, int(token.item()))
+        return len(piece), time.monotonic() - started
+
+    def _step(self) -> None:
+        """One decode step for every running stream, then each one's next token."""
+        streams = list(self._running)
+        try:
+            logits = self.decoder.decode_batch([s.last for s in streams], [s.position for s in streams],
+                                               [s.slot for s in streams])
+            plain = [b for b, s in enumerate(streams) if s.request.temperature <= 0 and s.request.repetition_penalty == 1.0]
+            picks: list[torch.Tensor | None] = [None] * len(streams)
+            if plain:  # greedy rows without a penalty: one argmax for all
+                index = torch.tensor(plain, device=logits.device)
+                for b, token in zip(plain, logits.index_select(0, index).argmax(-1)):
+                    picks[b] = token.view(1)
+            for b, stream in enumerate(streams):
+                if picks[b] is None:
+                    picks[b] = self._pick(stream, logits[b])
+            tokens = torch.cat(picks).tolist()  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - the streams of this step fail; the loop goes on
+            log.exception("a decode step of %d streams failed", len(streams))
+            for stream in streams:
+                self._leave(stream, "error", exc)
+            return
+        self._count(len(streams))
+        for stream, token in zip(streams, tokens):
+            self._emit(stream, token)
+
+    def _count(self, tokens: int) -> None:
+        with self._cond:
+            self._tokens += tokens
+            now = time.monotonic()
+            self._recent.append((now, tokens))
+            while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+                self._recent.popleft()
+
+    def _pick(self, stream: _Stream, logits: torch.Tensor) -> torch.Tensor:
+        """The next token from one stream's ``[vocab]`` logits, as ``FastDecoder.generate`` picks it."""
+        r = stream.request
+        if stream.seen is not None:
+            logits = _penalize(logits, stream.seen, r.repetition_penalty)
+        token = _pick(logits, r.temperature, r.top_p, r.top_k, stream.generator)
+        if stream.seen is not None:
+            stream.seen.index_fill_(0, token, True)
+        return token
+
+    def _emit(self, stream: _Stream, token: int) -> None:
+        """Hand a token to the caller; the stream leaves if that token ends it."""
+        stream.generated.append(token)
+        stream.last = token
+        stream.handle._push(token)
+        r = stream.request
+        reason = None
+        if token in r.end_tokens:
+            reason = "end"
+        else:
+            try:
+                if r.stop is not None and r.stop(stream.generated):
+                    reason = "stop"
+            except Exception as exc:  # noqa: BLE001 - the caller's predicate failed: its stream ends
+                self._leave(stream, "error", exc)
+                return
+        if reason is None and len(stream.generated) >= r.max_new:
+            reason = "length"
+        if reason is not None:
+            self._leave(stream, reason)
+
+    def _leave(self, stream: _Stream, reason: str, error: BaseException | None = None) -> None:
+        """The stream gives its slot back (what the slot holds is overwritten by the next prefill
+        before anything reads it)."""
+        if stream is self._admitting:
+            self._admitting = None
+        elif stream in self._running:
+            self._running.remove(stream)
+        else:
+            return
+        with self._cond:
+            self._free.append(stream.slot)
+        stream.handle._finish(reason, error)
+
+
+def fit_slots(wanted: int, slot_bytes: int, free_bytes: int, headroom_bytes: int) -> int:
+    """How many cache slots of ``slot_bytes`` to allocate: ``wanted`` where ``free_bytes`` less
+    ``headroom_bytes`` hold them, fewer where not, and at least one."""
+    room = max(0, free_bytes - headroom_bytes) // max(1, slot_bytes)
+    return max(1, min(wanted, room))
+
