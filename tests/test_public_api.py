@@ -16,8 +16,8 @@ PUBLIC = {
                     "GenerationOptions", "Interpreter", "InterpreterSettings", "ModelCancelled", "ModelError",
                     "ModelSettings", "ModelUnavailable", "Turn", "TurnBusy", "create_llm", "get_format"],
     "interpreter.llm": ["BACKENDS", "Chunk", "Completion", "DEFAULT_MODEL", "GenerationOptions", "GenerationRequest",
-                        "LLM", "Message", "ModelSettings", "ToolCall", "Usage", "backend_class", "create_llm",
-                        "model_family"],
+                        "LLM", "MAX_STREAMS", "Message", "ModelSettings", "StreamStats", "ToolCall", "Usage",
+                        "backend_class", "create_llm", "model_family"],
     "interpreter.formats": ["Action", "FORMATS", "Format", "Step", "get_format"],
 }
 

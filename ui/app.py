@@ -171,7 +171,7 @@ def create_app(services: Services, ui: bool = True) -> FastAPI:
         finally:
             await services.stop()
 
-    metrics = Metrics(services.manager)
+    metrics = Metrics(services.manager, lambda: services.service.llm)
     services.service.observers.append(metrics)  # every turn of every front end is counted
     # No /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a public CDN; the schema stays.
     app = FastAPI(title="jupybox", version="0.1.0", lifespan=lifespan, exception_handlers=error_handlers(metrics),

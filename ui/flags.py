@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from interpreter import InterpreterSettings
-from interpreter.llm import DEFAULT_MODEL
+from interpreter.llm import DEFAULT_MODEL, MAX_STREAMS
 
 DEFAULTS = InterpreterSettings()
 
@@ -21,6 +21,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=_context_tokens, metavar="TOKENS",
                    help="a local model's prompt and reply together, in tokens (default: the checkpoint's, at most 8192; "
                         "env JUPYBOX_MAX_CONTEXT); longer conversations drop their oldest turns")
+    p.add_argument("--max-streams", type=_streams, metavar="N",
+                   help=f"a local model's generations decoded together on the fast path (default 16, at most {MAX_STREAMS}, "
+                        "fewer where the GPU's memory holds fewer; env JUPYBOX_MAX_STREAMS); more wait their turn")
     p.add_argument("--vision", action="store_true", help="the model accepts images: send plots as image parts")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let a local checkpoint's own Python files run in this process (families transformers does "
@@ -37,6 +40,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def _context_tokens(text: str) -> int:
     if not text.isdigit() or int(text) < 16:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of tokens of at least 16")
+    return int(text)
+
+
+def _streams(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_STREAMS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of streams from 1 to {MAX_STREAMS}")
     return int(text)
 
 

@@ -3,9 +3,14 @@ process, as in the tests). Served as text at ``/metrics``; every name starts wit
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from interpreter import Event
+from interpreter.llm import LLM
 from sandbox import Execution, SessionManager
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -18,9 +23,11 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, manager: SessionManager) -> None:
+    def __init__(self, manager: SessionManager, model: Callable[[], LLM | None] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        if model is not None:
+            r.register(ModelStreams(model))
         self.sessions_open = Gauge("jupybox_sessions_open", "Sandbox sessions open now", registry=r)
         self.sessions_open.set_function(lambda: len(manager.list()))
         self.sessions_created = Counter("jupybox_sessions_created", "Sandbox sessions created", registry=r)
@@ -61,3 +68,30 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ModelStreams(Collector):
+    """The local model's generations (``LLM.streams()``), read when scraped: nothing while no model
+    that schedules its own is loaded."""
+
+    def __init__(self, model: Callable[[], LLM | None]) -> None:
+        self.model = model
+
+    def describe(self) -> list[Metric]:
+        return []  # names known only once a model is loaded: no check for clashes at registration
+
+    def collect(self) -> Iterator[Metric]:
+        llm = self.model()
+        stats = llm.streams() if llm is not None else None
+        if stats is None:
+            return
+        yield GaugeMetricFamily("jupybox_model_streams_active", "Generations of the local model decoding now "
+                                "(or having their prompt read)", value=stats.active)
+        yield GaugeMetricFamily("jupybox_model_streams_queued", "Generations of the local model waiting for a "
+                                "stream", value=stats.queued)
+        yield GaugeMetricFamily("jupybox_model_streams_max", "Generations the local model decodes together",
+                                value=stats.slots)
+        yield GaugeMetricFamily("jupybox_model_tokens_per_second", "Tokens the local model generated per second, "
+                                "over the last 10 s", value=stats.tokens_per_s)
+        yield CounterMetricFamily("jupybox_model_generated_tokens", "Tokens the local model generated since it "
+                                  "loaded", value=stats.tokens)

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from interpreter import ConversationService, InterpreterSettings, ModelSettings
+from interpreter.llm import LLM
 from sandbox import JupyboxError, SandboxSettings, SessionManager
 from store import AuditLog, KeyIndex, UserStore, audit_path
 
@@ -76,10 +77,11 @@ class Services:
     """The long-lived parts of one server: built from its settings, started and stopped by the
     app's lifespan (every sandbox session is closed on the way out)."""
 
-    def __init__(self, settings: ServeSettings) -> None:
+    def __init__(self, settings: ServeSettings, llm: LLM | None = None) -> None:
+        """``llm``: a model made already (loaded or not) instead of the one ``settings.model`` names."""
         self.settings = settings
         self.manager = SessionManager(settings.sandbox)
-        self.service = ConversationService(self.manager, settings.model, settings.interpreter)
+        self.service = ConversationService(self.manager, llm or settings.model, settings.interpreter)
         # Users live beside the sessions, under JUPYBOX_HOME, where `jupybox users` writes them.
         self.users = KeyIndex(UserStore.at_home(settings.sandbox.home))
         self.audit = AuditLog(audit_path(settings.audit_log, settings.sandbox.home),

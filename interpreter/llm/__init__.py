@@ -8,7 +8,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import ModelUnavailable
-from .base import LLM, Chunk, Completion, GenerationOptions, GenerationRequest, Message, ToolCall, Usage, model_family
+from .base import (LLM, Chunk, Completion, GenerationOptions, GenerationRequest, Message, StreamStats, ToolCall, Usage,
+                   model_family)
 
 BACKENDS = {
     "openai": "interpreter.llm.openai:OpenAILLM",
@@ -17,13 +18,14 @@ BACKENDS = {
 
 
 DEFAULT_MODEL = "Qwen/Qwen-7B-Chat-Int4"
+MAX_STREAMS = 32  # the most generations one decode step of the fast path takes
 
 
 @dataclass
 class ModelSettings:
     """Which model, for every front end (terminal, server, benchmark): read from flags and the
     environment here and nowhere else (``JUPYBOX_MODEL``, ``JUPYBOX_TRUST_REMOTE_CODE``, ``JUPYBOX_MAX_CONTEXT``,
-    ``OPENAI_BASE_URL``, ``OPENAI_MODEL``, ``OPENAI_API_KEY``)."""
+    ``JUPYBOX_MAX_STREAMS``, ``OPENAI_BASE_URL``, ``OPENAI_MODEL``, ``OPENAI_API_KEY``)."""
 
     model: str | None = None  # a transformers checkpoint folder or hub id
     openai_base_url: str | None = None
@@ -35,6 +37,7 @@ class ModelSettings:
     # needed for Qwen v1, which jupybox serves with its own code
     trust_remote_code: bool = False
     max_context: int | None = None  # a local model's prompt and reply together (default: its own, at most 8192)
+    max_streams: int | None = None  # a local model's generations decoded together on the fast path (default 16)
 
     @classmethod
     def from_env(cls, **flags: Any) -> ModelSettings:
@@ -45,7 +48,8 @@ class ModelSettings:
                                   "openai_model": env.get("OPENAI_MODEL") or None,
                                   "openai_api_key": env.get("OPENAI_API_KEY") or None,
                                   "trust_remote_code": env.get("JUPYBOX_TRUST_REMOTE_CODE") == "1",
-                                  "max_context": _positive(env.get("JUPYBOX_MAX_CONTEXT"), "JUPYBOX_MAX_CONTEXT")}
+                                  "max_context": _positive(env.get("JUPYBOX_MAX_CONTEXT"), "JUPYBOX_MAX_CONTEXT"),
+                                  "max_streams": _streams(env.get("JUPYBOX_MAX_STREAMS"))}
         values.update({k: v for k, v in flags.items() if v is not None})
         if flags.get("model") and not flags.get("openai_base_url"):
             values["openai_base_url"] = None
@@ -82,7 +86,7 @@ class ModelSettings:
             return create_llm("openai", base_url=self.openai_base_url, model=self.openai_model,
                               api_key=self.openai_api_key, supports_images=self.vision)
         return create_llm("transformers", model=self.model or DEFAULT_MODEL, trust_remote_code=self.trust_remote_code,
-                          max_context=self.max_context)
+                          max_context=self.max_context, max_streams=self.max_streams)
 
 
 def _positive(value: str | None, name: str) -> int | None:
@@ -90,6 +94,14 @@ def _positive(value: str | None, name: str) -> int | None:
         return None
     if not value.isdigit() or int(value) < 16:
         raise ModelUnavailable(f"{name}={value!r}: give a number of tokens, at least 16.")
+    return int(value)
+
+
+def _streams(value: str | None) -> int | None:
+    if not value:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= MAX_STREAMS:
+        raise ModelUnavailable(f"JUPYBOX_MAX_STREAMS={value!r}: give a number of streams from 1 to {MAX_STREAMS}.")
     return int(value)
 
 
@@ -111,5 +123,5 @@ def create_llm(backend: str, **options: Any) -> LLM:
     return backend_class(backend)(**options)
 
 
-__all__ = ["BACKENDS", "DEFAULT_MODEL", "LLM", "Chunk", "Completion", "GenerationOptions", "GenerationRequest", "Message",
-           "ModelSettings", "ToolCall", "Usage", "backend_class", "create_llm", "model_family"]
+__all__ = ["BACKENDS", "DEFAULT_MODEL", "LLM", "MAX_STREAMS", "Chunk", "Completion", "GenerationOptions", "GenerationRequest",
+           "Message", "ModelSettings", "StreamStats", "ToolCall", "Usage", "backend_class", "create_llm", "model_family"]

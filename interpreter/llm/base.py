@@ -73,6 +73,18 @@ class Usage:
     completion_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class StreamStats:
+    """A local model's generations now: ``slots`` decode together, ``active`` hold one, ``queued``
+    wait for one; ``tokens`` generated since loading, ``tokens_per_s`` lately."""
+
+    slots: int
+    active: int
+    queued: int
+    tokens: int
+    tokens_per_s: float
+
+
 @dataclass
 class Chunk:
     """One streamed piece: a text delta, tool-call fragments, and at the end the finish reason
@@ -132,6 +144,11 @@ class LLM(abc.ABC):
             if chunk.usage:
                 out.usage = chunk.usage
         return out
+
+    def streams(self) -> StreamStats | None:
+        """How many generations run and wait now, for a model that schedules its own (the local
+        fast path); None for the others (a remote server reports its own)."""
+        return None
 
     async def close(self) -> None:
         """Release connections or GPU memory."""

@@ -16,9 +16,14 @@ run the checkpoint's code.
 ``model.generate`` blocks, so it runs in a thread and hands text back through transformers'
 ``AsyncTextIteratorStreamer``. A ``threading.Event`` read by a stopping criterion after every token
 ends that thread on a stop word, on cancellation and when the caller stops iterating: no
-generation outlives its stream. One generation runs at a time per loaded model: a GPU decodes one
-batch-1 sequence at full speed, and concurrent ``generate`` calls would only share it badly and
-multiply KV-cache memory, so callers queue on a lock instead.
+generation outlives its stream. On that path one generation runs at a time per loaded model:
+concurrent ``generate`` calls would only share the GPU badly and multiply KV-cache memory, so
+callers queue on a lock instead.
+
+On the fast path, concurrent generations run together: ``fastpath.scheduler.DecodeScheduler`` owns
+the decoder and decodes up to ``max_streams`` of them in each step (one KV-cache slot each; as many
+slots as fit the GPU memory left after the weights), the rest wait in a first-come queue. Stop
+words, end tokens, limits, cancellation, usage and finish reasons behave as on the other path.
 
 With ``fast`` (default ``"auto"``: on a CUDA GPU) a Qwen2/Llama-family checkpoint folder, bf16 or
 GPTQ 4-bit, is served by ``fastpath.FastDecoder`` too: static KV cache, compiled decode step
@@ -49,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from interpreter.errors import ModelCancelled, ModelError, ModelUnavailable
-from interpreter.llm.base import LLM, Chunk, GenerationRequest, Usage, cut_at_stop, held_back, model_family
+from interpreter.llm.base import LLM, Chunk, GenerationRequest, StreamStats, Usage, cut_at_stop, held_back, model_family
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +63,8 @@ QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."  # what Qwen v1 was tuned w
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # quant_method in a checkpoint's config -> the import names transformers needs to load it
 _QUANT_LIBS = {"gptq": ("gptqmodel", "optimum"), "awq": ("gptqmodel",)}
+DEFAULT_MAX_STREAMS = 16  # generations decoded together on the fast path
+SLOT_HEADROOM = 2 << 30  # GPU memory kept free beside the weights and the cache slots (graphs, prefill, logits)
 
 
 class _StopWhen:
@@ -74,12 +81,15 @@ class _StopWhen:
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        done = self.halt.is_set()
-        if not done and self.stop:
-            tail = input_ids[0, self.prompt_len:][-self.window:].tolist()
-            text = self.tokenizer.decode(tail, skip_special_tokens=True)
-            done = any(s in text for s in self.stop)
+        done = self.halt.is_set() or self.hit(input_ids[0, self.prompt_len:].tolist())
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    def hit(self, generated: list[int]) -> bool:
+        """Whether a stop word is in the decoded tail of the generated ids."""
+        if not self.stop:
+            return False
+        text = self.tokenizer.decode(generated[-self.window:], skip_special_tokens=True)
+        return any(s in text for s in self.stop)
 
 
 @dataclass(frozen=True)
@@ -154,9 +164,10 @@ class TransformersLLM(LLM):
 
     def __init__(self, model: str, *, device_map: str | dict[str, Any] = "auto", dtype: str = "auto",
                  trust_remote_code: bool = False, max_context: int | None = None,
-                 allow_download: bool | None = None, fast: bool | str = "auto") -> None:
+                 allow_download: bool | None = None, fast: bool | str = "auto", max_streams: int | None = None) -> None:
         self.model_id, self.device_map, self.dtype = model, device_map, dtype
         self.fast = fast
+        self.max_streams = max_streams or DEFAULT_MAX_STREAMS  # generations decoded together (fast path)
         # Never reach a model hub unless asked: a self-hosted server may have no (or watched) egress.
         self.allow_download = (os.environ.get("JUPYBOX_ALLOW_DOWNLOADS") == "1") if allow_download is None else allow_download
         self.trust_remote_code = trust_remote_code
@@ -168,6 +179,7 @@ class TransformersLLM(LLM):
         self._tokenizer: Any = None
         self._model: Any = None
         self._fast: Any = None  # a fastpath.FastDecoder when the fast path serves this model
+        self._scheduler: Any = None  # and the fastpath.scheduler.DecodeScheduler that owns it
         self._eos_ids: list[int] = []
         self.sampling = Sampling()
         self._load_lock = asyncio.Lock()
@@ -266,8 +278,9 @@ class TransformersLLM(LLM):
             raise ModelUnavailable(f"dtype {self.dtype!r} is not one of {', '.join(dtypes)}.")
         tokenizer = self._load_tokenizer()
         try:
-            fast = fastpath.load_checkpoint(folder, device="cpu" if on_cpu else "cuda", dtype=dtypes[str(self.dtype)],
-                                            max_seq=self.max_context or 8192)
+            device, dtype = torch.device("cpu" if on_cpu else "cuda"), dtypes[str(self.dtype)]
+            fast = fastpath.load_checkpoint(folder, device=device, dtype=dtype, max_seq=self.max_context or 8192,
+                                            slots=self._slots(folder, device, dtype))
             fast.warm_up()
         except fastpath.FastPathUnsupported as exc:
             raise ModelUnavailable(f"{self.model_id} is a Qwen v1 checkpoint jupybox's decoder cannot serve: {exc}. "
@@ -294,9 +307,9 @@ class TransformersLLM(LLM):
         try:
             if folder is None:
                 raise fastpath.FastPathUnsupported("the fast path reads local checkpoint folders only")
-            fast = fastpath.load_checkpoint(folder, device="cpu" if on_cpu else "cuda",
-                                            dtype=torch.float32 if on_cpu else torch.bfloat16,
-                                            max_seq=self.max_context or 8192)
+            device, dtype = torch.device("cpu" if on_cpu else "cuda"), torch.float32 if on_cpu else torch.bfloat16
+            fast = fastpath.load_checkpoint(folder, device=device, dtype=dtype, max_seq=self.max_context or 8192,
+                                            slots=self._slots(folder, device, dtype))
             fast.warm_up()  # compile and capture at load, not during the first answer
         except Exception as exc:  # unsupported, or the compiler or graph capture failed on this machine
             if self.fast is True:
@@ -318,12 +331,51 @@ class TransformersLLM(LLM):
         logger.info("loaded %s on the fast path (%s) in %.1f s", self.model_id, fast.device, time.monotonic() - started)
         return True
 
+    def _slots(self, folder: Path, device: Any, dtype: Any) -> int:
+        """KV-cache slots for the fast path: ``max_streams``, or as many as fit the GPU memory
+        left once the weights (their files' size) are loaded, keeping ``SLOT_HEADROOM`` free; at least one."""
+        import torch
+
+        from interpreter.llm.fastpath import DecoderShape
+        from interpreter.llm.fastpath.scheduler import fit_slots
+
+        wanted = self.max_streams
+        if device.type != "cuda":
+            logger.info("the fast path decodes up to %d streams together (on the CPU)", wanted)
+            return wanted
+        shape = DecoderShape.from_config(self._model_config)
+        max_seq = min(self.max_context or 8192, shape.max_context)
+        slot_bytes = 2 * shape.n_layers * shape.n_kv_heads * max_seq * shape.head_dim * dtype.itemsize
+        weights = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
+        free, _ = torch.cuda.mem_get_info(device)
+        slots = fit_slots(wanted, slot_bytes, free - weights, SLOT_HEADROOM)
+        logger.info("the fast path decodes up to %d streams together (--max-streams %d; %.2f GiB of KV cache per "
+                    "stream of %d positions, %.1f GiB free on the GPU before %.1f GiB of weights)", slots, wanted,
+                    slot_bytes / 2**30, max_seq, free / 2**30, weights / 2**30)
+        return slots
+
     def _finish_load(self, tokenizer: Any, config_eos: Any, *, model: Any = None, fast: Any = None) -> None:
-        """Keep what a load made; generation ends on the config's end ids and the chat end tokens."""
+        """Keep what a load made; generation ends on the config's end ids and the chat end tokens.
+        A fast-path decoder gets its scheduler, which serves every generation from now on."""
         eos: list[int] = []
         for ids in (config_eos, tokenizer.eos_token_id, *(_single_token(tokenizer, t) for t in CHAT_END_TOKENS)):
             eos += [i for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int) and i not in eos]
+        scheduler = None
+        if fast is not None:
+            from interpreter.llm.fastpath.scheduler import DecodeScheduler
+
+            scheduler = DecodeScheduler(fast, streams=self.max_streams).start()
         self._tokenizer, self._model, self._fast, self._eos_ids = tokenizer, model, fast, eos
+        self._scheduler = scheduler
+
+    def streams(self) -> StreamStats | None:
+        """The fast path's streams now (None on the ``generate`` path or before loading)."""
+        scheduler = self._scheduler
+        if scheduler is None:
+            return None
+        s = scheduler.stats()
+        return StreamStats(slots=s.streams, active=s.active, queued=s.queued, tokens=s.tokens,
+                           tokens_per_s=s.tokens_per_s)
 
     @property
     def _source(self) -> str:
@@ -381,7 +433,9 @@ class TransformersLLM(LLM):
     async def close(self) -> None:
         if self._model is None and self._fast is None:
             return  # nothing loaded (maybe torch is not even installed)
-        self._model = self._fast = None
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.close)
+        self._model = self._fast = self._scheduler = None
         gc.collect()
         import torch
 
@@ -414,6 +468,10 @@ class TransformersLLM(LLM):
                 raise ModelError(f"The prompt is {prompt_len} tokens and {self.model_id} takes at most "
                                  f"{self.max_context}: shorten the conversation or pass max_context=.")
             max_new = min(max_new, self.max_context - prompt_len)
+        if self._scheduler is not None:
+            async for chunk in self._scheduled(request, enc["input_ids"][0].tolist(), max_new, cancel):
+                yield chunk
+            return
         sampling = request.temperature > 0
         halt = threading.Event()
         async with self._queue:
@@ -465,6 +523,59 @@ class TransformersLLM(LLM):
         yield Chunk(text="" if stopped else text[sent:], finish_reason=reason,
                     usage=Usage(prompt_tokens=prompt_len, completion_tokens=len(ids)))
 
+    async def _scheduled(self, request: GenerationRequest, prompt: list[int], max_new: int,
+                         cancel: asyncio.Event | None) -> AsyncIterator[Chunk]:
+        """``stream`` on the fast path: the request joins the decode scheduler's streams; its text
+        is detokenized as transformers' streamer does it, and cut at stop words the same way."""
+        from interpreter.llm.fastpath.scheduler import StreamRequest
+
+        tok = self._tokenizer
+        sampling = request.temperature > 0
+        words = _StopWhen(tok, 0, request.stop, threading.Event())
+        handle = self._scheduler.submit(StreamRequest(
+            prompt=prompt, max_new=max_new, temperature=request.temperature if sampling else 0.0,
+            top_p=self.sampling.top_p_for(request.top_p) if sampling else 1.0,
+            top_k=self.sampling.top_k if sampling else 0, repetition_penalty=self.sampling.repetition_penalty,
+            seed=request.seed if sampling else None, end_tokens=frozenset(self._eos_ids),
+            stop=words.hit if words.stop else None))
+        text = _text_pieces(tok, prompt)
+        watcher = asyncio.create_task(_cancel_when(cancel, handle)) if cancel is not None else None
+        whole, sent, stopped = "", 0, False
+        try:
+            async for token in handle:
+                for piece in text.add(token):
+                    whole += piece
+                    cut, stopped = cut_at_stop(whole, request.stop)
+                    end = len(cut) if stopped else len(whole) - held_back(whole, request.stop)
+                    if end > sent:
+                        yield Chunk(text=whole[sent:end])
+                        sent = end
+                    if stopped:
+                        break
+                if stopped:
+                    break
+            if not stopped:
+                whole += "".join(text.end())
+                cut, stopped = cut_at_stop(whole, request.stop)
+                if stopped and len(cut) > sent:
+                    yield Chunk(text=whole[sent:len(cut)])
+            handle.cancel()  # a stop word seen here first: the stream ends at the scheduler's next turn
+            async for _ in handle:  # its last tokens, so that usage counts what was generated
+                pass
+        finally:
+            handle.cancel()  # no-op once it is done; otherwise the caller left early
+            if watcher is not None:
+                watcher.cancel()
+        if handle.finish_reason == "error":
+            exc = handle.error
+            raise ModelError(f"Generation with {self.model_id} failed: {_first_line(exc)}") from exc
+        if cancel is not None and cancel.is_set() and not stopped:
+            raise ModelCancelled("Generation was cancelled.")
+        ids = handle.tokens
+        reason = "stop" if stopped or (ids and ids[-1] in self._eos_ids) or len(ids) < max_new else "length"
+        yield Chunk(text="" if stopped else whole[sent:], finish_reason=reason,
+                    usage=Usage(prompt_tokens=len(prompt), completion_tokens=len(ids)))
+
     def _generate(self, kwargs: dict[str, Any], seed: int | None, halt: threading.Event, streamer: Any,
                   result: dict[str, Any]) -> None:
         """The generate thread: waits its turn on the device, then decodes until a criterion stops it."""
@@ -476,9 +587,6 @@ class TransformersLLM(LLM):
                     return
                 if seed is not None:
                     torch.manual_seed(seed)
-                if self._fast is not None:
-                    result["ids"] = self._fast_generate(kwargs, seed)
-                    return
                 out = self._model.generate(**kwargs)
                 result["ids"] = out[0, kwargs["input_ids"].shape[1]:].tolist()
         except Exception as exc:  # reported by stream(), which owns the caller
@@ -490,35 +598,47 @@ class TransformersLLM(LLM):
             except RuntimeError:  # the reader's event loop is already closed
                 pass
 
-    def _fast_generate(self, kwargs: dict[str, Any], seed: int | None) -> list[int]:
-        """``generate``'s contract on the fast path: the same streamer, stopping criteria and end tokens."""
-        import torch
-
-        prompt = kwargs["input_ids"][0].tolist()
-        streamer, criteria, eos = kwargs["streamer"], kwargs["stopping_criteria"], set(kwargs["eos_token_id"])
-        streamer.put(kwargs["input_ids"].cpu())  # the prompt, which the streamer skips
-        seen = torch.zeros((1, len(prompt) + kwargs["max_new_tokens"]), dtype=torch.long)
-        seen[0, :len(prompt)] = torch.tensor(prompt)
-        generator = None
-        if seed is not None and kwargs["do_sample"]:
-            generator = torch.Generator(self._fast.device).manual_seed(seed)
-        ids: list[int] = []
-        done = False
-        for token in self._fast.generate(prompt, kwargs["max_new_tokens"], generator=generator,
-                                         temperature=kwargs.get("temperature", 1.0) if kwargs["do_sample"] else 0.0,
-                                         top_p=kwargs.get("top_p", 1.0), top_k=kwargs.get("top_k", 0),
-                                         repetition_penalty=kwargs["repetition_penalty"], stop=lambda _: done):
-            ids.append(token)
-            seen[0, len(prompt) + len(ids) - 1] = token
-            streamer.put(torch.tensor([token]))
-            done = token in eos or bool(criteria(seen[:, :len(prompt) + len(ids)], None).all())
-        streamer.end()
-        return ids
-
 
 async def _set_when(cancel: asyncio.Event, halt: threading.Event) -> None:
     await cancel.wait()
     halt.set()
+
+
+async def _cancel_when(cancel: asyncio.Event, handle: Any) -> None:
+    await cancel.wait()
+    handle.cancel()
+
+
+def _text_pieces(tokenizer: Any, prompt: list[int]) -> Any:
+    """Text from token ids as ``generate``'s streamer makes it (whole words, a line at a time, the
+    prompt skipped): ``add(token)`` and ``end()`` return the pieces finished by then."""
+    import torch
+    from transformers import TextStreamer
+
+    class Pieces(TextStreamer):
+        def __init__(self) -> None:
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.ready: list[str] = []
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                self.ready.append(text)
+
+        def add(self, token: int) -> list[str]:
+            self.put(torch.tensor([token]))
+            return self.take()
+
+        def end(self) -> list[str]:  # type: ignore[override]
+            super().end()
+            return self.take()
+
+        def take(self) -> list[str]:
+            ready, self.ready = self.ready, []
+            return ready
+
+    pieces = Pieces()
+    pieces.put(torch.tensor([prompt]))  # skipped, as generate's first put is
+    return pieces
 
 
 def _single_token(tokenizer: Any, text: str) -> int | None:
