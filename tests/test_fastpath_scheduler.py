@@ -111,7 +111,7 @@ def test_a_slot_reused_after_a_stop_holds_no_trace_of_its_previous_stream(tiny_m
 
 def test_more_requests_than_streams_queue_and_complete_in_order_of_arrival(tiny_model: Path) -> None:
     requests = [StreamRequest(prompt(10 + 20 * i, 30 + i), 12 + 3 * i) for i in range(5)]
-    scheduler = DecodeScheduler(decoder(tiny_model, slots=4), streams=2, chunk=CHUNK)
+    scheduler = DecodeScheduler(decoder(tiny_model, slots=4), max_streams=2, chunk=CHUNK)
     assert scheduler.streams == 2
     handles = [scheduler.submit(r) for r in requests]  # before the loop starts: all wait
     stats = scheduler.stats()
@@ -156,3 +156,17 @@ def test_slots_fit_the_memory_left_and_at_least_one() -> None:
     assert fit_slots(16, gib, 40 * gib, 4 * gib) == 16
     assert fit_slots(16, gib, 10 * gib, 4 * gib) == 6
     assert fit_slots(16, gib, 3 * gib, 4 * gib) == 1
+
+
+def test_a_long_prompt_among_running_streams_is_measured_per_turn(tiny_model: Path) -> None:
+    """What ``bench.scheduler`` reports on a GPU: a prompt's time to first token while streams
+    decode, and the running streams' slowest turn while it was prefilled (in chunks, here 5)."""
+    long_prompt = prompt(300, 60)
+    with DecodeScheduler(decoder(tiny_model, slots=3), chunk=CHUNK) as scheduler:
+        alone_s = scheduler.time_to_first_token(long_prompt)
+        loaded, slowest = scheduler.loaded_first_token(long_prompt, running=2, repeats=2, running_prompt=8)
+        stats = scheduler.stats()
+        chunked = [s for s in scheduler.steps if s.prefill_tokens > 8 and s.batch == 2]  # not the running ones
+    assert alone_s > 0 and len(loaded) == 2 and slowest > 0
+    assert len(chunked) == 2 * 5 and {s.prefill_tokens for s in chunked} == {CHUNK, 300 - 4 * CHUNK}
+    assert (stats.active, stats.queued) == (0, 0)  # the running streams were cancelled at the end

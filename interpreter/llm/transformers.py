@@ -364,7 +364,7 @@ class TransformersLLM(LLM):
         if fast is not None:
             from interpreter.llm.fastpath.scheduler import DecodeScheduler
 
-            scheduler = DecodeScheduler(fast, streams=self.max_streams).start()
+            scheduler = DecodeScheduler(fast, max_streams=self.max_streams).start()
         self._tokenizer, self._model, self._fast, self._eos_ids = tokenizer, model, fast, eos
         self._scheduler = scheduler
 

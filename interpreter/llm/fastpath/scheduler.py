@@ -182,11 +182,16 @@ class StreamHandle:
                 return
             await wake.wait()
 
+    def wait(self, tokens: int | None = None, timeout: float | None = None) -> bool:
+        """Block until the stream is done (or has ``tokens`` tokens); False if ``timeout`` came first."""
+        with self._lock:
+            return self._lock.wait_for(
+                lambda: self.finish_reason is not None or (tokens is not None and len(self._tokens) >= tokens), timeout)
+
     def result(self, timeout: float | None = None) -> list[int]:
         """Every token, once the stream is done; raises its error, if it failed."""
-        with self._lock:
-            if not self._lock.wait_for(lambda: self.finish_reason is not None, timeout):
-                raise TimeoutError(f"the stream is not done after {timeout} s")
+        if not self.wait(timeout=timeout):
+            raise TimeoutError(f"the stream is not done after {timeout} s")
         if self.error is not None:
             raise self.error
         return self.tokens
@@ -216,15 +221,15 @@ class _Stream:
 
 
 class DecodeScheduler:
-    """Up to ``streams`` generations sharing each decode step of ``decoder`` (at most its
-    slots, and at most the largest step it runs). ``start()`` starts the loop's thread; requests
-    submitted before it wait in the queue. ``close()`` ends the thread and every stream."""
+    """Up to ``max_streams`` generations sharing each decode step of ``decoder`` (at most its
+    slots, and at most the largest step it runs: ``streams``). ``start()`` starts the loop's thread;
+    requests submitted before it wait in the queue. ``close()`` ends the thread and every stream."""
 
-    def __init__(self, decoder: FastDecoder, *, streams: int | None = None, chunk: int = CHUNK) -> None:
+    def __init__(self, decoder: FastDecoder, *, max_streams: int | None = None, chunk: int = CHUNK) -> None:
         if chunk < 1:
             raise ValueError("a prefill chunk holds at least one token")
         self.decoder = decoder
-        self.streams = max(1, min(streams or decoder.slots, decoder.slots, BATCHES[-1]))
+        self.streams = max(1, min(max_streams or decoder.slots, decoder.slots, BATCHES[-1]))
         self.chunk = chunk
         self.steps: deque[StepRecord] = deque(maxlen=STEP_HISTORY)
         self._cond = threading.Condition()
@@ -288,6 +293,45 @@ class DecodeScheduler:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- for benchmarks ------------------------------------------------------------------------
+    def time_to_first_token(self, prompt: list[int]) -> float:
+        """Seconds from submitting ``prompt`` to its first token, with whatever else runs now."""
+        handle = self.start().submit(StreamRequest(prompt, 1))
+        handle.result()
+        assert handle.first_token_at is not None
+        return handle.first_token_at - handle.submitted_at
+
+    def loaded_first_token(self, prompt: list[int], *, running: int = 16, repeats: int = 5,
+                           running_prompt: int = 64) -> tuple[list[float], float]:
+        """``prompt``'s time to first token while ``running`` greedy streams decode (fewer where
+        the scheduler has fewer streams to spare), ``repeats`` times; and the running streams'
+        slowest turn while it was prefilled (seconds)."""
+        running = max(0, min(running, self.streams - 1))
+        vocab, max_seq = self.decoder.shape.vocab, self.decoder.max_seq
+        gen = torch.Generator().manual_seed(0)
+        handles = [self.start().submit(StreamRequest(torch.randint(0, vocab, (running_prompt,), generator=gen).tolist(),
+                                                     max_seq - running_prompt)) for _ in range(running)]
+        try:
+            for h in handles:  # all of them decoding
+                h.wait(tokens=1)
+            ttfts, slowest = [], 0.0
+            for _ in range(repeats):
+                handle = self.submit(StreamRequest(prompt, 1))
+                handle.result()
+                assert handle.first_token_at is not None and handle.admitted_at is not None
+                ttfts.append(handle.first_token_at - handle.submitted_at)
+                during = [s.turn_s for s in list(self.steps)
+                          if handle.admitted_at <= s.at <= handle.first_token_at and s.batch > 0]
+                slowest = max([slowest, *during])
+            if any(h.done for h in handles):
+                log.warning("running streams ended before the measurement did: the load was lighter than asked")
+            return ttfts, slowest
+        finally:
+            for h in handles:
+                h.cancel()
+            for h in handles:
+                h.wait()
 
     def _poke(self) -> None:
         with self._cond:
