@@ -332,26 +332,26 @@ class TransformersLLM(LLM):
         return True
 
     def _slots(self, folder: Path, device: Any, dtype: Any) -> int:
-        """KV-cache slots for the fast path: ``max_streams``, or as many as fit the GPU memory
-        left once the weights (their files' size) are loaded, keeping ``SLOT_HEADROOM`` free; at least one."""
+        """KV-cache slots for the fast path: ``max_streams``, or as many as fit the memory left
+        (the GPU's, or the host's on a CPU) once the weights (their files' size) are loaded,
+        keeping ``SLOT_HEADROOM`` free; at least one."""
         import torch
 
         from interpreter.llm.fastpath import DecoderShape
         from interpreter.llm.fastpath.scheduler import fit_slots
 
-        wanted = self.max_streams
-        if device.type != "cuda":
-            logger.info("the fast path decodes up to %d streams together (on the CPU)", wanted)
-            return wanted
         shape = DecoderShape.from_config(self._model_config)
         max_seq = min(self.max_context or 8192, shape.max_context)
         slot_bytes = 2 * shape.n_layers * shape.n_kv_heads * max_seq * shape.head_dim * dtype.itemsize
         weights = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
-        free, _ = torch.cuda.mem_get_info(device)
-        slots = fit_slots(wanted, slot_bytes, free - weights, SLOT_HEADROOM)
+        if device.type == "cuda":
+            free, where = torch.cuda.mem_get_info(device)[0], "on the GPU"
+        else:
+            free, where = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "in the host's memory"
+        slots = fit_slots(self.max_streams, slot_bytes, free - weights, SLOT_HEADROOM)
         logger.info("the fast path decodes up to %d streams together (--max-streams %d; %.2f GiB of KV cache per "
-                    "stream of %d positions, %.1f GiB free on the GPU before %.1f GiB of weights)", slots, wanted,
-                    slot_bytes / 2**30, max_seq, free / 2**30, weights / 2**30)
+                    "stream of %d positions, %.1f GiB free %s before %.1f GiB of weights)", slots, self.max_streams,
+                    slot_bytes / 2**30, max_seq, free / 2**30, where, weights / 2**30)
         return slots
 
     def _finish_load(self, tokenizer: Any, config_eos: Any, *, model: Any = None, fast: Any = None) -> None:
