@@ -13,8 +13,10 @@ Each turn of its loop:
    is prefilled: a long prompt delays the running streams by one chunk per turn, never by its whole
    length, and a stream's numbers do not depend on what else runs;
 3. one ``decode_batch`` step for every running stream; each picks its next token with its own
-   sampling settings, repetition-penalty state and random generator. A stream that produced an end
-   token, met its stop predicate or its token limit leaves at once.
+   sampling settings, repetition-penalty state and random generator, on the device. The step is
+   queued before the previous step's tokens are read back (as ``FastDecoder.generate`` queues its
+   steps), so the GPU does not wait for the host's turn. A stream whose token is an end token,
+   meets its stop predicate or its token limit leaves at once.
 
 An exception in one request's prefill (a prompt too large for the memory left, say) fails that
 request only; one in a decode step fails the streams of that step, and the loop goes on.
@@ -197,9 +199,9 @@ class StreamHandle:
         return self.tokens
 
 
-@dataclass
+@dataclass(eq=False)
 class _Stream:
-    """A stream holding a slot: what the loop keeps for it."""
+    """A stream holding a slot: what the loop keeps for it (compared by identity)."""
 
     handle: StreamHandle
     slot: int
@@ -207,8 +209,8 @@ class _Stream:
     generator: torch.Generator | None
     seen: torch.Tensor | None = None  # ids seen (prompt and answer), for the repetition penalty
     prefilled: int = 0  # prompt tokens in the slot so far
-    last: int = 0  # the token the next step feeds
-    generated: list[int] = field(default_factory=list)
+    fed: int = 0  # decode steps launched: the next one feeds ``generated[fed]``
+    generated: list[int] = field(default_factory=list)  # tokens read back so far
 
     @property
     def request(self) -> StreamRequest:
@@ -216,8 +218,34 @@ class _Stream:
 
     @property
     def position(self) -> int:
-        """Where the next step writes ``last``."""
-        return len(self.request.prompt) + len(self.generated) - 1
+        """Where the next step writes the token it feeds."""
+        return len(self.request.prompt) + self.fed
+
+    @property
+    def needs_step(self) -> bool:
+        """Whether a step is still needed: its limit is not reached by the tokens fed so far."""
+        return self.fed + 1 < self.request.max_new
+
+
+class _Launched:
+    """A decode step's picks on their way to the host: on a GPU copied to pinned memory right
+    behind the step, so reading them waits for that step only, not for one queued after it."""
+
+    def __init__(self, streams: list[_Stream], picks: torch.Tensor) -> None:
+        self.streams, self.picks = streams, picks
+        self._done: torch.cuda.Event | None = None
+        if picks.device.type == "cuda":
+            self._host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True)
+            self._host.copy_(picks, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host = picks
+
+    def values(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
 
 
 class DecodeScheduler:
@@ -236,6 +264,7 @@ class DecodeScheduler:
         self._queue: deque[StreamHandle] = deque()
         self._admitting: _Stream | None = None  # the stream whose prompt is being prefilled
         self._running: list[_Stream] = []
+        self._launched: _Launched | None = None  # the last step, not read back yet
         self._free = list(range(self.streams))
         self._admitted = 0
         self._tokens = 0
@@ -365,9 +394,7 @@ class DecodeScheduler:
         self._admit()
         prefill_tokens, prefill_s = self._prefill_chunk()
         decode_started = time.monotonic()
-        batch = len(self._running)
-        if batch:
-            self._step()
+        batch = self._step() if self._running else 0
         ended = time.monotonic()
         self.steps.append(StepRecord(at=started, batch=batch, prefill_tokens=prefill_tokens, prefill_s=prefill_s,
                                      decode_s=ended - decode_started if batch else 0.0, turn_s=ended - started))
@@ -435,29 +462,69 @@ class DecodeScheduler:
         self._emit(stream, int(token.item()))
         return len(piece), time.monotonic() - started
 
-    def _step(self) -> None:
-        """One decode step for every running stream, then each one's next token."""
-        streams = list(self._running)
-        try:
-            logits = self.decoder.decode_batch([s.last for s in streams], [s.position for s in streams],
-                                               [s.slot for s in streams])
-            plain = [b for b, s in enumerate(streams) if s.request.temperature <= 0 and s.request.repetition_penalty == 1.0]
-            picks: list[torch.Tensor | None] = [None] * len(streams)
-            if plain:  # greedy rows without a penalty: one argmax for all
-                index = torch.tensor(plain, device=logits.device)
-                for b, token in zip(plain, logits.index_select(0, index).argmax(-1)):
-                    picks[b] = token.view(1)
-            for b, stream in enumerate(streams):
-                if picks[b] is None:
-                    picks[b] = self._pick(stream, logits[b])
-            tokens = torch.cat(picks).tolist()  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001 - the streams of this step fail; the loop goes on
-            log.exception("a decode step of %d streams failed", len(streams))
+    def _step(self) -> int:
+        """One decode step for every running stream that needs one, queued before the last step's
+        tokens are read back (its inputs are those tokens, picked on the device): the device never
+        waits for the host's turn. A stream whose token read back here ends it was in the step just
+        queued too; that row's result is dropped (it wrote its slot one position further, which the
+        next prefill of that slot rewrites before anything reads it). Returns the step's rows."""
+        before = self._launched
+        streams = [s for s in self._running if s.needs_step]
+        launched, failure = None, None
+        if streams:
+            try:
+                tokens = self._inputs(streams, before)
+                logits = self.decoder.decode_batch(tokens, [s.position for s in streams], [s.slot for s in streams])
+                launched = _Launched(streams, self._picks(streams, logits))
+                for stream in streams:
+                    stream.fed += 1
+            except Exception as exc:  # noqa: BLE001 - the streams of this step fail; the loop goes on
+                log.exception("a decode step of %d streams failed", len(streams))
+                failure = exc
+        if before is not None:
+            self._read_back(before)
+        if failure is not None:
             for stream in streams:
-                self._leave(stream, "error", exc)
-            return
-        self._count(len(streams))
-        for stream, token in zip(streams, tokens):
+                self._leave(stream, "error", failure)
+        self._launched = launched
+        return len(streams)
+
+    def _inputs(self, streams: list[_Stream], before: _Launched | None) -> list[int] | torch.Tensor:
+        """Each stream's next input: read back already (a prompt's first token), or still on the
+        device among the last step's picks."""
+        if all(s.fed < len(s.generated) for s in streams):
+            return [s.generated[s.fed] for s in streams]
+        assert before is not None
+        rows = {id(s): b for b, s in enumerate(before.streams)}
+        tokens = before.picks.index_select(0, torch.tensor([rows.get(id(s), 0) for s in streams],
+                                                           device=before.picks.device))
+        known = [b for b, s in enumerate(streams) if s.fed < len(s.generated)]
+        if known:
+            tokens.index_copy_(0, torch.tensor(known, device=tokens.device),
+                               torch.tensor([streams[b].generated[streams[b].fed] for b in known], device=tokens.device))
+        return tokens
+
+    def _picks(self, streams: list[_Stream], logits: torch.Tensor) -> torch.Tensor:
+        """Every row's next token, on the device: greedy rows without a penalty in one argmax."""
+        plain = [b for b, s in enumerate(streams) if s.request.temperature <= 0 and s.request.repetition_penalty == 1.0]
+        if len(plain) == len(streams):
+            return logits.argmax(-1)
+        picks: list[torch.Tensor | None] = [None] * len(streams)
+        if plain:
+            index = torch.tensor(plain, device=logits.device)
+            for b, token in zip(plain, logits.index_select(0, index).argmax(-1)):
+                picks[b] = token.view(1)
+        for b, stream in enumerate(streams):
+            if picks[b] is None:
+                picks[b] = self._pick(stream, logits[b])
+        return torch.cat(picks)  # type: ignore[arg-type]
+
+    def _read_back(self, launched: _Launched) -> None:
+        """A step's tokens to their streams (those that left since, cancelled, get none)."""
+        values = launched.values()
+        live = [(s, v) for s, v in zip(launched.streams, values) if s in self._running]
+        self._count(len(live))
+        for stream, token in live:
             self._emit(stream, token)
 
     def _count(self, tokens: int) -> None:
@@ -481,7 +548,6 @@ class DecodeScheduler:
     def _emit(self, stream: _Stream, token: int) -> None:
         """Hand a token to the caller; the stream leaves if that token ends it."""
         stream.generated.append(token)
-        stream.last = token
         stream.handle._push(token)
         r = stream.request
         reason = None
