@@ -493,16 +493,25 @@ class DecodeScheduler:
         """Each stream's next input: read back already (a prompt's first token), or still on the
         device among the last step's picks."""
         if all(s.fed < len(s.generated) for s in streams):
-            return [s.generated[s.fed] for s in streams]
+            return self._on_device([s.generated[s.fed] for s in streams])
         assert before is not None
         rows = {id(s): b for b, s in enumerate(before.streams)}
-        tokens = before.picks.index_select(0, torch.tensor([rows.get(id(s), 0) for s in streams],
-                                                           device=before.picks.device))
+        order = [rows.get(id(s), 0) for s in streams]
+        tokens = before.picks if order == list(range(len(before.streams))) else (
+            before.picks.index_select(0, self._on_device(order)))
         known = [b for b, s in enumerate(streams) if s.fed < len(s.generated)]
         if known:
-            tokens.index_copy_(0, torch.tensor(known, device=tokens.device),
-                               torch.tensor([streams[b].generated[streams[b].fed] for b in known], device=tokens.device))
+            tokens = tokens.index_copy(0, self._on_device(known),
+                                       self._on_device([streams[b].generated[streams[b].fed] for b in known]))
         return tokens
+
+    def _on_device(self, values: list[int]) -> torch.Tensor:
+        """Small long tensors for the device without waiting for the work queued there (a
+        blocking copy would: pinned memory, copied asynchronously)."""
+        host = torch.tensor(values, dtype=torch.long)
+        if self.decoder.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.decoder.device, non_blocking=True)
 
     def _picks(self, streams: list[_Stream], logits: torch.Tensor) -> torch.Tensor:
         """Every row's next token, on the device: greedy rows without a penalty in one argmax."""
@@ -511,7 +520,7 @@ class DecodeScheduler:
             return logits.argmax(-1)
         picks: list[torch.Tensor | None] = [None] * len(streams)
         if plain:
-            index = torch.tensor(plain, device=logits.device)
+            index = self._on_device(plain)
             for b, token in zip(plain, logits.index_select(0, index).argmax(-1)):
                 picks[b] = token.view(1)
         for b, stream in enumerate(streams):
