@@ -148,3 +148,23 @@ def test_two_turns_through_v1_run_together_on_the_local_model(server: AppServer)
     while metrics(server)["jupybox_model_streams_active"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert metrics(server)["jupybox_model_streams_active"] == 0
+
+
+def test_max_streams_comes_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from interpreter.errors import ModelUnavailable
+    from interpreter.llm import ModelSettings
+    from ui.cli import build_parser
+
+    parser = build_parser()
+    monkeypatch.setenv("JUPYBOX_MAX_STREAMS", "8")
+    assert ModelSettings.from_args(parser.parse_args(["ask", "hi"])).max_streams == 8
+    settings = ModelSettings.from_args(parser.parse_args(["ask", "hi", "--max-streams", "4", "--model", "/nowhere"]))
+    llm = settings.create()
+    assert settings.max_streams == 4 and isinstance(llm, TransformersLLM) and llm.max_streams == 4
+    monkeypatch.delenv("JUPYBOX_MAX_STREAMS")
+    assert TransformersLLM("/nowhere").max_streams == 16  # the default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["ask", "hi", "--max-streams", "33"])
+    monkeypatch.setenv("JUPYBOX_MAX_STREAMS", "lots")
+    with pytest.raises(ModelUnavailable, match="JUPYBOX_MAX_STREAMS"):
+        ModelSettings.from_env()

@@ -450,7 +450,8 @@ class DecodeScheduler:
             r = stream.request
             if r.repetition_penalty != 1.0:
                 ids = torch.tensor(prompt, dtype=torch.long, device=self.decoder.device)
-                stream.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.decoder.device).index_fill_(0, ids, True)
+                seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.decoder.device)
+                stream.seen = seen.index_fill_(0, ids, True)
             token = self._pick(stream, logits)
         except Exception as exc:  # noqa: BLE001 - this request fails; the running streams carry on
             log.warning("a prompt of %d tokens could not be prefilled: %s", len(prompt), exc)
