@@ -170,3 +170,34 @@ def test_a_long_prompt_among_running_streams_is_measured_per_turn(tiny_model: Pa
     assert alone_s > 0 and len(loaded) == 2 and slowest > 0
     assert len(chunked) == 2 * 5 and {s.prefill_tokens for s in chunked} == {CHUNK, 300 - 4 * CHUNK}
     assert (stats.active, stats.queued) == (0, 0)  # the running streams were cancelled at the end
+
+
+def test_a_prompt_rotated_with_another_ntk_factor_waits_for_the_running_streams(tiny_model: Path) -> None:
+    """Qwen v1 past its training length rotates with a per-prompt factor held in the decoder's
+    global tables: a long prompt waits until the short ones running are done (and those behind it
+    wait for it, first come first served), and every stream gets what it gets alone."""
+    import dataclasses
+
+    shape = dataclasses.replace(fastpath.DecoderShape(vocab=180, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                      head_dim=16, ffn=128, max_context=1024),
+                                rope_fp32=True, seq_length=32, dynamic_ntk=True, logn_attn=True)
+
+    def qwen_v1_like() -> fastpath.FastDecoder:
+        return fastpath.FastDecoder(shape, fastpath.random_weights(shape, "cpu", torch.float32, seed=4), max_seq=512,
+                                    device="cpu", dtype=torch.float32, slots=3)
+
+    short, long_one, behind = (StreamRequest(prompt(10, 70), 20), StreamRequest(prompt(150, 71), 10),
+                               StreamRequest(prompt(12, 72), 10))
+    dec = qwen_v1_like()
+    assert dec.alpha_for(10) == dec.alpha_for(12) == 1.0 and dec.alpha_for(150) > 1.0
+    with DecodeScheduler(dec, chunk=CHUNK) as scheduler:
+        handles = [scheduler.submit(r) for r in (short, long_one, behind)]
+        for h in handles:
+            h.result(60)
+    a, b, c = handles
+    assert [h.admission for h in handles] == [0, 1, 2]
+    assert b.admitted_at is not None and a.finished_at is not None and b.admitted_at >= a.finished_at
+    assert c.admitted_at is not None and b.finished_at is not None and c.admitted_at >= b.finished_at
+    for request, handle in zip((short, long_one, behind), handles):
+        with DecodeScheduler(qwen_v1_like(), chunk=CHUNK) as alone_scheduler:
+            assert handle.tokens == alone_scheduler.submit(request).result(60)

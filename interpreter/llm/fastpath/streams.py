@@ -64,6 +64,7 @@ class StreamHandle:
         self.submitted_at = time.monotonic()
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
+        self.finished_at: float | None = None
         self.admission: int | None = None  # the order in which streams got a slot: 0, 1, 2...
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
@@ -85,7 +86,7 @@ class StreamHandle:
         with self._lock:
             if self.finish_reason is not None:
                 return
-            self.finish_reason, self.error = reason, error
+            self.finish_reason, self.error, self.finished_at = reason, error, time.monotonic()
             self._wake()
 
     def _wake(self) -> None:  # under the lock
