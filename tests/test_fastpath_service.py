@@ -101,11 +101,11 @@ def metrics(server: AppServer) -> dict[str, float]:
 
 
 def test_two_turns_through_v1_run_together_on_the_local_model(server: AppServer) -> None:
-    """The second turn's first token arrives while the first turn still writes (the first is
-    long, and is closed only once the second has spoken), and ``/metrics`` shows both streams."""
+    """The second turn's first token arrives while the first turn still writes (both are long,
+    and are closed only once the second has spoken), and ``/metrics`` shows both streams."""
     oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_TOKEN, timeout=120, max_retries=0)
     log: queue.Queue[tuple[str, str]] = queue.Queue()
-    close_first = threading.Event()
+    close = threading.Event()
 
     def turn(name: str, question: str, max_tokens: int) -> None:
         stream = oai.chat.completions.create(model="local", stream=True, max_tokens=max_tokens,
@@ -114,7 +114,7 @@ def test_two_turns_through_v1_run_together_on_the_local_model(server: AppServer)
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
                     log.put((name, "text"))
-                if close_first.is_set() and name == "first":
+                if close.is_set():
                     break
         log.put((name, "end"))
 
@@ -129,12 +129,12 @@ def test_two_turns_through_v1_run_together_on_the_local_model(server: AppServer)
     first = threading.Thread(target=turn, args=("first", "plot the data", 4000))
     first.start()
     events = next_event("first", "text")
-    second = threading.Thread(target=turn, args=("second", "describe the data", 30))
+    second = threading.Thread(target=turn, args=("second", "describe the data", 4000))
     second.start()
     events += next_event("second", "text")
-    assert ("first", "end") not in events  # the first turn was still writing when the second one spoke
     during = metrics(server)
-    close_first.set()
+    assert ("first", "end") not in events  # the first turn was still writing when the second one spoke
+    close.set()
     first.join(120)
     second.join(120)
     while not log.empty():
@@ -144,7 +144,7 @@ def test_two_turns_through_v1_run_together_on_the_local_model(server: AppServer)
     assert first_of_second < last_of_first
     assert during["jupybox_model_streams_active"] == 2 and during["jupybox_model_streams_max"] == 4
     assert during["jupybox_model_streams_queued"] == 0 and during["jupybox_model_generated_tokens_total"] > 0
-    deadline = time.monotonic() + 60  # the closed turn's stream leaves at the scheduler's next turn
+    deadline = time.monotonic() + 60  # the closed turns' streams leave at the scheduler's next turn
     while metrics(server)["jupybox_model_streams_active"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert metrics(server)["jupybox_model_streams_active"] == 0
