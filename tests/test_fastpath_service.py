@@ -92,6 +92,7 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                               api_token=API_TOKEN, interpreter=InterpreterSettings(max_tokens=4000, temperature=0.0))
     with AppServer(Services(settings, llm=llm)) as app:
         yield app
+    asyncio.run(llm.close())  # a model given to the server is the giver's to close
 
 
 def metrics(server: AppServer) -> dict[str, float]:
