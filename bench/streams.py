@@ -2,11 +2,12 @@
 
 Figures, never pass/fail, on random weights of the Qwen-7B shape (int4 and bf16), all in one run:
 
-* tokens/s of all streams together for each stream count: every stream prefilled with its own
-  ``--stream-prompt``-token prompt, then ``--stream-tokens`` greedy decode steps of all of them in
-  one ``decode_batch`` each, the new tokens read back to the host after every step (what streaming
-  costs); the ratio is against one stream decoded by ``generate`` (the single-stream path, a step
-  queued ahead) in the same run, and the bound is the weights plus every stream's KV cache at its
+* tokens/s of all streams together for each stream count, served by ``DecodeScheduler`` (what the
+  server runs): every stream its own ``--stream-prompt``-token prompt, ``--stream-tokens`` greedy
+  tokens, counted over the turns where all of them decode together; beside it the same streams'
+  ``decode_batch`` steps driven by hand (argmax and read-back every step), so the scheduler's own
+  cost shows. The ratio is against one stream decoded by ``generate`` (the single-stream path, a
+  step queued ahead) in the same run; the bound is the weights plus every stream's KV cache at its
   mean context read once a step at the measured copy bandwidth;
 * the batched 4-bit kernel alone at the model's four weight shapes, 8, 16 and 32 rows against one;
 * greedy agreement: each of 8 streams decoded together against the same stream decoded alone;
@@ -31,8 +32,9 @@ from bench.gpu_probe import VARIANTS, copy_bandwidth, weight_bytes
 H100_BYTES = 80e9  # an H100's memory, as its maker counts it
 
 
-def _sync() -> None:
-    torch.cuda.synchronize()
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -66,26 +68,42 @@ def kernel_figures(report: dict[str, Any]) -> None:
     report["kernel"] = out
 
 
-def _decode_steps(decoder: Any, prompts: list[list[int]], steps: int) -> tuple[float, float, list[list[int]]]:
-    """Prefill each prompt into its own slot, then ``steps`` greedy steps of all streams together,
-    each step's tokens read back; (prefill seconds, decode seconds, tokens per stream)."""
+def _direct(decoder: Any, prompts: list[list[int]], steps: int) -> tuple[float, list[list[int]]]:
+    """Prefill each prompt into its own slot, then ``steps`` greedy ``decode_batch`` steps of all
+    streams together, driven by hand, each step's tokens read back: (tokens/s of the steps, tokens
+    per stream)."""
     slots = list(range(len(prompts)))
-    _sync()
-    t0 = time.perf_counter()
-    firsts = [int(decoder.prefill(torch.tensor(p, device="cuda"), slot=s)[0].argmax()) for p, s in zip(prompts, slots)]
-    _sync()
-    t1 = time.perf_counter()
-    tokens = [[f] for f in firsts]
+    tokens = [[int(decoder.prefill(torch.tensor(p, device=decoder.device), slot=s)[0].argmax())]
+              for p, s in zip(prompts, slots)]
+    _sync(decoder.device)
+    started = time.perf_counter()
     for i in range(steps - 1):
         logits = decoder.decode_batch([t[-1] for t in tokens], [len(p) + i for p in prompts], slots)
         for t, v in zip(tokens, logits.argmax(-1).tolist()):
             t.append(v)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, tokens
+    return len(prompts) * (steps - 1) / (time.perf_counter() - started), tokens
+
+
+def _served(scheduler: Any, prompts: list[list[int]], steps: int) -> tuple[float, float, float]:
+    """Through the scheduler: tokens/s over the turns where every stream decodes, tokens/s from the
+    first submission to the last token (prefills included), and the median of those turns (s)."""
+    from interpreter.llm.fastpath.streams import StreamRequest
+
+    first = len(scheduler.steps)
+    started = time.perf_counter()
+    handles = [scheduler.submit(StreamRequest(p, steps)) for p in prompts]
+    for h in handles:
+        h.result()
+    whole = time.perf_counter() - started
+    full = [t for t in list(scheduler.steps)[first:] if t.batch == len(prompts) and t.prefill_tokens == 0]
+    return (len(prompts) * len(full) / sum(t.turn_s for t in full), len(prompts) * steps / whole,
+            statistics.median(t.turn_s for t in full))
 
 
 def stream_figures(decoder: Any, label: str, streams: list[int], prompt_len: int, steps: int, bandwidth: float,
                    report: dict[str, Any], save: Any) -> None:
+    from interpreter.llm.fastpath.scheduler import DecodeScheduler
+
     r: dict[str, Any] = report.setdefault("streams", {}).setdefault(label, {})
     shape = decoder.shape
     r["slot_gb"] = decoder.slot_bytes() / 1e9
@@ -104,28 +122,25 @@ def stream_figures(decoder: Any, label: str, streams: list[int], prompt_len: int
             stamps.append(time.perf_counter())
     r["one_stream_generate_tok_s"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     mean_context = prompt_len + steps / 2
-    for n in streams:
-        prompts = _prompts(n, prompt_len, shape.vocab, seed=n)
-        _decode_steps(decoder, prompts, 8)  # warm
-        prefill_s, decode_s, _ = _decode_steps(decoder, prompts, steps)
-        tok_s = n * (steps - 1) / decode_s
-        bound = n * bandwidth / (weights + n * kv_token * mean_context)
-        r[f"tok_s_{n}"] = tok_s
-        r[f"tok_s_with_prefill_{n}"] = n * steps / (prefill_s + decode_s)
-        r[f"bound_{n}"] = bound
-        r[f"of_bound_{n}"] = tok_s / bound
-        r[f"ratio_{n}"] = tok_s / r["one_stream_generate_tok_s"]
-        save()
-    # greedy agreement: 8 streams together against each alone
-    if max(streams) >= 8:
+    with DecodeScheduler(decoder, max_streams=decoder.slots) as scheduler:
+        for n in streams:
+            prompts = _prompts(n, prompt_len, shape.vocab, seed=n)
+            _direct(decoder, prompts, 16)  # warm
+            r[f"direct_tok_s_{n}"], _ = _direct(decoder, prompts, steps)
+            tok_s, r[f"tok_s_with_prefill_{n}"], turn = _served(scheduler, prompts, steps)
+            bound = n * bandwidth / (weights + n * kv_token * mean_context)
+            r[f"tok_s_{n}"], r[f"turn_ms_{n}"], r[f"bound_{n}"] = tok_s, turn * 1e3, bound
+            r[f"of_bound_{n}"] = tok_s / bound
+            r[f"ratio_{n}"] = tok_s / r["one_stream_generate_tok_s"]
+            save()
+    if max(streams) >= 8:  # greedy agreement: 8 streams together against each alone
         prompts = _prompts(8, prompt_len, shape.vocab, seed=99)
-        _, _, together = _decode_steps(decoder, prompts, 32)
-        same = []
+        _, together = _direct(decoder, prompts, 32)
+        agree = []
         for p, got in zip(prompts, together):
-            _, _, alone = _decode_steps(decoder, [p], 32)
-            agree = next((i for i, (a, b) in enumerate(zip(alone[0], got)) if a != b), len(got))
-            same.append(agree)
-        r["greedy_agree_tokens_of_32"] = same
+            _, alone = _direct(decoder, [p], 32)
+            agree.append(next((i for i, (a, b) in enumerate(zip(alone[0], got)) if a != b), len(got)))
+        r["greedy_agree_tokens_of_32"] = agree
     save()
 
 
@@ -133,20 +148,13 @@ def long_prompt_figures(decoder: Any, label: str, report: dict[str, Any], save: 
                         prompt_len: int = 2048, repeats: int = 5) -> None:
     """Time to first token of a ``prompt_len`` prompt alone and while ``running`` streams decode,
     through the scheduler, and the running streams' slowest step while it is prefilled."""
-    try:
-        from interpreter.llm.fastpath.scheduler import DecodeScheduler
-    except ImportError:
-        report.setdefault("not_run", []).append("the long prompt among running streams: no scheduler")
-        return
+    from interpreter.llm.fastpath.scheduler import DecodeScheduler
 
     r = report.setdefault("streams", {}).setdefault(label, {})
-    sched = DecodeScheduler(decoder, max_streams=decoder.slots)
-    try:
+    with DecodeScheduler(decoder, max_streams=decoder.slots) as sched:
         long_prompt = _prompts(1, prompt_len, decoder.shape.vocab, seed=5)[0]
         unloaded = [sched.time_to_first_token(long_prompt) for _ in range(repeats + 1)][1:]
         loaded, slowest = sched.loaded_first_token(long_prompt, running=running, repeats=repeats)
-    finally:
-        sched.close()
     r["ttft_2048_unloaded_ms"] = [t * 1e3 for t in unloaded]
     r["ttft_2048_loaded_ms"] = [t * 1e3 for t in loaded]
     r["ttft_2048_p95_ratio"] = _p95(loaded) / statistics.median(unloaded)
@@ -177,8 +185,7 @@ def run(args: Any, report: dict[str, Any], save: Any) -> None:
                                            max_seq=max(2048 + 512, args.stream_prompt + args.stream_tokens + 8),
                                            device="cuda", slots=max(streams), **VARIANTS[d])
             stream_figures(decoder, d, streams, args.stream_prompt, args.stream_tokens, bandwidth, report, save)
-            if getattr(args, "long_prompt", True):
-                long_prompt_figures(decoder, d, report, save)
+            long_prompt_figures(decoder, d, report, save)
         except Exception as exc:  # keep the other dtype's figures; the error is part of the report
             report.setdefault("errors", {})[f"streams {d}"] = f"{type(exc).__name__}: {exc}"
             import traceback
@@ -191,8 +198,8 @@ def run(args: Any, report: dict[str, Any], save: Any) -> None:
 def render(r: dict[str, Any]) -> list[str]:
     counts = r.get("stream_counts", [])
     s = r.get("streams", {})
-    lines = [f"several streams: {r.get('stream_prompt')}-token prompts, {r.get('stream_tokens')} greedy steps, "
-             f"tokens read back every step; ratios against one stream's generate() in the same run"]
+    lines = [f"several streams: {r.get('stream_prompt')}-token prompts, {r.get('stream_tokens')} greedy tokens each, "
+             f"served by the decode scheduler; ratios against one stream's generate() in the same run"]
     lines.append("| figure | " + " | ".join(f"{n} stream{'s' if n > 1 else ''}" for n in counts) + " |")
     lines.append("|---|" + "---|" * len(counts))
     for d in ("int4", "bf16"):
@@ -207,6 +214,7 @@ def render(r: dict[str, Any]) -> list[str]:
         lines.append(f"| {d} x one stream | {cells('ratio', '{:.2f}x')} |")
         lines.append(f"| {d} of the bandwidth bound | {cells('of_bound', '{:.0%}')} |")
         lines.append(f"| {d} tokens/s, prefill included | {cells('tok_s_with_prefill', '{:.0f}')} |")
+        lines.append(f"| {d} tokens/s, decode_batch by hand | {cells('direct_tok_s', '{:.0f}')} |")
     for d, x in s.items():
         lines.append(f"{d}: one stream (generate) {x.get('one_stream_generate_tok_s', 0):.0f} tok/s; slot "
                      f"{x.get('slot_gb', 0):.2f} GB at this cache; {x.get('slots_8192_on_80gb', '-')} slots of 8192 "

@@ -25,6 +25,8 @@ TINY = fastpath.DecoderShape(vocab=300, d_model=128, n_layers=2, n_heads=4, n_kv
     (["--tokens", "2048,lots"], "--tokens takes new-token counts above 1"),
     (["--default-cache-tokens", "0"], "--default-cache-tokens takes a count above 1"),
     (["--train-seconds", "-5"], "--train-seconds takes a positive number"),
+    (["--streams", "1,64"], "--streams takes stream counts from 1 to 32"),
+    (["--streams", "8", "--stream-tokens", "3"], "--stream-tokens one from 9"),
 ])
 def test_bad_flags_get_a_clear_error_without_a_gpu(flags: list[str], message: str) -> None:
     done = subprocess.run([sys.executable, "-m", "ui.cli", "bench", "model", *flags], capture_output=True, text=True,
@@ -79,3 +81,26 @@ def test_bandwidth_bound_uses_the_measured_models_own_shape() -> None:
     step_bytes = weights - TINY.vocab * TINY.d_model * 4 + 2 * TINY.n_layers * TINY.n_kv_heads * TINY.head_dim * 4 * 8
     assert report["fast"]["fp32"]["bound_16"] == pytest.approx(1e12 / step_bytes)
     assert 0 < report["fast"]["fp32"]["bound_48"] < report["fast"]["fp32"]["bound_16"]
+
+
+def test_the_streams_phase_serves_its_streams_through_the_scheduler_and_renders_its_table() -> None:
+    """``bench.model --streams``'s measuring code on a tiny random decoder on the CPU (the figures
+    themselves mean something only on a GPU): every stream count gets its served and hand-driven
+    rates, the bound, the ratio, and the long prompt among running streams its times."""
+    from bench import streams
+
+    decoder = fastpath.FastDecoder(TINY, fastpath.random_weights(TINY, "cpu", torch.float32), max_seq=512,
+                                   device="cpu", dtype=torch.float32, slots=4)
+    report: dict = {"stream_counts": [1, 3], "stream_prompt": 20, "stream_tokens": 12}
+    streams.stream_figures(decoder, "fp32", [1, 3], 20, 12, 1e12, report, lambda: None)
+    streams.long_prompt_figures(decoder, "fp32", report, lambda: None, running=2, prompt_len=300, repeats=2)
+    r = report["streams"]["fp32"]
+    for n in (1, 3):
+        assert r[f"tok_s_{n}"] > 0 and r[f"direct_tok_s_{n}"] > 0 and r[f"tok_s_with_prefill_{n}"] > 0
+        assert 0 < r[f"bound_{n}"] and r[f"ratio_{n}"] == pytest.approx(r[f"tok_s_{n}"] / r["one_stream_generate_tok_s"])
+    assert len(r["ttft_2048_loaded_ms"]) == 2 and r["slowest_running_step_ms"] > 0
+    table = "\n".join(streams.render(report))
+    assert "| fp32 tokens/s, all streams |" not in table  # only the two dtypes the issue names get rows
+    report["streams"]["int4"] = r
+    table = "\n".join(streams.render(report))
+    assert "| figure | 1 stream | 3 streams |" in table and "| int4 tokens/s, all streams |" in table

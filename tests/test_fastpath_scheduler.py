@@ -159,7 +159,7 @@ def test_slots_fit_the_memory_left_and_at_least_one() -> None:
 
 
 def test_a_long_prompt_among_running_streams_is_measured_per_turn(tiny_model: Path) -> None:
-    """What ``bench.scheduler`` reports on a GPU: a prompt's time to first token while streams
+    """What ``bench.model --streams`` reports on a GPU: a prompt's time to first token while streams
     decode, and the running streams' slowest turn while it was prefilled (in chunks, here 5)."""
     long_prompt = prompt(300, 60)
     with DecodeScheduler(decoder(tiny_model, slots=3), chunk=CHUNK) as scheduler:

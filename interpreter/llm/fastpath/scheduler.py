@@ -200,8 +200,10 @@ class DecodeScheduler:
                 handle.result()
                 assert handle.first_token_at is not None and handle.admitted_at is not None
                 ttfts.append(handle.first_token_at - handle.submitted_at)
+                self._turn_recorded(handle.first_token_at)
+                # the turns that overlap its prefill: the first of them began before it was admitted
                 during = [s.turn_s for s in list(self.steps)
-                          if handle.admitted_at <= s.at <= handle.first_token_at and s.batch > 0]
+                          if s.at <= handle.first_token_at and s.at + s.turn_s >= handle.admitted_at and s.batch > 0]
                 slowest = max([slowest, *during])
             if any(h.done for h in handles):
                 log.warning("running streams ended before the measurement did: the load was lighter than asked")
@@ -211,6 +213,16 @@ class DecodeScheduler:
                 h.cancel()
             for h in handles:
                 h.wait()
+
+    def _turn_recorded(self, when: float, timeout: float = 10.0) -> None:
+        """Wait until the turn running at ``when`` is in ``steps`` (its record is written when it
+        ends, after its tokens went out)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            latest = self.steps[-1] if self.steps else None
+            if latest is not None and latest.at + latest.turn_s >= when:
+                return
+            time.sleep(0.001)
 
     def _poke(self) -> None:
         with self._cond:
