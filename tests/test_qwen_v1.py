@@ -194,7 +194,7 @@ def test_repetition_penalty_matches_transformers_generate_on_the_same_weights(re
 
 
 def test_top_k_keeps_only_the_k_most_likely() -> None:
-    from interpreter.llm.fastpath import _pick
+    from interpreter.llm.fastpath.sampling import pick as _pick
 
     logits = torch.tensor([0.0, 3.0, 1.0, 2.9, -1.0])
     gen = torch.Generator().manual_seed(0)

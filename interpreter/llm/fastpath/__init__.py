@@ -10,7 +10,7 @@ backend (``decoder``), with what it is made of in rooms of their own:
 """
 
 from interpreter.llm.fastpath.decoder import (BUCKET, DecoderShape, FastDecoder, FastPathUnsupported, QWEN_7B,
-                                              TensorSource, _pick, decode_attention_kernel, load_checkpoint,
+                                              TensorSource, decode_attention_kernel, load_checkpoint,
                                               random_weights)
 
 __all__ = ["BUCKET", "DecoderShape", "FastDecoder", "FastPathUnsupported", "QWEN_7B", "TensorSource",

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from interpreter.llm.fastpath.gptq_pack import DEQUANTIZE_MIN_ROWS, Int4Weight, PackedInt4, UnsupportedQuantization, fit_group, quantize
+from interpreter.llm.fastpath.sampling import Readback, penalize, pick
 from interpreter.llm.fastpath.positions import logn_factors, ntk_alpha, rope_tables, rotate
 from interpreter.llm.fastpath.weights import (QWEN_7B, DecoderShape, FastPathUnsupported, TensorSource, layer_weights, outer_weights,
                                      random_weights)
@@ -480,19 +481,19 @@ class FastDecoder(torch.nn.Module):
         if repetition_penalty != 1.0:  # which ids were seen, kept on the device so picking never waits
             seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.device).index_fill_(0, tokens, True)
 
-        def pick(logits: torch.Tensor) -> torch.Tensor:
+        def choose(logits: torch.Tensor) -> torch.Tensor:
             if seen is not None:
-                logits = _penalize(logits, seen, repetition_penalty)
-            token = _pick(logits, temperature, top_p, top_k, generator)
+                logits = penalize(logits, seen, repetition_penalty)
+            token = pick(logits, temperature, top_p, top_k, generator)
             if seen is not None:
                 seen.index_fill_(0, token, True)
             return token
 
         if os.environ.get("JUPYBOX_PIPELINE", "1") != "0":
-            yield from self._queued(prompt, pick(logits), max_new, stop, pick)
+            yield from self._queued(prompt, choose(logits), max_new, stop, choose)
             return
         for i in range(max_new):  # one token at a time: each read back before the next step is queued
-            token = pick(logits)
+            token = choose(logits)
             value = int(token.item())
             yield value
             if i + 1 == max_new or (stop is not None and stop(value)):
@@ -507,56 +508,16 @@ class FastDecoder(torch.nn.Module):
         token, the next launch). A step queued after the last token (``stop``) is wasted work: it
         writes the cache one position further, which the next prompt's prefill or step rewrites
         before reading."""
-        pending = _Readback(token)
+        pending = Readback(token)
         for i in range(max_new):
             if i + 1 < max_new:  # queued behind this token's copy to the host
                 token = pick(self.decode(token, len(prompt) + i))
-                queued = _Readback(token)
+                queued = Readback(token)
             value = pending.value()
             yield value
             if i + 1 == max_new or (stop is not None and stop(value)):
                 return
             pending = queued
-
-
-class _Readback:
-    """A token id on its way to the host: on a GPU, copied to pinned memory right behind the step
-    that made it, so reading it waits for that step only, not for a step queued after it."""
-
-    def __init__(self, token: torch.Tensor) -> None:
-        self._done: torch.cuda.Event | None = None
-        if token.device.type == "cuda":
-            self._host = torch.empty(token.shape, dtype=token.dtype, pin_memory=True)
-            self._host.copy_(token, non_blocking=True)
-            self._done = torch.cuda.Event()
-            self._done.record()
-        else:
-            self._host = token
-
-    def value(self) -> int:
-        if self._done is not None:
-            self._done.synchronize()
-        return int(self._host.item())
-
-
-def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """transformers' repetition penalty: seen ids' positive logits divided by it, negative ones multiplied."""
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
-          generator: torch.Generator | None) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax().view(1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:  # the k most likely, ties at the k-th included, as transformers keeps them
-        logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
-    probs = logits.softmax(-1)
-    if top_p < 1.0:  # the smallest top set holding top_p: masked, not indexed (no wait for the GPU)
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
-    return torch.multinomial(probs, 1, generator=generator)
 
 
 # -- entry points ------------------------------------------------------------------------------------

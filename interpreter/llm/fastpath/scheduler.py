@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from interpreter.llm.fastpath.decoder import BATCHES, FastDecoder, _penalize, _pick
+from interpreter.llm.fastpath.decoder import BATCHES, FastDecoder
+from interpreter.llm.fastpath.sampling import Readback, penalize, pick
 from interpreter.llm.fastpath.errors import FastPathUnsupported
 from interpreter.llm.fastpath.streams import SchedulerStats, StepRecord, StreamHandle, StreamRequest
 
@@ -78,24 +79,14 @@ class _Stream:
 
 
 class _Launched:
-    """A decode step's picks on their way to the host: on a GPU copied to pinned memory right
-    behind the step, so reading them waits for that step only, not for one queued after it."""
+    """A decode step's streams and their picks on the way to the host (``Readback``)."""
 
     def __init__(self, streams: list[_Stream], picks: torch.Tensor) -> None:
         self.streams, self.picks = streams, picks
-        self._done: torch.cuda.Event | None = None
-        if picks.device.type == "cuda":
-            self._host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True)
-            self._host.copy_(picks, non_blocking=True)
-            self._done = torch.cuda.Event()
-            self._done.record()
-        else:
-            self._host = picks
+        self._back = Readback(picks)
 
     def values(self) -> list[int]:
-        if self._done is not None:
-            self._done.synchronize()
-        return self._host.tolist()
+        return self._back.values()
 
 
 class DecodeScheduler:
@@ -411,8 +402,8 @@ class DecodeScheduler:
         """The next token from one stream's ``[vocab]`` logits, as ``FastDecoder.generate`` picks it."""
         r = stream.request
         if stream.seen is not None:
-            logits = _penalize(logits, stream.seen, r.repetition_penalty)
-        token = _pick(logits, r.temperature, r.top_p, r.top_k, stream.generator)
+            logits = penalize(logits, stream.seen, r.repetition_penalty)
+        token = pick(logits, r.temperature, r.top_p, r.top_k, stream.generator)
         if stream.seen is not None:
             stream.seen.index_fill_(0, token, True)
         return token
