@@ -34,7 +34,7 @@ from .errors import ModelUnavailable, TurnBusy
 from .events import Event
 from .formats import Format, get_format
 from .llm import LLM, ModelSettings
-from .llm.base import Usage
+from .llm.base import GENERATION_OWNER, Usage
 from .loop import Interpreter, InterpreterSettings
 
 log = logging.getLogger(__name__)
@@ -479,6 +479,7 @@ class ConversationService:
     async def _run(self, chat: Chat, turn: Turn, interpreter: Interpreter, session: Session, note: str | None,
                    question: str, close_after: bool) -> None:
         t0, outcome = time.monotonic(), "error"
+        GENERATION_OWNER.set(chat.user or chat.key)  # this task's generations count as its owner's
 
         def emit(event: Event) -> None:
             for observer in self.observers:

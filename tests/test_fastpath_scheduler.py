@@ -128,6 +128,22 @@ def test_more_requests_than_streams_queue_and_complete_in_order_of_arrival(tiny_
         assert handle.first_token_at is not None and handle.admitted_at is not None
 
 
+def test_a_free_slot_goes_to_the_owner_with_the_fewest_streams(tiny_model: Path) -> None:
+    """One owner's many requests do not keep another waiting behind all of them: with two streams,
+    alice's first request takes one slot and bob's (he has none running) the other, though it came
+    after all four of alice's; her others follow as slots free, in her order."""
+    short, long = 6, 40
+    alice = [StreamRequest(prompt(10 + i, 20), short if i == 0 else long, owner="alice") for i in range(4)]
+    bob = StreamRequest(prompt(99, 20), long, owner="bob")
+    scheduler = DecodeScheduler(decoder(tiny_model, slots=2), max_streams=2, chunk=CHUNK)
+    handles = [scheduler.submit(r) for r in alice] + [scheduler.submit(bob)]  # all wait: the loop has not started
+    with scheduler:
+        for h in handles:
+            h.result(120)
+    assert [h.admission for h in handles] == [0, 2, 3, 4, 1]  # bob's went second, before alice's second
+    assert [h.tokens for h in handles] == [alone(tiny_model, r).tokens for r in [*alice, bob]]
+
+
 def test_a_prompt_that_fails_to_prefill_fails_alone(tiny_model: Path) -> None:
     """A prefill that raises (here a token outside the vocabulary; on a GPU, out of memory for a
     huge prompt) ends that request with its error; the running streams carry on."""

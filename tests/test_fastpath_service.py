@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -105,6 +106,17 @@ def test_two_turns_through_v1_run_together_on_the_local_model(server: AppServer)
     """The second turn's first token arrives while the first turn still writes (both are long,
     and are closed only once the second has spoken), and ``/metrics`` shows both streams."""
     oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_TOKEN, timeout=120, max_retries=0)
+    llm = server.services.service.llm
+    server.run(llm.load())  # as a first question would
+    scheduler = llm._scheduler
+    owners: list[str | None] = []
+    submit = scheduler.submit
+
+    def seen(request: Any) -> Any:  # the real scheduler, watched: whose requests reach it
+        owners.append(request.owner)
+        return submit(request)
+
+    scheduler.submit = seen
     log: queue.Queue[tuple[str, str]] = queue.Queue()
     close = threading.Event()
 
@@ -143,6 +155,7 @@ def test_two_turns_through_v1_run_together_on_the_local_model(server: AppServer)
     last_of_first = max(i for i, e in enumerate(events) if e == ("first", "text"))
     first_of_second = events.index(("second", "text"))
     assert first_of_second < last_of_first
+    assert len(owners) == 2 and len(set(owners)) == 1 and owners[0]  # both the token's user's, so shared fairly
     assert during["jupybox_model_streams_active"] == 2 and during["jupybox_model_streams_max"] == 4
     assert during["jupybox_model_streams_queued"] == 0 and during["jupybox_model_generated_tokens_total"] > 0
     deadline = time.monotonic() + 60  # the closed turns' streams leave at the scheduler's next turn

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextvars
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -65,6 +66,12 @@ class GenerationRequest(GenerationOptions):
     @classmethod
     def of(cls, options: GenerationOptions, **what: Any) -> GenerationRequest:
         return cls(**options.sampling(), **what)
+
+
+# Whose generation this is (a user, or one conversation where no user is known): set by the
+# conversation service for the turn it runs, read by a backend that serves several generations at
+# once, so that one owner's many requests cannot keep everyone else waiting.
+GENERATION_OWNER: contextvars.ContextVar[str | None] = contextvars.ContextVar("jupybox_generation_owner", default=None)
 
 
 @dataclass

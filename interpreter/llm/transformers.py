@@ -54,7 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from interpreter.errors import ModelCancelled, ModelError, ModelUnavailable
-from interpreter.llm.base import LLM, Chunk, GenerationRequest, StreamStats, Usage, cut_at_stop, held_back, model_family
+from interpreter.llm.base import (GENERATION_OWNER, LLM, Chunk, GenerationRequest, StreamStats, Usage, cut_at_stop,
+                                  held_back, model_family)
 
 logger = logging.getLogger(__name__)
 
@@ -537,7 +538,7 @@ class TransformersLLM(LLM):
             top_p=self.sampling.top_p_for(request.top_p) if sampling else 1.0,
             top_k=self.sampling.top_k if sampling else 0, repetition_penalty=self.sampling.repetition_penalty,
             seed=request.seed if sampling else None, end_tokens=frozenset(self._eos_ids),
-            stop=words.hit if words.stop else None))
+            stop=words.hit if words.stop else None, owner=GENERATION_OWNER.get()))
         text = _text_pieces(tok, prompt)
         watcher = asyncio.create_task(_cancel_when(cancel, handle)) if cancel is not None else None
         whole, sent, stopped = "", 0, False

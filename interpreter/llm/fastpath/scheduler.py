@@ -8,8 +8,9 @@ in a thread of its own; callers ``submit`` a ``StreamRequest`` and read tokens f
 Each turn of its loop:
 
 1. streams that were cancelled leave and free their cache slots;
-2. the oldest waiting request takes a free slot (first come, first served: a request never
-   overtakes an older one) and one chunk of its prompt, ``chunk`` tokens at positions ``0, C, 2C...``,
+2. the oldest waiting request of the owner with the fewest running streams takes a free slot
+   (first come, first served between owners on a par: one user's many requests take free slots in
+   turn with everyone else's) and one chunk of its prompt, ``chunk`` tokens at positions ``0, C, 2C...``,
    is prefilled: a long prompt delays the running streams by one chunk per turn, never by its whole
    length, and a stream's numbers do not depend on what else runs;
 3. one ``decode_batch`` step for every running stream; each picks its next token with its own
@@ -263,19 +264,29 @@ class DecodeScheduler:
         for stream in [s for s in self._running if s.handle.cancelled]:
             self._leave(stream, "cancelled")
 
+    def _next(self) -> StreamHandle:
+        """Whose turn it is (the queue is not empty): the oldest request of the owner with the fewest
+        streams running, so that one owner's many requests take the free slots in turn with
+        everyone else's, not all of them first; requests of no owner count as one each."""
+        running: dict[str, int] = {}
+        for stream in self._running:
+            if stream.request.owner is not None:
+                running[stream.request.owner] = running.get(stream.request.owner, 0) + 1
+        return min(self._queue, key=lambda h: running.get(h.request.owner, 0) if h.request.owner is not None else 0)
+
     def _admit(self) -> None:
-        """The oldest request takes a free slot, unless its rotary factor differs from the running
-        streams' (then it waits, and so does everyone behind it)."""
+        """The next request (``_next``) takes a free slot, unless its rotary factor differs from the
+        running streams' (then it waits, and so does everyone behind it)."""
         if self._admitting is not None or not self._free:
             return
         with self._cond:
             if not self._queue:
                 return
-            handle = self._queue[0]
+            handle = self._next()
             alpha = self.decoder.alpha_for(len(handle.request.prompt))
             if self._running and self._running[0].alpha != alpha:
                 return
-            self._queue.popleft()
+            self._queue.remove(handle)
             slot = min(self._free)
             self._free.remove(slot)
             handle.admission, self._admitted = self._admitted, self._admitted + 1

@@ -28,6 +28,7 @@ class StreamRequest:
     seed: int | None = None
     end_tokens: frozenset[int] = frozenset()
     stop: Callable[[list[int]], bool] | None = None
+    owner: str | None = None  # whose it is: a free slot goes to the waiting owner with the fewest streams
 
 
 @dataclass(frozen=True)
