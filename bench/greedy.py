@@ -71,3 +71,28 @@ def margins(model: Any, prompt: list[int], tokens: list[int]) -> dict[str, float
     top = logits.topk(2).values
     return {"top1_prob_median": float(logits.softmax(-1).amax(-1).median()),
             "top2_gap_median": float((top[:, 0] - top[:, 1]).median())}
+
+
+def batched(decoder: fastpath.FastDecoder, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Greedy tokens of every prompt decoded together, as a server decodes concurrent turns: all
+    submitted at once to a decode scheduler on ``decoder`` (its slots shared out, the rest queued)."""
+    from interpreter.llm.fastpath.scheduler import DecodeScheduler
+    from interpreter.llm.fastpath.streams import StreamRequest
+
+    with DecodeScheduler(decoder) as scheduler:
+        handles = [scheduler.submit(StreamRequest(p, n)) for p in prompts]
+        return [h.result() for h in handles]
+
+
+def batched_report(plain: list[list[int]], alone: list[list[int]], together: list[list[int]]) -> dict[str, Any]:
+    """How the prompts decoded together compare with the plain path and with the fast path alone."""
+    return {"prompts_equal_batched": sum(p == t for p, t in zip(plain, together)),
+            "batched_same_as_alone": sum(a == t for a, t in zip(alone, together)),
+            "batched_leading_equal": [leading_equal(p, t) for p, t in zip(plain, together)]}
+
+def batched_lines(y: dict[str, Any]) -> list[str]:
+    """A check's prompts decoded all together (through the decode scheduler), if it ran them so."""
+    if "prompts_equal_batched" not in y:
+        return []
+    return [f"    all prompts decoded together: {y['prompts_equal_batched']} equal to the plain path, "
+            f"{y['batched_same_as_alone']} to the fast path alone (equal prefixes {y['batched_leading_equal']})"]

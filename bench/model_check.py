@@ -26,7 +26,7 @@ from typing import Any
 
 from interpreter.llm import fastpath
 
-from bench.greedy import divergence, fast_step_logits, leading_equal, margins, plain_greedy
+from bench.greedy import batched, batched_lines, batched_report, divergence, fast_step_logits, leading_equal, margins, plain_greedy
 
 CHECKS = ("random", "fp32", "trained", "smollm2")
 
@@ -99,7 +99,7 @@ def fp32(shape: fastpath.DecoderShape, n: int = 128, device: str = "cuda") -> di
         started = time.perf_counter()
         fast = list(decoder.generate(prompt, n))
         fast_s = time.perf_counter() - started
-        margins = margins(model, prompt, plain)
+        gaps = margins(model, prompt, plain)
         del model, decoder
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
@@ -108,7 +108,7 @@ def fp32(shape: fastpath.DecoderShape, n: int = 128, device: str = "cuda") -> di
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return {"new_tokens": n, "greedy_equal": plain == fast, "leading_tokens_equal": leading_equal(plain, fast),
-            "distinct_tokens": len(set(plain)), "plain_s": plain_s, "fast_s_with_compile": fast_s, **margins}
+            "distinct_tokens": len(set(plain)), "plain_s": plain_s, "fast_s_with_compile": fast_s, **gaps}
 
 
 # -- a small model trained here --------------------------------------------------------------------
@@ -204,13 +204,13 @@ def trained(seconds: float = 60.0, n: int = 256, prompts: int = 16, device: str 
                 for name, p in model.named_parameters():
                     if name.endswith("_proj.weight"):
                         p.copy_(quantize(state[name]).dequantize(torch.bfloat16))
-        decoder = fastpath.FastDecoder(shape, fastpath.TensorSource(state), max_seq=len(texts[0]) + n, device=device,
-                                       dtype=torch.bfloat16, **options)
+        decoder = fastpath.FastDecoder(shape, fastpath.TensorSource(state), max_seq=len(texts[0]) + n + 1,
+                                       device=device, dtype=torch.bfloat16, slots=min(len(texts), 32), **options)
         rows = []
         for prompt in texts:
             plain = plain_greedy(model, prompt, n)
             fast = list(decoder.generate(prompt, n))
-            rows.append({"equal": plain == fast, "leading_equal": leading_equal(plain, fast),
+            rows.append({"plain": plain, "fast": fast, "equal": plain == fast, "leading_equal": leading_equal(plain, fast),
                          "divergence": divergence(model, decoder, prompt, plain, fast),
                          "distinct_tokens": len(set(plain)), **margins(model, prompt, plain)})
         median = lambda key: sorted(r[key] for r in rows)[len(rows) // 2]  # noqa: E731
@@ -218,7 +218,9 @@ def trained(seconds: float = 60.0, n: int = 256, prompts: int = 16, device: str 
                          "tokens_compared": n * len(rows), "leading_equal": [r["leading_equal"] for r in rows],
                          "divergences": [r["divergence"] for r in rows if r["divergence"]],
                          "distinct_tokens_median": median("distinct_tokens"),
-                         "top1_prob_median": median("top1_prob_median"), "top2_gap_median": median("top2_gap_median")}
+                         "top1_prob_median": median("top1_prob_median"), "top2_gap_median": median("top2_gap_median"),
+                         **batched_report([r["plain"] for r in rows], [r["fast"] for r in rows],
+                                          batched(decoder, texts, n))}
         del decoder
     del model
     gc.collect()
@@ -283,9 +285,11 @@ def render_checks(c: dict[str, Any]) -> list[str]:
                              f"tokens (equal prefixes {y['leading_equal']}), top-1 p median {y['top1_prob_median']:.2f}")
                 lines += [f"    parted at {d['at']}: plain gap {d['plain_gap']:.3f}, fast gap {d['fast_gap']:.3f}, "
                           f"bf16 spacing {d['bf16_spacing_at_candidates']:.3f}" for d in y["divergences"]]
+                lines += batched_lines(y)
     if "smollm2" in c and "error" not in c["smollm2"]:
         from bench import real_model
 
         lines += real_model.render_check(c["smollm2"])
     lines += [f"check {name}: {x['error']}" for name, x in c.items() if "error" in x]
     return lines
+

@@ -100,7 +100,7 @@ def greedy_check(n: int = 96, device: str = "cuda", variants: tuple[str, ...] = 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bench.greedy import divergence, leading_equal, margins, plain_greedy
+    from bench.greedy import batched, batched_report, divergence, leading_equal, margins, plain_greedy
     from interpreter.llm import fastpath
     from interpreter.llm.fastpath.gptq_pack import quantize
 
@@ -125,20 +125,23 @@ def greedy_check(n: int = 96, device: str = "cuda", variants: tuple[str, ...] = 
             decoder = fastpath.FastDecoder(fastpath.DecoderShape.from_config(model.config.to_dict()),
                                            fastpath.TensorSource(state), max_seq=max(map(len, prompts)) + n + 1,
                                            device=device, dtype=dtype, group=INT4_GROUP,
-                                           quantize_to="int4" if label == "int4" else None)
+                                           quantize_to="int4" if label == "int4" else None, slots=len(prompts))
             decoder.warm_up()
             rows = []
             for prompt in prompts:
                 plain = plain_greedy(model, prompt, n)
                 fast = list(decoder.generate(prompt, n))
-                rows.append({"equal": plain == fast, "leading_equal": leading_equal(plain, fast),
+                rows.append({"plain": plain, "fast": fast, "equal": plain == fast,
+                             "leading_equal": leading_equal(plain, fast),
                              "divergence": divergence(model, decoder, prompt, plain, fast),
                              **margins(model, prompt, plain)})
             report[label] = {"prompts_equal": sum(r["equal"] for r in rows),
                              "leading_equal": [r["leading_equal"] for r in rows],
                              "divergences": [r["divergence"] for r in rows if r["divergence"]],
                              "top1_prob_median": sorted(r["top1_prob_median"] for r in rows)[len(rows) // 2],
-                             "sample": tokenizer.decode(plain)}
+                             "sample": tokenizer.decode(plain),
+                             **batched_report([r["plain"] for r in rows], [r["fast"] for r in rows],
+                                              batched(decoder, prompts, n))}
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
         del model, decoder
@@ -148,6 +151,8 @@ def greedy_check(n: int = 96, device: str = "cuda", variants: tuple[str, ...] = 
 
 
 def render_check(x: dict) -> list[str]:
+    from bench.greedy import batched_lines
+
     lines = [f"check smollm2 ({x['model']}, {x['prompts']} chat prompts, {x['new_tokens']} tokens):"]
     for label in ("fp32", "bf16", "int4"):
         y = x.get(label)
@@ -156,4 +161,5 @@ def render_check(x: dict) -> list[str]:
                          f"{y['leading_equal']}), top-1 p median {y['top1_prob_median']:.2f}")
             lines += [f"    parted at {d['at']}: plain gap {d['plain_gap']:.3f}, fast gap {d['fast_gap']:.3f}, "
                       f"16-bit spacing {d['bf16_spacing_at_candidates']:.3f}" for d in y["divergences"]]
+            lines += batched_lines(y)
     return lines

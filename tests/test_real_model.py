@@ -32,3 +32,16 @@ def test_fast_path_greedy_equals_generate_on_real_weights(smollm2: Path) -> None
     fast = list(decoder.generate(prompt[0].tolist(), n))
     assert fast == plain
     assert "def " in tokenizer.decode(plain)  # a real model's answer, not noise
+
+
+def test_the_greedy_check_decodes_its_prompts_together_as_each_alone(smollm2: Path) -> None:
+    """``--check smollm2``'s batched leg on the CPU (float32): every chat prompt decoded together
+    through the decode scheduler gives the fast path's tokens alone, and the plain path's where the
+    fast path alone does."""
+    from bench import real_model
+
+    report = real_model.greedy_check(n=8, device="cpu", variants=("fp32",))
+    fp32 = report["fp32"]
+    assert fp32["batched_same_as_alone"] == report["prompts"] >= 2
+    assert fp32["prompts_equal_batched"] == fp32["prompts_equal"] == report["prompts"]
+    assert "all prompts decoded together" in "\n".join(real_model.render_check(report))
