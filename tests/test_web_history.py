@@ -72,11 +72,13 @@ def open_page(browser: Any, server: AppServer, key: str) -> tuple[Any, Any]:
 
 def pick(page: Any, title: str, tries: int = 3) -> None:
     """Choose the earlier conversation whose label starts with ``title`` in the page's history;
-    returns once the history shows it chosen. A click that lands while the list is drawn again
-    (the page's history was just updated) selects nothing: it is clicked again."""
+    returns once the page says it reopened it. A click that lands while the list is drawn again
+    (the page's history was just updated) can select nothing, or show the choice without the
+    page hearing of it: it is clicked again. The page's last notice is in the error otherwise."""
     from playwright.sync_api import expect
 
     options = page.locator("#jb-history li[role='option']")
+    notice = page.locator("#jb-notice")
     for attempt in range(tries):
         if not options.first.is_visible():  # the list is closed: open it
             page.locator("#jb-history input").click()
@@ -84,10 +86,11 @@ def pick(page: Any, title: str, tries: int = 3) -> None:
         try:
             expect(page.locator("#jb-history input")).to_have_value(re.compile("^" + re.escape(title)),
                                                                     timeout=10_000)
+            expect(notice).to_contain_text("Reopened", timeout=10_000)
             return
-        except AssertionError:
+        except AssertionError as exc:
             if attempt == tries - 1:
-                raise
+                raise AssertionError(f"not reopened; the page's notice: {notice.inner_text()!r}") from exc
 
 
 def said(body: dict) -> str:
