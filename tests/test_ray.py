@@ -29,7 +29,7 @@ from sandbox import (CapacityError, Execution, ExecutionStatus, Output, QuotaExc
 from bench.packages import pure_wheel
 from sandbox.cluster import SLOT, import_ray
 from sandbox.diskfs import mounts_under
-from sandbox.node import NODE_LABEL
+from sandbox.cluster.node import NODE_LABEL
 
 ray = import_ray("127.0.0.1")  # before anything else imports Ray: no usage stats, loopback stays loopback
 from ray.cluster_utils import Cluster  # noqa: E402

@@ -1,7 +1,7 @@
 """Sessions spread over the nodes of a Ray cluster, each in the docker backend of its node.
 
 Each session is a Ray actor (``sandbox.node.SessionHost``) holding one ``jupybox_sandbox`` slot
-on its node; the server keeps a ``RemoteSession`` proxy (``sandbox.remote_session``). Ray places,
+on its node; the server keeps a ``ClusterSession`` proxy (``sandbox.remote_session``). Ray places,
 supervises and connects; this backend only chooses the node and keeps the warm sessions:
 
 - Placement: the node with the most free slots (least loaded first), pinned softly, so Ray
@@ -25,12 +25,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import cluster
+from . import control
 from ..config import Limits, SandboxSettings
 from ..errors import BackendUnavailable, CapacityError, JupyboxError, SandboxError
-from ..remote import NodeLost, unwrap
-from ..remote_session import RemoteSession
-from .base import Backend, KernelHandle, KernelSpec
+from .files import NodeLost, unwrap
+from .session import ClusterSession
+from ..backends.base import Backend, KernelHandle, KernelSpec
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class SandboxNode:
     ready: bool = False
     problem: str | None = None
     prepared: float = 0.0  # when it was last prepared (monotonic)
-    warm: list[RemoteSession] = field(default_factory=list)
+    warm: list[ClusterSession] = field(default_factory=list)
     refill: asyncio.Task | None = None
 
 
@@ -63,7 +63,7 @@ class RayBackend(Backend):
     def __init__(self, settings: SandboxSettings) -> None:
         super().__init__(settings)
         self.nodes: dict[str, SandboxNode] = {}
-        self.sessions: dict[str, RemoteSession] = {}  # handed out, not closed
+        self.sessions: dict[str, ClusterSession] = {}  # handed out, not closed
         self._starting: collections.Counter[str] = collections.Counter()  # per node id
         self._deaths: dict[str, str] = {}  # node id -> why Ray lost it
         self._released: dict[str, list[float]] = collections.defaultdict(list)  # node id -> when slots were freed
@@ -79,7 +79,7 @@ class RayBackend(Backend):
     async def check(self) -> None:
         """Join the cluster (or start a one-node Ray here) and find its sandbox nodes."""
         try:
-            await cluster.call(cluster.connect, self.settings.ray_address, self.settings.max_sessions,
+            await control.call(control.connect, self.settings.ray_address, self.settings.max_sessions,
                                timeout=CONNECT_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise BackendUnavailable(f"Ray did not {'answer at ' + self.settings.ray_address if self.settings.ray_address else 'start'} "
@@ -87,15 +87,15 @@ class RayBackend(Backend):
                                      "under /tmp/ray/session_latest/logs") from None
         import ray
 
-        from ..node import SessionHost, prepare_node
+        from .node import SessionHost, prepare_node
 
         self._actor_class = ray.remote(SessionHost)
         self._prepare_task = ray.remote(prepare_node)
-        found = await self._ask(cluster.nodes)
+        found = await self._ask(control.nodes)
         if not any(n.alive and n.slots for n in found.values()):
             raise BackendUnavailable(
                 f"no node of the Ray cluster at {self.settings.ray_address or 'this host'} offers sandbox slots: "
-                f"start nodes with `ray start --address=HEAD:PORT --resources='{{\"{cluster.SLOT}\": 8}}'`")
+                f"start nodes with `ray start --address=HEAD:PORT --resources='{{\"{control.SLOT}\": 8}}'`")
 
     async def cleanup_orphans(self, is_orphan_owner: Any) -> int:
         """Prepare every node now (each removes its own leftovers) and keep watching the node
@@ -116,7 +116,7 @@ class RayBackend(Backend):
     async def stop(self, handle: KernelHandle) -> None:
         return None
 
-    async def open_session(self, session_id: str, limits: Limits) -> RemoteSession:
+    async def open_session(self, session_id: str, limits: Limits) -> ClusterSession:
         """A started session on the least loaded node: a warm one when ``limits`` are the default."""
         if self._watcher is None:  # the manager starts us through cleanup_orphans; be safe anyway
             await self.cleanup_orphans(None)
@@ -151,7 +151,7 @@ class RayBackend(Backend):
 
     async def _refresh(self) -> int:
         """Follow the node list: forget lost nodes (their sessions are lost), prepare new ones."""
-        found = await self._ask(cluster.nodes)
+        found = await self._ask(control.nodes)
         for node_id in list(self.nodes):
             state = found.get(node_id)
             if state is None or not state.alive:
@@ -204,7 +204,7 @@ class RayBackend(Backend):
         Blocking (asks Ray when the node's fate is not known yet)."""
         death = self._deaths.get(node_id)
         if death is None:
-            state = cluster.nodes().get(node_id)
+            state = control.nodes().get(node_id)
             if state is not None and state.alive:
                 return f"The session's process on cluster node {name!r} died."
             death = state.death if state is not None else "it left the cluster"
@@ -227,7 +227,7 @@ class RayBackend(Backend):
         others = max(0, used - ours - len(recent))
         return node.slots - ours - others
 
-    async def _warm_session(self) -> RemoteSession | None:
+    async def _warm_session(self) -> ClusterSession | None:
         """A warm session: one ready, or one a pool is about to have (sooner than a cold start),
         as long as there are fewer callers waiting than warm sessions on their way."""
         while (session := self._take_warm()) is None and self._waiting < self._warm_starting:
@@ -239,7 +239,7 @@ class RayBackend(Backend):
                 self._waiting -= 1
         return session
 
-    def _take_warm(self) -> RemoteSession | None:
+    def _take_warm(self) -> ClusterSession | None:
         holders = [n for n in self.nodes.values() if n.warm and n.ready]
         if not holders:
             return None
@@ -255,7 +255,7 @@ class RayBackend(Backend):
         if not ready:
             problems = "; ".join(f"{n.name}: {n.problem}" for n in self.nodes.values() if n.problem)
             raise BackendUnavailable("no node of the Ray cluster can run sandboxes" + (f" ({problems})" if problems else ""))
-        free = await self._ask(cluster.free_slots)
+        free = await self._ask(control.free_slots)
         room = {n.id: self._room(n, free) for n in ready}
         best = max(ready, key=lambda n: (room[n.id], -self._load(n.id)))
         if room[best.id] > 0:
@@ -269,7 +269,7 @@ class RayBackend(Backend):
             return spare
         total = sum(n.slots for n in ready)
         raise CapacityError(f"all {total} sandbox slots of the cluster's {len(ready)} node(s) are taken: close idle "
-                            f"sessions, or add a node (`ray start ... --resources='{{\"{cluster.SLOT}\": N}}'`)")
+                            f"sessions, or add a node (`ray start ... --resources='{{\"{control.SLOT}\": N}}'`)")
 
     def _refill(self, node: SandboxNode) -> None:
         if self.settings.pool_size and not self._closing and (node.refill is None or node.refill.done()):
@@ -277,7 +277,7 @@ class RayBackend(Backend):
 
     async def _fill(self, node: SandboxNode) -> None:
         while len(node.warm) < self.settings.pool_size and node.ready and not self._closing:
-            free = await self._ask(cluster.free_slots)
+            free = await self._ask(control.free_slots)
             if self._room(node, free) <= 0:
                 return  # full: the next hand-out tries again
             self._starting[node.id] += 1
@@ -297,7 +297,7 @@ class RayBackend(Backend):
             target.warm.append(session)
             self._pool_changed.set()
 
-    async def _start_on(self, node: SandboxNode, session_id: str | None, limits: Limits) -> RemoteSession:
+    async def _start_on(self, node: SandboxNode, session_id: str | None, limits: Limits) -> ClusterSession:
         """Start a session's actor, pinned softly to ``node`` (where the caller reserved a slot in
         ``_starting``, released here); on any failure nothing is left."""
         import uuid
@@ -306,7 +306,7 @@ class RayBackend(Backend):
 
         sid = session_id or uuid.uuid4().hex[:12]
         actor = self._actor_class.options(
-            num_cpus=0, resources={cluster.SLOT: 1},
+            num_cpus=0, resources={control.SLOT: 1},
             scheduling_strategy=NodeAffinitySchedulingStrategy(node.id, soft=True),
         ).remote(self.settings, sid, limits)
         start = asyncio.ensure_future(self._await(actor.start.remote(), node.name))
@@ -331,7 +331,7 @@ class RayBackend(Backend):
             self._starting[node.id] -= 1
         where = self.nodes.get(info["node_id"])
         name = where.name if where is not None else info["node"]
-        return RemoteSession(actor, sid, limits, name, info["node_id"], info["pid"], self.lost_reason, self._forget)
+        return ClusterSession(actor, sid, limits, name, info["node_id"], info["pid"], self.lost_reason, self._forget)
 
     async def _await(self, ref: Any, node: str) -> Any:
         try:
@@ -346,9 +346,9 @@ class RayBackend(Backend):
 
     @staticmethod
     async def _ask(question: Any) -> Any:
-        """One blocking question to the cluster (``cluster.nodes``, ``cluster.free_slots``)."""
+        """One blocking question to the cluster (``control.nodes``, ``control.free_slots``)."""
         try:
-            return await cluster.call(question, timeout=CALL_TIMEOUT_S)
+            return await control.call(question, timeout=CALL_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise SandboxError(f"the Ray cluster's head did not answer within {CALL_TIMEOUT_S:.0f} s: "
                                "see `ray status` on it") from None
@@ -360,7 +360,7 @@ class RayBackend(Backend):
         with contextlib.suppress(Exception):
             ray.kill(actor)
 
-    def _forget(self, session: RemoteSession) -> None:
+    def _forget(self, session: ClusterSession) -> None:
         """A session closed (or a warm one dropped): its slot is free again."""
         self.sessions.pop(session.id, None)
         if not session.lost:

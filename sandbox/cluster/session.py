@@ -1,4 +1,4 @@
-"""A session on a cluster node, seen from the server: ``RemoteSession`` has the interface of
+"""A session on a cluster node, seen from the server: ``ClusterSession`` has the interface of
 ``Session`` (and its ``workspace`` that of ``Workspace``: ``sandbox.remote``), so the manager, the
 API and the UI use it unchanged. Every call goes to the session's actor
 (``sandbox.node.SessionHost``) on its node.
@@ -22,22 +22,22 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .config import Limits
-from .errors import SandboxError, SessionClosed
-from .kernel import OutputCallback
-from .models import Execution, ExecutionStatus, Output
-from .remote import FILE_CALL_TIMEOUT_S, NodeLost, RemoteWorkspace, unwrap
+from ..config import Limits
+from ..errors import SandboxError, SessionClosed
+from ..kernel import OutputCallback
+from ..models import Execution, ExecutionStatus, Output
+from .files import FILE_CALL_TIMEOUT_S, NodeLost, ClusterWorkspace, unwrap
 
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 60.0
 
 
-class RemoteSession:
+class ClusterSession:
     """A session whose kernel and files live on a cluster node (see the module docstring)."""
 
     def __init__(self, actor: Any, session_id: str, limits: Limits, node: str, node_id: str, pid: int,
-                 lost_reason: Callable[[str, str], str], on_close: Callable[[RemoteSession], None]) -> None:
+                 lost_reason: Callable[[str, str], str], on_close: Callable[[ClusterSession], None]) -> None:
         self.id = session_id
         self.limits = limits
         self.node = node  # the node's jupybox name
@@ -51,7 +51,7 @@ class RemoteSession:
         self.after_resume: Any = None
         self.pause_note: str | None = None
         self.isolation: str | None = None
-        self.workspace = RemoteWorkspace(self)
+        self.workspace = ClusterWorkspace(self)
         self._actor = actor
         self._lost_reason = lost_reason  # (node id, node name) -> why it is gone, in words
         self._on_close = on_close

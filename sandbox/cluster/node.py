@@ -28,14 +28,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import diskfs
-from .backends.docker import LABEL, DockerBackend
-from .config import Limits, SandboxSettings, default_home
-from .errors import SandboxError, WorkspaceError
-from .manager import SessionManager, make_owner
-from .models import Execution, Output
-from .session import Session
-from .workspace import CHUNK, WorkspaceFile, remove_tree, split_name
+from .. import diskfs
+from ..backends.docker import LABEL, DockerBackend
+from ..config import Limits, SandboxSettings, default_home
+from ..errors import SandboxError, WorkspaceError
+from ..manager import SessionManager, make_owner
+from ..models import Execution, Output
+from ..session import Session
+from ..workspace import CHUNK, WorkspaceFile, remove_tree, split_name
 
 log = logging.getLogger(__name__)
 

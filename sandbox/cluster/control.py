@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import BackendUnavailable
+from ..errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Talking to a session's actor on its node: errors as the sandbox's own (``unwrap``), and the
-session's files (``RemoteWorkspace``, with ``Workspace``'s interface). Data moves in chunks of at
+session's files (``ClusterWorkspace``, with ``Workspace``'s interface). Data moves in chunks of at
 most ``CHUNK`` bytes each way, whatever the file's size, and the quotas are checked on the node as
 the chunks arrive. The file methods are blocking, like ``Workspace``'s: call them off the event
 loop when the file may be large. ``sandbox.remote_session`` builds the session on top; the
@@ -13,9 +13,9 @@ import io
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from .config import Limits
-from .errors import JupyboxError, SandboxError, WorkspaceError
-from .workspace import CHUNK, WorkspaceFile, copy_bounded, read_bounded
+from ..config import Limits
+from ..errors import JupyboxError, SandboxError, WorkspaceError
+from ..workspace import CHUNK, WorkspaceFile, copy_bounded, read_bounded
 
 FILE_CALL_TIMEOUT_S = 120.0  # one file call (a chunk, a listing) on a live node takes far less
 
@@ -44,7 +44,7 @@ def unwrap(exc: BaseException, node: str) -> BaseException:
 
 
 class FileCalls(Protocol):
-    """What ``RemoteWorkspace`` needs of its session, and all it may use."""
+    """What ``ClusterWorkspace`` needs of its session, and all it may use."""
 
     limits: Limits
 
@@ -61,7 +61,7 @@ class FileCalls(Protocol):
         failures as the sandbox's errors (``SessionClosed`` once the session or its node is gone)."""
 
 
-class RemoteWorkspace:
+class ClusterWorkspace:
     """``Workspace``'s interface over the session's actor; data moves in chunks of ``CHUNK``."""
 
     def __init__(self, session: FileCalls) -> None:
@@ -99,10 +99,10 @@ class RemoteWorkspace:
                 out.write(chunk)
             return out.commit()
 
-    def writer(self, name: str, size_hint: int | None = None) -> RemoteWriter:
+    def writer(self, name: str, size_hint: int | None = None) -> ClusterWriter:
         """A file written piece by piece (an upload as it arrives): ``write(chunk)`` as often as
         needed, then ``commit()``; leaving the ``with`` block without committing drops it."""
-        return RemoteWriter(self, name, self._get(self._actor.upload_begin.remote(name, size_hint)))
+        return ClusterWriter(self, name, self._get(self._actor.upload_begin.remote(name, size_hint)))
 
     def upload(self, source: Path | str, name: str | None = None) -> WorkspaceFile:
         source = Path(source)
@@ -125,10 +125,10 @@ class RemoteWorkspace:
             return copy_bounded(fh, name, dest, self.limits.file_bytes if max_bytes is None else max_bytes)
 
 
-class RemoteWriter:
-    """See ``RemoteWorkspace.writer``: each ``write`` goes to the node in chunks of at most ``CHUNK``."""
+class ClusterWriter:
+    """See ``ClusterWorkspace.writer``: each ``write`` goes to the node in chunks of at most ``CHUNK``."""
 
-    def __init__(self, workspace: RemoteWorkspace, name: str, handle: str) -> None:
+    def __init__(self, workspace: ClusterWorkspace, name: str, handle: str) -> None:
         self.name = name
         self.written = 0
         self._workspace = workspace
@@ -160,7 +160,7 @@ class RemoteWriter:
             with contextlib.suppress(Exception):
                 self._workspace._actor.upload_abort.remote(handle)
 
-    def __enter__(self) -> RemoteWriter:
+    def __enter__(self) -> ClusterWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -170,7 +170,7 @@ class RemoteWriter:
 class _RemoteFile(io.RawIOBase):
     """One open file on the node, read chunk by chunk."""
 
-    def __init__(self, workspace: RemoteWorkspace, handle: str) -> None:
+    def __init__(self, workspace: ClusterWorkspace, handle: str) -> None:
         self._workspace = workspace
         self._handle = handle
 
