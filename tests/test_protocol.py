@@ -13,6 +13,7 @@ import pytest
 
 from sandbox import Limits, SandboxSettings
 from sandbox.backends.docker import DockerBackend
+from sandbox.cluster.link import SessionLink
 from sandbox.cluster.session import ClusterSession
 from sandbox.protocol import SandboxSession, SessionFiles
 from sandbox.session import Session
@@ -62,7 +63,7 @@ def local_session(tmp_path: Path) -> Session:
 
 
 def cluster_session() -> ClusterSession:
-    return ClusterSession(None, "s", Limits(), "n", "id", 0, lambda node_id, name: "", lambda session: None)
+    return ClusterSession(SessionLink(None, "s", "n", "id", lambda node_id, name: ""), Limits(), lambda session: None)
 
 
 @pytest.mark.parametrize("make", ["local", "cluster"])

@@ -1,6 +1,6 @@
 """Sessions spread over a real Ray cluster: a head and two worker nodes started here on loopback,
 each a sandbox node with its own name and home, all on this machine's one Docker daemon (so every
-container's node is proved by its ``jupybox.node`` label). Nothing is faked: real actors, real
+container's node is proved by its ``jupybox.node`` label). Nothing is faked: real agents, real
 containers, real kernels, a real node taken away mid-execution."""
 
 from __future__ import annotations
@@ -308,7 +308,13 @@ def test_a_server_keeps_a_warm_session_per_node_and_sigterm_leaves_no_container(
             assert time.monotonic() < deadline, per_node()
             time.sleep(0.2)
         warm = {s for found in per_node().values() for s in found}
-        assert httpx.get(f"{url}/healthz").status_code == 200
+        while True:  # the pools may fill before the server listens
+            assert proc.poll() is None and time.monotonic() < deadline, "the server never answered"
+            try:
+                assert httpx.get(f"{url}/healthz").status_code == 200
+                break
+            except httpx.ConnectError:
+                time.sleep(0.2)
         with httpx.Client(base_url=url, timeout=120) as c:
             sid = c.post("/api/sessions").json()["id"]
             assert sid in warm  # handed out from a pool, not started now
@@ -339,13 +345,13 @@ def test_a_killed_server_leaves_containers_that_the_next_start_removes(
         (left,) = found
         owner = subprocess.run(["docker", "inspect", "-f", '{{index .Config.Labels "jupybox.owner"}}', left["id"]],
                                capture_output=True, text=True, check=True).stdout.strip()
-        actor_pid = int(owner.split(".")[-2])  # the session's actor process on its node
+        agent_pid = int(owner.split(".")[-2])  # the node agent's process, which held the session
     finally:
         proc.kill()  # no clean-up of its own: SIGKILL
         proc.wait()
     deadline = time.monotonic() + 60
-    while Path(f"/proc/{actor_pid}").exists():  # Ray ends a dead server's actors
-        assert time.monotonic() < deadline, "the actor outlived its server"
+    while Path(f"/proc/{agent_pid}").exists():  # Ray ends a dead server's agents
+        assert time.monotonic() < deadline, "the agent outlived its server"
         time.sleep(0.1)
     assert containers() == found  # its container is left behind...
     cleanup = subprocess.run([jupybox, "sandbox", "cleanup", *address], env=env, capture_output=True, text=True,

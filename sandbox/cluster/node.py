@@ -1,16 +1,21 @@
-"""What runs on a cluster node: one actor per session holding a real local ``Session``, and the
-clean-up of what dead sessions left on the node.
+"""What runs on a cluster node: one agent per node (a Ray actor, one per server) that owns the
+node's sessions, as ``SessionManager`` owns them on one host, and the clean-up of what dead
+agents left there.
+
+A session is a record in the agent (a real local ``Session`` on the node's Docker daemon, with the
+docker backend, hardened as on one host), not a process of its own: the agent's process is the
+only one a node spends on jupybox, whatever its number of sessions. Its kernel's Unix sockets never
+leave the node: only code, outputs and file chunks cross.
 
 A node's own environment says where its files go (``JUPYBOX_HOME``) and what it is called
 (``JUPYBOX_NODE``, default: its host name); the server sends the rest (image, limits, time-outs).
-The session runs on the node's Docker daemon with the docker backend, hardened as on one host;
-its kernel's Unix sockets never leave the node: only code, outputs and file chunks cross.
 
-Ownership: every container and session folder names its owner, the actor's own process
-(``node-<name>.<pid>.<start>``), and carries the label ``jupybox.node=<name>``. Ray ends an actor
+Ownership: every container and session folder names its owner, the agent's own process
+(``node-<name>.<pid>.<start>``), and carries the label ``jupybox.node=<name>``. Ray ends an agent
 with its node or with the server that created it, so an owner that no longer exists means a
-leftover, which ``prepare_node`` removes. It only ever looks at containers labelled with its own
-node's name, so nodes that share a Docker daemon never touch each other's live sessions.
+leftover, which the next agent on the node removes when it starts (``prepare``). It only ever looks at
+containers labelled with its own node's name, so nodes that share a Docker daemon never touch each
+other's live sessions.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from typing import Any, BinaryIO
 from .. import diskfs
 from ..backends.docker import LABEL, DockerBackend
 from ..config import Limits, SandboxSettings, default_home
-from ..errors import SandboxError, WorkspaceError
-from ..manager import SessionManager, make_owner
+from ..errors import SandboxError, SessionClosed, WorkspaceError
+from ..manager import SessionManager
 from ..models import Execution, Output
 from ..session import Session
 from ..workspace import CHUNK, WorkspaceFile, remove_tree, split_name
@@ -50,56 +55,28 @@ def node_name() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", raw)[:60] or "node"
 
 
-def node_settings(server: SandboxSettings) -> SandboxSettings:
+def node_settings(server: SandboxSettings, slots: int) -> SandboxSettings:
     """The server's settings as this node applies them: its own home and wheelhouse, its own owner
-    names. A node's sessions end with the server that placed them (no records are kept on nodes)."""
+    names, its slots as the session cap. No warm pool here (the server keeps one per node), no idle
+    reaping (the server's reaper decides) and no records: a node's sessions end with the server
+    that placed them."""
     wheelhouse = os.environ.get("JUPYBOX_WHEELHOUSE")
     return dataclasses.replace(server, backend="docker", home=default_home(), instance=f"node-{node_name()}",
-                               pool_size=0, ray_address=None, durable=False,
+                               pool_size=0, ray_address=None, durable=False, max_sessions=max(slots, 1),
+                               idle_ttl_s=float("inf"),
                                wheelhouse=Path(wheelhouse) if wheelhouse else None)
 
 
 @dataclasses.dataclass
 class NodeReport:
-    """What ``prepare_node`` found: the node's name, what it removed, and why it cannot run
+    """What ``NodeAgent.prepare`` found: the node's name, what it removed, and why it cannot run
     sessions (``problem``), if it cannot."""
 
     name: str
     removed: int
+    node_id: str = ""
+    pid: int = 0
     problem: str | None = None
-
-
-def prepare_node(server: SandboxSettings) -> NodeReport:
-    """Run on a node (as a Ray task) when a server first sees it: check that it can run sandboxes
-    and remove what sessions of dead processes left there (containers, mounts, folders)."""
-    return asyncio.run(_prepare(server))
-
-
-async def _prepare(server: SandboxSettings) -> NodeReport:
-    settings = node_settings(server)
-    name = node_name()
-    manager = SessionManager(settings, backend=DockerBackend(settings, labels={NODE_LABEL: name}))
-    try:
-        try:
-            await manager.backend.check()
-        except SandboxError as exc:
-            return NodeReport(name, 0, str(exc))
-        removed = await manager.cleanup_orphans()
-        if removed:
-            log.info("node %s: removed %d leftover sandbox(es)", name, removed)
-        return NodeReport(name, removed)
-    finally:
-        await manager.backend.close()
-
-
-def _own_filesystem(settings: SandboxSettings) -> bool:
-    """As ``SessionManager`` decides on one host: a size-capped filesystem per workspace when possible."""
-    if settings.workspace_fs == "plain":
-        return False
-    reason = diskfs.unavailable()
-    if reason is not None and settings.workspace_fs == "loop":
-        raise SandboxError(f"workspace_fs=loop needs a loop-mounted filesystem per workspace, but {reason}")
-    return reason is None
 
 
 _ABORT = object()
@@ -134,147 +111,178 @@ class _Upload:
                 continue
 
 
-class SessionHost:
-    """One session on this node, as a Ray actor (async: an interrupt or a file call reaches it
-    while an execution runs). Its methods mirror ``Session`` and ``Workspace``; errors are the
-    sandbox's own (``WorkspaceError``, ``SessionClosed`` ...), which the server re-raises."""
+@dataclasses.dataclass
+class _Hosted:
+    """One session's record in the agent: its session and what is open in it."""
 
-    def __init__(self, server: SandboxSettings, session_id: str, limits: Limits) -> None:
-        self.settings = node_settings(server)
+    session: Session
+    runs: dict[str, tuple[asyncio.Event, asyncio.Task | None]] = dataclasses.field(default_factory=dict)
+    uploads: dict[str, _Upload] = dataclasses.field(default_factory=dict)
+    files: dict[str, BinaryIO] = dataclasses.field(default_factory=dict)
+
+
+class NodeAgent:
+    """This node's sessions, as one Ray actor (async: an interrupt or a file call reaches it while
+    executions run). Every method takes the session's id first and mirrors ``Session`` or
+    ``Workspace``; errors are the sandbox's own (``WorkspaceError``, ``SessionClosed`` ...), which
+    the server re-raises."""
+
+    def __init__(self, server: SandboxSettings, slots: int) -> None:
+        self.settings = node_settings(server, slots)
         self.name = node_name()
-        self.session_id = session_id
-        self.limits = limits
-        self.session: Session | None = None
-        self._runs: dict[str, tuple[asyncio.Event, asyncio.Task | None]] = {}
+        self.manager = SessionManager(self.settings, backend=DockerBackend(self.settings, labels={NODE_LABEL: self.name}))
+        self._hosted: dict[str, _Hosted] = {}
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="jupybox-files")
-        self._writers = ThreadPoolExecutor(max_workers=MAX_UPLOADS, thread_name_prefix="jupybox-uploads")
-        self._uploads: dict[str, _Upload] = {}
-        self._files: dict[str, BinaryIO] = {}
+        self._writers = ThreadPoolExecutor(max_workers=MAX_UPLOADS * 4, thread_name_prefix="jupybox-uploads")
         self._ids = itertools.count()
 
-    async def start(self) -> dict[str, Any]:
-        """Start the kernel (its container on this node's daemon); says where it landed."""
+    async def prepare(self) -> NodeReport:
+        """Check that this node can run sandboxes and remove what dead agents left here
+        (containers, mounts, folders); called once, before any session."""
         import ray
 
-        backend = DockerBackend(self.settings, labels={NODE_LABEL: self.name})
-        owner = make_owner(self.settings.instance or "")
-        folder = self.settings.home / "sessions" / self.session_id
-        folder.mkdir(parents=True)
-        (folder / "owner").write_text(owner)  # read by prepare_node once this process is gone
-        self.session = Session(backend, self.settings, owner, folder, self.session_id, self.limits,
-                               own_filesystem=_own_filesystem(self.settings))
-        await self.session.start()
-        return {"node": self.name, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        where = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        try:
+            await self.manager.backend.check()
+            removed = await self.manager.cleanup_orphans()
+            await self.manager.start()
+        except SandboxError as exc:
+            return NodeReport(self.name, 0, problem=str(exc), **where)
+        if removed:
+            log.info("node %s: removed %d leftover sandbox(es)", self.name, removed)
+        return NodeReport(self.name, removed, **where)
 
-    def _open(self) -> Session:
-        if self.session is None:
-            raise SandboxError("the session was not started")
-        return self.session
+    def _get(self, sid: str) -> _Hosted:
+        hosted = self._hosted.get(sid)
+        if hosted is None:
+            raise SessionClosed(f"session {sid} is closed: create a new session")
+        return hosted
+
+    def _session(self, sid: str) -> Session:
+        return self._get(sid).session
+
+    async def open(self, limits: Limits) -> str:
+        """Start a session (its container on this node's daemon); returns its id."""
+        session = await self.manager.create(limits if limits != self.settings.limits else None)
+        self._hosted[session.id] = _Hosted(session)
+        return session.id
+
+    def sessions(self) -> int:
+        return len(self._hosted)
 
     # -- execution --------------------------------------------------------------------------
-    async def execute(self, code: str, timeout: float | None, run: str) -> Execution:
+    async def execute(self, sid: str, code: str, timeout: float | None, run: str) -> Execution:
+        hosted = self._get(sid)
         cancel = asyncio.Event()
-        self._runs[run] = (cancel, asyncio.current_task())
+        hosted.runs[run] = (cancel, asyncio.current_task())
         try:
-            return await self._open().execute(code, timeout, cancel=cancel)
+            return await hosted.session.execute(code, timeout, cancel=cancel)
         finally:
-            self._runs.pop(run, None)
+            hosted.runs.pop(run, None)
 
-    async def stream(self, code: str, timeout: float | None, run: str) -> AsyncIterator[Output | Execution]:
+    async def stream(self, sid: str, code: str, timeout: float | None, run: str) -> AsyncIterator[Output | Execution]:
         """Outputs as they come, then the Execution (a Ray streaming generator). Cancelling it
         (the server's consumer left) closes ``Session.stream``, which interrupts the run."""
+        hosted = self._get(sid)
         cancel = asyncio.Event()
-        self._runs[run] = (cancel, None)
-        items = self._open().stream(code, timeout, cancel)
+        hosted.runs[run] = (cancel, None)
+        items = hosted.session.stream(code, timeout, cancel)
         try:
             async for item in items:
                 yield item
         finally:
             await items.aclose()
-            self._runs.pop(run, None)
+            hosted.runs.pop(run, None)
 
-    async def cancel(self, run: str) -> None:
+    async def cancel(self, sid: str, run: str) -> None:
         """Stop one run: dropped if it still waits for its turn, interrupted if it runs."""
-        cancel, task = self._runs.get(run, (None, None))
-        if cancel is not None:
+        hosted = self._hosted.get(sid)
+        cancel, task = hosted.runs.get(run, (None, None)) if hosted else (None, None)
+        if cancel is not None and hosted is not None:
             cancel.set()
-            if task is not None and self.session is not None:
-                self.session.interrupt(task)  # only if this run is the one executing
+            if task is not None:
+                hosted.session.interrupt(task)  # only if this run is the one executing
 
-    async def interrupt(self) -> None:
-        if self.session is not None:
-            self.session.interrupt()
+    async def interrupt(self, sid: str) -> None:
+        if (hosted := self._hosted.get(sid)) is not None:
+            hosted.session.interrupt()
 
-    async def restart(self) -> None:
-        await self._open().restart()
+    async def restart(self, sid: str) -> None:
+        await self._session(sid).restart()
 
-    async def close(self) -> None:
-        for handle in list(self._files):
-            await self.file_close(handle)
-        for handle in list(self._uploads):
-            await self.upload_abort(handle)
-        if self.session is not None:
-            await self.session.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._writers.shutdown(wait=False, cancel_futures=True)
+    async def close(self, sid: str) -> None:
+        """End the session: its open files, its kernel, its folder. Idempotent."""
+        hosted = self._hosted.pop(sid, None)
+        if hosted is None:
+            return
+        for fh in hosted.files.values():
+            await self._files_call(fh.close)
+        for upload in hosted.uploads.values():
+            await self._abort(upload)
+        try:
+            await self.manager.close(sid)
+        except SessionClosed:  # the manager had already let it go
+            await hosted.session.close()
 
     def __ray_shutdown__(self) -> None:
-        """Ray ends the actor gracefully (its handles are gone) before ``close`` was called: remove
-        the container and the folder here, so nothing waits for the next clean-up."""
-        session = self.session
-        if session is None or session.closed:
-            return
+        """Ray ends the agent gracefully (the server's handle is gone) with sessions still open:
+        remove their containers and folders here, so nothing waits for the next agent."""
         try:
             import docker
 
             client = docker.from_env(timeout=30)
-            for c in client.containers.list(all=True, filters={"label": f"{LABEL}.session={session.id}"}):
-                c.remove(force=True)
+            for hosted in self._hosted.values():
+                session = hosted.session
+                for c in client.containers.list(all=True, filters={"label": f"{LABEL}.session={session.id}"}):
+                    c.remove(force=True)
+                diskfs.release(session.folder)
+                remove_tree(session.folder)
             client.close()
-            diskfs.release(session.folder)
-            remove_tree(session.folder)
-        except Exception:  # the node's next prepare_node removes what is left
-            log.exception("session %s: clean-up at actor exit failed", session.id)
+        except Exception:  # the node's next agent removes what is left
+            log.exception("node %s: clean-up at agent exit failed", self.name)
 
     # -- files ------------------------------------------------------------------------------
     async def _files_call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.wrap_future(self._pool.submit(fn, *args))
 
-    async def list_files(self) -> list[WorkspaceFile]:
-        return await self._files_call(self._open().workspace.list)
+    async def list_files(self, sid: str) -> list[WorkspaceFile]:
+        return await self._files_call(self._session(sid).workspace.list)
 
-    async def usage(self) -> int:
-        return await self._files_call(self._open().workspace.usage)
+    async def usage(self, sid: str) -> int:
+        return await self._files_call(self._session(sid).workspace.usage)
 
-    async def exists(self, name: str) -> bool:
-        return await self._files_call(self._open().workspace.exists, name)
+    async def exists(self, sid: str, name: str) -> bool:
+        return await self._files_call(self._session(sid).workspace.exists, name)
 
-    async def delete(self, name: str, missing_ok: bool) -> None:
-        await self._files_call(self._open().workspace.delete, name, missing_ok)
+    async def delete(self, sid: str, name: str, missing_ok: bool) -> None:
+        await self._files_call(self._session(sid).workspace.delete, name, missing_ok)
 
-    async def write(self, name: str, data: bytes) -> WorkspaceFile:
-        return await self._files_call(self._open().workspace.write, name, data)
+    async def write(self, sid: str, name: str, data: bytes) -> WorkspaceFile:
+        return await self._files_call(self._session(sid).workspace.write, name, data)
 
-    async def upload_begin(self, name: str, size_hint: int | None = None) -> str:
+    async def upload_begin(self, sid: str, name: str, size_hint: int | None = None) -> str:
         """A handle for ``upload_chunk``; a bad name, or a ``size_hint`` over the quotas, is
         refused before any data moves."""
+        hosted = self._get(sid)
         split_name(name)
-        if len(self._uploads) >= MAX_UPLOADS:
+        if len(hosted.uploads) >= MAX_UPLOADS:
             raise WorkspaceError(f"{MAX_UPLOADS} uploads into this session are already running: wait for one to end")
         if size_hint is not None:
-            await self._files_call(self._check_room, name, size_hint)
+            await self._files_call(self._check_room, hosted.session, name, size_hint)
         handle = f"u{next(self._ids)}"
-        self._uploads[handle] = _Upload(self._open(), name, self._writers)
+        hosted.uploads[handle] = _Upload(hosted.session, name, self._writers)
         return handle
 
-    def _check_room(self, name: str, size: int) -> None:
-        workspace = self._open().workspace
+    @staticmethod
+    def _check_room(session: Session, name: str, size: int) -> None:
+        workspace = session.workspace
         workspace._check_quota(name, size, workspace.usage() - (workspace._size_of(name) or 0))
 
-    async def upload_chunk(self, handle: str, chunk: bytes | None) -> WorkspaceFile | None:
+    async def upload_chunk(self, sid: str, handle: str, chunk: bytes | None) -> WorkspaceFile | None:
         """One chunk (at most ``CHUNK`` bytes); None ends the file and returns it. A refused
         write (quota, path) raises here, at the chunk that crossed the line, or at the end."""
-        upload = self._uploads.get(handle)
+        uploads = self._get(sid).uploads
+        upload = uploads.get(handle)
         if upload is None:
             raise WorkspaceError("no such upload: it ended or was abandoned; send the file again")
         if chunk is not None and len(chunk) > CHUNK:
@@ -282,38 +290,44 @@ class SessionHost:
         await asyncio.to_thread(upload.put, chunk)
         if chunk is not None:
             if upload.done.done():  # refused part-way: say why now, not after the whole file
-                self._uploads.pop(handle, None)
+                uploads.pop(handle, None)
                 upload.done.result()
             return None
-        self._uploads.pop(handle, None)
+        uploads.pop(handle, None)
         return await asyncio.wrap_future(upload.done)
 
-    async def upload_abort(self, handle: str) -> None:
-        upload = self._uploads.pop(handle, None)
+    async def upload_abort(self, sid: str, handle: str) -> None:
+        hosted = self._hosted.get(sid)
+        upload = hosted.uploads.pop(handle, None) if hosted else None
         if upload is not None:
-            await asyncio.to_thread(upload.put, _ABORT)
-            try:
-                await asyncio.wrap_future(upload.done)
-            except Exception:
-                pass
+            await self._abort(upload)
 
-    async def file_open(self, name: str) -> tuple[str, int]:
+    @staticmethod
+    async def _abort(upload: _Upload) -> None:
+        await asyncio.to_thread(upload.put, _ABORT)
+        try:
+            await asyncio.wrap_future(upload.done)
+        except Exception:
+            pass
+
+    async def file_open(self, sid: str, name: str) -> tuple[str, int]:
         """A handle for ``file_read`` and the file's size when opened."""
-        if len(self._files) >= MAX_OPEN_FILES:
+        hosted = self._get(sid)
+        if len(hosted.files) >= MAX_OPEN_FILES:
             raise WorkspaceError(f"{MAX_OPEN_FILES} downloads of this session are already open: finish one first")
-        fh = await self._files_call(self._open().workspace.open, name)
+        fh = await self._files_call(hosted.session.workspace.open, name)
         handle = f"f{next(self._ids)}"
-        self._files[handle] = fh
+        hosted.files[handle] = fh
         return handle, os.fstat(fh.fileno()).st_size
 
-    async def file_read(self, handle: str, size: int) -> bytes:
-        fh = self._files.get(handle)
+    async def file_read(self, sid: str, handle: str, size: int) -> bytes:
+        fh = self._get(sid).files.get(handle)
         if fh is None:
             raise WorkspaceError("the file was closed")
         return await self._files_call(fh.read, max(0, min(size, CHUNK)))
 
-    async def file_close(self, handle: str) -> None:
-        fh = self._files.pop(handle, None)
+    async def file_close(self, sid: str, handle: str) -> None:
+        hosted = self._hosted.get(sid)
+        fh = hosted.files.pop(handle, None) if hosted else None
         if fh is not None:
             await self._files_call(fh.close)
-

@@ -1,15 +1,15 @@
-"""A session on a cluster node, seen from the server: ``ClusterSession`` has the interface of
-``Session`` (and its ``workspace`` that of ``Workspace``: ``sandbox.remote``), so the manager, the
-API and the UI use it unchanged. Every call goes to the session's actor
-(``sandbox.node.SessionHost``) on its node.
+"""A session on a cluster node, seen from the server: ``ClusterSession`` satisfies
+``sandbox.protocol.SandboxSession`` (its ``workspace``, ``SessionFiles``: ``sandbox.cluster.files``),
+so the manager, the API and the UI use it unchanged. It is a record in its node's agent
+(``sandbox.cluster.node.NodeAgent``); every call goes there through its ``SessionLink``.
 
 What differs from a local session, and why:
 
 - ``stream`` relays each output as the node yields it (a Ray streaming generator); a consumer
   that stops early cancels the generator there, which interrupts the run (or drops it unrun).
-- When the node (or the actor's process) is lost, the kernel and the files are gone with it:
-  executions then answer ``crashed`` with the reason, and file calls raise ``SessionClosed``.
-  Nothing is retried elsewhere: the session's state lived only there.
+- When the node (or its agent) is lost, the kernel and the files are gone with it: executions
+  then answer ``crashed`` with the reason, and file calls raise ``SessionClosed``. Nothing is
+  retried elsewhere: the session's state lived only there.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from typing import Any
 
 from ..config import Limits
 from ..errors import SandboxError, SessionClosed
-from ..kernel import OutputCallback
 from ..models import Execution, ExecutionStatus, Output
-from .files import FILE_CALL_TIMEOUT_S, NodeLost, ClusterWorkspace, unwrap
+from ..protocol import OutputCallback
+from .files import ClusterWorkspace
+from .link import NodeLost, SessionLink, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,10 @@ CLOSE_TIMEOUT_S = 60.0
 class ClusterSession:
     """A session whose kernel and files live on a cluster node (see the module docstring)."""
 
-    def __init__(self, actor: Any, session_id: str, limits: Limits, node: str, node_id: str, pid: int,
-                 lost_reason: Callable[[str, str], str], on_close: Callable[[ClusterSession], None]) -> None:
-        self.id = session_id
+    def __init__(self, link: SessionLink, limits: Limits, on_close: Callable[[ClusterSession], None]) -> None:
+        self.id = link.session_id
         self.limits = limits
-        self.node = node  # the node's jupybox name
-        self.node_id = node_id  # Ray's id of it
-        self.pid = pid  # the actor's process on the node
+        self.link = link
         self.created = time.time()
         self.last_used = time.monotonic()
         self.executions = 0
@@ -51,23 +49,28 @@ class ClusterSession:
         self.after_resume: Any = None
         self.pause_note: str | None = None
         self.isolation: str | None = None
-        self.workspace = ClusterWorkspace(self)
-        self._actor = actor
-        self._lost_reason = lost_reason  # (node id, node name) -> why it is gone, in words
+        self.workspace = ClusterWorkspace(link, limits)
         self._on_close = on_close
         self._active = 0  # executions and restarts in flight
         self._runs: dict[asyncio.Task, str] = {}
-        self._lost: str | None = None
-        self._closed = False
+
+    @property
+    def node(self) -> str:
+        """The jupybox name of the node it runs on."""
+        return self.link.node
+
+    @property
+    def node_id(self) -> str:
+        return self.link.node_id
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self.link.closed
 
     @property
     def lost(self) -> str | None:
         """Why the session is gone with its node, or None while it lives."""
-        return self._lost
+        return self.link.lost
 
     @property
     def busy(self) -> bool:
@@ -77,53 +80,15 @@ class ClusterSession:
         self.last_used = time.monotonic()
 
     def mark_lost(self, reason: str) -> None:
-        """The node is gone (the backend saw it leave): every later call answers so at once."""
-        if self._lost is None:
-            self._lost = reason
-            log.warning("session %s: %s", self.id, reason)
+        self.link.mark_lost(reason)
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self.link.closed:
             raise SessionClosed(f"session {self.id} is closed: create a new session")
-
-    # -- what the workspace may ask (``FileCalls``) -------------------------------------------
-    @property
-    def actor(self) -> Any:
-        return self._actor
-
-    @property
-    def reachable(self) -> bool:
-        return not self._lost and not self._closed
-
-    def wait_file_call(self, ref: Any) -> Any:
-        import ray
-
-        self._check_open()
-        if self._lost:
-            raise SessionClosed(f"{self._lost} Its files are gone: start a new session.")
-        try:
-            return ray.get(ref, timeout=FILE_CALL_TIMEOUT_S)
-        except Exception as exc:
-            err = unwrap(exc, self.node)
-            if isinstance(err, NodeLost):
-                raise SessionClosed(f"{self._gone(err)} Its files are gone: start a new session.") from None
-            raise err from None
-
-    def _gone(self, exc: NodeLost) -> str:
-        """Record why the actor is gone (blocking: asks the cluster); returns the reason."""
-        log.debug("session %s: actor error: %s", self.id, exc)
-        self.mark_lost(self._lost_reason(self.node_id, self.node))
-        return self._lost or str(exc)
 
     def _lost_execution(self) -> Execution:
         return Execution(status=ExecutionStatus.CRASHED, state_lost=True,
-                         reason=f"{self._lost} Its kernel and files are gone: start a new session.")
-
-    async def _call(self, ref: Any) -> Any:
-        try:
-            return await ref
-        except Exception as exc:
-            raise unwrap(exc, self.node) from None
+                         reason=f"{self.lost} Its kernel and files are gone: start a new session.")
 
     def _watch(self, cancel: asyncio.Event | None, run: str) -> asyncio.Task | None:
         """Relay ``cancel`` to the node, where it drops or interrupts this run only."""
@@ -132,7 +97,7 @@ class ClusterSession:
 
         async def relay() -> None:
             await cancel.wait()
-            self._actor.cancel.remote(run)
+            self.link.send("cancel", run)
 
         return asyncio.ensure_future(relay())
 
@@ -167,16 +132,19 @@ class ClusterSession:
             assert execution is not None
             return execution
         self._check_open()
-        if self._lost:
+        if self.lost:
             return self._lost_execution()
         run = uuid.uuid4().hex
         watcher = self._watch(cancel, run)
-        ref = self._actor.execute.remote(code, timeout, run)
+        ref = self.link.remote("execute", code, timeout, run)
         try:
             with self._running(run):
-                return await self._call(ref)
+                try:
+                    return await ref
+                except Exception as exc:
+                    raise unwrap(exc, self.node) from None
         except NodeLost as exc:
-            await asyncio.to_thread(self._gone, exc)
+            await asyncio.to_thread(self.link.gone, exc)
             return self._lost_execution()
         except asyncio.CancelledError:
             self._cancel_remote(ref)  # as a cancelled local execute: the node stops waiting too
@@ -189,12 +157,12 @@ class ClusterSession:
                      cancel: asyncio.Event | None = None) -> AsyncIterator[Output | Execution]:
         """As ``Session.stream``: each ``Output`` as the node sends it, then the ``Execution``."""
         self._check_open()
-        if self._lost:
+        if self.lost:
             yield self._lost_execution()
             return
         run = uuid.uuid4().hex
         watcher = self._watch(cancel, run)
-        items = self._actor.stream.remote(code, timeout, run)
+        items = self.link.remote("stream", code, timeout, run)
         finished = False
         try:
             with self._running(run):
@@ -210,7 +178,7 @@ class ClusterSession:
                         raise err from None
                     lost = err
                 if lost is not None:
-                    await asyncio.to_thread(self._gone, lost)
+                    await asyncio.to_thread(self.link.gone, lost)
                     finished = True
                     yield self._lost_execution()
         finally:
@@ -228,36 +196,30 @@ class ClusterSession:
     def interrupt(self, task: asyncio.Task | None = None) -> None:
         """As ``Session.interrupt``; with ``task``, only that task's run (one still waiting for its
         turn is dropped rather than left to run)."""
-        if self._lost or self._closed:
-            return
         if task is None:
-            self._actor.interrupt.remote()
+            self.link.send("interrupt")
         elif task in self._runs:
-            self._actor.cancel.remote(self._runs[task])
+            self.link.send("cancel", self._runs[task])
 
     async def restart(self) -> None:
         self._check_open()
-        if self._lost:
+        if self.lost:
             raise SessionClosed(self._lost_execution().reason or "")
         try:
             with self._running():
-                await self._call(self._actor.restart.remote())
+                await self.link.call("restart")
         except NodeLost as exc:
-            raise SessionClosed(f"{await asyncio.to_thread(self._gone, exc)} Start a new session.") from None
+            raise SessionClosed(f"{await asyncio.to_thread(self.link.gone, exc)} Start a new session.") from None
 
     async def close(self, keep_workspace: bool = False) -> None:
         """Stop the kernel and free the node's slot. Idempotent; a lost session closes at once."""
-        if self._closed:
+        if self.link.closed:
             return
-        self._closed = True
+        self.link.closed = True
         try:
-            if not self._lost:
-                await asyncio.wait_for(self._call(self._actor.close.remote()), CLOSE_TIMEOUT_S)
+            if not self.lost:
+                await asyncio.wait_for(self.link.call("close"), CLOSE_TIMEOUT_S)
         except (SandboxError, asyncio.TimeoutError) as exc:
             log.warning("session %s on node %s did not close cleanly: %s", self.id, self.node, exc)
         finally:
-            import ray
-
-            with contextlib.suppress(Exception):
-                ray.kill(self._actor)  # frees the slot now rather than at garbage collection
             self._on_close(self)
