@@ -16,6 +16,7 @@ from .config import Limits
 from .models import Execution, Output
 
 if TYPE_CHECKING:
+    from .relay import KernelRelay
     from .workspace import WorkspaceFile
 
 OutputCallback = Callable[[Output], Any]
@@ -97,5 +98,7 @@ class SandboxSession(Protocol):
     def interrupt(self, task: asyncio.Task | None = None) -> None: ...
 
     async def restart(self) -> None: ...
+
+    async def attach(self, allow_stdin: bool = True) -> KernelRelay: ...
 
     async def close(self, keep_workspace: bool = False) -> None: ...

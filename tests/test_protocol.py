@@ -63,7 +63,8 @@ def local_session(tmp_path: Path) -> Session:
 
 
 def cluster_session() -> ClusterSession:
-    return ClusterSession(SessionLink(None, "s", "n", "id", lambda node_id, name: ""), Limits(), lambda session: None)
+    link = SessionLink(None, "s", "n", "id", lambda node_id, name: "")
+    return ClusterSession(link, Limits(), SandboxSettings(backend="ray"), None, lambda session: None)
 
 
 @pytest.mark.parametrize("make", ["local", "cluster"])

@@ -9,6 +9,7 @@ import asyncio
 import collections
 import dataclasses
 import io
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,9 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
+from jupyter_client.jsonutil import json_default
+from jupyter_client.session import Session as JupyterSession
 
 from sandbox import (CapacityError, Execution, ExecutionStatus, Output, QuotaExceeded, SandboxSettings,
                      SessionClosed, SessionManager, WorkspacePathError)
@@ -320,13 +324,54 @@ def test_a_server_keeps_a_warm_session_per_node_and_sigterm_leaves_no_container(
             assert sid in warm  # handed out from a pool, not started now
             ex = c.post(f"/api/sessions/{sid}/execute", json={"code": "print(2 ** 10)"}).json()
             assert ex["outputs"][0]["text"] == "1024\n"
-            r = c.post("/api/kernels", json={"name": "python3"})  # notebook kernels: this host's sandboxes only
-            assert r.status_code == 501 and "--backend ray" in r.json()["error"]
+            # notebook kernels on the cluster: the kernels API over the node's CurveZMQ relay
+            r = c.post("/api/kernels", json={"name": "python3"})
+            assert r.status_code == 201, r.text
+            assert asyncio.run(_notebook_client(url.replace("http", "ws"), r.json()["id"])) == ["42\n", "hello ray\n"]
+            assert c.delete(f"/api/kernels/{r.json()['id']}").status_code == 204
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0, out
     assert per_node() == {r: [] for r in roles}  # the session, the warm ones and any refill: all gone
+
+
+async def _notebook_client(ws_url: str, kernel_id: str) -> list[str]:
+    """A notebook front end on the kernels API's websocket (the legacy JSON format), messages made
+    by jupyter_client's own ``Session``: a cell, ``input()`` answered, a sleep interrupted."""
+    session = JupyterSession(username="tests")
+    printed: list[str] = []
+    async with websockets.connect(f"{ws_url}/api/kernels/{kernel_id}/channels", open_timeout=120) as ws:
+
+        async def run(code: str, answer: str | None = None, interrupt: bool = False) -> dict[str, Any]:
+            msg = session.msg("execute_request", {"code": code, "silent": False, "allow_stdin": True})
+            await ws.send(json.dumps({**msg, "channel": "shell"}, default=json_default))
+            reply: dict[str, Any] | None = None
+            idle = False
+            while reply is None or not idle:
+                m = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                if m["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
+                    continue
+                kind = m["header"]["msg_type"]
+                if kind == "execute_input" and interrupt:  # it runs: stop it
+                    await ws.send(json.dumps({**session.msg("interrupt_request", {}), "channel": "control"},
+                                             default=json_default))
+                elif kind == "input_request" and answer is not None:
+                    await ws.send(json.dumps({**session.msg("input_reply", {"value": answer}, parent=m["header"]),
+                                              "channel": "stdin"}, default=json_default))
+                elif kind == "stream":
+                    printed.append(m["content"]["text"])
+                elif kind == "execute_reply":
+                    reply = m
+                elif kind == "status" and m["content"]["execution_state"] == "idle":
+                    idle = True
+            return reply
+
+        assert (await run("print(6 * 7)"))["content"]["status"] == "ok"
+        assert (await run("print('hello', input('who? '))", answer="ray"))["content"]["status"] == "ok"
+        stopped = await run("import time; time.sleep(60)", interrupt=True)
+        assert stopped["content"]["status"] == "error" and stopped["content"]["ename"] == "KeyboardInterrupt"
+    return printed
 
 
 def test_a_killed_server_leaves_containers_that_the_next_start_removes(

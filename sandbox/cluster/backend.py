@@ -29,6 +29,7 @@ from typing import Any
 from . import control
 from ..config import Limits, SandboxSettings
 from ..errors import BackendUnavailable, CapacityError, JupyboxError, SandboxError
+from .channels import CurveClient, KeyPair
 from .link import NodeLost, SessionLink, unwrap
 from .session import ClusterSession
 from ..backends.base import Backend, KernelHandle, KernelSpec
@@ -54,6 +55,8 @@ class SandboxNode:
     prepared: float = 0.0  # when it was last prepared (monotonic)
     agent: Any = None  # this server's NodeAgent there
     agent_pid: int = 0  # its process, on that node
+    address: str = ""  # where its relays listen
+    key: bytes = b""  # its relays' public key
     warm: list[ClusterSession] = field(default_factory=list)
     refill: asyncio.Task | None = None
 
@@ -75,6 +78,8 @@ class RayBackend(Backend):
         self._waiting = 0  # callers waiting for one of them
         self._closing = False
         self._agent_class: Any = None
+        self._keys = KeyPair.new()  # this server's: the only client key the nodes' relays accept
+        self._address = ""  # this server's address in the cluster, the only one the relays admit
 
     # -- the seam ---------------------------------------------------------------------------
     async def check(self) -> None:
@@ -91,6 +96,7 @@ class RayBackend(Backend):
         from .node import NodeAgent
 
         self._agent_class = ray.remote(NodeAgent)
+        self._address = await self._ask(ray.util.get_node_ip_address)
         found = await self._ask(control.nodes)
         if not any(n.alive and n.slots for n in found.values()):
             raise BackendUnavailable(
@@ -189,14 +195,14 @@ class RayBackend(Backend):
             self._kill(node.agent)
         node.agent = self._agent_class.options(
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node.id, soft=False),
-        ).remote(self.settings, node.slots)
+        ).remote(self.settings, node.slots, self._keys.public, self._address)
         try:
             report = await asyncio.wait_for(node.agent.prepare.remote(), PREPARE_TIMEOUT_S)
         except Exception as exc:
             node.problem = f"could not be prepared: {unwrap(exc, node.id[:8])}"
             log.warning("node %s %s", node.id[:8], node.problem)
             return 0
-        node.agent_pid = report.pid
+        node.agent_pid, node.address, node.key = report.pid, report.address, report.key
         node.name, node.problem, node.ready = report.name, report.problem, report.problem is None
         if node.problem:
             log.warning("node %s (%s) cannot run sandboxes: %s", node.name, node.id[:8], node.problem)
@@ -334,7 +340,7 @@ class RayBackend(Backend):
         finally:
             self._starting[node.id] -= 1
         link = SessionLink(node.agent, sid, node.name, node.id, self.lost_reason)
-        return ClusterSession(link, limits, self._forget)
+        return ClusterSession(link, limits, self.settings, CurveClient(self._keys, node.key), self._forget)
 
     async def _await(self, ref: Any, node: str) -> Any:
         try:

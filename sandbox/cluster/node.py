@@ -4,8 +4,9 @@ agents left there.
 
 A session is a record in the agent (a real local ``Session`` on the node's Docker daemon, with the
 docker backend, hardened as on one host), not a process of its own: the agent's process is the
-only one a node spends on jupybox, whatever its number of sessions. Its kernel's Unix sockets never
-leave the node: only code, outputs and file chunks cross.
+only one a node spends on jupybox, whatever its number of sessions. The kernel's channels reach the
+server through the agent's CurveZMQ relay (``sandbox.cluster.channels``); Ray carries only control
+calls (start, restart, liveness, close) and file chunks.
 
 A node's own environment says where its files go (``JUPYBOX_HOME``) and what it is called
 (``JUPYBOX_NODE``, default: its host name); the server sends the rest (image, limits, time-outs).
@@ -38,9 +39,10 @@ from ..backends.docker import LABEL, DockerBackend
 from ..config import Limits, SandboxSettings, default_home
 from ..errors import SandboxError, SessionClosed, WorkspaceError
 from ..manager import SessionManager
-from ..models import Execution, Output
+from ..models import Execution, ImageFile, Output
 from ..session import Session
 from ..workspace import CHUNK, WorkspaceFile, remove_tree, split_name
+from .channels import KeyPair, NodeRelays
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ class NodeReport:
     node_id: str = ""
     pid: int = 0
     problem: str | None = None
+    address: str = ""  # where its relays listen
+    key: bytes = b""  # its relays' public key
 
 
 _ABORT = object()
@@ -127,8 +131,11 @@ class NodeAgent:
     ``Workspace``; errors are the sandbox's own (``WorkspaceError``, ``SessionClosed`` ...), which
     the server re-raises."""
 
-    def __init__(self, server: SandboxSettings, slots: int) -> None:
+    def __init__(self, server: SandboxSettings, slots: int, server_key: bytes, server_address: str) -> None:
         self.settings = node_settings(server, slots)
+        self.server_key = server_key  # the one client key its relays accept
+        self.server_address = server_address
+        self.relays: NodeRelays | None = None
         self.name = node_name()
         self.manager = SessionManager(self.settings, backend=DockerBackend(self.settings, labels={NODE_LABEL: self.name}))
         self._hosted: dict[str, _Hosted] = {}
@@ -143,6 +150,9 @@ class NodeAgent:
 
         where = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
         try:
+            address = ray.util.get_node_ip_address()
+            self.relays = NodeRelays(address, KeyPair.new(), self.server_key, self.server_address)
+            where.update(address=address, key=self.relays.keys.public)
             await self.manager.backend.check()
             removed = await self.manager.cleanup_orphans()
             await self.manager.start()
@@ -207,14 +217,48 @@ class NodeAgent:
         if (hosted := self._hosted.get(sid)) is not None:
             hosted.session.interrupt()
 
-    async def restart(self, sid: str) -> None:
+    async def restart(self, sid: str) -> dict[str, Any]:
+        """A fresh kernel; returns its channels (``channels``): the old relay closed with the old kernel."""
         await self._session(sid).restart()
+        return await self.channels(sid)
+
+    async def channels(self, sid: str) -> dict[str, Any]:
+        """Open (again) the session's relay to its running kernel, started first if it has none;
+        returns the TCP ports, the node's public key and the kernel's signing key."""
+        session = self._session(sid)
+        if session.connection is None or session.supervisor.needs_replacement:
+            await session.restart()
+        assert self.relays is not None and session.connection is not None
+        return await self.relays.open(sid, session.connection)
+
+    async def alive(self, sid: str) -> bool:
+        """Whether the session's kernel still runs (asked once a second during long executions)."""
+        return await self._session(sid).supervisor.alive()
+
+    async def exit_reason(self, sid: str) -> str:
+        """Why the session's kernel ended, in words (out of memory, its exit status ...)."""
+        session = self._session(sid)
+        handle = session.supervisor.handle
+        session.supervisor.mark_dead(session.supervisor.generation)
+        return await session.backend.exit_reason(handle) if handle is not None else "it is gone"
+
+    async def pip_request(self, sid: str, request: Any) -> None:
+        """A kernel's ``%pip install`` request (it waits for the answer this node's installer gives it)."""
+        self._session(sid).site.submit(request)
+
+    async def pip_settle(self, sid: str) -> None:
+        await self._session(sid).site.settle()
+
+    async def save_images(self, sid: str, outputs: list[Output]) -> list[ImageFile]:
+        return await asyncio.to_thread(self._session(sid).save_images, outputs)
 
     async def close(self, sid: str) -> None:
         """End the session: its open files, its kernel, its folder. Idempotent."""
         hosted = self._hosted.pop(sid, None)
         if hosted is None:
             return
+        if self.relays is not None:
+            self.relays.close(sid)
         for fh in hosted.files.values():
             await self._files_call(fh.close)
         for upload in hosted.uploads.values():
@@ -227,6 +271,8 @@ class NodeAgent:
     def __ray_shutdown__(self) -> None:
         """Ray ends the agent gracefully (the server's handle is gone) with sessions still open:
         remove their containers and folders here, so nothing waits for the next agent."""
+        if self.relays is not None:
+            self.relays.shutdown()
         try:
             import docker
 
