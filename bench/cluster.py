@@ -26,7 +26,7 @@ from .session_timing import POOL_SIZE, cold_starts, execute_ok, percentile, time
 log = logging.getLogger(__name__)
 
 BURST = 8  # sessions created at once, at most
-OVERHEAD_SESSIONS = 8  # sessions held open while the agents' memory is read
+OVERHEAD_SESSIONS = 16  # sessions held open while the agents' memory is read
 TARGET_RATIO, TARGET_EXTRA_MS = 1.3, 1.5  # round-trip: at most 1.3x the direct backend, or +1.5 ms
 
 
@@ -69,6 +69,7 @@ async def host_overhead(manager: SessionManager, nodes: list[Any], count: int) -
     (all of it, shared by their sessions) and what the server itself grew by, per session."""
     agents = [n.agent_pid for n in nodes if n.agent_pid and _rss_mib(n.agent_pid) is not None]
     server_before = _rss_mib(os.getpid()) or 0.0
+    agents_idle = sum(_rss_mib(pid) or 0.0 for pid in agents)
     sessions = [await manager.create() for _ in range(count)]
     try:
         for s in sessions:
@@ -80,7 +81,8 @@ async def host_overhead(manager: SessionManager, nodes: list[Any], count: int) -
     if not agents:
         return {"host_overhead_mib_per_session": None, "agents_rss_mib": None, "overhead_sessions": count}
     return {"host_overhead_mib_per_session": (agents_rss + server_growth) / count, "agents_rss_mib": agents_rss,
-            "agents_on_this_host": len(agents), "server_growth_mib": server_growth, "overhead_sessions": count}
+            "agents_on_this_host": len(agents), "server_growth_mib": server_growth, "overhead_sessions": count,
+            "agents_growth_mib_per_session": max(0.0, agents_rss - agents_idle) / count}
 
 
 def _rss_mib(pid: int) -> float | None:

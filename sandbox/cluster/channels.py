@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import secrets
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 RELAY_PORTS = (47000, 47999)  # a node's default range; four ports per session
 CHANNELS = ("shell", "control", "stdin", "iopub")  # no heartbeat: liveness is the agent's to tell
 MAX_MESSAGE_BYTES = 16 << 20  # as a local client's (``sandbox.kernel``)
+POLL_MS = 100  # how soon a relay's thread sees that it should stop
 
 
 @dataclass(frozen=True)
@@ -122,9 +124,11 @@ class NodeRelays:
         self.address = address  # the node's cluster address: nothing is bound elsewhere
         self.keys = keys
         self.ports = port_range()
-        self.context = zmq.asyncio.Context()
+        self.context = zmq.Context()  # the relays' sockets, each used by its relay's thread only
         self.context.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        self.allow_list = AllowList(self.context, server_key, server_address)  # before any relay binds
+        # ZAP is answered in the agent's event loop, on the same context
+        zap_context = zmq.asyncio.Context.shadow(self.context)
+        self.allow_list = AllowList(zap_context, server_key, server_address)  # before any relay binds
         self._taken: set[int] = set()
         self.relays: dict[str, SessionRelay] = {}
 
@@ -167,17 +171,19 @@ class NodeRelays:
 
 
 class SessionRelay:
-    """One session's four channels, kernel (ipc) to server (TCP, CurveZMQ), in the agent's loop."""
+    """One session's four channels, kernel (ipc) to server (TCP, CurveZMQ), in a thread of its
+    own: a message crosses without waiting for the agent's event loop (busy with Ray's calls)."""
 
     def __init__(self, node: NodeRelays, connection: dict[str, Any]) -> None:
         self.node = node
         self.connection = connection
         self.ports: dict[str, int] = {}
-        self._pairs: dict[zmq.asyncio.Socket, zmq.asyncio.Socket] = {}
-        self._sockets: list[zmq.asyncio.Socket] = []
-        self._task: asyncio.Task | None = None
+        self._pairs: dict[zmq.Socket, zmq.Socket] = {}
+        self._sockets: list[zmq.Socket] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+    def _socket(self, kind: int) -> zmq.Socket:
         sock = self.node.context.socket(kind)
         sock.linger = 0
         self._sockets.append(sock)
@@ -203,33 +209,40 @@ class SessionRelay:
         except BaseException:
             self.close()
             raise
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._thread = threading.Thread(target=self._run, name="jupybox-relay", daemon=True)
+        self._thread.start()  # from here on, only that thread touches the sockets
         return {"transport": "tcp", "ip": self.node.address, "key": info["key"],
                 "signature_scheme": info.get("signature_scheme", "hmac-sha256"),
                 "server_key": self.node.keys.public.decode(), "hb_port": 0,
                 **{f"{name}_port": port for name, port in self.ports.items()}}
 
-    async def _run(self) -> None:
-        poller = zmq.asyncio.Poller()
+    def _run(self) -> None:
+        poller = zmq.Poller()
         for sock in self._pairs:
             poller.register(sock, zmq.POLLIN)
         try:
-            while True:
-                for sock, _ in await poller.poll():
-                    frames = await sock.recv_multipart(copy=False)
-                    await self._pairs[sock].send_multipart(frames, copy=False)
-        except asyncio.CancelledError:
-            raise
-        except zmq.ZMQError:  # closed under us
+            while not self._stop.is_set():
+                for sock, _ in poller.poll(POLL_MS):
+                    frames = sock.recv_multipart(copy=False)
+                    try:  # never blocks: a message for a peer that is not there is dropped
+                        self._pairs[sock].send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        log.debug("relay: dropped a message with no peer to take it")
+        except zmq.ZMQError:  # the context ended under us
             log.debug("relay ended", exc_info=True)
+        finally:
+            for sock in self._sockets:
+                sock.close(linger=0)
 
     def close(self) -> None:
-        """Stop relaying and close every port now (idempotent)."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-        for sock in self._sockets:
-            sock.close(linger=0)
+        """Stop relaying and close every port (idempotent); the thread closes its sockets."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * POLL_MS / 1000 + 1)
+            self._thread = None
+        else:
+            for sock in self._sockets:
+                sock.close(linger=0)
         self._sockets.clear()
         self.node.give_back(list(self.ports.values()))
         self.ports.clear()
