@@ -26,6 +26,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous import AsyncKernelClient
+from jupyter_client.connect import channel_socket_types
 
 from .errors import SandboxError
 from .models import Output
@@ -210,11 +211,37 @@ def _bounded_context() -> zmq.asyncio.Context:
     return ctx
 
 
-class KernelClient:
-    """A connection to one kernel. Not thread-safe; one execution at a time (the session locks)."""
+class _CurveKernelClient(AsyncKernelClient):
+    """jupyter_client's client with a CurveZMQ key pair of its own and the server's public key to
+    check (jupyter_client's own curve support uses one pair for both ends)."""
 
-    def __init__(self, connection_info: dict[str, Any]) -> None:
-        self._client = AsyncKernelClient(context=_bounded_context())
+    curve_keys: tuple[bytes, bytes, bytes] = (b"", b"", b"")  # our public, our secret, the server's public
+
+    def _create_connected_socket(self, channel: str, identity: bytes | None = None) -> zmq.Socket:
+        sock = self.context.socket(channel_socket_types[channel])
+        sock.linger = 1000
+        if identity:
+            sock.identity = identity
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = self.curve_keys
+        # a relay that refuses us (or is gone) must never block a send: queue only to a peer
+        # whose handshake passed, and give up on a send after a while
+        sock.immediate = True
+        sock.sndtimeo = 1000
+        sock.connect(self._make_url(channel))
+        return sock
+
+
+class KernelClient:
+    """A connection to one kernel. Not thread-safe; one execution at a time (the session locks).
+    ``curve``: (our public key, our secret key, the server's public key), for a kernel reached over
+    TCP through a CurveZMQ relay (``sandbox.cluster.channels``)."""
+
+    def __init__(self, connection_info: dict[str, Any], curve: tuple[bytes, bytes, bytes] | None = None) -> None:
+        if curve is None:
+            self._client = AsyncKernelClient(context=_bounded_context())
+        else:
+            self._client = _CurveKernelClient(context=_bounded_context())
+            self._client.curve_keys = curve
         self._client.load_connection_info(connection_info)
         self._client.session.key = connection_info["key"].encode()
 
@@ -226,7 +253,13 @@ class KernelClient:
             raise SandboxError(f"the server has no room for another kernel connection ({exc}): try again later") from None
         deadline = time.monotonic() + timeout
         while True:
-            msg_id = self._client.kernel_info()
+            try:
+                msg_id = self._client.kernel_info()
+            except zmq.Again:  # no peer yet (a relay's handshake still running, or refused)
+                if time.monotonic() > deadline:
+                    raise SandboxError(f"the kernel did not answer within {timeout:.0f} s") from None
+                await asyncio.sleep(0.1)
+                continue
             try:
                 await self._wait_reply(msg_id, min(2.0, max(deadline - time.monotonic(), 0.1)))
                 # The reply proves the shell is up; an iopub message proves our subscription is.

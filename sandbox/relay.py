@@ -178,7 +178,12 @@ class KernelRelay:
         """Connect and wait until the kernel's iopub reaches us (a SUB socket misses what is
         published before it has joined): then the client's first request cannot lose its output."""
         ctx = _bounded_context()
-        base = f"{self._info['transport']}://{self._info['ip']}-"
+        info = self._info
+        # ipc sockets in a session's folder on this host; or TCP through a cluster node's CurveZMQ
+        # relay, with ``curve``: (our public key, our secret key, the node's public key)
+        tcp = info["transport"] == "tcp"
+        base = f"tcp://{info['ip']}:" if tcp else f"{info['transport']}://{info['ip']}-"
+        curve = info.get("curve")
         kinds = {"shell": zmq.DEALER, "control": zmq.DEALER, "stdin": zmq.DEALER, "iopub": zmq.SUB}
         for name, kind in kinds.items():
             try:
@@ -191,6 +196,10 @@ class KernelRelay:
             if name in ("shell", "stdin"):  # the kernel routes input requests to the shell's identity
                 sock.setsockopt(zmq.IDENTITY, self._identity)
             sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+            if curve is not None:
+                sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
+                sock.immediate = True  # never block a send on a relay that refused us
+                sock.sndtimeo = 1000
             if kind == zmq.SUB:
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
             sock.connect(base + str(self._info[f"{name}_port"]))

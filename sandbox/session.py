@@ -259,6 +259,12 @@ class Session:
         os.chmod(rt, 0o711)
 
     @property
+    def connection(self) -> dict | None:
+        """The running kernel's connection info on this host (its channels and signing key), or
+        None while it has no kernel: what a relay on this host connects to."""
+        return self._connection_info
+
+    @property
     def will_restore(self) -> bool:
         """The next kernel loads variables that a pause saved."""
         return self._restore
@@ -590,10 +596,11 @@ class Session:
             state_lost=state_lost, reason=reason, resumed=resumed,
         )
         if any(_image_mime(out) for out in raw.outputs):  # most runs have none: no thread hop for them
-            execution.images = await asyncio.to_thread(self._save_images, raw.outputs)  # file IO off the loop
+            execution.images = await asyncio.to_thread(self.save_images, raw.outputs)  # file IO off the loop
         return execution
 
-    def _save_images(self, outputs: list[Output]) -> list[ImageFile]:
+    def save_images(self, outputs: list[Output]) -> list[ImageFile]:
+        """Write the images among ``outputs`` into the workspace (``figures/``); blocking."""
         saved: list[ImageFile] = []
         for out in outputs:
             mime = _image_mime(out)

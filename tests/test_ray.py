@@ -1,6 +1,6 @@
 """Sessions spread over a real Ray cluster: a head and two worker nodes started here on loopback,
 each a sandbox node with its own name and home, all on this machine's one Docker daemon (so every
-container's node is proved by its ``jupybox.node`` label). Nothing is faked: real actors, real
+container's node is proved by its ``jupybox.node`` label). Nothing is faked: real agents, real
 containers, real kernels, a real node taken away mid-execution."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import asyncio
 import collections
 import dataclasses
 import io
+import json
 import os
 import signal
 import socket
@@ -23,13 +24,16 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
+from jupyter_client.jsonutil import json_default
+from jupyter_client.session import Session as JupyterSession
 
 from sandbox import (CapacityError, Execution, ExecutionStatus, Output, QuotaExceeded, SandboxSettings,
                      SessionClosed, SessionManager, WorkspacePathError)
 from bench.packages import pure_wheel
 from sandbox.cluster import SLOT, import_ray
 from sandbox.diskfs import mounts_under
-from sandbox.node import NODE_LABEL
+from sandbox.cluster.node import NODE_LABEL
 
 ray = import_ray("127.0.0.1")  # before anything else imports Ray: no usage stats, loopback stays loopback
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -308,19 +312,66 @@ def test_a_server_keeps_a_warm_session_per_node_and_sigterm_leaves_no_container(
             assert time.monotonic() < deadline, per_node()
             time.sleep(0.2)
         warm = {s for found in per_node().values() for s in found}
-        assert httpx.get(f"{url}/healthz").status_code == 200
+        while True:  # the pools may fill before the server listens
+            assert proc.poll() is None and time.monotonic() < deadline, "the server never answered"
+            try:
+                assert httpx.get(f"{url}/healthz").status_code == 200
+                break
+            except httpx.ConnectError:
+                time.sleep(0.2)
         with httpx.Client(base_url=url, timeout=120) as c:
             sid = c.post("/api/sessions").json()["id"]
             assert sid in warm  # handed out from a pool, not started now
             ex = c.post(f"/api/sessions/{sid}/execute", json={"code": "print(2 ** 10)"}).json()
             assert ex["outputs"][0]["text"] == "1024\n"
-            r = c.post("/api/kernels", json={"name": "python3"})  # notebook kernels: this host's sandboxes only
-            assert r.status_code == 501 and "--backend ray" in r.json()["error"]
+            # notebook kernels on the cluster: the kernels API over the node's CurveZMQ relay
+            r = c.post("/api/kernels", json={"name": "python3"})
+            assert r.status_code == 201, r.text
+            assert asyncio.run(_notebook_client(url.replace("http", "ws"), r.json()["id"])) == ["42\n", "hello ray\n"]
+            assert c.delete(f"/api/kernels/{r.json()['id']}").status_code == 204
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0, out
     assert per_node() == {r: [] for r in roles}  # the session, the warm ones and any refill: all gone
+
+
+async def _notebook_client(ws_url: str, kernel_id: str) -> list[str]:
+    """A notebook front end on the kernels API's websocket (the legacy JSON format), messages made
+    by jupyter_client's own ``Session``: a cell, ``input()`` answered, a sleep interrupted."""
+    session = JupyterSession(username="tests")
+    printed: list[str] = []
+    async with websockets.connect(f"{ws_url}/api/kernels/{kernel_id}/channels", open_timeout=120) as ws:
+
+        async def run(code: str, answer: str | None = None, interrupt: bool = False) -> dict[str, Any]:
+            msg = session.msg("execute_request", {"code": code, "silent": False, "allow_stdin": True})
+            await ws.send(json.dumps({**msg, "channel": "shell"}, default=json_default))
+            reply: dict[str, Any] | None = None
+            idle = False
+            while reply is None or not idle:
+                m = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                if m["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
+                    continue
+                kind = m["header"]["msg_type"]
+                if kind == "execute_input" and interrupt:  # it runs: stop it
+                    await ws.send(json.dumps({**session.msg("interrupt_request", {}), "channel": "control"},
+                                             default=json_default))
+                elif kind == "input_request" and answer is not None:
+                    await ws.send(json.dumps({**session.msg("input_reply", {"value": answer}, parent=m["header"]),
+                                              "channel": "stdin"}, default=json_default))
+                elif kind == "stream":
+                    printed.append(m["content"]["text"])
+                elif kind == "execute_reply":
+                    reply = m
+                elif kind == "status" and m["content"]["execution_state"] == "idle":
+                    idle = True
+            return reply
+
+        assert (await run("print(6 * 7)"))["content"]["status"] == "ok"
+        assert (await run("print('hello', input('who? '))", answer="ray"))["content"]["status"] == "ok"
+        stopped = await run("import time; time.sleep(60)", interrupt=True)
+        assert stopped["content"]["status"] == "error" and stopped["content"]["ename"] == "KeyboardInterrupt"
+    return printed
 
 
 def test_a_killed_server_leaves_containers_that_the_next_start_removes(
@@ -339,13 +390,13 @@ def test_a_killed_server_leaves_containers_that_the_next_start_removes(
         (left,) = found
         owner = subprocess.run(["docker", "inspect", "-f", '{{index .Config.Labels "jupybox.owner"}}', left["id"]],
                                capture_output=True, text=True, check=True).stdout.strip()
-        actor_pid = int(owner.split(".")[-2])  # the session's actor process on its node
+        agent_pid = int(owner.split(".")[-2])  # the node agent's process, which held the session
     finally:
         proc.kill()  # no clean-up of its own: SIGKILL
         proc.wait()
     deadline = time.monotonic() + 60
-    while Path(f"/proc/{actor_pid}").exists():  # Ray ends a dead server's actors
-        assert time.monotonic() < deadline, "the actor outlived its server"
+    while Path(f"/proc/{agent_pid}").exists():  # Ray ends a dead server's agents
+        assert time.monotonic() < deadline, "the agent outlived its server"
         time.sleep(0.1)
     assert containers() == found  # its container is left behind...
     cleanup = subprocess.run([jupybox, "sandbox", "cleanup", *address], env=env, capture_output=True, text=True,

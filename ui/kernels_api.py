@@ -202,9 +202,6 @@ async def start_kernel(request: Request) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
         raise HTTPException(400, f"invalid kernel start request: {problems}") from None
     kernels = kernels_of(request)
-    if kernels.manager.backend.places_sessions:  # the relay holds the kernel's sockets, which stay on their node
-        raise HTTPException(501, "notebook kernels run on this host's sandboxes only: the kernels API is not "
-                                 "available with --backend ray; use the JSON API or MCP on a cluster")
     record, session = await kernels.start(body.name, caller_of(request))
     return JSONResponse(model(record, session), status_code=201, headers={"Location": f"/api/kernels/{record.id}"})
 

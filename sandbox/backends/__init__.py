@@ -12,7 +12,7 @@ BACKENDS = {
     "docker": "sandbox.backends.docker:DockerBackend",
     "bwrap": "sandbox.backends.bwrap:BwrapBackend",
     "local": "sandbox.backends.local:LocalBackend",
-    "ray": "sandbox.backends.ray:RayBackend",
+    "ray": "sandbox.cluster.backend:RayBackend",
 }
 
 

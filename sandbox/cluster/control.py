@@ -1,12 +1,12 @@
-"""The Ray cluster under the ``ray`` backend: joining it, its sandbox nodes and their free slots.
+"""The Ray cluster under the ``ray`` backend: joining it, and its sandbox nodes with their slots.
 
 Ray places, supervises and connects; jupybox only reads what Ray knows. A *sandbox node* is a
 Ray node started with the ``jupybox_sandbox`` resource, its number of session slots::
 
     JUPYBOX_NODE=gpu-box-2 ray start --address=HEAD:6379 --resources='{"jupybox_sandbox": 16}'
 
-Each session actor holds one slot, so Ray itself refuses to put more sessions on a node than it
-offers, and the cluster's capacity is the sum of the free slots.
+The node's agent holds at most that many sessions, and the cluster's capacity is the sum of the
+slots.
 
 Everything here calls Ray's blocking client API: call it through ``asyncio.to_thread``.
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import BackendUnavailable
+from ..errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,6 @@ def nodes() -> dict[str, NodeState]:
                                        alive=bool(n.get("Alive")),
                                        death=n.get("DeathReasonMessage") or "it stopped answering")
     return found
-
-
-def free_slots() -> dict[str, int]:
-    """Free sandbox slots per live node, as the cluster's control store last heard (it lags
-    by a fraction of a second: callers add what they started since)."""
-    # a developer API of Ray's, the one its own placement helpers use
-    from ray._private.state import available_resources_per_node
-
-    return {node: int(res.get(SLOT, 0)) for node, res in available_resources_per_node().items()}
 
 
 class _RayThread:
