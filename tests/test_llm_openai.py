@@ -52,6 +52,20 @@ async def test_raw_prompt_uses_completions_and_stop_words_hold_client_side(model
     await llm.close()
 
 
+def test_streamed_text_never_shows_a_stop_word_or_the_start_of_one() -> None:
+    """The one rule every backend streams by (``StopCutter``): a tail that could begin a stop word
+    waits for the next piece; the text ends where a stop word begins, even one split over pieces."""
+    from interpreter.llm.base import StopCutter
+
+    text = StopCutter(["Observation:", "\n\n\n"])
+    shown = [text.add(p) for p in ("The answer", " is 4.\nObs", "erv", "ation: 12", " more")]
+    assert shown == ["The answer", " is 4.\n", "", "", ""] and text.stopped and text.rest() == ""
+    assert text.shown == "The answer is 4.\n"
+    unstopped = StopCutter(["Observation:"])
+    assert [unstopped.add(p) for p in ("a\nObs", "olete")] == ["a\n", "Obsolete"]
+    assert unstopped.add("\nObserv") == "\n" and unstopped.rest() == "Observ" and not unstopped.stopped
+
+
 async def test_retries_429_and_5xx_then_succeeds(model: ScriptedModel) -> None:
     model.enqueue(HttpError(429), HttpError(503), "ok now")
     llm = llm_for(model)

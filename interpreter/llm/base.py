@@ -183,3 +183,37 @@ def held_back(text: str, stop: list[str]) -> int:
                 keep = max(keep, n)
                 break
     return keep
+
+
+class StopCutter:
+    """Generated text as it streams, cut at the first stop word. ``add(piece)`` returns the new
+    text that is safe to show: never past a stop word, and never a tail that the next piece could
+    complete into one (``held_back``). ``rest()`` is what is left to show once the text has ended.
+    The one rule every backend streams by."""
+
+    def __init__(self, stop: list[str]) -> None:
+        self.stop = stop
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    @property
+    def shown(self) -> str:
+        """The text up to the stop word (all of it without one)."""
+        return cut_at_stop(self.text, self.stop)[0]
+
+    def add(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.text += piece
+        cut, self.stopped = cut_at_stop(self.text, self.stop)
+        end = len(cut) if self.stopped else len(cut) - held_back(cut, self.stop)
+        if end <= self.sent:
+            return ""
+        out, self.sent = cut[self.sent:end], end
+        return out
+
+    def rest(self) -> str:
+        out = self.shown[self.sent:]
+        self.sent += len(out)
+        return out

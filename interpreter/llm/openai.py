@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from ..errors import ModelCancelled, ModelError, ModelUnavailable
-from .base import LLM, Chunk, GenerationRequest, Message, ToolCall, Usage, cut_at_stop, held_back, model_family
+from .base import LLM, Chunk, GenerationRequest, Message, StopCutter, ToolCall, Usage, model_family
 from .tokens import token_counter
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class OpenAILLM(LLM):
     async def stream(self, request: GenerationRequest, cancel: asyncio.Event | None = None) -> AsyncIterator[Chunk]:
         path, body = self._body(request)
         resp = await self._open(path, body)
-        text, sent, finish, usage = "", 0, None, None
+        text, finish, usage = StopCutter(request.stop), None, None
         calls: dict[int, dict[str, str]] = {}
         try:
             async for data in _sse(resp):
@@ -115,7 +115,9 @@ class OpenAILLM(LLM):
                     usage = Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
                 for choice in data.get("choices") or []:
                     delta = choice.get("delta") or {}
-                    text += choice.get("text") or delta.get("content") or ""
+                    piece = text.add(choice.get("text") or delta.get("content") or "")
+                    if piece:
+                        yield Chunk(text=piece)
                     for tc in delta.get("tool_calls") or []:
                         slot = calls.setdefault(tc.get("index", 0), {"id": "", "name": "", "arguments": ""})
                         slot["id"] = tc.get("id") or slot["id"]
@@ -123,20 +125,14 @@ class OpenAILLM(LLM):
                         slot["name"] += fn.get("name") or ""
                         slot["arguments"] += fn.get("arguments") or ""
                     finish = choice.get("finish_reason") or finish
-                cut, stopped = cut_at_stop(text, request.stop)
-                safe = len(cut) if stopped else len(cut) - held_back(cut, request.stop)
-                if safe > sent:
-                    yield Chunk(text=cut[sent:safe])
-                    sent = safe
-                if stopped:
+                if text.stopped:
                     finish = "stop"
                     break
         finally:
             await resp.aclose()
-        cut, _ = cut_at_stop(text, request.stop)
         tool_calls = [ToolCall(c["id"] or f"call_{i}", c["name"], c["arguments"]) for i, c in sorted(calls.items())]
-        yield Chunk(text=cut[sent:], tool_calls=tool_calls or None, finish_reason=finish,
-                    usage=usage or Usage(0, self.count_tokens(cut)))
+        yield Chunk(text=text.rest(), tool_calls=tool_calls or None, finish_reason=finish,
+                    usage=usage or Usage(0, self.count_tokens(text.shown)))
 
 
 async def _sse(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:

@@ -54,8 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from interpreter.errors import ModelCancelled, ModelError, ModelUnavailable
-from interpreter.llm.base import (GENERATION_OWNER, LLM, Chunk, GenerationRequest, StreamStats, Usage, cut_at_stop,
-                                  held_back, model_family)
+from interpreter.llm.base import (GENERATION_OWNER, LLM, Chunk, GenerationRequest, StopCutter, StreamStats, Usage,
+                                  model_family)
 
 logger = logging.getLogger(__name__)
 
@@ -494,16 +494,12 @@ class TransformersLLM(LLM):
                                       name="jupybox-generate", daemon=True)
             watcher = asyncio.create_task(_set_when(cancel, halt)) if cancel is not None else None
             thread.start()
-            text, sent, stopped = "", 0, False
+            text = StopCutter(request.stop)
             try:
                 async for piece in streamer:
-                    text += piece
-                    cut, stopped = cut_at_stop(text, request.stop)
-                    end = len(cut) if stopped else len(text) - held_back(text, request.stop)
-                    if end > sent:
-                        yield Chunk(text=text[sent:end])
-                        sent = end
-                    if stopped or halt.is_set():
+                    if shown := text.add(piece):
+                        yield Chunk(text=shown)
+                    if text.stopped or halt.is_set():
                         break
             finally:
                 halt.set()
@@ -514,14 +510,14 @@ class TransformersLLM(LLM):
         if "error" in result:
             exc = result["error"]
             raise ModelError(f"Generation with {self.model_id} failed: {_first_line(exc)}") from exc
-        if cancel is not None and cancel.is_set() and not stopped:
+        if cancel is not None and cancel.is_set() and not text.stopped:
             raise ModelCancelled("Generation was cancelled.")
         ids: list[int] = result.get("ids", [])
-        if stopped or (ids and ids[-1] in self._eos_ids) or len(ids) < max_new:
+        if text.stopped or (ids and ids[-1] in self._eos_ids) or len(ids) < max_new:
             reason = "stop"
         else:
             reason = "length"
-        yield Chunk(text="" if stopped else text[sent:], finish_reason=reason,
+        yield Chunk(text=text.rest(), finish_reason=reason,
                     usage=Usage(prompt_tokens=prompt_len, completion_tokens=len(ids)))
 
     async def _scheduled(self, request: GenerationRequest, prompt: list[int], max_new: int,
@@ -539,27 +535,17 @@ class TransformersLLM(LLM):
             top_k=self.sampling.top_k if sampling else 0, repetition_penalty=self.sampling.repetition_penalty,
             seed=request.seed if sampling else None, end_tokens=frozenset(self._eos_ids),
             stop=words.hit if words.stop else None, owner=GENERATION_OWNER.get()))
-        text = _text_pieces(tok, prompt)
+        pieces = _text_pieces(tok, prompt)
         watcher = asyncio.create_task(_cancel_when(cancel, handle)) if cancel is not None else None
-        whole, sent, stopped = "", 0, False
+        text = StopCutter(request.stop)
         try:
             async for token in handle:
-                for piece in text.add(token):
-                    whole += piece
-                    cut, stopped = cut_at_stop(whole, request.stop)
-                    end = len(cut) if stopped else len(whole) - held_back(whole, request.stop)
-                    if end > sent:
-                        yield Chunk(text=whole[sent:end])
-                        sent = end
-                    if stopped:
-                        break
-                if stopped:
+                if shown := text.add("".join(pieces.add(token))):
+                    yield Chunk(text=shown)
+                if text.stopped:
                     break
-            if not stopped:
-                whole += "".join(text.end())
-                cut, stopped = cut_at_stop(whole, request.stop)
-                if stopped and len(cut) > sent:
-                    yield Chunk(text=whole[sent:len(cut)])
+            if not text.stopped and (shown := text.add("".join(pieces.end()))):
+                yield Chunk(text=shown)
             handle.cancel()  # a stop word seen here first: the stream ends at the scheduler's next turn
             async for _ in handle:  # its last tokens, so that usage counts what was generated
                 pass
@@ -570,11 +556,11 @@ class TransformersLLM(LLM):
         if handle.finish_reason == "error":
             exc = handle.error
             raise ModelError(f"Generation with {self.model_id} failed: {_first_line(exc)}") from exc
-        if cancel is not None and cancel.is_set() and not stopped:
+        if cancel is not None and cancel.is_set() and not text.stopped:
             raise ModelCancelled("Generation was cancelled.")
         ids = handle.tokens
-        reason = "stop" if stopped or (ids and ids[-1] in self._eos_ids) or len(ids) < max_new else "length"
-        yield Chunk(text="" if stopped else whole[sent:], finish_reason=reason,
+        reason = "stop" if text.stopped or (ids and ids[-1] in self._eos_ids) or len(ids) < max_new else "length"
+        yield Chunk(text=text.rest(), finish_reason=reason,
                     usage=Usage(prompt_tokens=len(prompt), completion_tokens=len(ids)))
 
     def _generate(self, kwargs: dict[str, Any], seed: int | None, halt: threading.Event, streamer: Any,

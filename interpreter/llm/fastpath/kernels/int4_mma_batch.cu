@@ -13,24 +13,6 @@ struct Stage {
     uint2 s[UNROLL][TILES];
 };
 
-__device__ __forceinline__ void load_weights(Stage& st, const uint4* __restrict__ words, const uint2* __restrict__ sz,
-                                             const int (&tile)[TILES], int g0, int groups, int lane) {
-    const int chunks = groups * CPG;
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-        const int g = g0 + u * WARPS;
-        if (g < groups) {
-#pragma unroll
-            for (int i = 0; i < TILES; ++i) {
-#pragma unroll
-                for (int c = 0; c < CPG; ++c)
-                    st.w[u][i][c] = stream(words + ((size_t)tile[i] * chunks + g * CPG + c) * 32 + lane);
-                st.s[u][i] = sz[((size_t)tile[i] * groups + g) * 8 + (lane >> 2)];
-            }
-        }
-    }
-}
-
 // lane (g8, t) reads inputs 16 t .. 16 t + 15 of each chunk of row 8 n + g8, for each column tile n
 __device__ __forceinline__ void load_x(Stage& st, const uint4* x, const size_t (&row)[NT], int g0, int groups,
                                        int t) {

@@ -1,6 +1,7 @@
 // What the int4 tensor-core kernels share (int4_mma.cu: one activation row, int4_mma_batch.cu: up to
 // 32 rows): the mma instruction, nibbles to bf16 pairs, loads that bypass L1 or read through the L2.
-// The including source defines PDL (programmatic dependent launch: Hopper on).
+// The compiling side defines TILES, WARPS, UNROLL, CPG and PDL (programmatic dependent launch: Hopper on)
+// before this.
 
 // a programmatic dependent launch: wait for the kernel before (it writes x) / let the next start
 __device__ __forceinline__ void wait_for_inputs() {
@@ -53,4 +54,24 @@ __device__ __forceinline__ uint4 load_l2(const uint4* p) {
 
 __device__ __forceinline__ unsigned word(const uint4& v, int j) {
     return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+// a warp's weights and scales for UNROLL of its groups (each kernel's Stage holds them as w and s)
+template <typename S>
+__device__ __forceinline__ void load_weights(S& st, const uint4* __restrict__ words, const uint2* __restrict__ sz,
+                                             const int (&tile)[TILES], int g0, int groups, int lane) {
+    const int chunks = groups * CPG;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const int g = g0 + u * WARPS;
+        if (g < groups) {
+#pragma unroll
+            for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+                for (int c = 0; c < CPG; ++c)
+                    st.w[u][i][c] = stream(words + ((size_t)tile[i] * chunks + g * CPG + c) * 32 + lane);
+                st.s[u][i] = sz[((size_t)tile[i] * groups + g) * 8 + (lane >> 2)];
+            }
+        }
+    }
 }
