@@ -12,8 +12,6 @@ import asyncio
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,41 +30,13 @@ from jupyter_server.services.kernels.connection.base import (deserialize_binary_
                                                              serialize_binary_message, serialize_msg_to_ws_v1)
 
 from sandbox.config import SANDBOX_UID
+from tests.support.lab import LAB_TOKEN, Lab, free_port, running_lab, stop, wait_http
 from tests.support.sandboxes import ROOT
 
 TOKEN = "kernels-token-1"
-LAB_TOKEN = "lab-token-1"
 INSTANCE = "kernels-tests"
 V1 = "v1.kernel.websocket.jupyter.org"
 ARTIFACTS = ROOT / "artifacts" / "kernels"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        assert proc.poll() is None, log.read_text()[-4000:]
-        try:
-            if httpx.get(url, timeout=5).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"{url} did not answer within {seconds:.0f} s:\n{log.read_text()[-4000:]}"
-        time.sleep(0.2)
-
-
-def _stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(10)
 
 
 def containers(label: str) -> list[str]:
@@ -86,19 +56,9 @@ class Jupybox:
         return httpx.Client(base_url=self.url, headers=headers, timeout=120)
 
 
-@dataclass
-class Lab:
-    url: str
-    ws: str
-    root: Path
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"token {LAB_TOKEN}"}, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def jupybox(sandbox_image: str, jb_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jupybox]:
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("kernels-serve") / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "JUPYBOX_")) or k == "JUPYBOX_IMAGE"}
     env.update(JUPYBOX_HOME=str(jb_home / "k"), JUPYBOX_INSTANCE=INSTANCE, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
@@ -106,10 +66,10 @@ def jupybox(sandbox_image: str, jb_home: Path, tmp_path_factory: pytest.TempPath
         proc = subprocess.Popen([sys.executable, "-m", "ui.cli", "serve", "--port", str(port), "--api-token", TOKEN,
                                  "--idle-ttl", "600"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
         yield Jupybox(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", proc.pid, log)
     finally:
-        code = _stop(proc)
+        code = stop(proc)
     assert code == 0, log.read_text()[-4000:]
     owners = subprocess.run(["docker", "ps", "-a", "--filter", "label=jupybox", "--format", '{{.Label "jupybox.owner"}}'],
                             capture_output=True, text=True, check=True).stdout.split()
@@ -129,34 +89,8 @@ def server_log_when_failed(request: pytest.FixtureRequest) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def lab(jupybox: Jupybox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """JupyterLab whose kernels live in jupybox; told to fetch no news, check no updates and offer
-    no extension installs, so it reaches nothing outside this machine."""
-    home = tmp_path_factory.mktemp("lab")
-    for d in ("config", "data", "runtime", "root", "settings", "workspaces"):
-        (home / d).mkdir()
-    news = home / "settings" / "@jupyterlab" / "apputils-extension"
-    news.mkdir(parents=True)
-    (news / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))  # and do not ask
-    (home / "config" / "jupyter_server_config.json").write_text(json.dumps({
-        "LabApp": {"news_url": None, "extension_manager": "readonly",
-                   "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate"},
-        "ServerApp": {"open_browser": False}}))
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"),
-           "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
-           "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"), "JUPYTER_PLATFORM_DIRS": "1"}
-    port = _free_port()
-    log = home / "lab.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-             f"--ServerApp.root_dir={home / 'root'}", f"--IdentityProvider.token={LAB_TOKEN}",
-             f"--gateway-url={jupybox.url}", f"--GatewayClient.auth_token={TOKEN}"],
-            env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/api/status?token={LAB_TOKEN}", proc, log)
-        yield Lab(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", home / "root")
-    finally:
-        _stop(proc)
+    with running_lab(jupybox.url, tmp_path_factory.mktemp("lab"), token=TOKEN) as running:
+        yield running
 
 
 # -- a small Jupyter client over a websocket, on jupyter_client's and jupyter_server's message code

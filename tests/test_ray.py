@@ -34,6 +34,7 @@ from bench.packages import pure_wheel
 from sandbox.cluster import SLOT, import_ray
 from sandbox.diskfs import mounts_under
 from sandbox.cluster.node import NODE_LABEL
+from tests.support.lab import LAB_TOKEN, running_lab
 
 ray = import_ray("127.0.0.1")  # before anything else imports Ray: no usage stats, loopback stays loopback
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -329,6 +330,17 @@ def test_a_server_keeps_a_warm_session_per_node_and_sigterm_leaves_no_container(
             assert r.status_code == 201, r.text
             assert asyncio.run(_notebook_client(url.replace("http", "ws"), r.json()["id"])) == ["42\n", "hello ray\n"]
             assert c.delete(f"/api/kernels/{r.json()['id']}").status_code == 204
+            # and JupyterLab's own server as the client (Jupyter Server's gateway client)
+            with running_lab(url, tmp_path / "lab") as lab, lab.client() as lc:
+                r = lc.post("/api/sessions", json={"path": "on-ray.ipynb", "type": "notebook", "name": "on-ray.ipynb",
+                                                   "kernel": {"name": "python3"}})
+                assert r.status_code == 201, r.text
+                kernel_id = r.json()["kernel"]["id"]
+                on_node = c.get(f"/api/kernels/{kernel_id}").json()["jupybox"]["session"]
+                assert any(on_node in found for found in per_node().values())  # a session on a cluster node
+                printed = asyncio.run(_notebook_client(lab.ws, kernel_id, f"?token={LAB_TOKEN}"))
+                assert printed == ["42\n", "hello ray\n"]
+                assert lc.delete(f"/api/sessions/{r.json()['id']}").status_code == 204
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)
@@ -336,12 +348,12 @@ def test_a_server_keeps_a_warm_session_per_node_and_sigterm_leaves_no_container(
     assert per_node() == {r: [] for r in roles}  # the session, the warm ones and any refill: all gone
 
 
-async def _notebook_client(ws_url: str, kernel_id: str) -> list[str]:
+async def _notebook_client(ws_url: str, kernel_id: str, query: str = "") -> list[str]:
     """A notebook front end on the kernels API's websocket (the legacy JSON format), messages made
     by jupyter_client's own ``Session``: a cell, ``input()`` answered, a sleep interrupted."""
     session = JupyterSession(username="tests")
     printed: list[str] = []
-    async with websockets.connect(f"{ws_url}/api/kernels/{kernel_id}/channels", open_timeout=120) as ws:
+    async with websockets.connect(f"{ws_url}/api/kernels/{kernel_id}/channels{query}", open_timeout=120) as ws:
 
         async def run(code: str, answer: str | None = None, interrupt: bool = False) -> dict[str, Any]:
             msg = session.msg("execute_request", {"code": code, "silent": False, "allow_stdin": True})
