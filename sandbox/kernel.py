@@ -186,6 +186,7 @@ class OutputCollector:
 
 MAX_MESSAGE_BYTES = 16 << 20  # over the largest image (10 MB raw, base64) plus its JSON
 RECEIVE_QUEUE = 32  # messages ZMQ holds for us while no execution is reading
+IOPUB_PROOF_S = 0.2  # how long connect waits for an iopub message after a kernel_info reply before asking again
 
 
 # libzmq's default of 1023 sockets is shared by every session's client and every notebook relay
@@ -262,8 +263,10 @@ class KernelClient:
                 continue
             try:
                 await self._wait_reply(msg_id, min(2.0, max(deadline - time.monotonic(), 0.1)))
-                # The reply proves the shell is up; an iopub message proves our subscription is.
-                await self._client.get_iopub_msg(timeout=1.0)
+                # The reply proves the shell is up; an iopub message proves our subscription is. A
+                # subscription still on its way (through a cluster node's relay it crosses two
+                # hops) misses this request's status messages: ask again soon rather than wait long.
+                await self._client.get_iopub_msg(timeout=IOPUB_PROOF_S)
                 return
             except (asyncio.TimeoutError, TimeoutError, queue.Empty):
                 if time.monotonic() > deadline:

@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS sessions (
 )
 """
 JSON_COLUMNS = ("limits", "conversation")
+# columns added since the table was first made, with their definitions: a store made by an earlier
+# version gets them when it is opened (SQLite adds a nullable or defaulted column in place)
+ADDED_COLUMNS = {"chat": "TEXT"}
 
 
 @dataclass
@@ -108,6 +111,10 @@ class SessionRecords:
                 check_schema(conn, self.path)
                 if not self._ready:
                     conn.execute(TABLE)
+                    have = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
+                    for name, kind in ADDED_COLUMNS.items():
+                        if name not in have:
+                            conn.execute(f"ALTER TABLE sessions ADD COLUMN {name} {kind}")
                     self._ready = True
                 yield conn
             finally:

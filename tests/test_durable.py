@@ -212,6 +212,27 @@ def test_records_live_in_the_users_store_file(jb_home: Path) -> None:
         records.update("abc", nonsense=1)
 
 
+def test_a_store_made_before_a_column_was_added_gets_it_and_keeps_its_records(jb_home: Path) -> None:
+    """An earlier version's ``sessions`` table (no ``chat`` column) is brought up to date when the
+    records are opened, instead of every read failing as if the file were not a store at all."""
+    from store import SessionRecord, UserStore
+
+    home = jb_home / "older"
+    UserStore.at_home(home).add("alice")  # the store file as the users' commands make it
+    with sqlite3.connect(home / "jupybox.db") as conn:
+        conn.execute("CREATE TABLE sessions (id TEXT PRIMARY KEY, instance TEXT NOT NULL, owner TEXT, "
+                     "state TEXT NOT NULL, created REAL NOT NULL, last_used REAL NOT NULL, paused REAL, "
+                     "limits TEXT NOT NULL, isolation TEXT, title TEXT NOT NULL DEFAULT '', note TEXT, "
+                     "disk_bytes INTEGER NOT NULL DEFAULT 0, conversation TEXT)")
+        conn.execute("INSERT INTO sessions (id, instance, owner, state, created, last_used, limits) "
+                     "VALUES ('old1', 'inst', 'alice', 'paused', 1.0, 2.0, '{}')")
+    records = SessionRecords.at_home(home)
+    [old] = records.list("inst")
+    assert old.id == "old1" and old.owner == "alice" and old.chat is None
+    records.put(SessionRecord("new1", "inst", owner="alice", limits={}, chat="web:alice:1"))
+    assert [r.id for r in records.list("inst", chat="web:alice:1")] == ["new1"]
+
+
 # -- the server, as a process ---------------------------------------------------------------------
 class Server:
     """`jupybox serve` as a process on a home of its own, started again on the same home."""
