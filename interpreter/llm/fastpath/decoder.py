@@ -1,4 +1,4 @@
-"""A compact batch-1 decoder for the Qwen/Llama family: the transformers backend's fast path.
+"""A compact decoder for the Qwen/Llama family: the transformers backend's fast path.
 
 Why it exists: ``model.generate`` on one GPU spends most of a decode step launching kernels (about
 13 tokens/s for a 7B model with the default cache, where memory bandwidth allows ~195). This
@@ -10,7 +10,9 @@ embeddings, grouped-query attention) in a few fused projections, with
   with ``torch.compile`` (dynamic in the attended length) and replayed as CUDA graphs, one graph per
   512-token bucket of attended length, so a step reads only the cache it needs;
 * 4-bit weight-only matrix products (``gptq_pack``) for GPTQ checkpoints, or for bf16 weights
-  quantized at load time; embeddings and ``lm_head`` stay in 16 bits.
+  quantized at load time; embeddings and ``lm_head`` stay in 16 bits;
+* a cache slot per stream, so that several streams share each decode step (``decode_batch``, one
+  CUDA graph per batch size; ``scheduler`` drives it): weights read once a step serve them all.
 
 On a CPU it runs the same modules eagerly (what CI tests). Weights come from a checkpoint folder
 (safetensors or ``.bin``; Qwen2/Llama names, and Qwen v1's ``c_attn``/``w1``/``w2`` names, bf16 or
@@ -32,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from interpreter.llm.fastpath.gptq_pack import DEQUANTIZE_MIN_ROWS, Int4Weight, PackedInt4, UnsupportedQuantization, fit_group, quantize
-from interpreter.llm.fastpath.sampling import Readback, penalize, pick
 from interpreter.llm.fastpath.positions import logn_factors, ntk_alpha, rope_tables, rotate
+from interpreter.llm.fastpath.sampling import Readback, penalize, pick
 from interpreter.llm.fastpath.weights import (QWEN_7B, DecoderShape, FastPathUnsupported, TensorSource, layer_weights, outer_weights,
                                      random_weights)
 
