@@ -244,6 +244,12 @@ async def test_outputs_stream_as_they_come_and_interrupts_reach_a_running_execut
             break  # a consumer that leaves interrupts the run on the node
     follow = await s.execute("'still here'", timeout=30)  # would time out behind a 60 s sleep
     assert follow.ok and follow.results[0].data["text/plain"] == "'still here'"
+
+    # a restart: a fresh kernel on the node, reached again over the relay, its variables gone
+    assert (await s.execute("kept = 7")).ok
+    await s.restart()
+    gone = await s.execute("print('kept' in dir())\nprint('fresh', flush=True)", timeout=60)
+    assert gone.ok and gone.stdout == "False\nfresh\n"
     await manager.close(s.id)
 
 
