@@ -239,13 +239,14 @@ class WebUI:
         shown = tab.session_id if any(r.id == tab.session_id for r in records) else None
         return gr.update(choices=[(history_label(r, now), r.id) for r in records], value=shown)
 
-    async def open_earlier(self, tab: Tab, session_id: str, records: list[SessionRecord]) -> None:
+    async def open_earlier(self, tab: Tab, session_id: str, records: list[SessionRecord]) -> bool:
         """Show an earlier conversation (``EarlierConversations.take`` says what is refused) from
-        its record, its figures served from its workspace, and continue it in this tab."""
+        its record, its figures served from its workspace, and continue it in this tab; False
+        where the tab shows that conversation already."""
         chat = await self.earlier.take(tab.conversation_key, tab.caller, session_id, records)
         tab.session_id = session_id
         if chat is None:  # the tab's own conversation already
-            return
+            return False
         await asyncio.to_thread(tab.forget_files)
         ws = await self.service.workspace(tab.conversation_key)
 
@@ -253,6 +254,7 @@ class WebUI:
             return self.shown_figures(tab, ws, execution) if ws is not None else []
 
         tab.history = await asyncio.to_thread(replay, chat.conversation, figures)
+        return True
 
     async def resume_newest(self, tab: Tab) -> None:
         """A new page shows the newest conversation of its user that no other tab holds."""
@@ -485,8 +487,10 @@ class WebUI:
             sid = session_id_of(choice)
             if sid is None:
                 raise SessionClosed(GONE)
-            await self.open_earlier(tab, sid, records)
-            notice = "Reopened: your next question continues this conversation (its variables come back on first use)."
+            if await self.open_earlier(tab, sid, records):
+                notice = "Reopened: your next question continues this conversation (its variables come back on first use)."
+            else:
+                notice = "That conversation is the one open here already."
         except JupyboxError as exc:
             notice = str(exc)
         return snapshot(tab.history), await self.file_list(tab), tab, notice, await self.history_update(tab)
