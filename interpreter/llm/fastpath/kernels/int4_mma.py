@@ -231,22 +231,7 @@ def launch(x: torch.Tensor, w: MmaWeight, config: MmaConfig, glu: bool = False) 
 
 def launch_packed(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int, config: MmaConfig,
                   glu: bool = False) -> torch.Tensor:
-    tiles, chunks = words.shape[:2]
-    groups = sz.shape[1]
-    if glu and config.tiles % 2:
-        raise Int4MmaUnavailable(f"a SiLU-fused launch takes tiles in pairs, not {config.tiles} a block")
-    xb = x.to(torch.bfloat16).contiguous()
-    if xb.data_ptr() % 16:  # the kernel reads the activation 16 bytes at a time
-        xb = xb.clone()
-    out = torch.empty((1, tiles * ROWS // 2 if glu else tiles * ROWS), dtype=torch.bfloat16 if glu else torch.float32,
-                      device=words.device)
-    try:
-        kernel(config, chunks // groups, words.device, glu)(
-            (-(-tiles // config.tiles), 1, 1), (32 * config.warps, 1, 1), [words, sz, xb, out, tiles, groups],
-            programmatic=gemv.programmatic_launch(words.device))
-    except nvrtc.NvrtcError as exc:  # e.g. a launch shape this GPU cannot hold
-        raise Int4MmaUnavailable(f"the int4 mma kernel did not launch: {exc}") from exc
-    return out
+    return _launch(x.reshape(1, -1), words, sz, config, glu, batched=False)
 
 
 def launch_batch(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int, config: MmaConfig,
@@ -254,24 +239,32 @@ def launch_batch(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: 
     """Up to ``MAX_ROWS`` activation rows ``x`` ``[rows, n_in]`` (taken in bf16) times the weight
     in one launch of the batched kernel: float32 ``[rows, n_out]`` (rows as stored), or with
     ``glu`` ``silu(gate) * up`` in bf16 ``[rows, n_out / 2]``."""
-    tiles, chunks = words.shape[:2]
-    groups = sz.shape[1]
     rows = int(x.shape[0])
     if not 0 < rows <= MAX_ROWS:
         raise Int4MmaUnavailable(f"the batched int4 mma kernel takes 1 to {MAX_ROWS} rows, not {rows}")
+    return _launch(x, words, sz, config, glu, batched=True)
+
+
+def _launch(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, config: MmaConfig, glu: bool,
+            batched: bool) -> torch.Tensor:
+    """One launch of the single-row kernel (``x`` ``[1, n_in]``) or of the batched one (its rows)."""
+    tiles, chunks = words.shape[:2]
+    groups = sz.shape[1]
+    rows = int(x.shape[0])
     if glu and config.tiles % 2:
         raise Int4MmaUnavailable(f"a SiLU-fused launch takes tiles in pairs, not {config.tiles} a block")
     xb = x.to(torch.bfloat16).contiguous()
-    if xb.data_ptr() % 16:
+    if xb.data_ptr() % 16:  # the kernel reads the activation 16 bytes at a time
         xb = xb.clone()
     out = torch.empty((rows, tiles * ROWS // 2 if glu else tiles * ROWS),
                       dtype=torch.bfloat16 if glu else torch.float32, device=words.device)
+    args = [words, sz, xb, out, tiles, groups, *([rows] if batched else [])]
     try:
-        kernel(config, chunks // groups, words.device, glu, column_tiles(rows))(
-            (-(-tiles // config.tiles), 1, 1), (32 * config.warps, 1, 1), [words, sz, xb, out, tiles, groups, rows],
+        kernel(config, chunks // groups, words.device, glu, column_tiles(rows) if batched else 0)(
+            (-(-tiles // config.tiles), 1, 1), (32 * config.warps, 1, 1), args,
             programmatic=gemv.programmatic_launch(words.device))
-    except nvrtc.NvrtcError as exc:
-        raise Int4MmaUnavailable(f"the batched int4 mma kernel did not launch: {exc}") from exc
+    except nvrtc.NvrtcError as exc:  # e.g. a launch shape this GPU cannot hold
+        raise Int4MmaUnavailable(f"the{' batched' if batched else ''} int4 mma kernel did not launch: {exc}") from exc
     return out
 
 
